@@ -1,0 +1,5 @@
+import sys
+
+from perfusion.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the perfusion console script, one module each."""

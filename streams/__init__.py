@@ -1,0 +1,1 @@
+"""Stream processing: event records, topics, the Faust app and its agents."""

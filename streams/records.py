@@ -1,0 +1,248 @@
+"""Typed records for everything that crosses Kafka.
+
+Inbound events (what shoppers, merchants and the generator do) are pydantic models, validated strictly on the
+way in by :func:`parse_event`; anything that fails goes to the dead-letter topic with the reason and the
+original bytes. Outbound records (group samples, production orders, training requests, model updates) are
+pydantic models too, serialized as JSON with :meth:`to_bytes`.
+
+Every record carries ``schema_version``; a reader refuses versions it does not know.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from perfusion.attributes import DESCRIPTOR_DIM
+
+SCHEMA_VERSION = 1
+# Events stamped further than this into the future (seconds, by the reader's clock) are rejected.
+MAX_CLOCK_SKEW_S = 300.0
+MAX_K = 16
+
+# Graded labels of a group sample: order > click > none. A returned order is graded down to a click; a
+# merchant selection counts as a click-level positive.
+GRADE_NONE = 0
+GRADE_CLICK = 1
+GRADE_ORDER = 2
+
+NonEmptyId = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class Record(BaseModel):
+    """Base of every record: frozen, unknown fields forbidden, JSON on the wire."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class Event(Record):
+    """Fields common to every inbound event."""
+
+    event_id: NonEmptyId
+    ts: float = Field(description="event time, seconds since the epoch (UTC)")
+    user_id: NonEmptyId = Field(description="the acting user (shopper or merchant); the partition key")
+
+    @field_validator("ts")
+    @classmethod
+    def _ts_is_plausible(cls, ts: float) -> float:
+        if ts <= 0:
+            raise ValueError(f"ts must be seconds since the epoch, got {ts}")
+        return ts
+
+
+class Candidate(Record):
+    """One image of an impression group."""
+
+    image_id: NonEmptyId
+    position: int = Field(ge=0, lt=MAX_K, description="slot in the group as shown, 0 = first")
+    descriptor: list[float] = Field(description=f"attribute probabilities, length {DESCRIPTOR_DIM}")
+
+    @field_validator("descriptor")
+    @classmethod
+    def _descriptor_length(cls, descriptor: list[float]) -> list[float]:
+        if len(descriptor) != DESCRIPTOR_DIM:
+            raise ValueError(f"descriptor must have {DESCRIPTOR_DIM} values, got {len(descriptor)}")
+        return descriptor
+
+
+class DesignCreated(Event):
+    """A merchant submitted a text design with the number of net orders at which production starts."""
+
+    kind: Literal["design"] = "design"
+    design_id: NonEmptyId
+    prompt: Annotated[str, Field(min_length=1, max_length=300)]
+    order_threshold: int = Field(ge=1, le=1_000_000)
+
+
+class Impression(Event):
+    """The generator showed a group of K candidate images of one design to one user."""
+
+    kind: Literal["impression"] = "impression"
+    design_id: NonEmptyId
+    prompt: Annotated[str, Field(min_length=1, max_length=300)]
+    model_version: NonEmptyId
+    candidates: list[Candidate] = Field(min_length=1, max_length=MAX_K)
+
+    @model_validator(mode="after")
+    def _unique_slots(self) -> Impression:
+        positions = [c.position for c in self.candidates]
+        if len(set(positions)) != len(positions):
+            raise ValueError(f"candidate positions must be unique, got {positions}")
+        image_ids = [c.image_id for c in self.candidates]
+        if len(set(image_ids)) != len(image_ids):
+            raise ValueError("candidate image_ids must be unique within an impression")
+        return self
+
+
+class Click(Event):
+    kind: Literal["click"] = "click"
+    impression_id: NonEmptyId
+    design_id: NonEmptyId
+    image_id: NonEmptyId
+
+
+class Order(Event):
+    """An order of one candidate; ``event_id`` is the order id that a later Return names."""
+
+    kind: Literal["order"] = "order"
+    impression_id: NonEmptyId
+    design_id: NonEmptyId
+    image_id: NonEmptyId
+    quantity: int = Field(ge=1, le=1000)
+
+
+class Return(Event):
+    kind: Literal["return"] = "return"
+    order_id: NonEmptyId = Field(description="event_id of the returned Order")
+    impression_id: NonEmptyId
+    design_id: NonEmptyId
+    image_id: NonEmptyId
+    quantity: int = Field(ge=1, le=1000)
+
+
+class Select(Event):
+    """A merchant selected some candidates of an impression of their own design."""
+
+    kind: Literal["select"] = "select"
+    impression_id: NonEmptyId
+    design_id: NonEmptyId
+    image_ids: list[NonEmptyId] = Field(min_length=1, max_length=MAX_K)
+
+
+AnyEvent = Annotated[
+    DesignCreated | Impression | Click | Order | Return | Select,
+    Field(discriminator="kind"),
+]
+_EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
+
+
+class InvalidEvent(ValueError):
+    """Raised by :func:`parse_event`; ``reason`` is one line that says what is wrong and how to fix it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def parse_event(raw: bytes, now: float | None = None) -> AnyEvent:
+    """Decode and validate one inbound event, or raise :class:`InvalidEvent` with a one-line reason."""
+    try:
+        payload = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidEvent(f"not JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise InvalidEvent(f"an event must be a JSON object, got {type(payload).__name__}")
+    version = payload.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise InvalidEvent(f"unknown schema_version {version!r}; this reader understands {SCHEMA_VERSION}")
+    try:
+        event = _EVENT_ADAPTER.validate_python(payload)
+    except ValidationError as exc:
+        raise InvalidEvent(_one_line(exc)) from None
+    now = time.time() if now is None else now
+    if event.ts > now + MAX_CLOCK_SKEW_S:
+        raise InvalidEvent(
+            f"ts {event.ts:.3f} is {event.ts - now:.0f} s in the future (more than {MAX_CLOCK_SKEW_S:.0f} s); "
+            "send event time in seconds since the epoch"
+        )
+    return event
+
+
+def _one_line(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False):
+        location = ".".join(str(part) for part in error["loc"]) or "event"
+        parts.append(f"{location}: {error['msg']}")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- outbound records
+
+
+class DeadLetter(Record):
+    """An inbound message that could not be used, with why and its original bytes (base64)."""
+
+    reason: str
+    original_b64: str
+    topic: str
+    partition: int
+    offset: int
+    ts: float
+
+
+class GradedCandidate(Record):
+    image_id: NonEmptyId
+    position: int = Field(ge=0, lt=MAX_K)
+    descriptor: list[float]
+    grade: int = Field(ge=GRADE_NONE, le=GRADE_ORDER)
+
+
+class GroupSample(Record):
+    """One impression with its outcome: the comparative sample the trainer learns from.
+
+    ``sample_id`` is the impression's event_id, so a replayed impression yields the same key downstream.
+    """
+
+    sample_id: NonEmptyId
+    user_id: NonEmptyId
+    design_id: NonEmptyId
+    prompt: str
+    model_version: NonEmptyId
+    impression_ts: float
+    candidates: list[GradedCandidate] = Field(min_length=1, max_length=MAX_K)
+
+
+class ProductionOrder(Record):
+    """A design reached its order threshold: make it. Emitted once per design; keyed by design_id."""
+
+    design_id: NonEmptyId
+    net_orders: int
+    threshold: int
+    ts: float
+
+
+class TrainRequest(Record):
+    """Enough new group samples (or enough time) for a training update of ``model_version``."""
+
+    request_id: NonEmptyId
+    model_version: NonEmptyId
+    new_samples: int
+    reason: Literal["count", "timeout"]
+    ts: float
+
+
+class ModelUpdated(Record):
+    """The trainer published a new model version; generators load it in place."""
+
+    version: NonEmptyId
+    path: str
+    ts: float
+    metrics: dict[str, float] = Field(default_factory=dict)
