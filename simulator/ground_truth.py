@@ -44,7 +44,7 @@ def pixel_features(images: np.ndarray) -> np.ndarray:
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected (N, H, W, 3) images, got shape {images.shape}")
     rgb = images.astype(np.float64) / 255.0
-    n, height, width, _ = rgb.shape
+    _, height, width, _ = rgb.shape
     border = np.concatenate(
         [rgb[:, 0, :, :], rgb[:, -1, :, :], rgb[:, :, 0, :], rgb[:, :, -1, :]], axis=1
     )  # (N, 2H+2W, 3)
