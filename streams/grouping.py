@@ -1,0 +1,351 @@
+"""Attribution windows in event time: one impression plus what followed it becomes one graded group sample.
+
+An :class:`~streams.records.Impression` opens a group. Clicks, orders, returns and selections that name its
+``impression_id`` and carry an event time within ``window_s`` of the impression are attributed to it. The group
+closes once the partition's watermark (the largest event time seen on the partition less ``allowed_lateness_s``)
+has passed ``impression.ts + window_s``; closing emits one :class:`~streams.records.GroupSample` whose
+``sample_id`` is the impression's event_id.
+
+Policy, so that every impression ends as exactly one sample or one counted drop:
+
+- an impression seen again while its group is open or remembered as closed is a duplicate: counted, no output;
+- an impression whose window the watermark has already passed arrives too late to be attributed fairly: it ends
+  as a :class:`GroupDrop` with reason ``late_impression``;
+- a follow-up for an impression not seen yet is buffered; the buffer expires (each event counted as
+  ``orphan_follow_up``) once no impression that could own it can still arrive in time;
+- a follow-up for a closed group is counted as ``late_follow_up``; one stamped after its group's window is counted
+  as ``outside_window``; one seen twice (same event_id) as ``duplicate_follow_up``; none of these change a sample;
+- a worker that stops leaves open groups in the store; the next owner of the partition resumes them.
+
+Grades are computed when the group closes, from the set of attributed events, so they do not depend on arrival
+order: an order whose quantity was not fully returned grades its image ``GRADE_ORDER``; a click, a selection or a
+fully returned order grades it ``GRADE_CLICK``; anything else stays ``GRADE_NONE``.
+
+State lives in a ``MutableMapping`` (a changelog-backed Faust table in the worker, a dict in tests) under keys
+``i:<impression_id>`` and ``w:<partition>``; values are JSON-compatible so that a restarted worker reads back exactly
+what it wrote. One :class:`GroupBuilder` serves one partition; its due-time index is rebuilt from the store.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import Counter
+from collections.abc import Iterable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from perfusion.errors import ConfigError
+from streams.records import (
+    GRADE_CLICK,
+    GRADE_NONE,
+    GRADE_ORDER,
+    AnyEvent,
+    Click,
+    DesignCreated,
+    GradedCandidate,
+    GroupSample,
+    Impression,
+    NonEmptyId,
+    Order,
+    Record,
+    Return,
+    Select,
+)
+
+FollowUp = Click | Order | Return | Select
+
+OPEN = "open"
+PENDING = "pending"  # follow-ups buffered, impression not seen yet
+CLOSED = "closed"
+
+# Follow-up kinds as stored in a group's state: event_id -> [ts, ...payload].
+_CLICKS = "clicks"
+_ORDERS = "orders"
+_RETURNS = "returns"
+_SELECTS = "selects"
+
+
+@dataclass(frozen=True)
+class GroupingSettings:
+    """Attribution window of the group builder, in event-time seconds."""
+
+    window_s: float = field(
+        default=1800.0, metadata={"help": "follow-ups within this many seconds after an impression are attributed"}
+    )
+    allowed_lateness_s: float = field(
+        default=60.0, metadata={"help": "the watermark trails the largest event time seen by this many seconds"}
+    )
+    closed_retention_s: float = field(
+        default=3600.0,
+        metadata={"help": "a closed group is remembered this long (event time) to recognise replays and late events"},
+    )
+    watermark_persist_step_s: float = field(
+        default=1.0, metadata={"help": "the stored watermark is rewritten once it has advanced this many seconds"}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("window_s", "allowed_lateness_s", "closed_retention_s", "watermark_persist_step_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value}")
+        if self.window_s <= 0.0:
+            raise ConfigError(f"window_s must be positive, got {self.window_s}; e.g. 1800 for 30 minutes")
+
+
+class GroupDrop(Record):
+    """An impression that ends without a group sample, with the reason; keyed by ``sample_id`` downstream."""
+
+    sample_id: NonEmptyId
+    user_id: NonEmptyId
+    design_id: NonEmptyId
+    reason: Literal["late_impression"]
+    impression_ts: float
+    watermark: float
+
+
+GroupOutput = GroupSample | GroupDrop
+
+
+def impression_key(impression_id: str) -> str:
+    return f"i:{impression_id}"
+
+
+def watermark_key(partition: int) -> str:
+    return f"w:{partition}"
+
+
+class GroupBuilder:
+    """The group builder of one partition over a key-value store shared with the other partitions' builders."""
+
+    def __init__(self, settings: GroupingSettings, store: MutableMapping[str, Any], partition: int) -> None:
+        self.settings = settings
+        self.partition = partition
+        self.counts: Counter[str] = Counter()
+        self._store = store
+        self._due: list[tuple[float, str]] = []  # (due event time, impression_id), lazily rebuilt
+        self._indexed = False
+        stored = store.get(watermark_key(partition))
+        self._watermark = float(stored) if stored is not None else -math.inf
+        self._persisted_watermark = self._watermark
+
+    @property
+    def watermark(self) -> float:
+        return self._watermark
+
+    def process(self, event: AnyEvent) -> list[GroupOutput]:
+        """Fold one event into the state; returns the samples and drops of the groups this event closed."""
+        self._ensure_index()
+        outputs: list[GroupOutput] = []
+        if isinstance(event, Impression):
+            outputs.extend(self._on_impression(event))
+        elif isinstance(event, Click | Order | Return | Select):
+            self._on_follow_up(event)
+        elif not isinstance(event, DesignCreated):
+            raise TypeError(f"unexpected event type {type(event).__name__}")
+        outputs.extend(self.advance(event.ts - self.settings.allowed_lateness_s))
+        return outputs
+
+    def advance(self, watermark: float) -> list[GroupOutput]:
+        """Move the watermark forward (never back) and close, expire or forget every group now due."""
+        if watermark <= self._watermark:
+            return []
+        self._ensure_index()
+        self._watermark = watermark
+        outputs: list[GroupOutput] = []
+        while self._due and self._due[0][0] < watermark:
+            due, impression_id = heapq.heappop(self._due)
+            key = impression_key(impression_id)
+            state = self._store.get(key)
+            if state is None or state["due"] != due:
+                continue  # superseded index entry
+            if state["status"] == OPEN:
+                outputs.append(self._close(impression_id, state))
+            elif state["status"] == PENDING:
+                self.counts["orphan_follow_up"] += _follow_up_count(state)
+                del self._store[key]
+            else:
+                del self._store[key]
+        if watermark - self._persisted_watermark >= self.settings.watermark_persist_step_s or outputs:
+            self._store[watermark_key(self.partition)] = watermark
+            self._persisted_watermark = watermark
+        return outputs
+
+    def open_groups(self) -> int:
+        self._ensure_index()
+        return sum(1 for _, state in self._own_states() if state["status"] == OPEN)
+
+    # ------------------------------------------------------------------------------------------------ events
+
+    def _on_impression(self, impression: Impression) -> list[GroupOutput]:
+        key = impression_key(impression.event_id)
+        state = self._store.get(key)
+        if state is not None and state["status"] in (OPEN, CLOSED):
+            self.counts["duplicate_impression"] += 1
+            return []
+        close_at = impression.ts + self.settings.window_s
+        if close_at < self._watermark:
+            self.counts["late_impression"] += 1
+            self._remember_closed(key, close_at)
+            return [
+                GroupDrop(
+                    sample_id=impression.event_id,
+                    user_id=impression.user_id,
+                    design_id=impression.design_id,
+                    reason="late_impression",
+                    impression_ts=impression.ts,
+                    watermark=self._watermark,
+                )
+            ]
+        follow_ups = state["follow_ups"] if state is not None else _empty_follow_ups()
+        self._put(
+            key,
+            {
+                "p": self.partition,
+                "status": OPEN,
+                "due": close_at,
+                "impression": impression.model_dump(mode="json"),
+                "follow_ups": follow_ups,
+            },
+        )
+        return []
+
+    def _on_follow_up(self, event: FollowUp) -> None:
+        key = impression_key(event.impression_id)
+        state = self._store.get(key)
+        if state is not None and state["status"] == CLOSED:
+            self.counts["late_follow_up"] += 1
+            return
+        if state is not None and state["status"] == OPEN and event.ts > state["due"]:
+            self.counts["outside_window"] += 1
+            return
+        if state is None:
+            state = {"p": self.partition, "status": PENDING, "due": math.inf, "follow_ups": _empty_follow_ups()}
+        kind, payload = _follow_up_entry(event)
+        entries = state["follow_ups"][kind]
+        if event.event_id in entries:
+            self.counts["duplicate_follow_up"] += 1
+            return
+        follow_ups = {**state["follow_ups"], kind: {**entries, event.event_id: [event.ts, *payload]}}
+        due = state["due"]
+        if state["status"] == PENDING:
+            # The owning impression (ts <= this event's ts) can arrive in time only until this moment.
+            due = min(due, event.ts + self.settings.window_s)
+        self._put(key, {**state, "due": due, "follow_ups": follow_ups})
+
+    # ------------------------------------------------------------------------------------------------ closing
+
+    def _close(self, impression_id: str, state: dict[str, Any]) -> GroupSample:
+        impression = Impression.model_validate(state["impression"], strict=False)
+        close_at = float(state["due"])
+        sample = group_sample(impression, state["follow_ups"], close_at)
+        self.counts["outside_window"] += _follow_up_count(state) - _follow_up_count(state, until=close_at)
+        self.counts["sample"] += 1
+        self._remember_closed(impression_key(impression_id), close_at)
+        return sample
+
+    def _remember_closed(self, key: str, close_at: float) -> None:
+        self._put(key, {"p": self.partition, "status": CLOSED, "due": close_at + self.settings.closed_retention_s})
+
+    def _put(self, key: str, state: dict[str, Any]) -> None:
+        self._store[key] = state
+        if math.isfinite(state["due"]):
+            heapq.heappush(self._due, (state["due"], key[2:]))
+
+    # ------------------------------------------------------------------------------------------------ index
+
+    def _own_states(self) -> Iterable[tuple[str, dict[str, Any]]]:
+        for key, state in list(self._store.items()):
+            if key.startswith("i:") and state.get("p") == self.partition:
+                yield key, state
+
+    def _ensure_index(self) -> None:
+        if self._indexed:
+            return
+        self._due = [(state["due"], key[2:]) for key, state in self._own_states() if math.isfinite(state["due"])]
+        heapq.heapify(self._due)
+        self._indexed = True
+
+
+def _empty_follow_ups() -> dict[str, dict[str, list[Any]]]:
+    return {_CLICKS: {}, _ORDERS: {}, _RETURNS: {}, _SELECTS: {}}
+
+
+def _follow_up_entry(event: FollowUp) -> tuple[str, list[Any]]:
+    """Where a follow-up is stored and what of it is kept (after its event time)."""
+    if isinstance(event, Click):
+        return _CLICKS, [event.image_id]
+    if isinstance(event, Order):
+        return _ORDERS, [event.image_id, event.quantity]
+    if isinstance(event, Return):
+        return _RETURNS, [event.order_id, event.quantity]
+    return _SELECTS, list(event.image_ids)
+
+
+def _follow_up_count(state: dict[str, Any], until: float = math.inf) -> int:
+    return sum(1 for entries in state["follow_ups"].values() for entry in entries.values() if entry[0] <= until)
+
+
+def group_sample(impression: Impression, follow_ups: dict[str, dict[str, list[Any]]], close_at: float) -> GroupSample:
+    """The graded sample of one impression from its stored follow-ups; those after ``close_at`` do not count."""
+
+    def within(kind: str) -> list[list[Any]]:
+        return [entry for entry in follow_ups[kind].values() if entry[0] <= close_at]
+
+    returned_quantity: Counter[str] = Counter()
+    for _, order_id, quantity in within(_RETURNS):
+        returned_quantity[order_id] += quantity
+    click_level: set[str] = {image_id for _, image_id in within(_CLICKS)}
+    for _, *image_ids in within(_SELECTS):
+        click_level.update(image_ids)
+    order_level: set[str] = set()
+    for order_id, (ts, image_id, quantity) in follow_ups[_ORDERS].items():
+        if ts > close_at:
+            continue
+        if quantity > returned_quantity[order_id]:
+            order_level.add(image_id)
+        else:
+            click_level.add(image_id)
+    graded = [
+        GradedCandidate(
+            image_id=candidate.image_id,
+            position=candidate.position,
+            descriptor=candidate.descriptor,
+            grade=GRADE_ORDER
+            if candidate.image_id in order_level
+            else GRADE_CLICK
+            if candidate.image_id in click_level
+            else GRADE_NONE,
+        )
+        for candidate in impression.candidates
+    ]
+    return GroupSample(
+        sample_id=impression.event_id,
+        user_id=impression.user_id,
+        design_id=impression.design_id,
+        prompt=impression.prompt,
+        model_version=impression.model_version,
+        impression_ts=impression.ts,
+        candidates=graded,
+    )
+
+
+def batch_group_outputs(events: Iterable[AnyEvent], settings: GroupingSettings) -> dict[str, GroupOutput]:
+    """Reference computation from a raw event log, by event time and without a watermark: every distinct
+    impression's sample, keyed by sample_id. Equals what the stream builder emits for any arrival order within
+    the allowed lateness."""
+    impressions: dict[str, Impression] = {}
+    follow_ups: dict[str, dict[str, dict[str, list[Any]]]] = {}
+    for event in events:
+        if isinstance(event, Impression):
+            impressions.setdefault(event.event_id, event)
+        elif isinstance(event, Click | Order | Return | Select):
+            kind, payload = _follow_up_entry(event)
+            per_kind = follow_ups.setdefault(event.impression_id, _empty_follow_ups())[kind]
+            per_kind.setdefault(event.event_id, [event.ts, *payload])
+    return {
+        impression_id: group_sample(
+            impression, follow_ups.get(impression_id, _empty_follow_ups()), impression.ts + settings.window_s
+        )
+        for impression_id, impression in impressions.items()
+    }

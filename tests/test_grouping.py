@@ -1,0 +1,259 @@
+"""The group builder's attribution windows, checked by hand and against any arrival order within the lateness."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from perfusion.attributes import DESCRIPTOR_DIM
+from perfusion.errors import ConfigError
+from streams.grouping import GroupBuilder, GroupDrop, GroupingSettings, GroupOutput, batch_group_outputs
+from streams.records import (
+    GRADE_CLICK,
+    GRADE_NONE,
+    GRADE_ORDER,
+    AnyEvent,
+    Candidate,
+    Click,
+    DesignCreated,
+    GroupSample,
+    Impression,
+    Order,
+    Return,
+    Select,
+)
+
+T0 = 1_700_000_000.0
+WINDOW = 100.0
+LATENESS = 10.0
+SETTINGS = GroupingSettings(window_s=WINDOW, allowed_lateness_s=LATENESS, closed_retention_s=500.0)
+
+
+def impression(event_id: str, ts: float, k: int = 3, user: str = "u1") -> Impression:
+    return Impression(
+        event_id=event_id,
+        ts=ts,
+        user_id=user,
+        design_id="d1",
+        prompt="a summer t-shirt",
+        model_version="v1",
+        candidates=[
+            Candidate(image_id=f"{event_id}-img{i}", position=i, descriptor=[0.5] * DESCRIPTOR_DIM) for i in range(k)
+        ],
+    )
+
+
+def click(event_id: str, ts: float, impression_id: str, image: int) -> Click:
+    return Click(
+        event_id=event_id, ts=ts, user_id="u1", impression_id=impression_id, design_id="d1",
+        image_id=f"{impression_id}-img{image}",
+    )  # fmt: skip
+
+
+def order(event_id: str, ts: float, impression_id: str, image: int, quantity: int = 1) -> Order:
+    return Order(
+        event_id=event_id, ts=ts, user_id="u1", impression_id=impression_id, design_id="d1",
+        image_id=f"{impression_id}-img{image}", quantity=quantity,
+    )  # fmt: skip
+
+
+def returned(event_id: str, ts: float, of: Order, quantity: int = 1) -> Return:
+    return Return(
+        event_id=event_id, ts=ts, user_id="u1", order_id=of.event_id, impression_id=of.impression_id,
+        design_id="d1", image_id=of.image_id, quantity=quantity,
+    )  # fmt: skip
+
+
+def select(event_id: str, ts: float, impression_id: str, images: list[int]) -> Select:
+    return Select(
+        event_id=event_id, ts=ts, user_id="u1", impression_id=impression_id, design_id="d1",
+        image_ids=[f"{impression_id}-img{i}" for i in images],
+    )  # fmt: skip
+
+
+def clock(ts: float) -> DesignCreated:
+    """An unrelated event that only moves the watermark."""
+    return DesignCreated(
+        event_id=f"clock-{ts}", ts=ts, user_id="m1", design_id="d-clock", prompt="x", order_threshold=1
+    )
+
+
+def run(events: list[AnyEvent], store: dict | None = None) -> tuple[list[GroupOutput], GroupBuilder]:
+    builder = GroupBuilder(SETTINGS, {} if store is None else store, partition=0)
+    outputs: list[GroupOutput] = []
+    for event in events:
+        outputs.extend(builder.process(event))
+    return outputs, builder
+
+
+def grades(sample: GroupOutput) -> list[int]:
+    assert isinstance(sample, GroupSample)
+    return [candidate.grade for candidate in sample.candidates]
+
+
+def test_window_closes_when_watermark_passes_and_grades_order_over_click() -> None:
+    imp = impression("imp1", T0)
+    events: list[AnyEvent] = [imp, click("c1", T0 + 5, "imp1", 0), order("o1", T0 + 6, "imp1", 0)]
+    events += [click("c2", T0 + 7, "imp1", 2)]
+    outputs, builder = run([*events, clock(T0 + WINDOW + LATENESS)])
+    assert outputs == []  # watermark = T0 + WINDOW exactly: not past the close time yet
+    outputs += builder.process(clock(T0 + WINDOW + LATENESS + 0.5))
+    assert len(outputs) == 1
+    sample = outputs[0]
+    assert isinstance(sample, GroupSample)
+    assert sample.sample_id == "imp1" and sample.impression_ts == T0 and sample.model_version == "v1"
+    assert grades(sample) == [GRADE_ORDER, GRADE_NONE, GRADE_CLICK]
+
+
+def test_returned_order_grades_down_to_click_and_partial_return_keeps_order() -> None:
+    full, partial = order("o1", T0 + 1, "imp1", 0), order("o2", T0 + 2, "imp1", 1, quantity=2)
+    events: list[AnyEvent] = [impression("imp1", T0), full, partial, returned("r1", T0 + 3, full)]
+    events += [returned("r2", T0 + 4, partial, quantity=1), clock(T0 + 500)]
+    outputs, _ = run(events)
+    assert grades(outputs[0]) == [GRADE_CLICK, GRADE_ORDER, GRADE_NONE]
+
+
+def test_merchant_selection_is_a_click_level_positive() -> None:
+    outputs, _ = run([impression("imp1", T0), select("s1", T0 + 1, "imp1", [1, 2]), clock(T0 + 500)])
+    assert grades(outputs[0]) == [GRADE_NONE, GRADE_CLICK, GRADE_CLICK]
+
+
+def test_follow_up_after_the_window_is_counted_and_ignored() -> None:
+    events: list[AnyEvent] = [impression("imp1", T0), click("c1", T0 + WINDOW + 1, "imp1", 0), clock(T0 + 500)]
+    outputs, builder = run(events)
+    assert grades(outputs[0]) == [GRADE_NONE] * 3
+    assert builder.counts["outside_window"] == 1
+
+
+def test_click_before_its_impression_is_buffered_not_lost() -> None:
+    outputs, builder = run([click("c1", T0 + 5, "imp1", 1), impression("imp1", T0), clock(T0 + 500)])
+    assert grades(outputs[0]) == [GRADE_NONE, GRADE_CLICK, GRADE_NONE]
+    assert builder.counts["orphan_follow_up"] == 0
+
+
+def test_follow_up_whose_impression_never_comes_expires_as_orphan() -> None:
+    outputs, builder = run([click("c1", T0, "ghost", 0), clock(T0 + WINDOW + LATENESS + 1)])
+    assert outputs == []
+    assert builder.counts["orphan_follow_up"] == 1
+    assert builder.open_groups() == 0
+
+
+def test_late_impression_is_one_counted_drop_and_late_follow_up_is_counted() -> None:
+    first, _ = run([impression("imp0", T0), clock(T0 + 300)])
+    assert len(first) == 1
+    outputs, builder = run([clock(T0 + 300), impression("old", T0), impression("old", T0), click("c", T0, "old", 0)])
+    assert outputs == [
+        GroupDrop(
+            sample_id="old", user_id="u1", design_id="d1", reason="late_impression", impression_ts=T0,
+            watermark=T0 + 300 - LATENESS,
+        )
+    ]  # fmt: skip
+    assert builder.counts["duplicate_impression"] == 1 and builder.counts["late_follow_up"] == 1
+
+
+def test_duplicates_change_nothing() -> None:
+    imp, ordered = impression("imp1", T0), order("o1", T0 + 1, "imp1", 0)
+    clean, _ = run([imp, ordered, clock(T0 + 500)])
+    doubled, builder = run([imp, imp, ordered, ordered, clock(T0 + 500), imp])
+    assert doubled == clean
+    assert builder.counts["duplicate_impression"] == 2 and builder.counts["duplicate_follow_up"] == 1
+
+
+def test_a_restarted_builder_resumes_open_groups_from_the_store() -> None:
+    store: dict = {}
+    outputs, _ = run([impression("imp1", T0), click("c1", T0 + 1, "imp1", 2)], store)
+    assert outputs == []
+    resumed = GroupBuilder(SETTINGS, store, partition=0)
+    assert resumed.open_groups() == 1
+    outputs = resumed.process(clock(T0 + 500))
+    assert grades(outputs[0]) == [GRADE_NONE, GRADE_NONE, GRADE_CLICK]
+
+
+def test_builders_of_two_partitions_share_a_store_without_touching_each_other() -> None:
+    store: dict = {}
+    left, right = GroupBuilder(SETTINGS, store, partition=0), GroupBuilder(SETTINGS, store, partition=1)
+    left.process(impression("a", T0))
+    right.process(impression("b", T0))
+    assert [output.sample_id for output in left.process(clock(T0 + 500))] == ["a"]
+    assert right.open_groups() == 1
+
+
+def test_settings_reject_a_zero_window() -> None:
+    with pytest.raises(ConfigError, match="window_s must be positive"):
+        GroupingSettings(window_s=0.0)
+
+
+# ------------------------------------------------------------------------------------------ property-based
+
+
+def random_log(rng: random.Random, impressions: int) -> list[AnyEvent]:
+    """Impressions spread over event time, each with a few follow-ups inside (and some outside) its window."""
+    log: list[AnyEvent] = []
+    for index in range(impressions):
+        imp_id = f"imp{index}"
+        ts = T0 + index * 7.0
+        log.append(impression(imp_id, ts, k=4))
+        for step in range(rng.randint(0, 4)):
+            at = ts + rng.uniform(0.0, WINDOW * 1.2)
+            kind = rng.choice(["click", "order", "select"])
+            event_id = f"{imp_id}-e{step}"
+            if kind == "click":
+                log.append(click(event_id, at, imp_id, rng.randrange(4)))
+            elif kind == "select":
+                log.append(select(event_id, at, imp_id, [rng.randrange(4)]))
+            else:
+                placed = order(event_id, at, imp_id, rng.randrange(4), quantity=rng.randint(1, 2))
+                log.append(placed)
+                if rng.random() < 0.5:
+                    log.append(returned(f"{event_id}-r", at + rng.uniform(0.0, 30.0), placed, quantity=1))
+    return sorted(log, key=lambda event: event.ts)
+
+
+def shuffle_within_lateness(rng: random.Random, log: list[AnyEvent], duplicate_share: float) -> list[AnyEvent]:
+    """Duplicate some events and reorder so that no event arrives after the watermark has passed it.
+
+    Arrival order = sort by (event time + a jitter in [0, lateness)); an event then arrives when the largest
+    event time seen is below its own time + lateness, so it is never behind the watermark.
+    """
+    copies = [event for event in log for _ in range(2 if rng.random() < duplicate_share else 1)]
+    keyed = [(event.ts + rng.uniform(0.0, LATENESS * 0.999), index, event) for index, event in enumerate(copies)]
+    return [event for _, _, event in sorted(keyed)]
+
+
+def stream_outputs(events: list[AnyEvent]) -> dict[str, GroupOutput]:
+    end = max(event.ts for event in events) + WINDOW + LATENESS + 1
+    outputs, _ = run([*events, clock(end)])
+    by_id = {output.sample_id: output for output in outputs}
+    assert len(by_id) == len(outputs), "a sample was emitted twice"
+    return by_id
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), impressions=st.integers(1, 25), duplicate_share=st.floats(0.0, 1.0))
+def test_any_reorder_within_lateness_and_any_duplication_gives_the_batch_samples(
+    seed: int, impressions: int, duplicate_share: float
+) -> None:
+    rng = random.Random(seed)
+    log = random_log(rng, impressions)
+    expected = batch_group_outputs(log, SETTINGS)
+    assert stream_outputs(log) == expected
+    assert stream_outputs(shuffle_within_lateness(rng, log, duplicate_share)) == expected
+    assert len(expected) == impressions
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), split=st.floats(0.0, 1.0))
+def test_restarting_anywhere_in_the_stream_gives_the_same_samples(seed: int, split: float) -> None:
+    rng = random.Random(seed)
+    log = random_log(rng, 15)
+    arrivals = shuffle_within_lateness(rng, log, 0.3)
+    cut = math.floor(split * len(arrivals))
+    store: dict = {}
+    before, _ = run(arrivals[:cut], store)
+    after, _ = run(arrivals[cut:], store)
+    end = GroupBuilder(SETTINGS, store, partition=0).process(clock(log[-1].ts + WINDOW + LATENESS + 1))
+    assert {output.sample_id: output for output in before + after + end} == batch_group_outputs(log, SETTINGS)
