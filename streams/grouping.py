@@ -17,6 +17,12 @@ Policy, so that every impression ends as exactly one sample or one counted drop:
   as ``outside_window``; one seen twice (same event_id) as ``duplicate_follow_up``; none of these change a sample;
 - a worker that stops leaves open groups in the store; the next owner of the partition resumes them.
 
+Delivery is two-phase so that a crash never loses an output: closing stores the output in the group's state
+(``closing``) before returning it; the caller sends it and then calls :meth:`GroupBuilder.confirm`, which shrinks
+the state to a ``closed`` marker. A builder that finds ``closing`` groups in the store (a crash between the two)
+returns their outputs again from its next :meth:`GroupBuilder.process`: a replay may repeat a sample, always under
+the same ``sample_id``, and never drops one.
+
 Grades are computed when the group closes, from the set of attributed events, so they do not depend on arrival
 order: an order whose quantity was not fully returned grades its image ``GRADE_ORDER``; a click, a selection or a
 fully returned order grades it ``GRADE_CLICK``; anything else stays ``GRADE_NONE``.
@@ -57,6 +63,7 @@ FollowUp = Click | Order | Return | Select
 
 OPEN = "open"
 PENDING = "pending"  # follow-ups buffered, impression not seen yet
+CLOSING = "closing"  # output decided and stored, not yet confirmed as delivered
 CLOSED = "closed"
 
 # Follow-up kinds as stored in a group's state: event_id -> [ts, ...payload].
@@ -125,6 +132,7 @@ class GroupBuilder:
         self._store = store
         self._due: list[tuple[float, str]] = []  # (due event time, impression_id), lazily rebuilt
         self._indexed = False
+        self._unconfirmed: list[GroupOutput] = []
         stored = store.get(watermark_key(partition))
         self._watermark = float(stored) if stored is not None else -math.inf
         self._persisted_watermark = self._watermark
@@ -136,7 +144,7 @@ class GroupBuilder:
     def process(self, event: AnyEvent) -> list[GroupOutput]:
         """Fold one event into the state; returns the samples and drops of the groups this event closed."""
         self._ensure_index()
-        outputs: list[GroupOutput] = []
+        outputs = self._take_unconfirmed()
         if isinstance(event, Impression):
             outputs.extend(self._on_impression(event))
         elif isinstance(event, Click | Order | Return | Select):
@@ -148,11 +156,11 @@ class GroupBuilder:
 
     def advance(self, watermark: float) -> list[GroupOutput]:
         """Move the watermark forward (never back) and close, expire or forget every group now due."""
-        if watermark <= self._watermark:
-            return []
         self._ensure_index()
+        outputs = self._take_unconfirmed()
+        if watermark <= self._watermark:
+            return outputs
         self._watermark = watermark
-        outputs: list[GroupOutput] = []
         while self._due and self._due[0][0] < watermark:
             due, impression_id = heapq.heappop(self._due)
             key = impression_key(impression_id)
@@ -164,7 +172,7 @@ class GroupBuilder:
             elif state["status"] == PENDING:
                 self.counts["orphan_follow_up"] += _follow_up_count(state)
                 del self._store[key]
-            else:
+            elif state["status"] == CLOSED:
                 del self._store[key]
         if watermark - self._persisted_watermark >= self.settings.watermark_persist_step_s or outputs:
             self._store[watermark_key(self.partition)] = watermark
@@ -180,23 +188,21 @@ class GroupBuilder:
     def _on_impression(self, impression: Impression) -> list[GroupOutput]:
         key = impression_key(impression.event_id)
         state = self._store.get(key)
-        if state is not None and state["status"] in (OPEN, CLOSED):
+        if state is not None and state["status"] in (OPEN, CLOSING, CLOSED):
             self.counts["duplicate_impression"] += 1
             return []
         close_at = impression.ts + self.settings.window_s
         if close_at < self._watermark:
             self.counts["late_impression"] += 1
-            self._remember_closed(key, close_at)
-            return [
-                GroupDrop(
-                    sample_id=impression.event_id,
-                    user_id=impression.user_id,
-                    design_id=impression.design_id,
-                    reason="late_impression",
-                    impression_ts=impression.ts,
-                    watermark=self._watermark,
-                )
-            ]
+            drop = GroupDrop(
+                sample_id=impression.event_id,
+                user_id=impression.user_id,
+                design_id=impression.design_id,
+                reason="late_impression",
+                impression_ts=impression.ts,
+                watermark=self._watermark,
+            )
+            return [self._hold_output(key, close_at, drop)]
         follow_ups = state["follow_ups"] if state is not None else _empty_follow_ups()
         self._put(
             key,
@@ -213,7 +219,7 @@ class GroupBuilder:
     def _on_follow_up(self, event: FollowUp) -> None:
         key = impression_key(event.impression_id)
         state = self._store.get(key)
-        if state is not None and state["status"] == CLOSED:
+        if state is not None and state["status"] in (CLOSING, CLOSED):
             self.counts["late_follow_up"] += 1
             return
         if state is not None and state["status"] == OPEN and event.ts > state["due"]:
@@ -235,17 +241,31 @@ class GroupBuilder:
 
     # ------------------------------------------------------------------------------------------------ closing
 
-    def _close(self, impression_id: str, state: dict[str, Any]) -> GroupSample:
+    def _close(self, impression_id: str, state: dict[str, Any]) -> GroupOutput:
         impression = Impression.model_validate(state["impression"], strict=False)
         close_at = float(state["due"])
         sample = group_sample(impression, state["follow_ups"], close_at)
         self.counts["outside_window"] += _follow_up_count(state) - _follow_up_count(state, until=close_at)
         self.counts["sample"] += 1
-        self._remember_closed(impression_key(impression_id), close_at)
-        return sample
+        return self._hold_output(impression_key(impression_id), close_at, sample)
 
-    def _remember_closed(self, key: str, close_at: float) -> None:
-        self._put(key, {"p": self.partition, "status": CLOSED, "due": close_at + self.settings.closed_retention_s})
+    def _hold_output(self, key: str, close_at: float, output: GroupOutput) -> GroupOutput:
+        kind = "sample" if isinstance(output, GroupSample) else "drop"
+        self._store[key] = {
+            "p": self.partition,
+            "status": CLOSING,
+            "due": close_at + self.settings.closed_retention_s,
+            "output": [kind, output.model_dump(mode="json")],
+        }
+        return output
+
+    def confirm(self, outputs: Iterable[GroupOutput]) -> None:
+        """Record that ``outputs`` were delivered: their groups shrink to closed markers kept for the retention."""
+        for output in outputs:
+            key = impression_key(output.sample_id)
+            state = self._store.get(key)
+            if state is not None and state["status"] == CLOSING:
+                self._put(key, {"p": self.partition, "status": CLOSED, "due": state["due"]})
 
     def _put(self, key: str, state: dict[str, Any]) -> None:
         self._store[key] = state
@@ -259,11 +279,25 @@ class GroupBuilder:
             if key.startswith("i:") and state.get("p") == self.partition:
                 yield key, state
 
+    def _take_unconfirmed(self) -> list[GroupOutput]:
+        outputs, self._unconfirmed = self._unconfirmed, []
+        return outputs
+
     def _ensure_index(self) -> None:
+        """Build the due-time index on first use, and collect the outputs held but never confirmed (to resend)."""
         if self._indexed:
             return
-        self._due = [(state["due"], key[2:]) for key, state in self._own_states() if math.isfinite(state["due"])]
+        self._due = []
+        unconfirmed: list[GroupOutput] = []
+        for key, state in self._own_states():
+            if state["status"] == CLOSING:
+                kind, payload = state["output"]
+                record_type = GroupSample if kind == "sample" else GroupDrop
+                unconfirmed.append(record_type.model_validate(payload, strict=False))
+            elif math.isfinite(state["due"]):
+                self._due.append((state["due"], key[2:]))
         heapq.heapify(self._due)
+        self._unconfirmed = unconfirmed
         self._indexed = True
 
 

@@ -86,7 +86,9 @@ def run(events: list[AnyEvent], store: dict | None = None) -> tuple[list[GroupOu
     builder = GroupBuilder(SETTINGS, {} if store is None else store, partition=0)
     outputs: list[GroupOutput] = []
     for event in events:
-        outputs.extend(builder.process(event))
+        emitted = builder.process(event)
+        builder.confirm(emitted)
+        outputs.extend(emitted)
     return outputs, builder
 
 
@@ -102,6 +104,7 @@ def test_window_closes_when_watermark_passes_and_grades_order_over_click() -> No
     outputs, builder = run([*events, clock(T0 + WINDOW + LATENESS)])
     assert outputs == []  # watermark = T0 + WINDOW exactly: not past the close time yet
     outputs += builder.process(clock(T0 + WINDOW + LATENESS + 0.5))
+    builder.confirm(outputs)
     assert len(outputs) == 1
     sample = outputs[0]
     assert isinstance(sample, GroupSample)
@@ -257,3 +260,17 @@ def test_restarting_anywhere_in_the_stream_gives_the_same_samples(seed: int, spl
     after, _ = run(arrivals[cut:], store)
     end = GroupBuilder(SETTINGS, store, partition=0).process(clock(log[-1].ts + WINDOW + LATENESS + 1))
     assert {output.sample_id: output for output in before + after + end} == batch_group_outputs(log, SETTINGS)
+
+
+def test_an_output_never_confirmed_is_sent_again_by_the_next_builder() -> None:
+    store: dict = {}
+    crashed = GroupBuilder(SETTINGS, store, partition=0)
+    crashed.process(impression("imp1", T0))
+    lost = crashed.process(clock(T0 + 500))  # closed, but the worker dies before delivery is confirmed
+    assert [output.sample_id for output in lost] == ["imp1"]
+    restarted = GroupBuilder(SETTINGS, store, partition=0)
+    assert restarted.open_groups() == 0
+    resent = restarted.process(clock(T0 + 501))
+    assert resent == lost
+    restarted.confirm(resent)
+    assert GroupBuilder(SETTINGS, store, partition=0).process(clock(T0 + 502)) == []
