@@ -1,0 +1,257 @@
+"""Net orders per design and the production trigger: "sell it before you make it".
+
+Per design, net orders are units ordered less units returned (a return counts only against an order that was
+counted, and never more than that order's quantity). Orders, returns and the design's own
+:class:`~streams.records.DesignCreated` (which carries the threshold) are applied in event-time order, ties broken
+by event_id, once the partition's watermark (the largest event time seen less ``allowed_lateness_s``) has passed
+them; so any arrival order within the lateness, and any duplication (dedupe by event_id), gives the same result.
+A design fires when its net orders have reached its threshold at some point of event time (the peak counts, a
+later return does not undo a decision). A design without a known threshold waits for its DesignCreated, or uses
+``default_threshold`` when that is set. An event that arrives behind the watermark is applied at once and counted
+as ``late``: demand is never dropped.
+
+"Exactly once" here means: the state says a design fired at most once, and no crash loses a ProductionOrder.
+Firing stores the order in the design's state (``fired = "emitting"``) before the caller sends it; the caller
+then calls :meth:`DemandCounter.confirm` (``fired = "done"``). A crash between the two makes the next owner of
+the partition send the same record again, under the same key (design_id) with the same content; a reader that
+keeps the first record per key (or a compacted topic) sees exactly one production order per design.
+
+State lives in a ``MutableMapping`` under ``d:<design_id>`` (counters, threshold, events not yet applied),
+``o:<order_id>`` (quantity, return ids seen, units returned) and ``w:<partition>``; values are JSON-compatible.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import Counter
+from collections.abc import Iterable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from perfusion.errors import ConfigError
+from streams.records import AnyEvent, DesignCreated, Order, ProductionOrder, Return
+
+DemandEvent = DesignCreated | Order | Return
+
+_EMITTING = "emitting"
+_DONE = "done"
+
+
+@dataclass(frozen=True)
+class DemandSettings:
+    """How demand is counted per design."""
+
+    allowed_lateness_s: float = field(
+        default=60.0, metadata={"help": "the watermark trails the largest event time seen by this many seconds"}
+    )
+    default_threshold: int | None = field(
+        default=None,
+        metadata={"help": "net orders that start production of a design whose DesignCreated was not seen; None = wait"},
+    )
+    watermark_persist_step_s: float = field(
+        default=1.0, metadata={"help": "the stored watermark is rewritten once it has advanced this many seconds"}
+    )
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.allowed_lateness_s) and self.allowed_lateness_s >= 0.0):
+            raise ConfigError(
+                f"allowed_lateness_s must be a finite number of seconds >= 0, got {self.allowed_lateness_s}"
+            )
+        if self.default_threshold is not None and self.default_threshold < 1:
+            raise ConfigError(f"default_threshold must be at least 1 or None, got {self.default_threshold}")
+
+
+def is_demand_event(event: AnyEvent) -> bool:
+    return isinstance(event, DesignCreated | Order | Return)
+
+
+def design_key(design_id: str) -> str:
+    return f"d:{design_id}"
+
+
+def order_key(order_id: str) -> str:
+    return f"o:{order_id}"
+
+
+def watermark_key(partition: int) -> str:
+    return f"w:{partition}"
+
+
+def _new_design(partition: int) -> dict[str, Any]:
+    return {"p": partition, "threshold": None, "net": 0, "peak": 0, "fired": None, "pending": [], "applied": []}
+
+
+class DemandCounter:
+    """Demand of the designs of one partition, over a key-value store shared with other partitions' counters."""
+
+    def __init__(self, settings: DemandSettings, store: MutableMapping[str, Any], partition: int) -> None:
+        self.settings = settings
+        self.partition = partition
+        self.counts: Counter[str] = Counter()
+        self._store = store
+        self._due: list[tuple[float, str]] = []  # (earliest pending event time, design_id), lazily rebuilt
+        self._indexed = False
+        self._unconfirmed: list[ProductionOrder] = []
+        stored = store.get(watermark_key(partition))
+        self._watermark = float(stored) if stored is not None else -math.inf
+        self._persisted_watermark = self._watermark
+
+    @property
+    def watermark(self) -> float:
+        return self._watermark
+
+    def process(self, event: AnyEvent) -> list[ProductionOrder]:
+        """Fold one event in; returns the production orders to send (then :meth:`confirm` them)."""
+        self._ensure_index()
+        outputs, self._unconfirmed = self._unconfirmed, []
+        if isinstance(event, DesignCreated | Order | Return):
+            late = event.ts < self._watermark
+            if self._admit(event) and late:
+                self.counts["late"] += 1
+                outputs.extend(self._apply_due(event.design_id, self._watermark))
+        outputs.extend(self.advance(event.ts - self.settings.allowed_lateness_s))
+        return outputs
+
+    def advance(self, watermark: float) -> list[ProductionOrder]:
+        """Move the watermark forward (never back) and apply every pending event it has passed."""
+        self._ensure_index()
+        if watermark <= self._watermark:
+            return []
+        self._watermark = watermark
+        outputs: list[ProductionOrder] = []
+        while self._due and self._due[0][0] < watermark:
+            _, design_id = heapq.heappop(self._due)
+            outputs.extend(self._apply_due(design_id, watermark))
+        if watermark - self._persisted_watermark >= self.settings.watermark_persist_step_s:
+            self._store[watermark_key(self.partition)] = watermark
+            self._persisted_watermark = watermark
+        return outputs
+
+    def confirm(self, orders: Iterable[ProductionOrder]) -> None:
+        """Record that ``orders`` were delivered."""
+        for production_order in orders:
+            key = design_key(production_order.design_id)
+            state = self._store.get(key)
+            if state is not None and state["fired"] == _EMITTING:
+                self._store[key] = {**state, "fired": _DONE, "order": None}
+
+    def design_state(self, design_id: str) -> dict[str, Any] | None:
+        return self._store.get(design_key(design_id))
+
+    # ------------------------------------------------------------------------------------------------ arrival
+
+    def _admit(self, event: DemandEvent) -> bool:
+        """Dedupe and queue one event for application in event-time order; False for a duplicate."""
+        key = design_key(event.design_id)
+        state = self._store.get(key) or _new_design(self.partition)
+        if isinstance(event, Order | Return):
+            # An order is one key of its own; a return is remembered by the order it names.
+            key_of_order = order_key(event.event_id if isinstance(event, Order) else event.order_id)
+            record = self._store.get(key_of_order) or {"quantity": None, "returned": 0, "waiting": 0, "returns": []}
+            if isinstance(event, Order):
+                if record["quantity"] is not None:
+                    self.counts["duplicate"] += 1
+                    return False
+                record = {**record, "quantity": event.quantity, "applied": False}
+            else:
+                if event.event_id in record["returns"]:
+                    self.counts["duplicate"] += 1
+                    return False
+                record = {**record, "returns": [*record["returns"], event.event_id]}
+            self._store[key_of_order] = record
+            entry = [event.ts, event.event_id, event.kind, key_of_order[2:], event.quantity]
+        else:
+            if any(pending[1] == event.event_id for pending in state["pending"]) or event.event_id in state["applied"]:
+                self.counts["duplicate"] += 1
+                return False
+            entry = [event.ts, event.event_id, event.kind, None, event.order_threshold]
+        self._store[key] = {**state, "pending": [*state["pending"], entry]}
+        heapq.heappush(self._due, (event.ts, event.design_id))
+        return True
+
+    # ------------------------------------------------------------------------------------------------ application
+
+    def _apply_due(self, design_id: str, watermark: float) -> list[ProductionOrder]:
+        key = design_key(design_id)
+        state = self._store.get(key)
+        if state is None:
+            return []
+        due = sorted(entry for entry in state["pending"] if entry[0] < watermark)
+        if not due:
+            return []
+        state = {**state, "pending": [entry for entry in state["pending"] if entry[0] >= watermark]}
+        outputs: list[ProductionOrder] = []
+        for ts, event_id, kind, order_id, amount in due:
+            if kind == "design":
+                if state["threshold"] is None:
+                    state["threshold"] = amount
+                else:
+                    self.counts["second_design_event"] += 1
+                state["applied"] = [*state["applied"], event_id]
+            elif kind == "order":
+                state["net"] += amount - self._apply_order(order_id)
+            else:
+                state["net"] -= self._apply_return(order_id, amount)
+            state["peak"] = max(state["peak"], state["net"])
+            fired = self._maybe_fire(design_id, state, ts)
+            if fired is not None:
+                outputs.append(fired)
+        self._store[key] = state
+        return outputs
+
+    def _apply_order(self, order_id: str) -> int:
+        """Marks the order counted; returns the units of returns that were waiting for it."""
+        record = self._store[order_key(order_id)]
+        backlog = min(record["waiting"], record["quantity"])
+        self._store[order_key(order_id)] = {**record, "applied": True, "waiting": 0, "returned": backlog}
+        return backlog
+
+    def _apply_return(self, order_id: str, quantity: int) -> int:
+        """Units this return takes off net orders: none until its order is counted, then at most what is left."""
+        record = self._store[order_key(order_id)]
+        if not record.get("applied"):
+            self._store[order_key(order_id)] = {**record, "waiting": record["waiting"] + quantity}
+            return 0
+        taken = min(quantity, record["quantity"] - record["returned"])
+        self._store[order_key(order_id)] = {**record, "returned": record["returned"] + taken}
+        return taken
+
+    def _maybe_fire(self, design_id: str, state: dict[str, Any], ts: float) -> ProductionOrder | None:
+        threshold = state["threshold"] if state["threshold"] is not None else self.settings.default_threshold
+        if state["fired"] is not None or threshold is None or state["peak"] < threshold:
+            return None
+        production_order = ProductionOrder(design_id=design_id, net_orders=state["peak"], threshold=threshold, ts=ts)
+        state["fired"] = _EMITTING
+        state["order"] = production_order.model_dump(mode="json")
+        self.counts["fired"] += 1
+        return production_order
+
+    # ------------------------------------------------------------------------------------------------ index
+
+    def _ensure_index(self) -> None:
+        if self._indexed:
+            return
+        self._due = []
+        for key, state in list(self._store.items()):
+            if not key.startswith("d:") or state.get("p") != self.partition:
+                continue
+            if state["pending"]:
+                self._due.append((min(entry[0] for entry in state["pending"]), key[2:]))
+            if state["fired"] == _EMITTING:
+                self._unconfirmed.append(ProductionOrder.model_validate(state["order"], strict=False))
+        heapq.heapify(self._due)
+        self._indexed = True
+
+
+def batch_production_orders(events: Iterable[AnyEvent], settings: DemandSettings) -> dict[str, ProductionOrder]:
+    """Reference computation from a raw event log: the production order of each design that fires, by design_id.
+    Applies every event in event-time order, as the stream counter does for arrivals within the lateness."""
+    store: dict[str, Any] = {}
+    counter = DemandCounter(settings, store, partition=0)
+    unique = {event.event_id: event for event in events if is_demand_event(event)}
+    outputs: list[ProductionOrder] = []
+    for event in sorted(unique.values(), key=lambda event: (event.ts, event.event_id)):
+        outputs.extend(counter.process(event))
+    outputs.extend(counter.advance(math.inf))
+    return {production_order.design_id: production_order for production_order in outputs}
