@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from perfusion.attributes import DESCRIPTOR_DIM
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 # Events stamped further than this into the future (seconds, by the reader's clock) are rejected.
 MAX_CLOCK_SKEW_S = 300.0
 MAX_K = 16

@@ -1,0 +1,121 @@
+"""The Faust app of the stream worker: one app, every agent in ``streams.agents.AGENT_MODULES``.
+
+:func:`create_app` builds the app from :class:`~streams.settings.StreamSettings`, declares the topics, and calls
+each agent module's ``register(context)`` with an :class:`AgentContext`. Tables use Faust's in-memory store backed
+by changelog topics, so a restarted worker rebuilds its state from Kafka. Faust's ``processing_guarantee`` stays
+at-least-once (its exactly-once mode has open bugs); agents make their effects idempotent by deduplicating on
+``event_id`` and writing downstream records under deterministic keys.
+
+Faust is imported here at module level: import this module only inside a command handler or a test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+from faust.types import AgentT
+
+from streams.agents import AGENT_MODULES
+from streams.dead_letters import DeadLetterSink
+from streams.feature_push import FeatureSink
+from streams.records import DeadLetter
+from streams.settings import StreamSettings
+from streams.topics import Topics, declare_topics, ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentContext:
+    """What an agent module's ``register`` gets: the app, its topics, settings and the two effect sinks."""
+
+    app: faust.App
+    topics: Topics
+    settings: StreamSettings
+    dead_letter_sink: DeadLetterSink
+    feature_sink: FeatureSink
+
+
+@dataclass(frozen=True)
+class StreamApp:
+    """A built app with the agents each module registered, by module path."""
+
+    app: faust.App
+    topics: Topics
+    settings: StreamSettings
+    agents: dict[str, AgentT]
+
+    def ensure_topics(self) -> list[str]:
+        """Create the loop's topics on the broker (before anything produces)."""
+        return ensure_topics(self.settings.resolved_bootstrap_servers(), self.topics.names, self.settings.partitions)
+
+
+def create_app(
+    settings: StreamSettings,
+    feature_sink: FeatureSink | None = None,
+    agent_modules: tuple[str, ...] = AGENT_MODULES,
+) -> StreamApp:
+    """Build the worker's Faust app. ``feature_sink`` defaults to a Feast pusher opened on first use."""
+    data_dir = settings.resolved_data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        settings.group_id,
+        broker=f"kafka://{settings.resolved_bootstrap_servers()}",
+        store="memory://",
+        datadir=str(data_dir),
+        autodiscover=False,
+        web_enabled=False,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+    )
+    topics = declare_topics(app, settings)
+
+    async def send_dead_letter(key: bytes, letter: DeadLetter) -> None:
+        await topics.dead_letters.send(key=key, value=letter.to_bytes())
+
+    context = AgentContext(
+        app=app,
+        topics=topics,
+        settings=settings,
+        dead_letter_sink=send_dead_letter,
+        feature_sink=feature_sink if feature_sink is not None else _lazy_feast_sink(),
+    )
+    agents = {name: importlib.import_module(name).register(context) for name in agent_modules}
+    return StreamApp(app=app, topics=topics, settings=settings, agents=agents)
+
+
+def _lazy_feast_sink() -> FeatureSink:
+    """Push rows to Feast (ONLINE_AND_OFFLINE) in a thread, so the event loop keeps consuming meanwhile."""
+    from streams.feature_push import FeaturePusher
+
+    pusher: FeaturePusher | None = None
+
+    async def push(rows: list[dict[str, Any]]) -> None:
+        nonlocal pusher
+        if pusher is None:
+            pusher = FeaturePusher.open()
+        await asyncio.get_running_loop().run_in_executor(None, pusher.push_user_preferences, rows)
+
+    return push
+
+
+def run_worker(stream_app: StreamApp, loglevel: str = "info") -> None:
+    """Run the worker in this process until a signal stops it."""
+    from faust.worker import Worker
+
+    stream_app.ensure_topics()
+    log.info(
+        "worker %s on %s: agents %s",
+        stream_app.settings.group_id,
+        stream_app.settings.resolved_bootstrap_servers(),
+        ", ".join(stream_app.agents),
+    )
+    worker = Worker(stream_app.app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()
