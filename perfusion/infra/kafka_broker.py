@@ -293,6 +293,16 @@ class KafkaBroker:
             )
 
     def _wait_until_answering(self, address: str) -> None:
+        # The probe's connection attempts are expected to fail a few times; keep kafka-python's INFO chatter out.
+        kafka_logger = logging.getLogger("kafka")
+        previous_level = kafka_logger.level
+        kafka_logger.setLevel(max(previous_level, logging.WARNING))
+        try:
+            self._probe_until_answering(address)
+        finally:
+            kafka_logger.setLevel(previous_level)
+
+    def _probe_until_answering(self, address: str) -> None:
         from kafka import KafkaAdminClient
         from kafka.errors import KafkaError
 
@@ -306,6 +316,7 @@ class KafkaBroker:
                     + log_tail(self.jvm_log, self.server_log)
                 )
             if not _accepts_connections(address):
+                last_error = f"nothing listens on {address} yet"
                 # kafka-python's own bootstrap backs off for up to half a minute; probe the port cheaply first.
                 time.sleep(0.2)
                 continue
