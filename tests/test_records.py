@@ -1,0 +1,171 @@
+"""Inbound event records: each kind valid, each kind of malformation rejected with a reason; round trips."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from perfusion.attributes import DESCRIPTOR_DIM, Attributes
+from streams.records import (
+    MAX_CLOCK_SKEW_S,
+    Click,
+    DeadLetter,
+    DesignCreated,
+    Impression,
+    InvalidEvent,
+    Order,
+    Return,
+    Select,
+    parse_event,
+)
+
+NOW = 1_700_000_000.0
+DESCRIPTOR = Attributes("dress", "navy", "striped", "long-sleeve", "slim").descriptor()
+
+
+def candidate(position: int) -> dict[str, Any]:
+    return {"image_id": f"img-{position}", "position": position, "descriptor": DESCRIPTOR}
+
+
+VALID: dict[str, dict[str, Any]] = {
+    "design": {
+        "kind": "design", "event_id": "e1", "ts": NOW, "user_id": "m1", "design_id": "d1",
+        "prompt": "a summer dress", "order_threshold": 10,
+    },
+    "impression": {
+        "kind": "impression", "event_id": "e2", "ts": NOW, "user_id": "u1", "design_id": "d1",
+        "prompt": "a summer dress", "model_version": "v1", "candidates": [candidate(0), candidate(1)],
+    },
+    "click": {
+        "kind": "click", "event_id": "e3", "ts": NOW, "user_id": "u1", "impression_id": "e2", "design_id": "d1",
+        "image_id": "img-0",
+    },
+    "order": {
+        "kind": "order", "event_id": "e4", "ts": NOW, "user_id": "u1", "impression_id": "e2", "design_id": "d1",
+        "image_id": "img-0", "quantity": 2,
+    },
+    "return": {
+        "kind": "return", "event_id": "e5", "ts": NOW, "user_id": "u1", "order_id": "e4", "impression_id": "e2",
+        "design_id": "d1", "image_id": "img-0", "quantity": 1,
+    },
+    "select": {
+        "kind": "select", "event_id": "e6", "ts": NOW, "user_id": "m1", "impression_id": "e2", "design_id": "d1",
+        "image_ids": ["img-1"],
+    },
+}  # fmt: skip
+EXPECTED_TYPE = {
+    "design": DesignCreated,
+    "impression": Impression,
+    "click": Click,
+    "order": Order,
+    "return": Return,
+    "select": Select,
+}
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload).encode()
+
+
+@pytest.mark.parametrize("kind", sorted(VALID))
+def test_valid_event_of_each_kind_parses_to_its_record(kind: str) -> None:
+    event = parse_event(encode(VALID[kind]), now=NOW)
+    assert type(event) is EXPECTED_TYPE[kind]
+    assert event.schema_version == 1
+    assert parse_event(event.to_bytes(), now=NOW) == event
+
+
+@pytest.mark.parametrize("kind", sorted(VALID))
+@pytest.mark.parametrize("field", ["event_id", "ts", "user_id"])
+def test_missing_common_field_is_rejected_naming_it(kind: str, field: str) -> None:
+    payload = {k: v for k, v in VALID[kind].items() if k != field}
+    with pytest.raises(InvalidEvent) as raised:
+        parse_event(encode(payload), now=NOW)
+    assert field in raised.value.reason
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "bad_value"),
+    [
+        ("click", "ts", "yesterday"),
+        ("order", "quantity", "2"),
+        ("order", "quantity", 0),
+        ("impression", "candidates", []),
+        ("select", "image_ids", "img-1"),
+        ("design", "order_threshold", 1.5),
+        ("click", "user_id", ""),
+    ],
+)
+def test_wrong_typed_or_out_of_range_field_is_rejected_naming_it(kind: str, field: str, bad_value: object) -> None:
+    with pytest.raises(InvalidEvent) as raised:
+        parse_event(encode({**VALID[kind], field: bad_value}), now=NOW)
+    assert field in raised.value.reason
+
+
+def test_not_json_is_rejected() -> None:
+    with pytest.raises(InvalidEvent, match="not JSON"):
+        parse_event(b"{not json", now=NOW)
+
+
+def test_json_that_is_not_an_object_is_rejected() -> None:
+    with pytest.raises(InvalidEvent, match="JSON object"):
+        parse_event(b"[1, 2]", now=NOW)
+
+
+def test_unknown_schema_version_is_rejected() -> None:
+    with pytest.raises(InvalidEvent, match="schema_version 2"):
+        parse_event(encode({**VALID["click"], "schema_version": 2}), now=NOW)
+
+
+def test_unknown_kind_and_unknown_field_are_rejected() -> None:
+    with pytest.raises(InvalidEvent):
+        parse_event(encode({**VALID["click"], "kind": "like"}), now=NOW)
+    with pytest.raises(InvalidEvent, match="colour: Extra inputs"):
+        parse_event(encode({**VALID["click"], "colour": "red"}), now=NOW)
+
+
+def test_far_future_ts_is_rejected_but_small_skew_is_accepted() -> None:
+    assert parse_event(encode({**VALID["click"], "ts": NOW + MAX_CLOCK_SKEW_S - 1}), now=NOW).ts > NOW
+    with pytest.raises(InvalidEvent, match="in the future"):
+        parse_event(encode({**VALID["click"], "ts": NOW + 10 * 86_400}), now=NOW)
+
+
+def test_impression_with_duplicate_positions_or_short_descriptor_is_rejected() -> None:
+    twice = {**VALID["impression"], "candidates": [candidate(0), {**candidate(1), "position": 0}]}
+    with pytest.raises(InvalidEvent, match="positions must be unique"):
+        parse_event(encode(twice), now=NOW)
+    short = {**VALID["impression"], "candidates": [{**candidate(0), "descriptor": [0.5] * (DESCRIPTOR_DIM - 1)}]}
+    with pytest.raises(InvalidEvent, match=f"{DESCRIPTOR_DIM} values"):
+        parse_event(encode(short), now=NOW)
+
+
+ids = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(event_id=ids, user_id=ids, ts=st.floats(min_value=1.0, max_value=NOW), quantity=st.integers(1, 1000))
+def test_any_valid_order_round_trips_through_bytes(event_id: str, user_id: str, ts: float, quantity: int) -> None:
+    order = Order(
+        event_id=event_id, ts=ts, user_id=user_id, impression_id="i", design_id="d", image_id="x", quantity=quantity
+    )
+    assert parse_event(order.to_bytes(), now=NOW) == order
+
+
+@settings(max_examples=100, deadline=None)
+@given(raw=st.binary(max_size=200))
+def test_arbitrary_bytes_either_parse_or_raise_invalid_event(raw: bytes) -> None:
+    try:
+        parse_event(raw, now=NOW)
+    except InvalidEvent as exc:
+        assert exc.reason and "\n" not in exc.reason
+
+
+def test_dead_letter_is_a_frozen_record() -> None:
+    letter = DeadLetter(reason="r", original_b64="", topic="t", partition=0, offset=1, ts=NOW)
+    assert DeadLetter.model_validate_json(letter.to_bytes()) == letter
+    with pytest.raises(ValueError):
+        letter.reason = "other"  # type: ignore[misc]
