@@ -1,0 +1,106 @@
+"""The demand agents: net orders per design, and one ProductionOrder per design that reaches its threshold.
+
+Inbound events are keyed by user, but demand is counted per design, so two agents run:
+
+1. ``demand-route`` reads ``perfusion.events`` and forwards each DesignCreated, Order and Return (the original
+   bytes) to the internal topic ``<app id>-demand-by-design``, keyed by design_id, waiting for the broker's
+   acknowledgement before its input offsets can be committed;
+2. ``demand`` reads that topic, folds events into :class:`streams.demand.DemandCounter` (one per partition, state in
+   a changelog-backed table keyed by design and order) and sends each ProductionOrder to
+   ``perfusion.production-orders`` keyed by design_id, confirming it in the table only after the broker
+   acknowledged it.
+
+A replay of the route (after a crash) forwards duplicates, which the counter drops by event_id. What "exactly once"
+means for production orders is stated in :mod:`streams.demand`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, cast
+
+from streams.agents.groups import JsonTableStore, forget_on_rebalance, raw_table, send_and_wait
+from streams.dead_letters import EventGate, MessagePosition
+from streams.demand import DemandCounter, DemandSettings, is_demand_event
+from streams.records import DesignCreated, Order, ProductionOrder, Return
+
+if TYPE_CHECKING:
+    from faust.streams import Stream
+    from faust.types import AgentT, StreamT, TopicT
+
+    from streams.app import AgentContext
+
+log = logging.getLogger(__name__)
+
+TABLE_NAME = "demand"
+BY_DESIGN_SUFFIX = "-demand-by-design"
+BATCH_MAX = 2000
+BATCH_WITHIN_S = 0.1
+
+
+def by_design_topic_name(group_id: str) -> str:
+    return group_id + BY_DESIGN_SUFFIX
+
+
+def register(context: AgentContext, demand: DemandSettings | None = None) -> AgentT:
+    """Declare the route and demand agents and the demand table on ``context.app``; returns the demand agent."""
+    app, settings, topics = context.app, context.settings, context.topics
+    demand = demand if demand is not None else DemandSettings()
+    by_design: TopicT = app.topic(
+        by_design_topic_name(settings.group_id),
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.partitions,
+        internal=True,
+    )
+    table = raw_table(app, TABLE_NAME, settings.partitions)
+    route_gate, demand_gate = EventGate(sink=None), EventGate(sink=None)
+    counters: dict[int, DemandCounter] = {}
+    forget_on_rebalance(app, counters)
+
+    async def route(stream: StreamT[bytes]) -> None:
+        async for batch in cast("Stream[bytes]", stream).take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            forwards: list[tuple[TopicT, bytes, bytes]] = []
+            for event in batch:
+                message = event.message
+                position = MessagePosition(message.topic, message.partition, message.offset)
+                parsed = await route_gate.admit(event.value, position)
+                if parsed is not None and is_demand_event(parsed):
+                    assert isinstance(parsed, DesignCreated | Order | Return)
+                    forwards.append((by_design, parsed.design_id.encode(), event.value))
+            if forwards:
+                await send_and_wait(forwards)
+
+    async def count(stream: StreamT[bytes]) -> None:
+        async for batch in cast("Stream[bytes]", stream).take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            emitted: list[tuple[DemandCounter, list[ProductionOrder]]] = []
+            for event in batch:
+                message = event.message
+                position = MessagePosition(message.topic, message.partition, message.offset)
+                parsed = await demand_gate.admit(event.value, position)
+                if parsed is None:
+                    continue
+                partition = message.partition
+                if partition not in counters:
+                    counters[partition] = DemandCounter(demand, JsonTableStore(table, partition), partition)
+                orders = counters[partition].process(parsed)
+                if orders:
+                    emitted.append((counters[partition], orders))
+            if not emitted:
+                continue
+            await send_and_wait(
+                [
+                    (topics.production_orders, order.design_id.encode(), order.to_bytes())
+                    for _, orders in emitted
+                    for order in orders
+                ]
+            )
+            for counter, orders in emitted:
+                counter.confirm(orders)
+                for order in orders:
+                    log.info("production order for design %s at %d net orders", order.design_id, order.net_orders)
+
+    app.agent(topics.events, name="demand-route")(route)
+    return app.agent(by_design, name="demand")(count)

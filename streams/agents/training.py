@@ -1,0 +1,227 @@
+"""The training trigger: a TrainRequest per model version after N new group samples or T seconds, whichever first.
+
+:class:`TrainingTrigger` is the pure logic over a ``MutableMapping`` store. Per model version it keeps the number of
+requests already made (``sequence``), the samples counted since the last request and the wall-clock time the first
+of them arrived. A sample counts once (dedupe by ``sample_id``, since the group builder may repeat a sample after a
+crash). A request is due when ``samples_per_request`` samples are pending (reason ``count``) or when the first
+pending sample has waited ``max_wait_s`` seconds (reason ``timeout``, checked on every sample and every tick).
+``request_id`` is ``<model_version>-<sequence>``, so a replay that rebuilds the same state names its requests the
+same way. Requests are delivered two-phase like group samples: stored as ``emitting``, sent, then confirmed.
+
+The agent routes ``perfusion.group-samples`` (keyed by sample_id) through the internal topic
+``<app id>-train-trigger-by-version`` keyed by model_version, so one partition owns each version, and a timer
+ticks every active partition of that topic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import ValidationError
+
+from perfusion.errors import ConfigError
+from streams.agents.groups import JsonTableStore, forget_on_rebalance, raw_table, send_and_wait
+from streams.records import GroupSample, TrainRequest
+
+if TYPE_CHECKING:
+    from faust.types import AgentT, StreamT, TopicT
+
+    from streams.app import AgentContext
+
+log = logging.getLogger(__name__)
+
+TABLE_NAME = "train-trigger"
+BY_VERSION_SUFFIX = "-train-trigger-by-version"
+
+
+@dataclass(frozen=True)
+class TrainingTriggerSettings:
+    """When the trigger asks for a training update."""
+
+    samples_per_request: int = field(default=256, metadata={"help": "new group samples that make a request due"})
+    max_wait_s: float = field(
+        default=300.0, metadata={"help": "seconds (wall clock) a pending sample waits at most before a request"}
+    )
+    tick_s: float = field(default=1.0, metadata={"help": "how often the timeout is checked without new samples"})
+
+    def __post_init__(self) -> None:
+        if self.samples_per_request < 1:
+            raise ConfigError(f"samples_per_request must be at least 1, got {self.samples_per_request}")
+        for name in ("max_wait_s", "tick_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0.0):
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value}")
+
+
+def version_key(model_version: str) -> str:
+    return f"v:{model_version}"
+
+
+def sample_key(sample_id: str) -> str:
+    return f"s:{sample_id}"
+
+
+class TrainingTrigger:
+    """Counts samples per model version for one partition and decides when a TrainRequest is due."""
+
+    def __init__(
+        self,
+        settings: TrainingTriggerSettings,
+        store: MutableMapping[str, Any],
+        partition: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.partition = partition
+        self.counts: Counter[str] = Counter()
+        self._store = store
+        self._clock = clock
+        self._resend: list[TrainRequest] | None = None  # found in the store on first use
+
+    def on_sample(self, sample: GroupSample) -> list[TrainRequest]:
+        """Count one sample; returns the requests now due (send them, then :meth:`confirm`)."""
+        requests = self._unconfirmed()
+        if sample_key(sample.sample_id) in self._store:
+            self.counts["duplicate_sample"] += 1
+            return requests
+        self._store[sample_key(sample.sample_id)] = sample.model_version
+        now = self._clock()
+        state = self._state(sample.model_version)
+        state["pending"] += 1
+        if state["first_pending_at"] is None:
+            state["first_pending_at"] = now
+        requests.extend(self._maybe_request(sample.model_version, state, now))
+        self._store[version_key(sample.model_version)] = state
+        return requests
+
+    def on_tick(self) -> list[TrainRequest]:
+        """Requests whose oldest pending sample has waited ``max_wait_s``."""
+        requests = self._unconfirmed()
+        now = self._clock()
+        for key in list(self._store):
+            if not key.startswith("v:"):
+                continue
+            state = self._store[key]
+            if state.get("p") != self.partition or not state["pending"]:
+                continue
+            state = {**state, "emitting": dict(state["emitting"])}
+            due = self._maybe_request(key[2:], state, now)
+            if due:
+                self._store[key] = state
+                requests.extend(due)
+        return requests
+
+    def confirm(self, requests: list[TrainRequest]) -> None:
+        for request in requests:
+            key = version_key(request.model_version)
+            state = self._store.get(key)
+            if state is not None and request.request_id in state["emitting"]:
+                emitting = {rid: body for rid, body in state["emitting"].items() if rid != request.request_id}
+                self._store[key] = {**state, "emitting": emitting}
+
+    def _state(self, model_version: str) -> dict[str, Any]:
+        stored = self._store.get(version_key(model_version))
+        if stored is None:
+            return {"p": self.partition, "sequence": 0, "pending": 0, "first_pending_at": None, "emitting": {}}
+        return {**stored, "emitting": dict(stored["emitting"])}
+
+    def _maybe_request(self, model_version: str, state: dict[str, Any], now: float) -> list[TrainRequest]:
+        reason: Literal["count", "timeout"]
+        if state["pending"] >= self.settings.samples_per_request:
+            reason = "count"
+        elif state["first_pending_at"] is not None and now - state["first_pending_at"] >= self.settings.max_wait_s:
+            reason = "timeout"
+        else:
+            return []
+        state["sequence"] += 1
+        request = TrainRequest(
+            request_id=f"{model_version}-{state['sequence']:06d}",
+            model_version=model_version,
+            new_samples=state["pending"],
+            reason=reason,
+            ts=now,
+        )
+        state["pending"] = 0
+        state["first_pending_at"] = None
+        state["emitting"][request.request_id] = request.model_dump(mode="json")
+        self.counts[f"request_{reason}"] += 1
+        return [request]
+
+    def _unconfirmed(self) -> list[TrainRequest]:
+        if self._resend is not None:
+            return []
+        self._resend = []
+        for key in list(self._store):
+            if key.startswith("v:") and self._store[key].get("p") == self.partition:
+                for body in self._store[key]["emitting"].values():
+                    self._resend.append(TrainRequest.model_validate(body, strict=False))
+        return list(self._resend)
+
+
+def by_version_topic_name(group_id: str) -> str:
+    return group_id + BY_VERSION_SUFFIX
+
+
+def _model_version_of(raw: bytes) -> bytes:
+    return str(json.loads(raw)["model_version"]).encode()
+
+
+def register(context: AgentContext, trigger_settings: TrainingTriggerSettings | None = None) -> AgentT:
+    """Declare the training-trigger agent, its table, internal topic and timer on ``context.app``."""
+    app, settings, topics = context.app, context.settings, context.topics
+    trigger_settings = trigger_settings if trigger_settings is not None else TrainingTriggerSettings()
+    by_version: TopicT = app.topic(
+        by_version_topic_name(settings.group_id),
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.partitions,
+        internal=True,
+    )
+    table = raw_table(app, TABLE_NAME, settings.partitions)
+    triggers: dict[int, TrainingTrigger] = {}
+    forget_on_rebalance(app, triggers)
+
+    def trigger_for(partition: int) -> TrainingTrigger:
+        if partition not in triggers:
+            triggers[partition] = TrainingTrigger(trigger_settings, JsonTableStore(table, partition), partition)
+        return triggers[partition]
+
+    async def deliver(trigger: TrainingTrigger, requests: list[TrainRequest]) -> None:
+        if not requests:
+            return
+        await send_and_wait([(topics.train_requests, r.request_id.encode(), r.to_bytes()) for r in requests])
+        trigger.confirm(requests)
+        for request in requests:
+            log.info("train request %s (%s, %d samples)", request.request_id, request.reason, request.new_samples)
+
+    async def route(stream: StreamT[bytes]) -> None:
+        grouped = stream.group_by(_model_version_of, name="train-trigger-by-version", topic=by_version)
+        async for raw in grouped:
+            event = grouped.current_event
+            assert event is not None
+            try:
+                sample = GroupSample.model_validate_json(raw)
+            except ValidationError as exc:
+                log.warning("skipping an unreadable group sample at %s[%d]: %s", event.message.topic,
+                            event.message.partition, exc.errors(include_url=False)[:1])  # fmt: skip
+                continue
+            trigger = trigger_for(event.message.partition)
+            await deliver(trigger, trigger.on_sample(sample))
+
+    @app.timer(interval=trigger_settings.tick_s)
+    async def tick() -> None:
+        active = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == by_version.get_topic_name()}
+        for partition in sorted(active):
+            trigger = trigger_for(partition)
+            await deliver(trigger, trigger.on_tick())
+
+    return app.agent(topics.group_samples, name="train-trigger")(route)
