@@ -34,7 +34,7 @@ class TrafficConfig:
     merchants: int = field(default=2, metadata={"help": "number of merchants posting designs"})
     designs: int = field(default=6, metadata={"help": "number of designs posted before the first impression"})
     candidates_per_impression: int = field(default=4, metadata={"help": "K, images shown per impression"})
-    start_ts: float = field(default=0.0, metadata={"help": "event time of the first event; 0 = now"})
+    start_ts: float = field(default=0.0, metadata={"help": "event time of the first event; 0 = one hour ago"})
     mean_gap_s: float = field(default=2.0, metadata={"help": "mean event-time gap between impressions (seconds)"})
     taste_sharpness: float = field(
         default=0.8, metadata={"help": "0 = indifferent shoppers, 1 = each wants exactly one value of each kind"}
@@ -43,6 +43,9 @@ class TrafficConfig:
         default=0.1, metadata={"help": "share of impressions shown to the design's merchant, who selects candidates"}
     )
     model_version: str = field(default="catalog", metadata={"help": "model_version stamped on impressions"})
+    max_follow_up_s: float = field(
+        default=240.0, metadata={"help": "latest a click, order or return comes after its impression (seconds)"}
+    )
 
     def __post_init__(self) -> None:
         if self.shoppers < 1 or self.merchants < 1 or self.designs < 1:
@@ -86,7 +89,7 @@ class TrafficSimulator:
     def __init__(self, config: TrafficConfig) -> None:
         self.config = config
         self._rng = random.Random(config.seed)
-        self._clock = config.start_ts or time.time()
+        self._clock = config.start_ts or time.time() - 3600.0
         self._serial = 0
         self.shoppers = [self._user(f"shopper-{index}") for index in range(config.shoppers)]
         self.merchants = [self._user(f"merchant-{index}") for index in range(config.merchants)]
@@ -162,7 +165,7 @@ class TrafficSimulator:
             position_bias = 1.0 / math.sqrt(1.0 + candidate.position)
             if self._rng.random() >= 0.9 * position_bias * affinity**2:
                 continue
-            ts += self._rng.uniform(1.0, 20.0)
+            ts = min(ts + self._rng.uniform(1.0, 20.0), impression.ts + self.config.max_follow_up_s)
             click = Click(
                 event_id=self._event_id("click"),
                 ts=ts,
@@ -174,7 +177,7 @@ class TrafficSimulator:
             episode.append(click)
             if self._rng.random() >= 0.6 * affinity:
                 continue
-            ts += self._rng.uniform(5.0, 60.0)
+            ts = min(ts + self._rng.uniform(5.0, 60.0), impression.ts + self.config.max_follow_up_s)
             order = Order(
                 event_id=self._event_id("order"),
                 ts=ts,
@@ -186,7 +189,7 @@ class TrafficSimulator:
             )
             episode.append(order)
             if self._rng.random() < 0.4 * (1.0 - affinity):
-                ts += self._rng.uniform(30.0, 120.0)
+                ts = min(ts + self._rng.uniform(30.0, 120.0), impression.ts + self.config.max_follow_up_s)
                 episode.append(
                     Return(
                         event_id=self._event_id("return"),

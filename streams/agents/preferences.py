@@ -280,14 +280,9 @@ def register(context: AgentContext) -> AgentT:
     """Declare the preference agent and its tables on ``context.app``. This agent owns dead-lettering of
     ``perfusion.events``."""
     app, settings, topics = context.app, context.settings, context.topics
-    user_states = app.Table(
-        "preference-users", key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-        partitions=settings.partitions,
-    )  # fmt: skip
-    impressions = app.Table(
-        "preference-impressions", key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-        partitions=settings.partitions,
-    )  # fmt: skip
+    # bytes keys and values travel raw: states are JSON made by pydantic, not by Faust's codecs.
+    user_states = app.Table("preference-users", key_type=bytes, value_type=bytes, partitions=settings.partitions)
+    impressions = app.Table("preference-impressions", key_type=bytes, value_type=bytes, partitions=settings.partitions)
     gate = EventGate(sink=context.dead_letter_sink)
     updater = PreferenceUpdater(settings)
     push_features = context.feature_sink

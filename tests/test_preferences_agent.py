@@ -1,0 +1,321 @@
+"""The preference agent: its pure update logic on hand-checked cases, a batch recomputation from the raw events,
+the dead-letter gate, and the Faust agent in-process with ``test_context()``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import math
+import random
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from perfusion.attributes import DESCRIPTOR_DIM, Attributes
+from simulator.traffic import TrafficConfig, TrafficSimulator, encode
+from streams.dead_letters import EventGate, MessagePosition
+from streams.records import AnyEvent, Candidate, Click, DeadLetter, Impression, Order, Return, parse_event
+from streams.settings import StreamSettings
+
+from streams.agents.preferences import (  # isort: skip
+    PREFERENCE_FEATURES,
+    PreferenceUpdater,
+    UserPreferenceState,
+)
+
+T0 = 1_700_000_000.0
+SETTINGS = StreamSettings(bootstrap_servers="localhost:9", preference_half_life_s=3600.0)
+A = Attributes("dress", "red", "plain", "short-sleeve", "slim").descriptor()
+B = Attributes("jacket", "navy", "striped", "long-sleeve", "loose").descriptor()
+
+
+class DictMemory(dict[str, Mapping[str, list[float]]]):
+    """Impression descriptors in a plain dict (the agent keeps them in a Faust table)."""
+
+    def put(self, impression_id: str, descriptors: Mapping[str, list[float]]) -> None:
+        self[impression_id] = descriptors
+
+    def forget(self, impression_id: str) -> None:
+        self.pop(impression_id, None)
+
+
+def impression(event_id: str, ts: float, user_id: str = "u1") -> Impression:
+    return Impression(
+        event_id=event_id, ts=ts, user_id=user_id, design_id="d1", prompt="a dress", model_version="v1",
+        candidates=[
+            Candidate(image_id="a", position=0, descriptor=A), Candidate(image_id="b", position=1, descriptor=B)
+        ],
+    )  # fmt: skip
+
+
+def click(event_id: str, ts: float, image_id: str, impression_id: str = "i1") -> Click:
+    return Click(event_id=event_id, ts=ts, user_id="u1", impression_id=impression_id, design_id="d1", image_id=image_id)
+
+
+def order(event_id: str, ts: float, image_id: str, impression_id: str = "i1") -> Order:
+    return Order(
+        event_id=event_id, ts=ts, user_id="u1", impression_id=impression_id, design_id="d1", image_id=image_id,
+        quantity=1,
+    )  # fmt: skip
+
+
+def returned(event_id: str, ts: float, image_id: str, order_id: str) -> Return:
+    return Return(
+        event_id=event_id, ts=ts, user_id="u1", order_id=order_id, impression_id="i1", design_id="d1",
+        image_id=image_id, quantity=1,
+    )  # fmt: skip
+
+
+def fold(events: Iterable[AnyEvent], settings: StreamSettings = SETTINGS) -> dict[str, Any]:
+    updater, memory = PreferenceUpdater(settings), DictMemory()
+    state = UserPreferenceState(user_id="u1")
+    for event in events:
+        updater.apply(state, event, memory)
+    return updater.features(state)
+
+
+def reference_features(events: Iterable[AnyEvent], settings: StreamSettings) -> dict[str, dict[str, Any]]:
+    """Batch recomputation from the raw event log, per user, straight from the definitions."""
+    unique: dict[str, AnyEvent] = {}
+    for event in events:
+        unique.setdefault(event.event_id, event)
+    by_user: dict[str, list[AnyEvent]] = {}
+    for event in unique.values():
+        by_user.setdefault(event.user_id, []).append(event)
+    weights = {"click": settings.click_weight, "order": settings.order_weight, "return": -settings.order_weight}
+    out: dict[str, dict[str, Any]] = {}
+    for user_id, user_events in by_user.items():
+        latest = max(e.ts for e in user_events)
+        latest_minute = math.floor(latest / 60)
+        row: dict[str, Any] = {}
+        for kind, plural in (
+            ("impression", "impressions"),
+            ("click", "clicks"),
+            ("order", "orders"),
+            ("return", "returns"),
+        ):
+            stamps = [e.ts for e in user_events if e.kind == kind]
+            row[f"{plural}_1h"] = sum(math.floor(ts / 60) > latest_minute - 60 for ts in stamps)
+            row[f"{plural}_1d"] = sum(math.floor(ts / 60) > latest_minute - 1440 for ts in stamps)
+            row[f"{plural}_total"] = len(stamps)
+        row["ctr"] = row["clicks_total"] / row["impressions_total"] if row["impressions_total"] else 0.0
+        row["cvr"] = row["orders_total"] / row["clicks_total"] if row["clicks_total"] else 0.0
+        shown = {
+            e.event_id: {c.image_id: c.descriptor for c in e.candidates}
+            for e in user_events
+            if isinstance(e, Impression)
+        }
+        interactions = [
+            (weights[e.kind], e.ts, shown[e.impression_id][e.image_id])
+            for e in user_events
+            if isinstance(e, Click | Order | Return) and e.image_id in shown.get(e.impression_id, {})
+        ]
+        reference = max((ts for _, ts, _ in interactions), default=0.0)
+        decayed = [(w * 2.0 ** (-(reference - ts) / settings.preference_half_life_s), d) for w, ts, d in interactions]
+        total = sum(w for w, _ in decayed)
+        row["preference"] = (
+            [max(0.0, sum(w * d[i] for w, d in decayed) / total) for i in range(DESCRIPTOR_DIM)]
+            if total > 1e-12
+            else [0.0] * DESCRIPTOR_DIM
+        )
+        row["last_active_ts"] = latest
+        out[user_id] = row
+    return out
+
+
+def assert_features_close(actual: Mapping[str, Any], expected: Mapping[str, Any], tolerance: float = 1e-6) -> None:
+    for name in PREFERENCE_FEATURES:
+        if name == "preference":
+            assert actual[name] == pytest.approx(expected[name], abs=tolerance), name
+        elif isinstance(expected[name], float):
+            assert actual[name] == pytest.approx(expected[name], rel=tolerance, abs=tolerance), name
+        else:
+            assert actual[name] == expected[name], name
+
+
+# ----------------------------------------------------------------------------------------------- hand-checked
+
+
+def test_counts_per_window_in_event_time() -> None:
+    events = [
+        impression("i1", T0 - 2 * 86_400),  # older than a day: total only
+        impression("i2", T0 - 3 * 3600),  # within the day, not the hour
+        impression("i3", T0 - 30 * 60),
+        click("c1", T0 - 20 * 60, "a", impression_id="i3"),
+        impression("i4", T0),
+    ]
+    features = fold(events)
+    assert (features["impressions_1h"], features["impressions_1d"], features["impressions_total"]) == (2, 3, 4)
+    assert (features["clicks_1h"], features["clicks_1d"], features["clicks_total"]) == (1, 1, 1)
+    assert features["ctr"] == pytest.approx(0.25)
+    assert features["cvr"] == 0.0
+    assert features["last_active_ts"] == T0
+
+
+def test_cvr_is_orders_over_clicks() -> None:
+    features = fold(
+        [impression("i1", T0), click("c1", T0 + 1, "a"), click("c2", T0 + 2, "b"), order("o1", T0 + 3, "a")]
+    )
+    assert features["cvr"] == pytest.approx(0.5)
+    assert features["ctr"] == pytest.approx(2.0)
+
+
+def test_preference_weighs_orders_three_times_clicks() -> None:
+    features = fold([impression("i1", T0), click("c1", T0, "a"), order("o1", T0, "b")])
+    expected = [(1.0 * a + 3.0 * b) / 4.0 for a, b in zip(A, B, strict=True)]
+    assert features["preference"] == pytest.approx(expected)
+
+
+def test_preference_halves_an_interaction_one_half_life_older() -> None:
+    features = fold([impression("i1", T0), click("c1", T0, "a"), click("c2", T0 + 3600, "b")])
+    expected = [(0.5 * a + 1.0 * b) / 1.5 for a, b in zip(A, B, strict=True)]
+    assert features["preference"] == pytest.approx(expected)
+
+
+def test_a_return_takes_its_order_back() -> None:
+    features = fold(
+        [impression("i1", T0), click("c1", T0, "a"), order("o1", T0, "b"), returned("r1", T0, "b", order_id="o1")]
+    )
+    assert features["preference"] == pytest.approx(A)
+    assert features["returns_total"] == 1
+    only_returned = fold([impression("i1", T0), order("o1", T0, "b"), returned("r1", T0, "b", order_id="o1")])
+    assert only_returned["preference"] == [0.0] * DESCRIPTOR_DIM
+
+
+def test_duplicate_event_ids_change_nothing() -> None:
+    updater, memory = PreferenceUpdater(SETTINGS), DictMemory()
+    state = UserPreferenceState(user_id="u1")
+    assert updater.apply(state, impression("i1", T0), memory)
+    assert updater.apply(state, click("c1", T0, "a"), memory)
+    before = updater.features(state)
+    assert not updater.apply(state, click("c1", T0, "a"), memory)
+    assert not updater.apply(state, impression("i1", T0), memory)
+    assert updater.features(state) == before
+
+
+def test_a_click_before_its_impression_waits_for_it() -> None:
+    in_order = fold([impression("i1", T0), click("c1", T0 + 5, "a"), order("o1", T0 + 9, "b")])
+    reordered = fold([order("o1", T0 + 9, "b"), click("c1", T0 + 5, "a"), impression("i1", T0)])
+    assert_features_close(reordered, in_order)
+
+
+def test_state_stays_bounded() -> None:
+    settings = SETTINGS.with_overrides(seen_event_ids=10, remembered_impressions=3)
+    updater, memory = PreferenceUpdater(settings), DictMemory()
+    state = UserPreferenceState(user_id="u1")
+    for index in range(50):
+        updater.apply(state, impression(f"i{index}", T0 + index), memory)
+    assert len(state.recent_event_ids) == 10
+    assert sorted(memory) == ["i47", "i48", "i49"] == sorted(state.recent_impression_ids)
+    assert state.totals["impressions"] == 50
+
+
+def test_state_round_trips_through_bytes() -> None:
+    updater, memory = PreferenceUpdater(SETTINGS), DictMemory()
+    state = UserPreferenceState(user_id="u1")
+    for event in (impression("i1", T0), click("c1", T0 + 1, "a")):
+        updater.apply(state, event, memory)
+    assert UserPreferenceState.from_bytes(state.to_bytes()) == state
+
+
+def test_event_of_another_user_is_refused() -> None:
+    with pytest.raises(ValueError, match="applied to the state"):
+        PreferenceUpdater(SETTINGS).apply(UserPreferenceState(user_id="u2"), click("c1", T0, "a"), DictMemory())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_incremental_equals_batch_recomputation_in_any_order_with_duplicates(seed: int) -> None:
+    events = TrafficSimulator(TrafficConfig(seed=seed, start_ts=T0, mean_gap_s=120.0)).events(300)
+    noisy = events + random.Random(seed).sample(events, 60)  # duplicates
+    random.Random(seed).shuffle(noisy)
+    expected = reference_features(events, SETTINGS)
+    updater, memory = PreferenceUpdater(SETTINGS), DictMemory()
+    states: dict[str, UserPreferenceState] = {}
+    for event in noisy:
+        state = states.setdefault(event.user_id, UserPreferenceState(user_id=event.user_id))
+        updater.apply(state, event, memory)
+    assert set(states) == set(expected)
+    for user_id, state in states.items():
+        assert_features_close(updater.features(state), expected[user_id])
+
+
+# ------------------------------------------------------------------------------------------------------ gate
+
+
+def test_writing_gate_dead_letters_with_reason_and_original_bytes() -> None:
+    letters: list[tuple[bytes, DeadLetter]] = []
+
+    async def sink(key: bytes, letter: DeadLetter) -> None:
+        letters.append((key, letter))
+
+    gate = EventGate(sink, clock=lambda: T0)
+    position = MessagePosition("perfusion.events", 3, 17)
+    assert asyncio.run(gate.admit(b"{oops", position)) is None
+    valid = click("c1", T0, "a")
+    assert asyncio.run(gate.admit(valid.to_bytes(), position)) == valid
+    [(key, letter)] = letters
+    assert key == b"perfusion.events[3]@17"
+    assert (letter.topic, letter.partition, letter.offset) == ("perfusion.events", 3, 17)
+    assert letter.reason.startswith("not JSON")
+    assert base64.b64decode(letter.original_b64) == b"{oops"
+    assert gate.invalid_count == 1
+
+
+def test_counting_gate_skips_without_dead_lettering() -> None:
+    gate = EventGate(None, clock=lambda: T0)
+    assert not gate.writes_dead_letters
+    assert asyncio.run(gate.admit(b"[]", MessagePosition("t", 0, 0))) is None
+    assert asyncio.run(gate.admit(None, MessagePosition("t", 0, 1))) is None
+    assert gate.invalid_count == 2
+
+
+# ----------------------------------------------------------------------------------------- Faust, in-process
+
+
+def test_agent_in_process_pushes_features_dedupes_and_dead_letters(tmp_path: Path) -> None:
+    from streams.app import create_app
+
+    events = TrafficSimulator(TrafficConfig(seed=5, start_ts=time.time() - 7200, mean_gap_s=30.0)).events(120)
+    pushed: list[dict[str, Any]] = []
+    letters: list[DeadLetter] = []
+
+    async def feature_sink(rows: list[dict[str, Any]]) -> None:
+        pushed.extend(rows)
+
+    settings = StreamSettings(
+        bootstrap_servers="localhost:9", topic_prefix="inproc.", data_dir=tmp_path, push_batch_within_s=0.05
+    )
+    stream_app = create_app(settings, feature_sink=feature_sink)
+
+    async def send_to_dead_letters(key: bytes | None = None, value: bytes | None = None, **_: Any) -> None:
+        assert value is not None
+        letters.append(DeadLetter.model_validate_json(value))
+
+    stream_app.topics.dead_letters.send = send_to_dead_letters  # type: ignore[method-assign]
+    malformed = [b"{not json", json.dumps({"kind": "click", "event_id": "x"}).encode()]
+
+    async def drive() -> None:
+        agent = stream_app.agents["streams.agents.preferences"]
+        async with agent.test_context() as context:
+            for event in events[:60]:
+                await context.put(encode(event)[1], key=encode(event)[0])
+            for raw in malformed:
+                await context.put(raw, key=b"u")
+            for event in events[:60] + events[60:]:  # the first half again: duplicates
+                await context.put(encode(event)[1], key=encode(event)[0])
+            await asyncio.sleep(0.5)
+
+    asyncio.run(drive())
+    latest = {row["user_id"]: row for row in pushed}
+    expected = reference_features(events, settings)
+    assert set(latest) == set(expected)
+    for user_id, row in latest.items():
+        assert_features_close(row, expected[user_id])
+        assert row["event_timestamp"].timestamp() == pytest.approx(row["last_active_ts"])
+    assert [base64.b64decode(letter.original_b64) for letter in letters] == malformed
+    assert "not JSON" in letters[0].reason and "ts" in letters[1].reason
+    assert all(parse_event(encode(e)[1]) for e in events)  # the valid ones stay valid
