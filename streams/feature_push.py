@@ -54,16 +54,12 @@ def online_store_kind() -> OnlineStoreKind:
 
 def redis_connection_string(redis_url: str | None = None) -> str:
     """Feast's Redis connection string ("host:port,db=N,password=...") from a ``redis://`` URL: the argument,
-    else ``REDIS_URL``, else the URL the project's redis-server wrote to ``<state>/redis/url``."""
-    url = redis_url or os.environ.get("REDIS_URL")
-    if not url:
-        url_file = state_dir() / "redis" / "url"
-        if not url_file.exists():
-            raise InfrastructureError(
-                f"no Redis for PERFUSION_ONLINE_STORE=redis: REDIS_URL is unset and {url_file} does not exist; "
-                "set REDIS_URL=redis://host:port or run `perfusion redis up`"
-            )
-        url = url_file.read_text().strip()
+    else ``REDIS_URL``, else the project's running redis-server."""
+    if redis_url is None:
+        from perfusion.infra.redis_server import redis_url as project_redis_url
+
+        redis_url = project_redis_url()
+    url = redis_url if "://" in redis_url else f"redis://{redis_url}"
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss") or not parts.hostname:
         raise ConfigError(f"Redis URL must look like redis://host:port[/db], got {url!r}")
