@@ -4,15 +4,24 @@
 feature name (``None`` where the store holds nothing for the user). Any failure of the store becomes
 :class:`FeatureStoreUnavailable`, which the app answers with 503: a request is never served as if the user were
 unknown because the store was down.
+
+:func:`user_condition` turns the values into the generator's condition: the user vector u with its kind of
+personalization, or no vector at all for a user Feast knows nothing about (the base model serves them).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
+from numpy.typing import NDArray
+
 from perfusion.errors import InfrastructureError
+from perfusion.service.schemas import Personalization
+from perfusion.user_features import USER_FEATURE_REFS, USER_VECTOR_SLICES, user_vector
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -34,7 +43,9 @@ class FeatureReader(Protocol):
 class FeastFeatureReader:
     """Reads ``feature_refs`` ("view:feature") for one user from a Feast store's online store."""
 
-    def __init__(self, store: FeatureStore, feature_refs: Sequence[str], entity_key: str = USER_ENTITY_KEY) -> None:
+    def __init__(
+        self, store: FeatureStore, feature_refs: Sequence[str] = USER_FEATURE_REFS, entity_key: str = USER_ENTITY_KEY
+    ) -> None:
         if not feature_refs:
             raise ValueError("feature_refs must name at least one 'view:feature'")
         self.store = store
@@ -54,3 +65,21 @@ class FeastFeatureReader:
                 "with `perfusion features apply` and retry"
             ) from exc
         return {name: response[name][0] if response.get(name) else None for name in self.feature_names}
+
+
+def user_condition(
+    features: Mapping[str, Any], now: float | None = None
+) -> tuple[Personalization, NDArray[np.float32] | None]:
+    """How to condition generation for a user with these feature values.
+
+    - ``personalized``: preference features exist; u from all features.
+    - ``cold_start``: only profile features exist; u from the profile (behaviour blocks neutral).
+    - ``base``: nothing is known; no u, and the generator runs the base model without the adaptive network.
+    """
+    vector = user_vector(features, as_of=time.time() if now is None else now)
+    preferences_present, profile_present = vector[USER_VECTOR_SLICES["present"]]
+    if preferences_present:
+        return "personalized", vector
+    if profile_present:
+        return "cold_start", vector
+    return "base", None
