@@ -1,0 +1,168 @@
+"""The personalized adaptive network on a tiny seeded UNet: zero-init identity, frozen base, in-place weight swap."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from perfusion.errors import ConfigError
+from perfusion.models.adaptive import (
+    AdaptiveConfig,
+    AdaptiveInputError,
+    AdaptiveNetwork,
+    count_trainable_parameters,
+    freeze_unet,
+    load_adaptive_weights_in_place,
+    personalized_noise_prediction,
+)
+
+USER_DIM = 6
+TEXT_DIM = 24
+SIZE = 16
+CONFIG = AdaptiveConfig(user_dim=USER_DIM, condition_hidden=16, condition_channels=4, conditioning_embedding_channels=8)
+
+
+def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=SIZE,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=2,
+        norm_num_groups=8,
+    )
+
+
+def inputs(batch: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x_t = torch.randn(batch, 3, SIZE, SIZE, generator=generator)
+    t = torch.randint(0, 1000, (batch,), generator=generator)
+    text_states = torch.randn(batch, 5, TEXT_DIM, generator=generator)
+    users = torch.randn(batch, USER_DIM, generator=generator)
+    return x_t, t, text_states, users
+
+
+def test_base_plus_adaptive_equals_base_exactly_at_initialisation() -> None:
+    unet = freeze_unet(tiny_unet())
+    adaptive = AdaptiveNetwork(unet, CONFIG)
+    x_t, t, text_states, users = inputs()
+    with torch.no_grad():
+        base = personalized_noise_prediction(unet, None, x_t, t, text_states, None)
+        personalized = personalized_noise_prediction(unet, adaptive, x_t, t, text_states, users)
+        no_user = personalized_noise_prediction(unet, adaptive, x_t, t, text_states, None)
+    assert base.shape == x_t.shape
+    assert (personalized - base).abs().max().item() == 0.0
+    assert torch.equal(no_user, base)
+
+
+def test_copy_starts_from_the_base_weights() -> None:
+    unet = tiny_unet()
+    adaptive = AdaptiveNetwork(unet, CONFIG)
+    for name, tensor in unet.down_blocks.state_dict().items():
+        assert torch.equal(adaptive.controlnet.down_blocks.state_dict()[name], tensor)
+    assert all(torch.all(p == 0) for p in adaptive.controlnet.controlnet_down_blocks.parameters())
+    assert all(torch.all(p == 0) for p in adaptive.controlnet.controlnet_mid_block.parameters())
+
+
+def _step(unet: UNet2DConditionModel, adaptive: AdaptiveNetwork, optimizer: torch.optim.Optimizer, seed: int) -> None:
+    x_t, t, text_states, users = inputs(seed=seed)
+    target = torch.randn_like(x_t)
+    optimizer.zero_grad()
+    prediction = personalized_noise_prediction(unet, adaptive, x_t, t, text_states, users)
+    torch.nn.functional.mse_loss(prediction, target).backward()
+    optimizer.step()
+
+
+def test_optimiser_steps_move_the_adaptive_network_and_never_the_base() -> None:
+    unet = freeze_unet(tiny_unet())
+    adaptive = AdaptiveNetwork(unet, CONFIG)
+    base_before = {name: tensor.clone() for name, tensor in unet.state_dict().items()}
+    adaptive_before = {name: p.detach().clone() for name, p in adaptive.named_parameters()}
+    assert count_trainable_parameters(unet) == 0
+    assert count_trainable_parameters(adaptive) == sum(p.numel() for p in adaptive.parameters())
+    optimizer = torch.optim.Adam(adaptive.parameters(), lr=1e-3)
+
+    _step(unet, adaptive, optimizer, seed=2)
+    changed = {name for name, p in adaptive.named_parameters() if not torch.equal(p, adaptive_before[name])}
+    # The zero convolutions are the only parameters with a gradient on the first step (ControlNet's start).
+    assert any(name.startswith("controlnet.controlnet_down_blocks") for name in changed)
+    assert "controlnet.controlnet_mid_block.weight" in changed
+
+    _step(unet, adaptive, optimizer, seed=3)
+    changed = {name for name, p in adaptive.named_parameters() if not torch.equal(p, adaptive_before[name])}
+    assert any(name.startswith("controlnet.down_blocks") for name in changed)
+    assert "controlnet.controlnet_cond_embedding.conv_out.weight" in changed
+
+    _step(unet, adaptive, optimizer, seed=4)
+    changed = {name for name, p in adaptive.named_parameters() if not torch.equal(p, adaptive_before[name])}
+    assert {name for name, _ in adaptive.named_parameters()} == changed
+
+    for name, tensor in unet.state_dict().items():
+        assert torch.equal(tensor, base_before[name]), name
+    assert all(p.grad is None for p in unet.parameters())
+
+
+def test_users_change_the_prediction_once_trained() -> None:
+    unet = freeze_unet(tiny_unet())
+    adaptive = AdaptiveNetwork(unet, CONFIG)
+    optimizer = torch.optim.Adam(adaptive.parameters(), lr=1e-2)
+    for seed in range(3):
+        _step(unet, adaptive, optimizer, seed=seed)
+    x_t, t, text_states, users = inputs(seed=9)
+    with torch.no_grad():
+        one = personalized_noise_prediction(unet, adaptive, x_t, t, text_states, users)
+        other = personalized_noise_prediction(unet, adaptive, x_t, t, text_states, torch.roll(users, 1, dims=0))
+    assert not torch.allclose(one, other)
+
+
+def test_new_version_loads_in_place_into_allocated_modules() -> None:
+    unet = freeze_unet(tiny_unet())
+    serving = AdaptiveNetwork(unet, CONFIG)
+    storage_before = {name: p.data_ptr() for name, p in serving.named_parameters()}
+    trained = AdaptiveNetwork(unet, CONFIG)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    shell = AdaptiveNetwork(unet, CONFIG, copy_unet_weights=False)
+    load_adaptive_weights_in_place(shell, trained.state_dict())
+    load_adaptive_weights_in_place(serving, shell.state_dict())
+
+    assert {name: p.data_ptr() for name, p in serving.named_parameters()} == storage_before
+    x_t, t, text_states, users = inputs(seed=4)
+    with torch.no_grad():
+        expected = personalized_noise_prediction(unet, trained, x_t, t, text_states, users)
+        swapped = personalized_noise_prediction(unet, serving, x_t, t, text_states, users)
+    assert torch.equal(swapped, expected)
+
+
+def test_weight_swap_refuses_other_shapes_and_names() -> None:
+    unet = tiny_unet()
+    adaptive = AdaptiveNetwork(unet, CONFIG)
+    wider = AdaptiveNetwork(unet, AdaptiveConfig(user_dim=USER_DIM + 1, condition_hidden=16, condition_channels=4))
+    with pytest.raises(AdaptiveInputError, match="shapes differ"):
+        load_adaptive_weights_in_place(adaptive, wider.state_dict())
+    partial = dict(adaptive.state_dict())
+    partial.pop("user_condition.0.weight")
+    with pytest.raises(AdaptiveInputError, match=re.escape("missing ['user_condition.0.weight']")):
+        load_adaptive_weights_in_place(adaptive, partial)
+
+
+def test_bad_inputs_and_config_raise() -> None:
+    unet = tiny_unet()
+    adaptive = AdaptiveNetwork(unet, CONFIG)
+    x_t, t, text_states, users = inputs()
+    with pytest.raises(AdaptiveInputError, match=f"shape \\(B, {USER_DIM}\\), got \\(3, 2\\)"):
+        personalized_noise_prediction(unet, adaptive, x_t, t, text_states, users[:, :2])
+    with pytest.raises(AdaptiveInputError, match="one row per image \\(3\\), got 2"):
+        personalized_noise_prediction(unet, adaptive, x_t, t, text_states, users[:2])
+    with pytest.raises(ConfigError, match="condition_channels must be at least 1, got 0"):
+        AdaptiveConfig(condition_channels=0)
+    assert AdaptiveConfig.from_dict(CONFIG.to_dict()) == CONFIG
