@@ -1,0 +1,203 @@
+"""The base text-to-image model: a pixel-space diffusers ``UNet2DConditionModel`` that cross-attends to MiniLM.
+
+Configuration is a frozen dataclass (:class:`BaseModelConfig`) stored beside the weights in config.json. A
+diffusers Stable-Diffusion-style UNet can stand in for the built one (:func:`adapt_pretrained_unet`); its
+checkpoint then records the diffusers config instead, and :func:`unet_from_config` rebuilds either kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
+
+from perfusion.errors import ConfigError
+from perfusion.text_encoder import DEFAULT_MAX_LENGTH, HIDDEN_SIZE
+
+SamplerKind = Literal["ddim", "dpm-solver"]
+SAMPLER_KINDS: tuple[str, ...] = ("ddim", "dpm-solver")
+
+
+@dataclass(frozen=True)
+class BaseModelConfig:
+    """Shape of the base UNet and its noise schedule."""
+
+    sample_size: int = field(default=32, metadata={"help": "image side in pixels (the UNet works in pixel space)"})
+    channels: int = field(default=3, metadata={"help": "image channels (RGB)"})
+    block_out_channels: tuple[int, ...] = field(
+        default=(32, 64, 128), metadata={"help": "channels of each resolution level, highest resolution first"}
+    )
+    layers_per_block: int = field(default=1, metadata={"help": "ResNet layers in each down block"})
+    cross_attention_from_level: int = field(
+        default=1, metadata={"help": "first resolution level with cross-attention (0 = all levels)"}
+    )
+    cross_attention_dim: int = field(default=HIDDEN_SIZE, metadata={"help": "width of the text token states"})
+    text_max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "text tokens cross-attended to"})
+    attention_heads: int = field(default=4, metadata={"help": "attention heads in every transformer block"})
+    norm_num_groups: int = field(default=16, metadata={"help": "GroupNorm groups; divides every channel count"})
+    num_train_timesteps: int = field(default=1000, metadata={"help": "diffusion steps of the training schedule"})
+    beta_schedule: str = field(
+        default="squaredcos_cap_v2", metadata={"help": "diffusers beta schedule (squaredcos_cap_v2, linear, ...)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.sample_size % (2 ** (len(self.block_out_channels) - 1)):
+            raise ConfigError(
+                f"sample_size {self.sample_size} must be divisible by 2^(levels-1) = "
+                f"{2 ** (len(self.block_out_channels) - 1)}; pick 32 or 64, or fewer block_out_channels"
+            )
+        for channels in self.block_out_channels:
+            if channels % self.norm_num_groups:
+                raise ConfigError(
+                    f"every block_out_channels value must be divisible by norm_num_groups={self.norm_num_groups}; "
+                    f"got {channels}"
+                )
+        if not 0 <= self.cross_attention_from_level < len(self.block_out_channels):
+            raise ConfigError(
+                f"cross_attention_from_level must be in [0, {len(self.block_out_channels) - 1}], "
+                f"got {self.cross_attention_from_level}"
+            )
+        if self.layers_per_block < 1:
+            raise ConfigError(f"layers_per_block must be at least 1, got {self.layers_per_block}")
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["block_out_channels"] = list(self.block_out_channels)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> BaseModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown base model config keys {unknown}; known keys are {sorted(known)}")
+        values = dict(values)
+        if "block_out_channels" in values:
+            values["block_out_channels"] = tuple(values["block_out_channels"])
+        return cls(**values)
+
+
+QUICK_CONFIG = BaseModelConfig(block_out_channels=(16, 32), layers_per_block=1, attention_heads=2, norm_num_groups=8)
+
+
+def build_unet(config: BaseModelConfig) -> UNet2DConditionModel:
+    """A freshly initialised pixel-space UNet; cross-attention on (B, text_max_length, cross_attention_dim)."""
+    levels = len(config.block_out_channels)
+    attends = [level >= config.cross_attention_from_level for level in range(levels)]
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends))
+    return UNet2DConditionModel(
+        sample_size=config.sample_size,
+        in_channels=config.channels,
+        out_channels=config.channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=config.block_out_channels,
+        layers_per_block=config.layers_per_block,
+        cross_attention_dim=config.cross_attention_dim,
+        # diffusers' UNet2DConditionModel reads attention_head_dim as the number of heads.
+        attention_head_dim=config.attention_heads,
+        norm_num_groups=config.norm_num_groups,
+    )
+
+
+def adapt_pretrained_unet(unet: UNet2DConditionModel, config: BaseModelConfig, seed: int = 0) -> UNet2DConditionModel:
+    """Make a Stable-Diffusion-style UNet (latent channels, CLIP-width cross-attention) work on our data.
+
+    The pretrained interior is kept. New, freshly initialised layers replace what does not fit: conv_in/conv_out
+    for ``config.channels`` pixel channels, and a linear projection from the text encoder's width to the UNet's
+    cross_attention_dim (diffusers' ``encoder_hid_proj``, type "text_proj"). The result round-trips through
+    ``UNet2DConditionModel.from_config(unet.config)``.
+    """
+    pretrained_config = dict(unet.config)
+    if pretrained_config.get("encoder_hid_dim_type") not in (None, "text_proj"):
+        raise ConfigError(
+            f"the base model's encoder_hid_dim_type is {pretrained_config['encoder_hid_dim_type']!r}; only "
+            "Stable-Diffusion-style UNets (no image or text-image projection) can be used with --base-model"
+        )
+    overrides: dict[str, Any] = {"sample_size": config.sample_size}
+    if pretrained_config["in_channels"] != config.channels or pretrained_config["out_channels"] != config.channels:
+        overrides.update(in_channels=config.channels, out_channels=config.channels)
+    if pretrained_config["cross_attention_dim"] != config.cross_attention_dim:
+        overrides.update(encoder_hid_dim=config.cross_attention_dim, encoder_hid_dim_type="text_proj")
+    if len(overrides) == 1:
+        unet.register_to_config(**overrides)
+        return unet
+    torch.manual_seed(seed)
+    adapted = UNet2DConditionModel.from_config({**pretrained_config, **overrides})
+    pretrained = unet.state_dict()
+    fitting = {
+        name: tensor
+        for name, tensor in pretrained.items()
+        if name in adapted.state_dict() and adapted.state_dict()[name].shape == tensor.shape
+    }
+    adapted.load_state_dict(fitting, strict=False)
+    return adapted
+
+
+def load_pretrained_unet(folder: Path, config: BaseModelConfig) -> UNet2DConditionModel:
+    """Load ``folder/unet`` of a local diffusers pipeline folder and adapt it (no download)."""
+    if not (folder / "unet" / "config.json").is_file():
+        raise ConfigError(
+            f"--base-model {folder} must be a diffusers pipeline folder with a unet/ subfolder "
+            "(unet/config.json and its weights)"
+        )
+    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", local_files_only=True)
+    return adapt_pretrained_unet(unet, config)
+
+
+def unet_component_config(config: BaseModelConfig, unet: UNet2DConditionModel, built: bool) -> dict[str, Any]:
+    """What config.json records for a UNet: our config, plus the diffusers config when not built from ours."""
+    return {"base_model": config.to_dict(), "diffusers_unet": None if built else _jsonable(dict(unet.config))}
+
+
+def unet_from_config(component_config: dict[str, Any]) -> UNet2DConditionModel:
+    """Rebuild the (uninitialised) UNet that :func:`unet_component_config` described."""
+    if "base_model" not in component_config:
+        raise ConfigError(f"a UNet config.json needs a 'base_model' entry; got keys {sorted(component_config)}")
+    diffusers_config = component_config.get("diffusers_unet")
+    if diffusers_config:
+        return UNet2DConditionModel.from_config(diffusers_config)
+    return build_unet(BaseModelConfig.from_dict(component_config["base_model"]))
+
+
+def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if not k.startswith("_")}
+
+
+def build_train_scheduler(config: BaseModelConfig) -> DDPMScheduler:
+    """DDPM noise schedule for training (epsilon prediction; samples clipped to [-1, 1]).
+
+    diffusers is imported from its defining modules throughout: its top-level lazy names are opaque to mypy.
+    """
+    return DDPMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule,
+        prediction_type="epsilon",
+        clip_sample=True,
+    )
+
+
+def build_sampling_scheduler(
+    config: BaseModelConfig, kind: str = "ddim"
+) -> DDIMScheduler | DPMSolverMultistepScheduler:
+    """Deterministic sampler over the training schedule: DDIM (eta 0) or DPM-Solver++ (2nd order)."""
+    train_config = build_train_scheduler(config).config
+    if kind == "ddim":
+        return DDIMScheduler.from_config(train_config, clip_sample=True, set_alpha_to_one=False)
+    if kind == "dpm-solver":
+        return DPMSolverMultistepScheduler.from_config(
+            train_config, algorithm_type="dpmsolver++", solver_order=2, thresholding=False
+        )
+    raise ConfigError(f"sampler must be one of {', '.join(SAMPLER_KINDS)}; got {kind!r}")
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

