@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +111,8 @@ def apply_feature_repo() -> ApplySummary:
 
     yaml_file = prepare_environment()
     config = load_repo_config(FEATURE_REPO_DIR, yaml_file)
-    with _working_directory(FEATURE_REPO_DIR):  # apply_total changes directory into the repo
+    # apply_total changes directory into the repo and imports its modules by name, as `feast apply` run there does.
+    with _working_directory(FEATURE_REPO_DIR), _on_import_path(FEATURE_REPO_DIR):
         apply_total(config, FEATURE_REPO_DIR, skip_source_validation=True)
     store = open_feature_store()
     views = store.list_feature_views()
@@ -189,3 +191,12 @@ def _working_directory(path: Path) -> Iterator[None]:
         yield
     finally:
         os.chdir(previous)
+
+
+@contextlib.contextmanager
+def _on_import_path(path: Path) -> Iterator[None]:
+    sys.path.insert(0, str(path))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(path))
