@@ -24,6 +24,7 @@ from PIL import Image
 from perfusion.attributes import DESCRIPTOR_DIM
 from perfusion.image_store import ImageStore
 from perfusion.models.adaptive import AdaptiveConfig, AdaptiveNetwork
+from perfusion.models.attribute_classifier import AttributeClassifier, AttributeClassifierConfig
 from perfusion.models.base import QUICK_CONFIG, build_unet
 from perfusion.service.app import create_app
 from perfusion.service.designs import DesignRegistry
@@ -35,6 +36,8 @@ from streams.records import Event, Impression
 
 EVENTS_TOPIC = "test.perfusion.events"
 PRODUCTION_TOPIC = "test.perfusion.production-orders"
+# The adaptive network's zero-initialised parts (ControlNet's zero convolutions).
+ZERO_INIT_PARTS = ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
 
 
 class RecordingSink:
@@ -60,12 +63,6 @@ class BrokenFeatureReader:
         raise FeatureStoreUnavailable(f"online store unreadable for {user_id}; run `perfusion features apply`")
 
 
-def descriptors_of(images: np.ndarray) -> list[list[float]]:
-    from perfusion.models.attribute_classifier import describe_images
-
-    return describe_images(images)
-
-
 def tiny_generator(text_encoder: TextEncoder) -> PersonalizedGenerator:
     torch.manual_seed(0)
     unet = build_unet(QUICK_CONFIG)
@@ -73,9 +70,10 @@ def tiny_generator(text_encoder: TextEncoder) -> PersonalizedGenerator:
     # Non-zero residual convolutions, so that the user vector changes the images.
     with torch.no_grad():
         for name, parameter in adaptive.named_parameters():
-            if "controlnet_down_blocks" in name or "controlnet_mid_block" in name:
+            if any(zero_init in name for zero_init in ZERO_INIT_PARTS):
                 parameter.normal_(0.0, 0.05)
-    return PersonalizedGenerator(unet, adaptive, text_encoder, descriptors_of, num_steps=2)
+    classifier = AttributeClassifier(AttributeClassifierConfig(channels=(8, 16)))
+    return PersonalizedGenerator(unet, adaptive, text_encoder, classifier, QUICK_CONFIG, num_steps=2)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -33,17 +32,17 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from perfusion.errors import PerfusionError
-from perfusion.models.adaptive import AdaptiveNetwork, personalized_noise_prediction
+from perfusion.models.adaptive import AdaptiveConfig, AdaptiveNetwork, personalized_noise_prediction
+from perfusion.models.attribute_classifier import AttributeClassifier
+from perfusion.models.base import BaseModelConfig
 
 logger = logging.getLogger(__name__)
 
 # Component names inside a published version folder (as the trainer publishes them).
 ADAPTIVE_COMPONENT = "adaptive_network"
 FINETUNED_UNET_COMPONENT = "unet"
+CLASSIFIER_COMPONENT = "attribute_classifier"
 BASE_VERSION = "base"
-
-Descriptors = Callable[[NDArray[np.uint8]], list[list[float]]]
-"""Attribute descriptors (one list of DESCRIPTOR_DIM floats per image) of uint8 images [K, H, W, 3]."""
 
 
 class VersionRefused(PerfusionError):
@@ -88,18 +87,23 @@ class PersonalizedGenerator:
         unet: UNet2DConditionModel,
         adaptive: AdaptiveNetwork,
         text_encoder: TextStates,
-        descriptors: Descriptors,
+        classifier: AttributeClassifier,
+        config: BaseModelConfig,
         version: str = BASE_VERSION,
         uses_adaptive: bool = True,
         num_steps: int = 20,
+        guidance_scale: float = 3.0,
         sampler: str = "ddim",
     ) -> None:
         if num_steps < 1:
             raise ValueError(f"num_steps must be at least 1, got {num_steps}")
-        self.unet = unet.eval().requires_grad_(False)
+        unet.eval().requires_grad_(False)  # type: ignore[attr-defined]  # diffusers models are nn.Modules
+        self.unet = unet
         self.text_encoder = text_encoder
-        self.descriptors = descriptors
+        self.classifier = classifier.eval()
+        self.config = config
         self.num_steps = num_steps
+        self.guidance_scale = guidance_scale
         self.sampler = sampler
         adaptive.eval().requires_grad_(False)
         standby = copy.deepcopy(adaptive)
@@ -130,7 +134,8 @@ class PersonalizedGenerator:
             with self._lock:
                 slot.in_flight -= 1
                 self._standby_idle.notify_all()
-        return GeneratedGroup(images=images, descriptors=self.descriptors(images), model_version=version)
+        descriptors = self.classifier.descriptors(images).tolist()  # [K, DESCRIPTOR_DIM]
+        return GeneratedGroup(images=images, descriptors=descriptors, model_version=version)
 
     @torch.no_grad()
     def _sample(
@@ -138,8 +143,9 @@ class PersonalizedGenerator:
     ) -> NDArray[np.uint8]:
         from perfusion.sampling import sample_images
 
-        states, _ = self.text_encoder.encode([prompt])
-        text_states = states.expand(k, -1, -1)  # [K, L, 384]: the K candidates share the prompt
+        states, _ = self.text_encoder.encode([prompt, ""])
+        text_states = states[:1].expand(k, -1, -1)  # [K, L, 384]: the K candidates share the prompt
+        uncond_states = states[1:]  # [1, L, 384]: the empty prompt, for classifier-free guidance
         adaptive = slot.network if slot.uses_adaptive and user_vector is not None else None
         users = None
         if adaptive is not None and user_vector is not None:
@@ -153,7 +159,12 @@ class PersonalizedGenerator:
             text_states,
             num_steps=self.num_steps,
             seed=seed,
-            size=int(self.unet.config.sample_size),
+            size=self.config.sample_size,
+            config=self.config,
+            uncond_states=uncond_states,
+            guidance_scale=self.guidance_scale,
+            sampler=self.sampler,
+            channels=self.config.channels,
         )
 
     # ----------------------------------------------------------------------------------------------- hot reload
@@ -196,3 +207,44 @@ class PersonalizedGenerator:
                 standby.uses_adaptive = uses_adaptive
                 self._active, self._standby = standby, self._active
             logger.info("model version %s swapped in (adaptive network: %s)", version, uses_adaptive)
+
+
+def load_serving_generator(
+    base_folder: Path,
+    store_root: Path,
+    text_encoder: TextStates,
+    num_steps: int = 20,
+    guidance_scale: float = 3.0,
+) -> PersonalizedGenerator:
+    """The generator ``perfusion serve`` runs: the base checkpoint, then LATEST of the model store when it verifies.
+
+    ``base_folder`` holds the frozen base UNet (``unet``) and the attribute classifier (``attribute_classifier``);
+    the adaptive network's shape comes from LATEST's config.json (or the default config before any publish).
+    """
+    from perfusion.checkpoints import CheckpointError, ModelStore, load_component, read_component_config
+    from perfusion.models.attribute_classifier import build_attribute_classifier
+    from perfusion.sampling import base_model_config, load_base_unet
+
+    config = base_model_config(base_folder)
+    unet = load_base_unet(base_folder)
+    classifier = load_component(base_folder, CLASSIFIER_COMPONENT, build_attribute_classifier)
+    assert isinstance(classifier, AttributeClassifier)
+    store = ModelStore(store_root)
+    latest = store.latest()
+    adaptive_config = AdaptiveConfig()
+    if latest is not None and (store.path(latest) / ADAPTIVE_COMPONENT).is_dir():
+        try:
+            adaptive_config = AdaptiveConfig.from_dict(read_component_config(store.path(latest), ADAPTIVE_COMPONENT))
+        except (CheckpointError, PerfusionError) as exc:
+            logger.error("LATEST %s has an unreadable adaptive config (%s); starting from the base model", latest, exc)
+    adaptive = AdaptiveNetwork(unet, adaptive_config)
+    generator = PersonalizedGenerator(
+        unet, adaptive, text_encoder, classifier, config, num_steps=num_steps, guidance_scale=guidance_scale
+    )
+    if latest is not None:
+        try:
+            store.verify(latest)
+            generator.load_version(latest, store.path(latest))
+        except PerfusionError as exc:
+            logger.error("LATEST %s refused at start (%s); serving the base model until a good version", latest, exc)
+    return generator
