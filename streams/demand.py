@@ -85,9 +85,21 @@ def _new_design(partition: int) -> dict[str, Any]:
 class DemandCounter:
     """Demand of the designs of one partition, over a key-value store shared with other partitions' counters."""
 
-    def __init__(self, settings: DemandSettings, store: MutableMapping[str, Any], partition: int) -> None:
+    def __init__(
+        self,
+        settings: DemandSettings,
+        store: MutableMapping[str, Any],
+        partition: int,
+        source_partitions: int | None = None,
+    ) -> None:
+        """``source_partitions`` None: the watermark follows the event times seen here. A number: events come
+        routed from that many source partitions, each of which reports its progress with :meth:`observe_source`;
+        the watermark follows the slowest of them."""
         self.settings = settings
         self.partition = partition
+        self._source_progress: list[float] | None = (
+            None if source_partitions is None else [-math.inf] * source_partitions
+        )
         self.counts: Counter[str] = Counter()
         self._store = store
         self._due: list[tuple[float, str]] = []  # (earliest pending event time, design_id), lazily rebuilt
@@ -110,8 +122,19 @@ class DemandCounter:
             if self._admit(event) and late:
                 self.counts["late"] += 1
                 outputs.extend(self._apply_due(event.design_id, self._watermark))
-        outputs.extend(self.advance(event.ts - self.settings.allowed_lateness_s))
+        if self._source_progress is None:
+            outputs.extend(self.advance(event.ts - self.settings.allowed_lateness_s))
         return outputs
+
+    def observe_source(self, source_partition: int, max_event_ts: float) -> list[ProductionOrder]:
+        """A source partition has been read up to ``max_event_ts``: the watermark may advance."""
+        if self._source_progress is None:
+            raise ValueError("observe_source needs a counter built with source_partitions")
+        self._ensure_index()
+        outputs, self._unconfirmed = self._unconfirmed, []
+        progress = self._source_progress
+        progress[source_partition] = max(progress[source_partition], max_event_ts)
+        return outputs + self.advance(min(progress) - self.settings.allowed_lateness_s)
 
     def advance(self, watermark: float) -> list[ProductionOrder]:
         """Move the watermark forward (never back) and apply every pending event it has passed."""

@@ -177,5 +177,14 @@ def test_restart_anywhere_never_fires_a_design_twice(seed: int, split: float) ->
     cut = math.floor(split * len(arrivals))
     store: dict = {}
     before, _ = run(arrivals[:cut], store)
-    after = stream_orders(arrivals[cut:] or [clock(T0)], store)
+    after = stream_orders([*arrivals[cut:], clock(log[-1].ts)], store)
     assert sorted(p.design_id for p in before + after) == sorted(batch_production_orders(log, SETTINGS))
+
+
+def test_routed_counter_waits_for_the_slowest_source_partition() -> None:
+    counter = DemandCounter(SETTINGS, {}, partition=0, source_partitions=2)
+    for event in (design("d1", T0, 1), order("o1", T0 + 1)):
+        assert counter.process(event) == []
+    assert counter.observe_source(0, T0 + 100) == []  # source 1 has not reported: it may still hold earlier events
+    fired = counter.observe_source(1, T0 + 100)
+    assert [production_order.design_id for production_order in fired] == ["d1"]

@@ -4,7 +4,10 @@ Inbound events are keyed by user, but demand is counted per design, so two agent
 
 1. ``demand-route`` reads ``perfusion.events`` and forwards each DesignCreated, Order and Return (the original
    bytes) to the internal topic ``<app id>-demand-by-design``, keyed by design_id, waiting for the broker's
-   acknowledgement before its input offsets can be committed;
+   acknowledgement before its input offsets can be committed. After each batch it also sends, to every partition
+   of that topic, a progress marker per source partition (the largest event time read there), because a
+   partition of the routed topic mixes events of all source partitions read at different paces: the counter's
+   watermark follows the slowest source partition, not the events it happens to receive;
 2. ``demand`` reads that topic, folds events into :class:`streams.demand.DemandCounter` (one per partition, state in
    a changelog-backed table keyed by design and order) and sends each ProductionOrder to
    ``perfusion.production-orders`` keyed by design_id, confirming it in the table only after the broker
@@ -16,6 +19,8 @@ means for production orders is stated in :mod:`streams.demand`.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from typing import TYPE_CHECKING, cast
 
@@ -36,10 +41,20 @@ TABLE_NAME = "demand"
 BY_DESIGN_SUFFIX = "-demand-by-design"
 BATCH_MAX = 2000
 BATCH_WITHIN_S = 0.1
+PROGRESS_KEY = b"__source-progress__"
 
 
 def by_design_topic_name(group_id: str) -> str:
     return group_id + BY_DESIGN_SUFFIX
+
+
+def progress_marker(source_partition: int, max_event_ts: float) -> bytes:
+    return json.dumps({"source_partition": source_partition, "max_event_ts": max_event_ts}).encode()
+
+
+def read_progress_marker(raw: bytes) -> tuple[int, float]:
+    marker = json.loads(raw)
+    return int(marker["source_partition"]), float(marker["max_event_ts"])
 
 
 def register(context: AgentContext, demand: DemandSettings | None = None) -> AgentT:
@@ -59,33 +74,53 @@ def register(context: AgentContext, demand: DemandSettings | None = None) -> Age
     route_gate, demand_gate = EventGate(sink=None), EventGate(sink=None)
     counters: dict[int, DemandCounter] = {}
     forget_on_rebalance(app, counters)
+    source_progress: dict[int, float] = {}  # source partition -> largest event time routed
 
     async def route(stream: StreamT[bytes]) -> None:
         async for batch in cast("Stream[bytes]", stream).take_events(BATCH_MAX, within=BATCH_WITHIN_S):
             forwards: list[tuple[TopicT, bytes, bytes]] = []
+            advanced: set[int] = set()
             for event in batch:
                 message = event.message
                 position = MessagePosition(message.topic, message.partition, message.offset)
                 parsed = await route_gate.admit(event.value, position)
-                if parsed is not None and is_demand_event(parsed):
+                if parsed is None:
+                    continue
+                if parsed.ts > source_progress.get(message.partition, float("-inf")):
+                    source_progress[message.partition] = parsed.ts
+                    advanced.add(message.partition)
+                if is_demand_event(parsed):
                     assert isinstance(parsed, DesignCreated | Order | Return)
                     forwards.append((by_design, parsed.design_id.encode(), event.value))
             if forwards:
                 await send_and_wait(forwards)
+            markers = [
+                await by_design.send(key=PROGRESS_KEY, value=progress_marker(source, source_progress[source]),
+                                     partition=target)
+                for source in sorted(advanced)
+                for target in range(settings.partitions)
+            ]  # fmt: skip
+            await asyncio.gather(*markers)
 
     async def count(stream: StreamT[bytes]) -> None:
         async for batch in cast("Stream[bytes]", stream).take_events(BATCH_MAX, within=BATCH_WITHIN_S):
             emitted: list[tuple[DemandCounter, list[ProductionOrder]]] = []
             for event in batch:
                 message = event.message
-                position = MessagePosition(message.topic, message.partition, message.offset)
-                parsed = await demand_gate.admit(event.value, position)
-                if parsed is None:
-                    continue
                 partition = message.partition
                 if partition not in counters:
-                    counters[partition] = DemandCounter(demand, JsonTableStore(table, partition), partition)
-                orders = counters[partition].process(parsed)
+                    counters[partition] = DemandCounter(
+                        demand, JsonTableStore(table, partition), partition, source_partitions=settings.partitions
+                    )
+                if message.key == PROGRESS_KEY:
+                    source, max_event_ts = read_progress_marker(event.value)
+                    orders = counters[partition].observe_source(source, max_event_ts)
+                else:
+                    position = MessagePosition(message.topic, message.partition, message.offset)
+                    parsed = await demand_gate.admit(event.value, position)
+                    if parsed is None:
+                        continue
+                    orders = counters[partition].process(parsed)
                 if orders:
                     emitted.append((counters[partition], orders))
             if not emitted:

@@ -77,9 +77,7 @@ class JsonTableStore(MutableMapping[str, Any]):
 
 
 def raw_table(app: faust.App, name: str, partitions: int) -> TableT:
-    return app.Table(
-        name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw", partitions=partitions
-    )
+    return app.Table(name, key_type=bytes, value_type=bytes, partitions=partitions)
 
 
 def forget_on_rebalance(app: faust.App, per_partition: dict[int, Any]) -> None:
