@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if action == "install":
         started = time.monotonic()
         libs = KafkaBroker(config).install()
-        print(f"Apache Kafka {config.version} jars in {libs} ({time.monotonic() - started:.1f} s)")
+        print(f"Apache Kafka {config.version} installed in {libs.parent} ({time.monotonic() - started:.1f} s)")
         return 0
     if action == "up":
         config = replace(config, port=args.port, heap=args.heap, start_timeout_s=args.timeout)
