@@ -1,0 +1,137 @@
+"""The worker against the real broker: events produced with kafka-python, the worker run as `perfusion worker`,
+Feast's online values checked against a batch recomputation from the same events, malformed events found in the
+dead-letter topic with their reasons."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_preferences_agent import assert_features_close, reference_features
+
+from perfusion.paths import REPO_ROOT
+from simulator.traffic import TrafficConfig, TrafficSimulator, encode, produce_events
+from streams.dead_letters import original_bytes
+from streams.records import DeadLetter
+from streams.settings import StreamSettings
+from streams.topics import TopicNames, ensure_topics
+
+WAIT_S = 240.0
+VALID_CLICK = {
+    "kind": "click", "event_id": "bad-0", "ts": 0.0, "user_id": "shopper-0", "impression_id": "i", "design_id": "d",
+    "image_id": "x",
+}  # fmt: skip
+
+
+def malformed_messages(now: float) -> dict[str, bytes]:
+    """Reason fragment -> message, one per kind of malformation."""
+    click = {**VALID_CLICK, "ts": now - 60}
+    return {
+        "not JSON": b"{this is not json",
+        "impression_id: Field required": json.dumps({k: v for k, v in click.items() if k != "impression_id"}).encode(),
+        "ts: Input should be a valid number": json.dumps({**click, "event_id": "bad-2", "ts": "noon"}).encode(),
+        "unknown schema_version 7": json.dumps({**click, "event_id": "bad-3", "schema_version": 7}).encode(),
+        "in the future": json.dumps({**click, "event_id": "bad-4", "ts": now + 30 * 86_400}).encode(),
+    }
+
+
+@pytest.fixture
+def worker_env(
+    tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    monkeypatch.setenv("PERFUSION_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("PERFUSION_FEAST_DIR", str(tmp_path / "state" / "feast"))
+    monkeypatch.setenv("PERFUSION_ONLINE_STORE", "sqlite")
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
+    monkeypatch.setenv("PERFUSION_TOPIC_PREFIX", topic_prefix)
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "FEAST_USAGE": "False"}
+
+
+@pytest.fixture
+def running_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "perfusion", "worker"], cwd=REPO_ROOT, env=worker_env, stdout=log, stderr=log
+        )
+    try:
+        yield worker
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        print(log_path.read_text(errors="replace")[-4000:])
+
+
+def read_dead_letters(bootstrap: str, topic: str, expected: int, deadline: float) -> list[DeadLetter]:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    letters: list[DeadLetter] = []
+    try:
+        while len(letters) < expected and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=1000).values():
+                letters.extend(DeadLetter.model_validate_json(record.value) for record in records)
+    finally:
+        consumer.close()
+    return letters
+
+
+def online_features(user_ids: list[str]) -> dict[str, dict[str, Any]]:
+    from streams.feature_push import open_feature_store, read_online_features
+
+    rows = read_online_features(open_feature_store(), "user_preferences", user_ids)
+    return {row["user_id"]: row for row in rows}
+
+
+def test_worker_pushes_exact_features_to_feast_and_dead_letters_malformed_events(
+    kafka_bootstrap: str, worker_env: dict[str, str], running_worker: subprocess.Popen[bytes]
+) -> None:
+    from streams.feature_push import apply_feature_repo
+
+    apply_feature_repo()
+    settings = StreamSettings.from_env()
+    names = TopicNames.for_prefix(settings.topic_prefix)
+    ensure_topics(kafka_bootstrap, names, settings.partitions)
+
+    now = time.time()
+    events = TrafficSimulator(TrafficConfig(seed=11, start_ts=now - 3 * 3600, mean_gap_s=40.0)).events(300)
+    duplicates = events[:40]
+    malformed = malformed_messages(now)
+    messages = [encode(e) for e in events[:150]]
+    messages += [(b"shopper-0", raw) for raw in malformed.values()]
+    messages += [encode(e) for e in events[150:] + duplicates]
+    assert produce_events(messages, kafka_bootstrap, names.events) == len(messages)
+
+    expected = reference_features(events, settings)
+    deadline = time.monotonic() + WAIT_S
+    actual: dict[str, dict[str, Any]] = {}
+    while time.monotonic() < deadline:
+        assert running_worker.poll() is None, "the worker exited"
+        actual = online_features(sorted(expected))
+        if all(actual[u]["last_active_ts"] == pytest.approx(expected[u]["last_active_ts"]) for u in expected):
+            break
+        time.sleep(2.0)
+    for user_id, row in expected.items():
+        assert actual[user_id]["last_active_ts"] is not None, f"no features for {user_id}"
+        assert_features_close(actual[user_id], row, tolerance=1e-5)  # float32 in Feast
+
+    letters = read_dead_letters(kafka_bootstrap, names.dead_letters, len(malformed), deadline)
+    assert len(letters) == len(malformed)
+    by_original = {original_bytes(letter): letter for letter in letters}
+    for reason_fragment, raw in malformed.items():
+        letter = by_original[raw]
+        assert reason_fragment in letter.reason
+        assert letter.topic == names.events
+    assert running_worker.poll() is None, "the worker must keep running after malformed events"
