@@ -118,8 +118,14 @@ class TrainerSettings:
     gate_tolerance: float = field(
         default=0.02,
         metadata={
-            "help": "publish unless the candidate's RM GAUC or generator score is below the serving "
-            "version's by more than this"
+            "help": "publish unless the candidate RM's held-out GAUC is below the serving RM's by more than this"
+        },
+    )
+    gate_generator_tolerance: float = field(
+        default=0.1,
+        metadata={
+            "help": "publish unless the candidate generator's mean RM score on held-out prompts and users is "
+            "below the serving generator's by more than this many standard deviations of the RM's held-out scores"
         },
     )
     gate_generation_steps: int = field(
@@ -155,6 +161,10 @@ class TrainerSettings:
         _require(0.0 <= self.heldout_fraction < 1.0, f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         _require(self.heldout_capacity >= 1, f"heldout_capacity must be at least 1, got {self.heldout_capacity}")
         _require(self.gate_tolerance >= 0.0, f"gate_tolerance must be >= 0, got {self.gate_tolerance}")
+        _require(
+            self.gate_generator_tolerance >= 0.0,
+            f"gate_generator_tolerance must be >= 0, got {self.gate_generator_tolerance}",
+        )
         _require(
             1 <= self.gate_generation_steps <= 1000,
             f"gate_generation_steps must be in 1..1000, got {self.gate_generation_steps}",

@@ -1,0 +1,177 @@
+"""One incremental update on tiny seeded models: trainable parts change, the frozen base and text encoder do not."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from perfusion.attributes import DESCRIPTOR_DIM
+from perfusion.models.base import BaseModelConfig, build_train_scheduler, build_unet
+from perfusion.text_encoder import TextEncoder
+from perfusion.user_features import USER_DIM
+from streams.records import GradedCandidate, GroupSample
+from trainer.batches import GroupBatch, collate_groups
+from trainer.settings import TrainerSettings
+from trainer.updates import (
+    TrainingModels,
+    build_training_models,
+    denoising_errors,
+    encode_prompts,
+    noised_inputs,
+    run_update,
+)
+
+TINY_BASE = BaseModelConfig(
+    sample_size=8, block_out_channels=(16, 32), layers_per_block=1, attention_heads=2, norm_num_groups=8
+)
+
+
+@pytest.fixture(scope="module")
+def text_encoder() -> TextEncoder:
+    return TextEncoder()
+
+
+def tiny_models(settings: TrainerSettings) -> TrainingModels:
+    torch.manual_seed(0)
+    base_unet = build_unet(TINY_BASE)
+    return build_training_models(base_unet, TINY_BASE, build_train_scheduler(TINY_BASE), settings)
+
+
+def tiny_batch(num_groups: int = 4, seed: int = 0) -> GroupBatch:
+    rng = np.random.default_rng(seed)
+    samples, vectors, pixels = [], [], {}
+    for group in range(num_groups):
+        grades = [2, 0, 1, 0] if group % 2 == 0 else [0, 1, 0]
+        candidates = []
+        for position, grade in enumerate(grades):
+            image_id = f"g{group}-p{position}"
+            pixels[image_id] = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+            candidates.append(
+                GradedCandidate(image_id=image_id, position=position, descriptor=[0.0] * DESCRIPTOR_DIM, grade=grade)
+            )
+        samples.append(
+            GroupSample(
+                sample_id=f"s{group}",
+                user_id=f"u{group}",
+                design_id="d",
+                prompt=["a red t-shirt", "a navy striped dress"][group % 2],
+                model_version="base",
+                impression_ts=1_700_000_000.0,
+                candidates=candidates,
+            )
+        )
+        vectors.append(rng.random(USER_DIM).tolist())
+    return collate_groups(samples, vectors, pixels)
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> list[str]:
+    return [name for name, tensor in module.state_dict().items() if not torch.equal(before[name], tensor)]
+
+
+def small_settings(**overrides: object) -> TrainerSettings:
+    values: dict[str, object] = {"reward_steps": 2, "diffusion_steps": 2, "groups_per_batch": 4, "beta": 500.0}
+    values.update(overrides)
+    return TrainerSettings(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("objective", "use_adaptive_network"),
+    [("group", True), ("pairwise_dpo", True), ("group", False), ("sft", False), ("pairwise_dpo", False)],
+)
+def test_update_changes_trainable_parameters_and_no_frozen_one(
+    text_encoder: TextEncoder, objective: str, use_adaptive_network: bool
+) -> None:
+    settings = small_settings(objective=objective, use_adaptive_network=use_adaptive_network)
+    models = tiny_models(settings)
+    trainable = models.generator
+    assert trainable is not None
+    base_before = snapshot(models.base_unet)
+    text_before = snapshot(text_encoder.model)
+    reward_before = snapshot(models.reward_model)
+    generator_before = snapshot(trainable)
+    batch = tiny_batch()
+
+    report = run_update(models, text_encoder, lambda: batch, settings, show_progress=False)
+
+    assert changed(reward_before, models.reward_model), "the reward model did not change"
+    assert changed(generator_before, trainable), "the generator's trainable part did not change"
+    assert changed(base_before, models.base_unet) == [], "the frozen base U-Net changed"
+    assert changed(text_before, text_encoder.model) == [], "the frozen text encoder changed"
+    assert report.reward_model.steps == 2 and report.generator.steps == 2
+    assert np.isfinite(report.reward_model.loss) and np.isfinite(report.generator.loss)
+    assert 0.0 <= report.generator.implicit_accuracy <= 1.0
+
+
+def test_objective_none_trains_only_the_reward_model(text_encoder: TextEncoder) -> None:
+    settings = small_settings(objective="none")
+    models = tiny_models(settings)
+    assert models.generator is None
+    base_before = snapshot(models.base_unet)
+    reward_before = snapshot(models.reward_model)
+    report = run_update(models, text_encoder, lambda: tiny_batch(), settings, show_progress=False)
+    assert changed(reward_before, models.reward_model)
+    assert changed(base_before, models.base_unet) == []
+    assert report.generator.steps == 0
+    assert set(models.components()) == {"reward_model"}
+
+
+def test_reward_model_learns_to_rank_a_fixed_batch(text_encoder: TextEncoder) -> None:
+    settings = small_settings(objective="none", reward_steps=20, reward_learning_rate=3e-3)
+    models = tiny_models(settings)
+    batch = tiny_batch()
+    report_first = run_update(
+        models, text_encoder, lambda: batch, small_settings(objective="none", reward_steps=1), show_progress=False
+    )
+    report = run_update(models, text_encoder, lambda: batch, settings, show_progress=False)
+    assert report.reward_model.loss < report_first.reward_model.loss
+
+
+def test_a_fresh_adaptive_network_has_the_reference_errors(text_encoder: TextEncoder) -> None:
+    # Zero-initialised, the policy equals the reference; equal errors show both saw the same x_t and t.
+    models = tiny_models(small_settings())
+    batch = tiny_batch()
+    text_states, _ = encode_prompts(text_encoder, batch)
+    policy_err, reference_err = denoising_errors(models, batch, text_states, torch.Generator().manual_seed(3))
+    assert torch.equal(policy_err.detach(), reference_err)
+    assert policy_err.requires_grad and not reference_err.requires_grad
+
+
+def test_candidates_of_one_impression_share_noise_and_timestep() -> None:
+    models = tiny_models(small_settings())
+    batch = tiny_batch()
+    x_t, noise, timesteps = noised_inputs(models, batch, torch.Generator().manual_seed(0))
+    assert x_t.shape == batch.images.shape
+    for group in range(batch.num_groups):
+        rows = batch.group_ids == group
+        assert timesteps[rows].unique().numel() == 1
+        assert torch.equal(noise[rows], noise[rows][:1].expand_as(noise[rows]))
+    assert timesteps.unique().numel() > 1
+
+
+def test_candidate_copy_trains_without_touching_the_serving_version(text_encoder: TextEncoder) -> None:
+    settings = small_settings()
+    serving = tiny_models(settings)
+    serving_reward = snapshot(serving.reward_model)
+    assert serving.adaptive_network is not None
+    serving_adaptive = snapshot(serving.adaptive_network)
+    candidate = serving.candidate()
+    assert candidate.base_unet is serving.base_unet
+    run_update(candidate, text_encoder, lambda: tiny_batch(), settings, show_progress=False)
+    assert changed(serving_reward, serving.reward_model) == []
+    assert changed(serving_adaptive, serving.adaptive_network) == []
+    assert set(candidate.components()) == {"reward_model", "adaptive_network"}
+
+
+def test_without_the_adaptive_network_the_version_holds_a_fine_tuned_unet() -> None:
+    models = tiny_models(small_settings(use_adaptive_network=False))
+    assert models.adaptive_network is None and models.finetuned_unet is not None
+    assert models.finetuned_unet is not models.base_unet
+    assert set(models.components()) == {"reward_model", "unet"}
+    assert dataclasses.asdict(TrainerSettings.for_arm("group_without_adaptive"))["use_adaptive_network"] is False
