@@ -18,6 +18,8 @@ from collections.abc import Generator, Iterator
 
 import pytest
 
+pytest_plugins = ["pytester"]  # test_broker.py runs the fixture in a child session to see it fail, not skip
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
@@ -60,11 +62,14 @@ def _project_broker_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Gener
 
     broker = KafkaBroker(KafkaBrokerConfig(state_dir=tmp_path_factory.mktemp("kafka")))
     atexit.register(broker.stop)  # also on an interrupted session; stop() is idempotent
+    failure = None
     try:
         status = broker.start()
     except PerfusionError as exc:
+        failure = str(exc)
+    if failure is not None:
         broker.stop()
-        pytest.fail(f"the project's Kafka broker could not start for the integration tests: {exc}", pytrace=False)
+        pytest.fail(f"the project's Kafka broker could not start for the integration tests: {failure}", pytrace=False)
     try:
         assert status.address is not None
         yield status.address

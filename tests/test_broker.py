@@ -159,6 +159,25 @@ def test_config_rejects_bad_port() -> None:
         KafkaBrokerConfig(port=70000)
 
 
+def test_fixture_fails_rather_than_skips_when_the_broker_cannot_start(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A cache whose broker jar is an empty file: the JVM cannot even format the storage.
+    libs = tmp_path / "cache" / f"kafka-{kafka_broker.KAFKA_VERSION}" / "libs"
+    libs.mkdir(parents=True)
+    (libs / ".installed").write_text("broken\n")
+    (libs / f"kafka_2.13-{kafka_broker.KAFKA_VERSION}.jar").write_bytes(b"")
+    broken_cache = libs.parent.parent
+    monkeypatch.setenv("PERFUSION_CACHE_DIR", str(broken_cache))
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    pytester.makeconftest(Path(__file__).with_name("conftest.py").read_text())
+    pytester.makepyfile(test_needs_kafka="def test_needs_kafka(kafka_bootstrap):\n    assert kafka_bootstrap\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*the project's Kafka broker could not start*"])
+
+
 def test_pom_ships_with_the_package() -> None:
     pom = Path(kafka_broker.__file__).with_name("kafka-pom.xml")
     assert pom.exists() and "kafka_2.13" in pom.read_text()

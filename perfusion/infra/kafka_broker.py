@@ -136,13 +136,14 @@ class KafkaBroker:
 
     def _resolve_jars(self) -> Path:
         libs = self.config.libs_dir
-        if (libs / _INSTALLED_MARKER).exists():
+        if self._jars_present():
             return libs
         require_binary("java", "openjdk-17-jre-headless")
         mvn = require_binary("mvn", "maven")
         version_dir = libs.parent
         version_dir.mkdir(parents=True, exist_ok=True)
-        staging = version_dir / "libs.partial"
+        # Per-process staging: two sessions installing at once on a fresh machine must not share a folder.
+        staging = version_dir / f"libs.{os.getpid()}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         pom = importlib.resources.files("perfusion.infra") / "kafka-pom.xml"
         with importlib.resources.as_file(pom) as pom_path:
@@ -166,9 +167,16 @@ class KafkaBroker:
                 f"(exit {result.returncode}); check that Maven Central is reachable and the version exists.\n{output}"
             )
         (staging / _INSTALLED_MARKER).write_text(self.config.version + "\n")
+        if self._jars_present():  # another process finished first
+            shutil.rmtree(staging, ignore_errors=True)
+            return libs
         shutil.rmtree(libs, ignore_errors=True)
         staging.replace(libs)
         return libs
+
+    def _jars_present(self) -> bool:
+        libs = self.config.libs_dir
+        return (libs / _INSTALLED_MARKER).exists() and (libs / f"kafka_2.13-{self.config.version}.jar").exists()
 
     def _class_archive(self) -> Path:
         """The JVM class-data-sharing archive of the broker's classes, one per Kafka version and java binary.
@@ -330,14 +338,15 @@ class KafkaBroker:
         if (self.data_dir / "meta.properties").exists():
             return
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
-        command = [java, "-Xmx256m", "-cp", classpath, "kafka.tools.StorageTool", "format"]
+        command = [java, "-Xmx256m", "-XX:TieredStopAtLevel=1", "-cp", classpath, "kafka.tools.StorageTool", "format"]
         command += ["--cluster-id", cluster_id, "--config", str(self.properties_file)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             output = (result.stdout + result.stderr).strip()[-2000:]
             raise InfrastructureError(
-                f"formatting Kafka storage in {self.data_dir} failed (exit {result.returncode}); "
-                f"delete {self.data_dir} and retry.\n{output}"
+                f"formatting Kafka storage in {self.data_dir} failed (exit {result.returncode}); delete "
+                f"{self.data_dir} and retry, or {self.config.libs_dir.parent} and run `perfusion broker install` "
+                f"when the jars are damaged.\n{output}"
             )
 
     def _wait_until_answering(self, address: str) -> None:
