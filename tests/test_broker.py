@@ -12,7 +12,7 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 
-from perfusion.errors import InfrastructureError
+from perfusion.errors import ConfigError, InfrastructureError
 from perfusion.infra import kafka_broker
 from perfusion.infra.kafka_broker import KafkaBroker, KafkaBrokerConfig, bootstrap_servers
 from perfusion.infra.process import is_owned_process, process_command_line
@@ -155,7 +155,7 @@ def test_bootstrap_servers_without_broker_says_what_to_do(monkeypatch: pytest.Mo
 
 
 def test_config_rejects_bad_port() -> None:
-    with pytest.raises(InfrastructureError, match="between 0 and 65535, got 70000"):
+    with pytest.raises(ConfigError, match="between 0 and 65535, got 70000"):
         KafkaBrokerConfig(port=70000)
 
 

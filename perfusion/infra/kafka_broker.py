@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 
-from perfusion.errors import InfrastructureError
+from perfusion.errors import ConfigError, InfrastructureError
 from perfusion.infra.process import (
     ServerStatus,
     free_port,
@@ -76,9 +76,9 @@ class KafkaBrokerConfig:
         for name in ("port", "controller_port"):
             value = getattr(self, name)
             if not 0 <= value <= 65535:
-                raise InfrastructureError(f"{name} must be between 0 and 65535, got {value}")
+                raise ConfigError(f"{name} must be between 0 and 65535, got {value}")
         if self.num_partitions < 1:
-            raise InfrastructureError(f"num_partitions must be at least 1, got {self.num_partitions}")
+            raise ConfigError(f"num_partitions must be at least 1, got {self.num_partitions}")
 
     @property
     def libs_dir(self) -> Path:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from perfusion.errors import InfrastructureError
+from perfusion.errors import ConfigError, InfrastructureError
 from perfusion.infra.process import (
     ServerStatus,
     free_port,
@@ -52,7 +52,7 @@ class RedisServerConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
-            raise InfrastructureError(f"port must be between 0 and 65535, got {self.port}")
+            raise ConfigError(f"port must be between 0 and 65535, got {self.port}")
 
 
 class RedisServer:
