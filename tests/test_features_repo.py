@@ -1,0 +1,115 @@
+"""The Feast repo in features/: it applies into a state folder, agrees with the agent's feature names, and a pushed
+micro-batch comes back from the online store and lands in the offline history."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from perfusion.attributes import DESCRIPTOR_DIM
+from perfusion.errors import ConfigError
+from perfusion.paths import FEATURE_REPO_DIR
+from streams.agents.preferences import PREFERENCE_FEATURES, PreferenceUpdater, UserPreferenceState, feature_row
+from streams.feature_push import FeaturePusher, redis_connection_string
+from streams.settings import StreamSettings
+
+
+@pytest.fixture(scope="module")
+def applied_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FeaturePusher]:
+    from streams.feature_push import apply_feature_repo
+
+    state = tmp_path_factory.mktemp("state")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PERFUSION_STATE_DIR", str(state))
+        patch.setenv("PERFUSION_FEAST_DIR", "")  # empty = the default under the state folder; restored afterwards
+        patch.setenv("PERFUSION_ONLINE_STORE", "sqlite")
+        summary = apply_feature_repo()
+        assert summary.feast_dir == state / "feast"
+        yield FeaturePusher.open()
+
+
+def test_apply_registers_entities_and_views_outside_the_repo_folder(applied_store: FeaturePusher) -> None:
+    store = applied_store.store
+    assert sorted(e.name for e in store.list_entities()) == ["design", "user"]
+    assert sorted(v.name for v in store.list_feature_views()) == ["user_preferences", "user_profile"]
+    assert not any(path.suffix in (".db", ".parquet") for path in FEATURE_REPO_DIR.rglob("*"))
+
+
+def test_feature_view_fields_are_the_agents_features(applied_store: FeaturePusher) -> None:
+    view = applied_store.store.get_feature_view("user_preferences")
+    assert tuple(field.name for field in view.features) == PREFERENCE_FEATURES
+    profile = applied_store.store.get_feature_view("user_profile")
+    assert [field.name for field in profile.features] == ["age_group", "region"]
+
+
+def test_pushed_micro_batch_reads_back_online_and_offline(applied_store: FeaturePusher) -> None:
+    import pandas as pd
+
+    from streams.feature_push import read_online_features
+
+    updater = PreferenceUpdater(StreamSettings(bootstrap_servers="localhost:9"))
+    rows = []
+    for index in range(3):
+        state = UserPreferenceState(user_id=f"user-{index}", last_active_ts=1_700_000_000.0 + index)
+        state.totals["impressions"] = 10 * (index + 1)
+        state.totals["clicks"] = index
+        rows.append(feature_row(state.user_id, updater.features(state)))
+    rows[2]["preference"] = [1.0 / DESCRIPTOR_DIM] * DESCRIPTOR_DIM
+    applied_store.push_user_preferences(rows)
+
+    online = read_online_features(applied_store.store, "user_preferences", ["user-0", "user-2", "stranger"])
+    assert online[0]["impressions_total"] == 10 and online[0]["clicks_total"] == 0
+    assert online[1]["ctr"] == pytest.approx(2 / 30)
+    assert online[1]["preference"] == pytest.approx([1.0 / DESCRIPTOR_DIM] * DESCRIPTOR_DIM)
+    assert online[1]["last_active_ts"] == 1_700_000_002.0
+    assert online[2]["last_active_ts"] is None
+
+    history = pd.read_parquet(applied_store.store.get_feature_view("user_preferences").batch_source.path)
+    assert sorted(history["user_id"]) == ["user-0", "user-1", "user-2"]
+    assert history["event_timestamp"].max() == datetime.fromtimestamp(1_700_000_002.0, tz=UTC)
+
+
+def test_profile_push_round_trips(applied_store: FeaturePusher) -> None:
+    from streams.feature_push import USER_PROFILE_PUSH
+
+    stamp = datetime.fromtimestamp(1_700_000_000.0, tz=UTC)
+    applied_store.push(USER_PROFILE_PUSH, [{"user_id": "p1", "age_group": 3, "region": 1, "event_timestamp": stamp}])
+    response = applied_store.store.get_online_features(
+        features=["user_profile:age_group", "user_profile:region"], entity_rows=[{"user_id": "p1"}]
+    ).to_dict()
+    assert (response["age_group"], response["region"]) == ([3], [1])
+
+
+def test_descriptor_length_matches_the_vocabulary() -> None:
+    text = (FEATURE_REPO_DIR / "definitions.py").read_text()
+    assert f"DESCRIPTOR_DIM = {DESCRIPTOR_DIM}\n" in text
+
+
+def test_redis_connection_string_from_url() -> None:
+    assert redis_connection_string("redis://127.0.0.1:6390/2") == "127.0.0.1:6390,db=2"
+    assert redis_connection_string("redis://:secret@cache:6379") == "cache:6379,password=secret"
+    assert redis_connection_string("127.0.0.1:7000") == "127.0.0.1:7000"
+    with pytest.raises(ConfigError, match="redis://host:port"):
+        redis_connection_string("http://cache:6379")
+
+
+def test_redis_yaml_selects_the_redis_online_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from feast.repo_config import load_repo_config
+
+    from streams.feature_push import prepare_environment
+
+    monkeypatch.setenv("PERFUSION_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("PERFUSION_FEAST_DIR", "")
+    monkeypatch.setenv("PERFUSION_ONLINE_STORE", "redis")
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6391/0")
+    yaml_file = prepare_environment()
+    config = load_repo_config(FEATURE_REPO_DIR, yaml_file)
+    assert config.online_store.type == "redis"
+    assert config.online_store.connection_string == "127.0.0.1:6391,db=0"
+    assert config.registry.path == str(tmp_path / "feast" / "registry.db")
+    monkeypatch.setenv("PERFUSION_ONLINE_STORE", "memcached")
+    with pytest.raises(ConfigError, match="'sqlite' or 'redis'"):
+        prepare_environment()
