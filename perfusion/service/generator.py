@@ -23,11 +23,11 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from numpy.typing import NDArray
 from torch import Tensor
 
@@ -97,7 +97,7 @@ class PersonalizedGenerator:
     ) -> None:
         if num_steps < 1:
             raise ValueError(f"num_steps must be at least 1, got {num_steps}")
-        unet.eval().requires_grad_(False)  # type: ignore[attr-defined]  # diffusers models are nn.Modules
+        unet.eval().requires_grad_(False)
         self.unet = unet
         self.text_encoder = text_encoder
         self.classifier = classifier.eval()
@@ -226,7 +226,8 @@ def load_serving_generator(
     from perfusion.sampling import base_model_config, load_base_unet
 
     config = base_model_config(base_folder)
-    unet = load_base_unet(base_folder)
+    # Any: mypy sees diffusers' top-level UNet2DConditionModel (which the models use) as a dummy class.
+    unet: Any = load_base_unet(base_folder)
     classifier = load_component(base_folder, CLASSIFIER_COMPONENT, build_attribute_classifier)
     assert isinstance(classifier, AttributeClassifier)
     store = ModelStore(store_root)
