@@ -8,6 +8,7 @@ prompt encodings are kept in a small LRU cache because a generator encodes the s
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,3 +104,66 @@ def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.to(states.dtype).unsqueeze(-1)
     pooled = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
     return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+class CaptionStates:
+    """A fixed table of prompt encodings, so training can run without MiniLM (e.g. on a machine without it).
+
+    Saved as safetensors: ``states`` (N, L, 384) float16, ``mask`` (N, L) int8, and the prompts (JSON) in the
+    file's metadata. Row 0 is always the empty prompt (the unconditional input of classifier-free guidance).
+    """
+
+    def __init__(self, prompts: Sequence[str], states: torch.Tensor, mask: torch.Tensor) -> None:
+        prompts = list(prompts)
+        if not prompts or prompts[0] != "":
+            raise ConfigError("the first prompt of a CaptionStates table must be the empty prompt ''")
+        if states.shape[0] != len(prompts) or mask.shape[:2] != states.shape[:2]:
+            raise ConfigError(
+                f"states {tuple(states.shape)} and mask {tuple(mask.shape)} do not match {len(prompts)} prompts"
+            )
+        self.prompts = prompts
+        self.states = states
+        self.mask = mask
+        self.row_of = {prompt: row for row, prompt in enumerate(prompts)}
+
+    @classmethod
+    def from_encoder(cls, encoder: TextEncoder, prompts: Sequence[str]) -> CaptionStates:
+        ordered = [""] + [p for p in dict.fromkeys(prompts) if p != ""]
+        states, mask = [], []
+        for start in range(0, len(ordered), 256):
+            chunk_states, chunk_mask = encoder.encode(ordered[start : start + 256])
+            states.append(chunk_states.cpu())
+            mask.append(chunk_mask.cpu())
+        return cls(ordered, torch.cat(states), torch.cat(mask))
+
+    def rows(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Row indices of prompts: (B,) long. Unknown prompts raise."""
+        missing = [p for p in prompts if p not in self.row_of]
+        if missing:
+            raise ConfigError(
+                f"{len(missing)} prompts are not in the text states table (first: {missing[0]!r}); export the "
+                "table again with `perfusion pretrain --export-text-states FILE`"
+            )
+        return torch.tensor([self.row_of[p] for p in prompts], dtype=torch.long)
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"states": self.states.half().contiguous(), "mask": self.mask.to(torch.int8).contiguous()}
+        save_file(tensors, str(path), metadata={"prompts": json.dumps(self.prompts)})
+
+    @classmethod
+    def load(cls, path: Path) -> CaptionStates:
+        from safetensors import safe_open
+
+        if not path.is_file():
+            raise ConfigError(f"text states file {path} does not exist; write it with --export-text-states {path}")
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if "prompts" not in metadata:
+                raise ConfigError(f"{path} has no 'prompts' metadata; it was not written by --export-text-states")
+            prompts = json.loads(metadata["prompts"])
+            states = handle.get_tensor("states").float()
+            mask = handle.get_tensor("mask").long()
+        return cls(prompts, states, mask)
