@@ -25,7 +25,7 @@ BLOCK_SIZES: tuple[int, ...] = tuple(len(values) for values in ATTRIBUTE_KINDS.v
 @dataclass(frozen=True)
 class AttributeClassifierConfig:
     image_size: int = field(default=32, metadata={"help": "input image side in pixels"})
-    channels: tuple[int, ...] = field(default=(32, 64, 128), metadata={"help": "conv widths, one per 2x downsample"})
+    channels: tuple[int, ...] = field(default=(16, 32, 64), metadata={"help": "conv widths, one per 2x downsample"})
 
     def to_dict(self) -> dict[str, Any]:
         return {"image_size": self.image_size, "channels": list(self.channels)}
@@ -36,7 +36,7 @@ class AttributeClassifierConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown attribute classifier config keys {unknown}; known keys are {sorted(known)}")
-        return cls(image_size=int(values.get("image_size", 32)), channels=tuple(values.get("channels", (32, 64, 128))))
+        return cls(image_size=int(values.get("image_size", 32)), channels=tuple(values.get("channels", (16, 32, 64))))
 
 
 class AttributeClassifier(nn.Module):
