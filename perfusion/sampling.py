@@ -101,11 +101,7 @@ def unet_noise_fn(unet: UNet2DConditionModel) -> NoiseFn:
 
 def load_base_unet(folder: Path = BASE_CHECKPOINT_DIR, device: str | torch.device = "cpu") -> UNet2DConditionModel:
     """The base UNet of a checkpoint folder (default: the committed assets/base), in eval mode, frozen."""
-    if not (Path(folder) / UNET_COMPONENT).is_dir():
-        raise ConfigError(
-            f"no base checkpoint at {folder} (expected {folder}/{UNET_COMPONENT}/); run `perfusion pretrain --out "
-            f"{folder}` or pass the folder of one"
-        )
+    _require_checkpoint(Path(folder))
     unet = load_component(Path(folder), UNET_COMPONENT, unet_from_config, device=device)
     if not isinstance(unet, UNet2DConditionModel):
         raise ConfigError(f"{folder}/{UNET_COMPONENT} did not build a UNet2DConditionModel")
@@ -113,7 +109,16 @@ def load_base_unet(folder: Path = BASE_CHECKPOINT_DIR, device: str | torch.devic
     return unet
 
 
+def _require_checkpoint(folder: Path) -> None:
+    if not (folder / UNET_COMPONENT).is_dir():
+        raise ConfigError(
+            f"no base checkpoint at {folder} (expected {folder}/{UNET_COMPONENT}/); run `perfusion pretrain --out "
+            f"{folder}` or pass the folder of one"
+        )
+
+
 def base_model_config(folder: Path = BASE_CHECKPOINT_DIR) -> BaseModelConfig:
+    _require_checkpoint(Path(folder))
     return BaseModelConfig.from_dict(read_component_config(Path(folder), UNET_COMPONENT)["base_model"])
 
 
