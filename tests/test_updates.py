@@ -175,3 +175,29 @@ def test_without_the_adaptive_network_the_version_holds_a_fine_tuned_unet() -> N
     assert models.finetuned_unet is not models.base_unet
     assert set(models.components()) == {"reward_model", "unet"}
     assert dataclasses.asdict(TrainerSettings.for_arm("group_without_adaptive"))["use_adaptive_network"] is False
+
+
+def test_the_cli_offers_exactly_the_arms_and_objectives_of_the_settings() -> None:
+    from perfusion.commands.train import ARM_NAMES, OBJECTIVE_NAMES
+    from trainer.settings import ARMS, OBJECTIVES
+
+    assert tuple(ARMS) == ARM_NAMES
+    assert OBJECTIVE_NAMES == OBJECTIVES
+
+
+def test_settings_refuse_values_that_would_break_the_guarantees() -> None:
+    from perfusion.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dedupe_window"):
+        TrainerSettings(buffer_capacity=100, dedupe_window=10)
+    with pytest.raises(ConfigError, match="objective"):
+        TrainerSettings(objective="contrastive")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="unknown arm"):
+        TrainerSettings.for_arm("everything")
+    with pytest.raises(ConfigError, match="unknown trainer settings"):
+        TrainerSettings.from_env(learning_rate=1.0)
+    assert TrainerSettings.for_arm("adaptive_with_pairwise_dpo", reward_steps=3).arm_description == {
+        "objective": "pairwise_dpo",
+        "use_adaptive_network": True,
+        "personalized_reward_model": True,
+    }

@@ -58,6 +58,10 @@ MANIFEST_OFFSETS_KEY = "sample_offsets"
 MANIFEST_TRAINED_IDS_KEY = "trained_sample_ids"
 
 
+class TrainerError(PerfusionError):
+    """The trainer cannot start with what it was given."""
+
+
 class UserVectorSource(Protocol):
     def vectors(self, samples: Sequence[GroupSample]) -> list[NDArray[np.float32]]:
         """u of each sample's user as of its impression time, float32 [USER_DIM] each."""
@@ -185,6 +189,7 @@ class Trainer:
     def ingest_samples(self, records: Sequence[tuple[str, int, int, bytes]]) -> int:
         """Buffer (topic, partition, offset, value) group-sample records; returns how many were new."""
         fresh: list[tuple[GroupSample, str, int, int]] = []
+        fresh_ids: set[str] = set()
         for topic, partition, offset, value in records:
             try:
                 sample = GroupSample.model_validate_json(value)
@@ -195,7 +200,7 @@ class Trainer:
             target = (
                 self.heldout if belongs_to_heldout(sample.sample_id, self.settings.heldout_fraction) else self.buffer
             )
-            if target.has_seen(sample.sample_id) or any(s.sample_id == sample.sample_id for s, *_ in fresh):
+            if target.has_seen(sample.sample_id) or sample.sample_id in fresh_ids:
                 self.summary.duplicates_skipped += 1
                 continue
             try:
@@ -208,6 +213,7 @@ class Trainer:
                 )
                 continue
             fresh.append((sample, topic, partition, offset))
+            fresh_ids.add(sample.sample_id)
         vectors = self.user_vectors.vectors([sample for sample, *_ in fresh])
         for (sample, topic, partition, offset), vector in zip(fresh, vectors, strict=True):
             if belongs_to_heldout(sample.sample_id, self.settings.heldout_fraction):
@@ -457,7 +463,3 @@ def describe_summary(summary: LoopSummary) -> str:
         f"{summary.train_requests} train requests, {summary.updates_run} updates, published: {published}, "
         f"refused: {len(summary.refusals)}"
     )
-
-
-class TrainerError(PerfusionError):
-    """The trainer cannot start with what it was given."""

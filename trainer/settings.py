@@ -82,7 +82,7 @@ class TrainerSettings:
     )
     # --- how much
     reward_steps: int = field(default=40, metadata={"help": "optimizer steps on the reward model per update"})
-    diffusion_steps: int = field(default=12, metadata={"help": "optimizer steps on the generator per update"})
+    diffusion_steps: int = field(default=6, metadata={"help": "optimizer steps on the generator per update"})
     groups_per_batch: int = field(default=8, metadata={"help": "impressions (groups of K candidates) per step"})
     reward_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the reward model"})
     generator_learning_rate: float = field(
