@@ -70,7 +70,9 @@ class PretrainConfig:
     grid_seeds: int = field(default=6, metadata={"help": "columns of the sample grid"})
     sample_steps: int = field(default=25, metadata={"help": "DDIM steps when sampling for evaluation"})
     guidance_scale: float = field(default=3.0, metadata={"help": "classifier-free guidance scale for evaluation"})
-    classifier: ClassifierTrainingConfig = field(default_factory=ClassifierTrainingConfig)
+    classifier: ClassifierTrainingConfig = field(
+        default_factory=ClassifierTrainingConfig, metadata={"help": "training of the attribute classifier"}
+    )
 
 
 @dataclass

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,26 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--eval-seeds", type=int, default=None, help="samples per held-out caption (default 2)")
     parser.add_argument("--classifier-steps", type=int, default=None, help="attribute classifier steps (default 1200)")
     parser.set_defaults(handler=run)
+
+
+# Options recorded in a checkpoint's provenance, in this order; flags are recorded when set.
+RECORDED_OPTIONS = (
+    "quick", "steps", "batch_size", "lr", "seed", "device", "bf16", "time_budget_min", "threads", "out", "docs",
+    "base_model", "text_states", "eval_seeds", "classifier_steps",
+)  # fmt: skip
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The ``perfusion pretrain`` command line that reproduces these parsed options."""
+    words = ["perfusion", "pretrain"]
+    for name in RECORDED_OPTIONS:
+        value = getattr(args, name, None)
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif value not in (None, False):
+            words += [flag, shlex.quote(str(value))]
+    return " ".join(words)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     )
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.machine()})"
     provenance = {
-        "command": "perfusion " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "perfusion",
+        "command": command_line(args),
         "seed": args.seed,
         "batch_size": config.batch_size,
         "device_name": device_name,

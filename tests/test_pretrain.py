@@ -1,0 +1,135 @@
+"""Pretraining on toy data: parameters move, EMA lags, schedules, classifier loss, the CLI end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from perfusion.catalog import all_attributes, split_catalog
+from perfusion.checkpoints import load_component
+from perfusion.cli import main
+from perfusion.models.attribute_classifier import build_attribute_classifier
+from perfusion.models.base import QUICK_CONFIG, build_unet, load_pretrained_unet
+from perfusion.sampling import BaseGenerator
+from perfusion.text_encoder import CaptionStates
+from tests.test_base_model import tiny_stable_diffusion_folder
+from trainer.attribute_classifier import ClassifierTrainingConfig, augment, classifier_loss
+from trainer.pretrain import EMA, PretrainConfig, learning_rate_at, train_unet
+
+TINY = PretrainConfig(steps=2, batch_size=4, warmup_steps=1, variants=1, seed=0)
+
+
+def random_states(prompts: list[str]) -> CaptionStates:
+    """A stand-in for MiniLM: seeded random states for every catalog caption."""
+    ordered = ["", *prompts]
+    generator = torch.Generator().manual_seed(0)
+    states = torch.randn(len(ordered), QUICK_CONFIG.text_max_length, 384, generator=generator)
+    return CaptionStates(ordered, states, torch.ones(len(ordered), QUICK_CONFIG.text_max_length, dtype=torch.long))
+
+
+@pytest.fixture(scope="module")
+def states() -> CaptionStates:
+    return random_states([attrs.caption() for attrs in all_attributes()])
+
+
+def test_a_training_step_changes_parameters_and_ema_lags(states: CaptionStates) -> None:
+    torch.manual_seed(0)
+    unet = build_unet(QUICK_CONFIG)
+    before = [p.detach().clone() for p in unet.parameters()]
+    ema_unet, figures = train_unet(unet, QUICK_CONFIG, TINY, split_catalog().train[:8], states)
+    changed = [not torch.equal(b, p) for b, p in zip(before, unet.parameters(), strict=True)]
+    assert sum(changed) > 0.9 * len(changed)
+    ema_differs = [not torch.equal(e, p) for e, p in zip(ema_unet.parameters(), unet.parameters(), strict=True)]
+    assert any(ema_differs)
+    assert figures["train_steps"] == 2 and figures["final_loss"] > 0
+
+
+def test_training_is_reproducible_with_a_seed(states: CaptionStates) -> None:
+    results = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        unet = build_unet(QUICK_CONFIG)
+        ema_unet, _ = train_unet(unet, QUICK_CONFIG, TINY, split_catalog().train[:8], states)
+        results.append(next(ema_unet.parameters()).detach().clone())
+    assert torch.equal(results[0], results[1])
+
+
+def test_a_time_budget_stops_training(states: CaptionStates) -> None:
+    config = dataclasses.replace(TINY, steps=1000, time_budget_s=0.0)
+    _, figures = train_unet(build_unet(QUICK_CONFIG), QUICK_CONFIG, config, split_catalog().train[:4], states)
+    assert figures["train_steps"] == 1
+
+
+def test_learning_rate_warms_up_then_decays() -> None:
+    config = PretrainConfig(steps=100, warmup_steps=10, learning_rate=1.0)
+    assert learning_rate_at(0, config) == pytest.approx(0.1)
+    assert learning_rate_at(10, config) == pytest.approx(1.0)
+    assert learning_rate_at(99, config) == pytest.approx(0.1, abs=1e-3)
+    budgeted = dataclasses.replace(config, time_budget_s=10.0)
+    assert learning_rate_at(20, budgeted, elapsed_s=10.0) == pytest.approx(0.1)
+
+
+def test_ema_starts_close_to_the_live_weights() -> None:
+    live = torch.nn.Linear(2, 2)
+    ema = EMA(live, decay=0.999)
+    with torch.no_grad():
+        live.weight.add_(1.0)
+    ema.update(live)
+    # Warm-up decay (1 + 1) / (10 + 1): the first update moves the average most of the way.
+    assert torch.allclose(ema.shadow.weight, live.weight - 2 / 11, atol=1e-6)
+
+
+def test_classifier_loss_is_summed_over_kinds_and_minimal_at_the_labels() -> None:
+    labels = torch.tensor([[1, 2, 0, 1, 0]])
+    logits = torch.full((1, 26), -20.0)
+    for offset, label in zip([0, 6, 18, 22, 24], labels[0].tolist(), strict=True):
+        logits[0, offset + label] = 20.0
+    assert classifier_loss(logits, labels) < 1e-6
+    assert classifier_loss(torch.zeros(1, 26), labels) > 1.0
+    images = torch.zeros(2, 3, 32, 32)
+    assert augment(images, 0.1, torch.Generator().manual_seed(0)).abs().max() <= 0.1 * 6
+
+
+def test_sd_shaped_base_model_trains(tmp_path: Path, states: CaptionStates) -> None:
+    tiny_stable_diffusion_folder(tmp_path / "sd")
+    unet = load_pretrained_unet(tmp_path / "sd", QUICK_CONFIG)
+    before = unet.conv_in.weight.detach().clone()
+    train_unet(unet, QUICK_CONFIG, TINY, split_catalog().train[:4], states)
+    assert not torch.equal(before, unet.conv_in.weight)
+
+
+@pytest.mark.slow
+def test_quick_cli_writes_a_loadable_checkpoint(tmp_path: Path, states: CaptionStates) -> None:
+    states_file = tmp_path / "states.safetensors"
+    states.save(states_file)
+    out, docs = tmp_path / "base", tmp_path / "docs"
+    code = main(
+        [
+            *("pretrain", "--quick", "--steps", "3", "--classifier-steps", "3", "--text-states", str(states_file)),
+            *("--out", str(out), "--docs", str(docs), "--seed", "5"),
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["provenance"]["seed"] == 5 and "--quick" in report["provenance"]["command"]
+    assert set(report["metrics"]["heldout_accuracy"]) == {"garment", "colour", "pattern", "sleeve", "fit"}
+    unet_config = json.loads((out / "unet" / "config.json").read_text())
+    assert unet_config["provenance"]["seed"] == 5
+    assert (docs / "samples.png").is_file() and "perfusion pretrain" in (docs / "base-model.md").read_text()
+    load_component(out, "attribute_classifier", build_attribute_classifier)
+
+    class StatesEncoder:
+        def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            return states.states[states.rows(prompts)], states.mask[states.rows(prompts)]
+
+    generator = BaseGenerator(out, text_encoder=StatesEncoder())  # type: ignore[arg-type]
+    assert generator.generate([split_catalog().heldout[0].caption()], num_steps=2).shape == (1, 32, 32, 3)
+
+
+def test_classifier_training_config_has_help_text() -> None:
+    assert all(f.metadata.get("help") for f in dataclasses.fields(ClassifierTrainingConfig))
+    assert all(f.metadata.get("help") for f in dataclasses.fields(PretrainConfig))
