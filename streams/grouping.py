@@ -10,7 +10,7 @@ Policy, so that every impression ends as exactly one sample or one counted drop:
 
 - an impression seen again while its group is open or remembered as closed is a duplicate: counted, no output;
 - an impression whose window the watermark has already passed arrives too late to be attributed fairly: it ends
-  as a :class:`GroupDrop` with reason ``late_impression``;
+  as a :class:`~streams.records.GroupDrop` with reason ``late_impression``;
 - a follow-up for an impression not seen yet is buffered; the buffer expires (each event counted as
   ``orphan_follow_up``) once no impression that could own it can still arrive in time;
 - a follow-up for a closed group is counted as ``late_follow_up``; one stamped after its group's window is counted
@@ -39,7 +39,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from perfusion.errors import ConfigError
 from streams.records import (
@@ -50,11 +50,10 @@ from streams.records import (
     Click,
     DesignCreated,
     GradedCandidate,
+    GroupDrop,
     GroupSample,
     Impression,
-    NonEmptyId,
     Order,
-    Record,
     Return,
     Select,
 )
@@ -98,17 +97,6 @@ class GroupingSettings:
                 raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value}")
         if self.window_s <= 0.0:
             raise ConfigError(f"window_s must be positive, got {self.window_s}; e.g. 1800 for 30 minutes")
-
-
-class GroupDrop(Record):
-    """An impression that ends without a group sample, with the reason; keyed by ``sample_id`` downstream."""
-
-    sample_id: NonEmptyId
-    user_id: NonEmptyId
-    design_id: NonEmptyId
-    reason: Literal["late_impression"]
-    impression_ts: float
-    watermark: float
 
 
 GroupOutput = GroupSample | GroupDrop

@@ -2,8 +2,8 @@
 
 Inbound events (what shoppers, merchants and the generator do) are pydantic models, validated strictly on the
 way in by :func:`parse_event`; anything that fails goes to the dead-letter topic with the reason and the
-original bytes. Outbound records (group samples, production orders, training requests, model updates) are
-pydantic models too, serialized as JSON with :meth:`to_bytes`.
+original bytes. Outbound records (group samples and drops, production orders, training requests, model
+updates) are pydantic models too, serialized as JSON with :meth:`to_bytes`.
 
 Every record carries ``schema_version``; a reader refuses versions it does not know.
 """
@@ -218,6 +218,17 @@ class GroupSample(Record):
     model_version: NonEmptyId
     impression_ts: float
     candidates: list[GradedCandidate] = Field(min_length=1, max_length=MAX_K)
+
+
+class GroupDrop(Record):
+    """An impression that ends without a group sample, with the reason; keyed by ``sample_id`` downstream."""
+
+    sample_id: NonEmptyId
+    user_id: NonEmptyId
+    design_id: NonEmptyId
+    reason: Literal["late_impression"]
+    impression_ts: float
+    watermark: float
 
 
 class ProductionOrder(Record):

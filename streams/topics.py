@@ -2,7 +2,7 @@
 
 Inbound events of all kinds share ``perfusion.events``, keyed by ``user_id`` so that one user's events stay ordered
 in one partition. Outbound records have one topic each, keyed so that a replay overwrites rather than duplicates
-(group samples by impression id, production orders by design id, training requests by request id).
+(group samples and group drops by impression id, production orders by design id, training requests by request id).
 
 Names take the settings' ``topic_prefix`` (tests use a unique prefix per test). :func:`ensure_topics` creates them
 with kafka-python's admin client before anything produces, so a producer never auto-creates a one-partition topic.
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 EVENTS = "perfusion.events"
 DEAD_LETTERS = "perfusion.dlq"
 GROUP_SAMPLES = "perfusion.group-samples"
+GROUP_DROPS = "perfusion.group-drops"
 PRODUCTION_ORDERS = "perfusion.production-orders"
 TRAIN_REQUESTS = "perfusion.train-requests"
 MODEL_UPDATES = "perfusion.model-updates"
@@ -38,6 +39,7 @@ class TopicNames:
     events: str
     dead_letters: str
     group_samples: str
+    group_drops: str
     production_orders: str
     train_requests: str
     model_updates: str
@@ -48,6 +50,7 @@ class TopicNames:
             events=prefix + EVENTS,
             dead_letters=prefix + DEAD_LETTERS,
             group_samples=prefix + GROUP_SAMPLES,
+            group_drops=prefix + GROUP_DROPS,
             production_orders=prefix + PRODUCTION_ORDERS,
             train_requests=prefix + TRAIN_REQUESTS,
             model_updates=prefix + MODEL_UPDATES,
@@ -66,6 +69,7 @@ class Topics:
     events: TopicT
     dead_letters: TopicT
     group_samples: TopicT
+    group_drops: TopicT
     production_orders: TopicT
     train_requests: TopicT
     model_updates: TopicT
@@ -90,6 +94,7 @@ def declare_topics(app: faust.App, settings: StreamSettings) -> Topics:
         events=topic(names.events),
         dead_letters=topic(names.dead_letters),
         group_samples=topic(names.group_samples),
+        group_drops=topic(names.group_drops),
         production_orders=topic(names.production_orders),
         train_requests=topic(names.train_requests),
         model_updates=topic(names.model_updates),

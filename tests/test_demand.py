@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from perfusion.errors import ConfigError
 from streams.demand import DemandCounter, DemandSettings, batch_production_orders
 from streams.records import AnyEvent, Click, DesignCreated, Order, ProductionOrder, Return
+from streams.settings import StreamSettings
 
 T0 = 1_700_000_000.0
 LATENESS = 10.0
@@ -121,6 +122,20 @@ def test_a_crash_before_confirmation_resends_the_same_order_and_never_a_second()
 def test_settings_reject_a_zero_default_threshold() -> None:
     with pytest.raises(ConfigError, match="default_threshold must be at least 1"):
         DemandSettings(default_threshold=0)
+
+
+def test_stream_settings_carry_demand_settings_and_read_them_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PERFUSION_DEMAND_LATENESS_S", "7.5")
+    monkeypatch.setenv("PERFUSION_DEMAND_DEFAULT_THRESHOLD", "3")
+    settings = StreamSettings.from_env()
+    assert settings.demand() == DemandSettings(allowed_lateness_s=7.5, default_threshold=3)
+    monkeypatch.setenv("PERFUSION_DEMAND_DEFAULT_THRESHOLD", "none")
+    assert StreamSettings.from_env().demand().default_threshold is None
+    monkeypatch.setenv("PERFUSION_DEMAND_DEFAULT_THRESHOLD", "three")
+    with pytest.raises(ConfigError, match="PERFUSION_DEMAND_DEFAULT_THRESHOLD must be a whole number, got 'three'"):
+        StreamSettings.from_env()
 
 
 # ------------------------------------------------------------------------------------------ property-based

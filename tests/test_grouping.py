@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from perfusion.attributes import DESCRIPTOR_DIM
 from perfusion.errors import ConfigError
-from streams.grouping import GroupBuilder, GroupDrop, GroupingSettings, GroupOutput, batch_group_outputs
+from streams.grouping import GroupBuilder, GroupingSettings, GroupOutput, batch_group_outputs
 from streams.records import (
     GRADE_CLICK,
     GRADE_NONE,
@@ -20,12 +20,14 @@ from streams.records import (
     Candidate,
     Click,
     DesignCreated,
+    GroupDrop,
     GroupSample,
     Impression,
     Order,
     Return,
     Select,
 )
+from streams.settings import StreamSettings
 
 T0 = 1_700_000_000.0
 WINDOW = 100.0
@@ -188,6 +190,13 @@ def test_builders_of_two_partitions_share_a_store_without_touching_each_other() 
 def test_settings_reject_a_zero_window() -> None:
     with pytest.raises(ConfigError, match="window_s must be positive"):
         GroupingSettings(window_s=0.0)
+
+
+def test_stream_settings_carry_the_attribution_window_and_refuse_a_bad_one() -> None:
+    settings = StreamSettings(group_window_s=20.0, group_allowed_lateness_s=5.0, group_closed_retention_s=600.0)
+    assert settings.grouping() == GroupingSettings(window_s=20.0, allowed_lateness_s=5.0, closed_retention_s=600.0)
+    with pytest.raises(ConfigError, match=r"window_s must be positive, got 0.0.*stream settings group_"):
+        StreamSettings(group_window_s=0.0)
 
 
 # ------------------------------------------------------------------------------------------ property-based

@@ -8,6 +8,7 @@ from perfusion.attributes import DESCRIPTOR_DIM
 from perfusion.errors import ConfigError
 from streams.agents.training import TrainingTrigger, TrainingTriggerSettings
 from streams.records import GradedCandidate, GroupSample, TrainRequest
+from streams.settings import StreamSettings
 
 SETTINGS = TrainingTriggerSettings(samples_per_request=3, max_wait_s=60.0, tick_s=1.0)
 
@@ -106,3 +107,20 @@ def test_another_partitions_versions_are_left_alone() -> None:
 def test_settings_reject_zero_samples() -> None:
     with pytest.raises(ConfigError, match="samples_per_request must be at least 1, got 0"):
         TrainingTriggerSettings(samples_per_request=0)
+
+
+def test_stream_settings_carry_n_t_and_tick_and_worker_flags_win_over_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from perfusion.cli import build_parser
+    from perfusion.commands.worker import settings_from_args
+
+    monkeypatch.setenv("PERFUSION_TRAIN_SAMPLES", "50")
+    monkeypatch.setenv("PERFUSION_TRAIN_MAX_WAIT_S", "9")
+    args = build_parser().parse_args(["worker", "--train-samples-per-request", "10", "--train-tick-s", "0.5"])
+    settings = settings_from_args(args)
+    assert settings.training_trigger() == TrainingTriggerSettings(samples_per_request=10, max_wait_s=9.0, tick_s=0.5)
+    with pytest.raises(ConfigError, match="--train-tick-s must be a number, got 'soon'"):
+        settings_from_args(build_parser().parse_args(["worker", "--train-tick-s", "soon"]))
+    with pytest.raises(ConfigError, match="samples_per_request must be at least 1, got 0"):
+        StreamSettings(train_samples_per_request=0)

@@ -5,4 +5,9 @@ To add an agent: write ``streams/agents/<name>.py`` with ``register`` and add it
 others that read that topic use ``EventGate(sink=None)``, which skips and counts them.
 """
 
-AGENT_MODULES: tuple[str, ...] = ("streams.agents.preferences",)
+AGENT_MODULES: tuple[str, ...] = (
+    "streams.agents.preferences",
+    "streams.agents.groups",
+    "streams.agents.demand",
+    "streams.agents.training",
+)

@@ -24,10 +24,10 @@ import json
 import logging
 from typing import TYPE_CHECKING, cast
 
-from streams.agents.groups import JsonTableStore, forget_on_rebalance, raw_table, send_and_wait
 from streams.dead_letters import EventGate, MessagePosition
-from streams.demand import DemandCounter, DemandSettings, is_demand_event
+from streams.demand import DemandCounter, is_demand_event
 from streams.records import DesignCreated, Order, ProductionOrder, Return
+from streams.table_store import JsonTableStore, forget_on_rebalance, raw_table, send_and_wait
 
 if TYPE_CHECKING:
     from faust.streams import Stream
@@ -57,10 +57,10 @@ def read_progress_marker(raw: bytes) -> tuple[int, float]:
     return int(marker["source_partition"]), float(marker["max_event_ts"])
 
 
-def register(context: AgentContext, demand: DemandSettings | None = None) -> AgentT:
+def register(context: AgentContext) -> AgentT:
     """Declare the route and demand agents and the demand table on ``context.app``; returns the demand agent."""
     app, settings, topics = context.app, context.settings, context.topics
-    demand = demand if demand is not None else DemandSettings()
+    demand = settings.demand()
     by_design: TopicT = app.topic(
         by_design_topic_name(settings.group_id),
         key_type=bytes,

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import ValidationError
 
 from perfusion.errors import ConfigError
-from streams.agents.groups import JsonTableStore, forget_on_rebalance, raw_table, send_and_wait
 from streams.records import GroupSample, TrainRequest
+from streams.table_store import JsonTableStore, forget_on_rebalance, raw_table, send_and_wait
 
 if TYPE_CHECKING:
     from faust.types import AgentT, StreamT, TopicT
@@ -173,10 +173,10 @@ def _model_version_of(raw: bytes) -> bytes:
     return str(json.loads(raw)["model_version"]).encode()
 
 
-def register(context: AgentContext, trigger_settings: TrainingTriggerSettings | None = None) -> AgentT:
+def register(context: AgentContext) -> AgentT:
     """Declare the training-trigger agent, its table, internal topic and timer on ``context.app``."""
     app, settings, topics = context.app, context.settings, context.topics
-    trigger_settings = trigger_settings if trigger_settings is not None else TrainingTriggerSettings()
+    trigger_settings = settings.training_trigger()
     by_version: TopicT = app.topic(
         by_version_topic_name(settings.group_id),
         key_type=bytes,

@@ -1,0 +1,81 @@
+"""Faust table helpers shared by the group, demand and training-trigger agents.
+
+:class:`JsonTableStore` is the ``MutableMapping`` view of a raw-bytes Faust table that the pure logic
+(:mod:`streams.grouping`, :mod:`streams.demand`, the training trigger) reads and writes: values are JSON, and every
+write goes to the changelog partition the caller names (the partition of the events being processed), so state
+stays co-partitioned with the topic it was computed from. :func:`send_and_wait` is the first half of the agents'
+two-phase delivery: an output is confirmed in its table only after the broker acknowledged it.
+
+Faust is not imported here at runtime: the app is passed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import faust
+    from faust.types import TableT, TopicT
+    from mode.types.signals import BaseSignalT
+
+
+class JsonTableStore(MutableMapping[str, Any]):
+    """One partition's view of a raw-bytes Faust table as a mapping of str keys to JSON values.
+
+    Reads see every key the worker holds; writes and deletes are logged to changelog ``partition``. Decoded values
+    are cached per key: callers replace values, never mutate them in place.
+    """
+
+    def __init__(self, table: TableT, partition: int) -> None:
+        self.table = table
+        self.partition = partition
+        self._decoded: dict[str, Any] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._decoded:
+            return self._decoded[key]
+        raw = self.table.data[key.encode()]
+        value = json.loads(raw)
+        self._decoded[key] = value
+        return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        raw = json.dumps(value, separators=(",", ":")).encode()
+        self.table.data[key.encode()] = raw
+        self._decoded[key] = value
+        self.table.send_changelog(self.partition, key.encode(), raw, key_serializer="raw", value_serializer="raw")
+
+    def __delitem__(self, key: str) -> None:
+        del self.table.data[key.encode()]
+        self._decoded.pop(key, None)
+        self.table.send_changelog(self.partition, key.encode(), None, key_serializer="raw", value_serializer="raw")
+
+    def __iter__(self) -> Iterator[str]:
+        return (key.decode() for key in list(self.table.data.keys()))
+
+    def __len__(self) -> int:
+        return len(self.table.data)
+
+
+def raw_table(app: faust.App, name: str, partitions: int) -> TableT:
+    """A changelog-backed table whose keys and values travel as raw bytes (the agents encode JSON themselves)."""
+    return app.Table(name, key_type=bytes, value_type=bytes, partitions=partitions)
+
+
+def forget_on_rebalance(app: faust.App, per_partition: dict[int, Any]) -> None:
+    """Drop the per-partition objects whenever partitions move: the next owner rebuilds them from the table."""
+
+    def forget(sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any) -> None:
+        per_partition.clear()
+
+    app.on_partitions_revoked.connect(forget)
+    app.on_partitions_assigned.connect(forget)
+
+
+async def send_and_wait(sends: list[tuple[TopicT, bytes, bytes]]) -> None:
+    """Send every (topic, key, value) and wait until the broker has acknowledged all of them."""
+    pending = [await topic.send(key=key, value=value) for topic, key, value in sends]
+    await asyncio.gather(*pending)
