@@ -11,6 +11,8 @@ VENV := $(CACHE_DIR)/venv-$(shell sha256sum $(LOCK) | cut -c1-16)
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+# Feast reports usage to its authors by default; this machine and CI have no network for it.
+export FEAST_USAGE := False
 export PERFUSION_CACHE_DIR := $(CACHE_DIR)
 
 .PHONY: help setup demo test test-unit test-integration lint broker-up broker-down clean
