@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from perfusion.sampling import BASE_CHECKPOINT_DIR, base_model_config
     from simulator.ground_truth import PixelPreferencePanel
 
+    for noisy in ("kafka", "feast", "httpx"):  # their INFO lines would bury the loop's story
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.shoppers < 1:
         raise ConfigError(f"--shoppers must be at least 1, got {args.shoppers}")
     settings = LoopSettings(

@@ -156,6 +156,7 @@ class RoundReport:
     published_versions: list[str] = field(default_factory=list)  # cumulative
     designs: list[DesignStatusResponse] = field(default_factory=list)
     feature_table: str = ""
+    restarts: list[str] = field(default_factory=list)
 
     @property
     def mean_viewer_utility(self) -> float:
@@ -203,6 +204,7 @@ def format_round(report: RoundReport, previous: RoundReport | None) -> str:
         f"published versions: {', '.join(report.published_versions) or 'none yet'}",
         f"service reports model version {report.service_version}",
     ]
+    lines += [f"!!! {restart}" for restart in report.restarts]
     if report.failed_requests:
         lines.append(f"FAILED requests this round: {len(report.failed_requests)}: {report.failed_requests[0]}")
     before = set(previous.published_versions) if previous else set()
@@ -411,7 +413,8 @@ def run_loop(
                     ("trainer", settings.trainer_arguments()),
                     ("service", settings.service_arguments(port)),
                 ):
-                    process = supervisor.start(name, arguments)
+                    # The trainer commits offsets only after a publish, so a restart neither loses nor repeats samples.
+                    process = supervisor.start(name, arguments, restarts=2 if name == "trainer" else 0)
                     emit(f"==> started the {name} (pid {process.pid}, log {process.log_path})")
                 supervisor.wait_until(client.is_up, settings.startup_timeout_s, "the service to answer /healthz")
                 initial_version = client.healthz().model_version
@@ -422,7 +425,7 @@ def run_loop(
                 reports: list[RoundReport] = []
                 for number in range(1, settings.max_rounds + 1):
                     report = run.play_round(number)
-                    supervisor.check_running()
+                    report.restarts = supervisor.check_running()
                     rows = read_online_features(store, "user_preferences", shoppers[: settings.shown_users])
                     run.observe(report, observer.snapshot(), format_feature_table(rows))
                     emit(format_round(report, reports[-1] if reports else None))

@@ -32,6 +32,8 @@ class SupervisedProcess:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    arguments: tuple[str, ...] = ()
+    restarts_left: int = 0
 
     @property
     def pid(self) -> int:
@@ -63,8 +65,15 @@ class ProcessSupervisor:
     ) -> None:
         self.stop_all()
 
-    def start(self, name: str, arguments: Sequence[str]) -> SupervisedProcess:
-        """Run ``python <arguments>`` from the repository root with this supervisor's environment."""
+    def start(self, name: str, arguments: Sequence[str], restarts: int = 0) -> SupervisedProcess:
+        """Run ``python <arguments>`` from the repository root with this supervisor's environment; a process that
+        exits is started again up to ``restarts`` times by :meth:`check_running` (for crash-safe processes)."""
+        supervised = SupervisedProcess(name, self._spawn(name, arguments), self.log_dir / f"{name}.log")
+        supervised.arguments, supervised.restarts_left = tuple(arguments), restarts
+        self.processes.append(supervised)
+        return supervised
+
+    def _spawn(self, name: str, arguments: Sequence[str]) -> subprocess.Popen[bytes]:
         log_path = self.log_dir / f"{name}.log"
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
@@ -75,19 +84,27 @@ class ProcessSupervisor:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C in the terminal reaches the demo, which stops them in order
             )
-        supervised = SupervisedProcess(name, process, log_path)
-        self.processes.append(supervised)
-        return supervised
+        return process
 
-    def check_running(self) -> None:
-        """Raise :class:`ProcessExited` if any supervised process has exited."""
+    def check_running(self) -> list[str]:
+        """Restart exited processes that have restarts left (returns what happened); raise :class:`ProcessExited`
+        for one that has none."""
+        restarted = []
         for supervised in self.processes:
             code = supervised.process.poll()
-            if code is not None:
+            if code is not None and supervised.restarts_left > 0:
+                supervised.restarts_left -= 1
+                restarted.append(
+                    f"the {supervised.name} (pid {supervised.pid}) exited with {code}, restarted; last log line: "
+                    f"{supervised.log_tail(1)}"
+                )
+                supervised.process = self._spawn(supervised.name, supervised.arguments)
+            elif code is not None:
                 raise ProcessExited(
                     f"the {supervised.name} (pid {supervised.pid}) exited with {code}; its log "
                     f"{supervised.log_path} ends with:\n{supervised.log_tail()}"
                 )
+        return restarted
 
     def wait_until(self, condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.5) -> None:
         """Poll ``condition`` until true; raise if a process exits or ``timeout_s`` passes."""
