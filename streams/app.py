@@ -74,6 +74,9 @@ def create_app(
         topic_replication_factor=1,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
+        broker_session_timeout=settings.session_timeout_s,
+        # The broker expects a few heartbeats per session; Faust's default (3 s) suits the default 60 s session.
+        broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 4),
     )
     topics = declare_topics(app, settings)
 

@@ -59,6 +59,14 @@ class StreamSettings:
     data_dir: Path | None = field(
         default=None, metadata={"help": "Faust data directory; None = <state dir>/worker/<prefixed app id>"}
     )
+    session_timeout_s: float = field(
+        default=60.0,
+        metadata={
+            "help": "seconds before the broker gives a silent worker's partitions to the others (a killed worker's "
+            "partitions wait this long); at least the broker's group.min.session.timeout.ms (6 s)",
+            "env": "PERFUSION_SESSION_TIMEOUT_S",
+        },
+    )
     push_batch_max: int = field(
         default=1000,
         metadata={
@@ -152,6 +160,10 @@ class StreamSettings:
                 f"topic_prefix may hold only letters, digits, '.', '_' and '-'; got {self.topic_prefix!r}"
             )
         _require(1 <= self.partitions <= 1024, f"partitions must be between 1 and 1024, got {self.partitions}")
+        _require(
+            6.0 <= self.session_timeout_s <= 1800.0,
+            f"session_timeout_s must be between 6 and 1800 seconds, got {self.session_timeout_s}",
+        )
         _require(self.push_batch_max >= 1, f"push_batch_max must be at least 1, got {self.push_batch_max}")
         _require(
             0.0 < self.push_batch_within_s <= 60.0,
