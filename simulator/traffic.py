@@ -7,6 +7,11 @@ tastes live only here: the loop must learn them from behaviour.
 
 Use :meth:`TrafficSimulator.events` as a library, :func:`produce_events` to send them to Kafka (kafka-python),
 or ``perfusion simulate``.
+
+The same simulator also drives the closed-loop evaluation with *generated* images: the generator draws the
+candidates, :class:`simulator.marketplace.Marketplace` decides what a viewer does with them from the pixels (via a
+pluggable preference panel), and :meth:`TrafficSimulator.design_event`, :meth:`TrafficSimulator.impression_event`
+and :meth:`TrafficSimulator.response_events` turn that into the same timed, keyed events.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 
 from perfusion.attributes import ATTRIBUTE_KINDS, Attributes, descriptor_blocks, one_hot_descriptor
 from perfusion.errors import ConfigError
+from simulator.marketplace import GroupResponse
 from streams.records import AnyEvent, Candidate, Click, DesignCreated, Impression, Order, Return, Select
 
 log = logging.getLogger(__name__)
@@ -217,6 +223,114 @@ class TrafficSimulator:
             image_ids=[c.image_id for c in chosen],
         )
         return [impression, select]
+
+    # ------------------------------------------------------------------ generated groups (closed-loop evaluation)
+
+    def design_event(
+        self, design_id: str, merchant_id: str, prompt: str, ts: float, order_threshold: int = 5
+    ) -> DesignCreated:
+        """A merchant posting a text design at event time ``ts``."""
+        return DesignCreated(
+            event_id=self._event_id("design"),
+            ts=ts,
+            user_id=merchant_id,
+            design_id=design_id,
+            prompt=prompt,
+            order_threshold=order_threshold,
+        )
+
+    def impression_event(
+        self,
+        viewer_id: str,
+        design_id: str,
+        prompt: str,
+        model_version: str,
+        image_ids: list[str],
+        descriptors: list[list[float]],
+        ts: float,
+    ) -> Impression:
+        """An impression of generated candidates, shown in slots 0..K-1 in the order given."""
+        if len(image_ids) != len(descriptors):
+            raise ConfigError(f"need one descriptor per image: {len(image_ids)} images, {len(descriptors)} descriptors")
+        return Impression(
+            event_id=self._event_id("imp"),
+            ts=ts,
+            user_id=viewer_id,
+            design_id=design_id,
+            prompt=prompt,
+            model_version=model_version,
+            candidates=[
+                Candidate(image_id=image_id, position=position, descriptor=descriptor)
+                for position, (image_id, descriptor) in enumerate(zip(image_ids, descriptors, strict=True))
+            ],
+        )
+
+    def response_events(self, impression: Impression, response: GroupResponse) -> list[AnyEvent]:
+        """The clicks, orders, returns and selection that ``response`` holds for ``impression``, timed after it."""
+        if response.k != len(impression.candidates):
+            raise ConfigError(
+                f"response covers {response.k} candidates, impression {impression.event_id} shows "
+                f"{len(impression.candidates)}"
+            )
+        limit = impression.ts + self.config.max_follow_up_s
+        user_id, impression_id, design_id = impression.user_id, impression.event_id, impression.design_id
+        events: list[AnyEvent] = []
+        ts = impression.ts
+        for candidate in sorted(impression.candidates, key=lambda c: c.position):
+            slot = candidate.position
+            if not response.clicked[slot]:
+                continue
+            ts = min(ts + self._rng.uniform(1.0, 20.0), limit)
+            events.append(
+                Click(
+                    event_id=self._event_id("click"),
+                    ts=ts,
+                    user_id=user_id,
+                    impression_id=impression_id,
+                    design_id=design_id,
+                    image_id=candidate.image_id,
+                )
+            )
+            if not response.ordered[slot]:
+                continue
+            ts = min(ts + self._rng.uniform(5.0, 60.0), limit)
+            order = Order(
+                event_id=self._event_id("order"),
+                ts=ts,
+                image_id=candidate.image_id,
+                quantity=1,
+                user_id=user_id,
+                impression_id=impression_id,
+                design_id=design_id,
+            )
+            events.append(order)
+            if response.returned[slot]:
+                ts = min(ts + self._rng.uniform(30.0, 120.0), limit)
+                events.append(
+                    Return(
+                        event_id=self._event_id("return"),
+                        ts=ts,
+                        order_id=order.event_id,
+                        image_id=candidate.image_id,
+                        quantity=order.quantity,
+                        user_id=user_id,
+                        impression_id=impression_id,
+                        design_id=design_id,
+                    )
+                )
+        chosen = [c.image_id for c in impression.candidates if response.selected[c.position]]
+        if chosen:
+            events.append(
+                Select(
+                    event_id=self._event_id("select"),
+                    ts=min(impression.ts + self._rng.uniform(5.0, 30.0), limit),
+                    user_id=user_id,
+                    impression_id=impression_id,
+                    design_id=design_id,
+                    image_ids=chosen,
+                )
+            )
+        return events
 
 
 def encode(event: AnyEvent) -> tuple[bytes, bytes]:

@@ -1,0 +1,128 @@
+"""Shoppers and merchants acting on generated groups, with the truth of a pluggable :class:`PreferencePanel`.
+
+A shopper looks at the K candidates of one impression and, per candidate, from its true utility u (the panel's
+score of the pixels, never the prompt or any label the system produced):
+
+- clicks with probability ``position_bias(position) * sigmoid(click_bias + click_slope * u)``, where
+  ``position_bias(p) = (1 + p) ** -position_decay``: lower slots are seen less;
+- orders after a click with probability ``sigmoid(order_bias + order_slope * u)``;
+- returns an order when the delivered item falls short of what the shopper expected: the delivered item's utility
+  is ``u + N(0, delivery_sd)``, and it is returned when that falls below ``expectation``, i.e. with probability
+  ``Phi((expectation - u) / delivery_sd)``.
+
+A merchant selects the one or two candidates of their own design that they like best (by true utility plus
+``selection_noise_sd`` of noise).
+
+Every draw comes from the ``numpy.random.Generator`` the caller passes, so an evaluation can give every arm the
+same random numbers for the same (round, user, prompt) and compare arms on common noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+from perfusion.errors import ConfigError
+from simulator.ground_truth import PreferencePanel
+
+
+@dataclass(frozen=True)
+class BehaviourConfig:
+    """How strongly shoppers' and merchants' actions follow their true utility (utilities are on a unit scale)."""
+
+    click_bias: float = field(default=-1.0, metadata={"help": "logit of clicking a neutral (u = 0) item in slot 0"})
+    click_slope: float = field(default=1.5, metadata={"help": "logit change of a click per unit of utility"})
+    position_decay: float = field(default=0.5, metadata={"help": "slot p is seen with weight (1 + p) ** -decay"})
+    order_bias: float = field(default=-1.0, metadata={"help": "logit of ordering a clicked neutral item"})
+    order_slope: float = field(default=1.5, metadata={"help": "logit change of an order per unit of utility"})
+    expectation: float = field(default=0.0, metadata={"help": "utility a delivered item must reach not to be returned"})
+    delivery_sd: float = field(
+        default=1.0, metadata={"help": "spread of the delivered item's utility around the pictured one's"}
+    )
+    selection_noise_sd: float = field(
+        default=0.2, metadata={"help": "noise on a merchant's utilities when choosing candidates"}
+    )
+    max_selected: int = field(default=2, metadata={"help": "a merchant selects 1..max_selected candidates"})
+
+    def __post_init__(self) -> None:
+        for name in ("click_slope", "order_slope", "position_decay", "selection_noise_sd"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.delivery_sd <= 0:
+            raise ConfigError(f"delivery_sd must be positive, got {self.delivery_sd}")
+        if self.max_selected < 1:
+            raise ConfigError(f"max_selected must be at least 1, got {self.max_selected}")
+
+
+@dataclass(frozen=True)
+class GroupResponse:
+    """What one viewer did with one group of K candidates, in slot order; all arrays have shape (K,)."""
+
+    utilities: NDArray[np.float64]
+    clicked: NDArray[np.bool_]
+    ordered: NDArray[np.bool_]
+    returned: NDArray[np.bool_]
+    selected: NDArray[np.bool_]
+
+    @property
+    def k(self) -> int:
+        return int(self.utilities.shape[0])
+
+
+def _sigmoid(values: NDArray[np.float64]) -> NDArray[np.float64]:
+    return 1.0 / (1.0 + np.exp(-values))
+
+
+def _normal_cdf(values: NDArray[np.float64]) -> NDArray[np.float64]:
+    return np.array([0.5 * (1.0 + math.erf(value / math.sqrt(2.0))) for value in values.reshape(-1)]).reshape(
+        values.shape
+    )
+
+
+class Marketplace:
+    """Viewers of a panel acting on groups of images."""
+
+    def __init__(self, panel: PreferencePanel, behaviour: BehaviourConfig | None = None) -> None:
+        self.panel = panel
+        self.behaviour = behaviour or BehaviourConfig()
+
+    def position_bias(self, k: int) -> NDArray[np.float64]:
+        """(K,) probability that slot p is looked at, relative to slot 0."""
+        return (1.0 + np.arange(k, dtype=np.float64)) ** -self.behaviour.position_decay
+
+    def click_probabilities(self, utilities: NDArray[np.float64]) -> NDArray[np.float64]:
+        behaviour = self.behaviour
+        return self.position_bias(utilities.shape[0]) * _sigmoid(
+            behaviour.click_bias + behaviour.click_slope * utilities
+        )
+
+    def order_probabilities(self, utilities: NDArray[np.float64]) -> NDArray[np.float64]:
+        return _sigmoid(self.behaviour.order_bias + self.behaviour.order_slope * utilities)
+
+    def return_probabilities(self, utilities: NDArray[np.float64]) -> NDArray[np.float64]:
+        return _normal_cdf((self.behaviour.expectation - utilities) / self.behaviour.delivery_sd)
+
+    def shopper_response(self, user_id: str, images: NDArray[np.uint8], rng: np.random.Generator) -> GroupResponse:
+        """A shopper's clicks, orders and returns on (K, H, W, 3) uint8 images shown in slots 0..K-1."""
+        utilities = np.asarray(self.panel.utilities(user_id, images), dtype=np.float64)
+        k = utilities.shape[0]
+        # Draw all uniforms up front, a fixed number per slot, so arms with different images consume the same stream.
+        draws = rng.random((3, k))
+        clicked = draws[0] < self.click_probabilities(utilities)
+        ordered = clicked & (draws[1] < self.order_probabilities(utilities))
+        returned = ordered & (draws[2] < self.return_probabilities(utilities))
+        return GroupResponse(utilities, clicked, ordered, returned, np.zeros(k, dtype=bool))
+
+    def merchant_selection(self, user_id: str, images: NDArray[np.uint8], rng: np.random.Generator) -> GroupResponse:
+        """A merchant's selection among the K candidates of their own design."""
+        utilities = np.asarray(self.panel.utilities(user_id, images), dtype=np.float64)
+        k = utilities.shape[0]
+        noisy = utilities + rng.normal(0.0, self.behaviour.selection_noise_sd, size=k)
+        count = int(rng.integers(1, min(self.behaviour.max_selected, k) + 1))
+        selected = np.zeros(k, dtype=bool)
+        selected[np.argsort(-noisy)[:count]] = True
+        nothing = np.zeros(k, dtype=bool)
+        return GroupResponse(utilities, nothing, nothing.copy(), nothing.copy(), selected)
