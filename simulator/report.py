@@ -1,0 +1,207 @@
+"""What ``perfusion eval`` writes: results JSON, PNG plots and docs/results.md.
+
+- ``results.json``: the summary of :func:`simulator.evaluation.summarize` (every metric with its 95% bootstrap
+  interval over users and its lift over the base arm), the offline reward-model comparison, versions per arm,
+  the configuration, the command and the wall time;
+- ``metrics_per_round.png``: each metric per round per arm, with intervals, one row per slice;
+- ``reward_models.png``: GAUC and MAP of PerFusionRM and of the same towers without plug-ins;
+- ``segment_grid.png``: the same prompt generated for users of different segments, base against PerFusion;
+- ``results.md``: the final-round table against the base arm and the reproduction command.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simulator.evaluation import BASELINE_ARM, METRICS, SLICES, EvaluationResult
+
+METRIC_LABELS = {
+    "ctr": "CTR",
+    "conversion": "conversion (orders / clicks)",
+    "return_rate": "return rate",
+    "utility": "mean true utility",
+}
+TARGETS = {"ctr": "≥ +13%", "conversion": "≥ +13%", "return_rate": "≤ −7.9%", "utility": "—"}
+
+
+def write_report(result: EvaluationResult, out_dir: Path, command: str, markdown_path: Path | None = None) -> Path:
+    """Write the JSON, the plots and the markdown; returns the markdown's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {**result.summary, "command": command, "wall_seconds": result.wall_seconds}
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
+    plot_metrics(result, out_dir / "metrics_per_round.png")
+    plot_reward_models(result, out_dir / "reward_models.png")
+    plot_segment_grid(result, out_dir / "segment_grid.png")
+    markdown = markdown_path or out_dir / "results.md"
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text(render_markdown(result, command, plots_dir=_relative(out_dir, markdown.parent)))
+    return markdown
+
+
+def _relative(path: Path, start: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(start.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metrics(result: EvaluationResult, path: Path) -> None:
+    plt = _pyplot()
+    metrics = result.summary["metrics"]
+    figure, axes = plt.subplots(len(SLICES), len(METRICS), figsize=(4 * len(METRICS), 3 * len(SLICES)), squeeze=False)
+    rounds = sorted(int(r) for r in metrics[SLICES[0]])
+    for row, slice_name in enumerate(SLICES):
+        for column, metric in enumerate(METRICS):
+            axis = axes[row][column]
+            for offset, arm in enumerate(result.arms):
+                values = [metrics[slice_name][str(r)][arm][metric]["value"] for r in rounds]
+                lows = [metrics[slice_name][str(r)][arm][metric]["ci95"][0] for r in rounds]
+                highs = [metrics[slice_name][str(r)][arm][metric]["ci95"][1] for r in rounds]
+                xs = np.array(rounds, dtype=float) + 0.04 * (offset - len(result.arms) / 2)
+                errors = np.abs(np.array([np.subtract(values, lows), np.subtract(highs, values)]))
+                axis.errorbar(xs, values, yerr=errors, marker="o", capsize=2, label=arm)
+            axis.set_title(f"{METRIC_LABELS[metric]} · {slice_name}", fontsize=9)
+            axis.set_xticks(rounds)
+            axis.set_xlabel("round (updates so far)")
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_reward_models(result: EvaluationResult, path: Path) -> None:
+    plt = _pyplot()
+    models = result.summary["reward_models"]
+    names = list(models)
+    figure, axis = plt.subplots(figsize=(5, 3.2))
+    width = 0.35
+    for offset, metric in enumerate(("gauc", "map")):
+        axis.bar(np.arange(len(names)) + offset * width, [models[name][metric] for name in names], width, label=metric)
+    axis.set_xticks(np.arange(len(names)) + width / 2, names)
+    axis.set_ylim(0.0, 1.0)
+    axis.set_title("reward models on held-out groups")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_segment_grid(result: EvaluationResult, path: Path) -> None:
+    """One row per segment (its first user with a final-round showing of the grid prompt): base | PerFusion."""
+    plt = _pyplot()
+    compared = [arm for arm in (BASELINE_ARM, "perfusion") if arm in result.arms]
+    rows: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for user, segment in result.segments.items():
+        if segment not in seen and all(user in result.arms[arm].grid_images for arm in compared):
+            rows.append((segment, user))
+            seen.add(segment)
+    figure, axes = plt.subplots(
+        max(1, len(rows)), len(compared), figsize=(3.2 * len(compared), 1.2 * max(1, len(rows)) + 0.6), squeeze=False
+    )
+    for row, (segment, user) in enumerate(rows):
+        for column, arm in enumerate(compared):
+            strip = np.concatenate(list(result.arms[arm].grid_images[user]), axis=1)
+            axes[row][column].imshow(strip, interpolation="nearest")
+            axes[row][column].set_xticks([])
+            axes[row][column].set_yticks([])
+            if column == 0:
+                axes[row][column].set_ylabel(segment, fontsize=7)
+            if row == 0:
+                axes[row][column].set_title(arm, fontsize=9)
+    figure.suptitle(f"'{result.grid_prompt}', final round, one user per segment", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _format(entry: dict[str, Any], percent: bool = False) -> str:
+    value, (low, high) = entry["value"], entry["ci95"]
+    if any(math.isnan(x) for x in (value, low, high)):
+        return "n/a"
+    if percent:
+        return f"{value:+.1%} [{low:+.1%}, {high:+.1%}]"
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def render_markdown(result: EvaluationResult, command: str, plots_dir: str) -> str:
+    config = result.config
+    metrics = result.summary["metrics"]
+    final = str(config.rounds)
+    lines = [
+        "# Closed-loop evaluation results",
+        "",
+        f"Reproduce: `{command}` (wall time {result.wall_seconds / 60:.1f} min on this machine, arms run one after "
+        "another on 2 shared CPU cores).",
+        "",
+        f"Setup: {len(config.arms)} arms, {config.rounds} trainer update(s) per arm, {config.train_users} live users "
+        f"({config.impressions_per_user} impression(s) each per round), {config.cold_users} cold-start users, "
+        f"K = {config.k}, {config.sampling_steps} DDIM steps, {config.reward_steps} RM and {config.diffusion_steps} "
+        f"generator steps per update, seed {config.seed}. Every arm sees the same users, prompts, seeds, event times "
+        "and marketplace draws. Intervals: 95% paired bootstrap over users "
+        f"({config.bootstrap_samples} resamplings).",
+        "",
+    ]
+    for slice_name in metrics:
+        lines += [f"## Round {final} (after the last update), {slice_name.replace('_', ' ')}", ""]
+        header = "| arm | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |"
+        lines += [header, "|" + " --- |" * (len(METRICS) + 1)]
+        for arm in result.arms:
+            entry = metrics[slice_name][final][arm]
+            cells = [_format(entry[m]) for m in METRICS]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines += ["", "Lift over base (relative, 95% CI):", ""]
+        lines += [
+            "| arm | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",
+            "|" + " --- |" * (len(METRICS) + 1),
+        ]
+        for arm in result.arms:
+            if arm == BASELINE_ARM:
+                continue
+            entry = metrics[slice_name][final][arm]
+            lines.append(
+                f"| {arm} | " + " | ".join(_format(entry[m]["lift_vs_base"], percent=True) for m in METRICS) + " |"
+            )
+        lines.append("| target (perfusion) | " + " | ".join(TARGETS[m] for m in METRICS) + " |")
+        lines.append("")
+    lines += [
+        "## Reward models (offline, held-out groups)",
+        "",
+        "| model | GAUC | MAP | train groups | held-out groups |",
+    ]
+    lines.append("| --- | --- | --- | --- | --- |")
+    for name, values in result.summary["reward_models"].items():
+        lines.append(
+            f"| {name} | {values['gauc']:.3f} | {values['map']:.3f} | {int(values['train_groups'])} | "
+            f"{int(values['heldout_groups'])} |"
+        )
+    lines += ["", "Targets: PerFusionRM GAUC ≥ 0.95 and ≥ 0.2 above the model without plug-ins.", ""]
+    lines += ["## Arms", "", "| arm | published versions | gate refusals | seconds |", "| --- | --- | --- | --- |"]
+    for arm, info in result.summary["arms"].items():
+        lines.append(f"| {arm} | {', '.join(info['versions'])} | {info['gate_refusals']} | {info['seconds']:.0f} |")
+    lines += [
+        "",
+        "## Plots",
+        "",
+        f"![metrics per round]({plots_dir}/metrics_per_round.png)",
+        "",
+        f"![reward models]({plots_dir}/reward_models.png)",
+        "",
+        f"![same prompt, different segments]({plots_dir}/segment_grid.png)",
+        "",
+    ]
+    return "\n".join(lines)
