@@ -1,0 +1,49 @@
+"""``perfusion bench serve`` on a tiny configuration: the JSON report has every figure, each of the right kind."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from perfusion.bench.serve import ServeBenchConfig, quantile, run_serve_benchmark, summary
+from perfusion.errors import ConfigError
+
+
+def test_quantile_interpolates_and_is_nan_when_empty():
+    assert quantile([3.0, 1.0, 2.0, 4.0], 0.5) == pytest.approx(2.5)
+    assert quantile([1.0, 2.0], 0.99) == pytest.approx(1.99)
+    assert math.isnan(quantile([], 0.5))
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ConfigError, match="k must be between 1 and 16, got 0"):
+        ServeBenchConfig(k=0)
+    with pytest.raises(ConfigError, match="publishes"):
+        ServeBenchConfig(publishes=0)
+
+
+def test_report_shape_on_a_tiny_config(kafka_bootstrap: str, tmp_path: Path):
+    config = ServeBenchConfig(k=2, steps=1, repeats=2, warmup=0, publishes=1, poll=0.05)
+    report = run_serve_benchmark(config, bootstrap_servers=kafka_bootstrap)
+    report = json.loads(json.dumps(report))  # JSON-serialisable as written by --out
+
+    assert report["benchmark"] == "serve" and report["config"]["k"] == 2
+    latency = report["candidates_latency_seconds"]
+    for arm in ("base", "personalized"):
+        assert len(latency[arm]["samples"]) == 2 and latency[arm]["median"] > 0
+    assert report["personalization_kinds"] == {"base": ["base"], "personalized": ["cold_start"]}
+    assert report["personalized_over_base"] == pytest.approx(
+        latency["personalized"]["median"] / latency["base"]["median"]
+    )
+    for measure in ("swap", "first_response"):
+        assert len(report["publish_to_serve_seconds"][measure]["samples"]) == 1
+    swap, first = (report["publish_to_serve_seconds"][m]["median"] for m in ("swap", "first_response"))
+    assert 0 <= swap <= first
+    feast = report["feast_read_seconds"]
+    assert feast["count"] >= 4 and 0 < feast["p50"] <= feast["p99"] <= feast["max"]
+    assert report["service_metrics"]["perfusion_feast_read_seconds"]["count"] == feast["count"]
+    assert report["failed_requests"] == []
+    assert "ratio" in summary(report) and "Feast read" in summary(report)
