@@ -351,6 +351,25 @@ class ArmGenerator:
         return latest
 
 
+class ImpressionTimeUserVectors:
+    """u of each group sample's user as the arm's Feast online store served it when the impression was generated.
+
+    The evaluation reads every viewer's features from Feast right before generating their group, so this is the
+    point-in-time vector; the trainer gets it instead of its offline join (see docs/results.md for why).
+    """
+
+    def __init__(self) -> None:
+        self.by_impression: dict[str, NDArray[np.float32]] = {}
+
+    def vectors(self, samples: Sequence[Any]) -> list[NDArray[np.float32]]:
+        missing = [sample.sample_id for sample in samples if sample.sample_id not in self.by_impression]
+        if missing:
+            raise EvaluationError(
+                f"no recorded user vector for impressions {missing[:3]}; they were not generated here"
+            )
+        return [self.by_impression[sample.sample_id] for sample in samples]
+
+
 def push_profiles(panel: PixelPreferencePanel, users: Sequence[str], ts: float) -> None:
     """What the shop knows at sign-up (age group, region) for every shopper, into the arm's Feast store."""
     from datetime import UTC, datetime
@@ -434,7 +453,7 @@ def run_arm(
     from perfusion.user_features import user_vector
     from streams.feature_push import apply_feature_repo, open_feature_store
     from streams.topics import TopicNames, ensure_topics
-    from trainer.loop import FeastUserVectors, build_trainer
+    from trainer.loop import build_trainer
     from trainer.settings import TrainerSettings
 
     started = time.monotonic()
@@ -466,9 +485,8 @@ def run_arm(
         images = ImageStore(arm_dir / "images")
         generator = ArmGenerator(config.base_checkpoint, arm_dir / "models", text_encoder, config.sampling_steps)
         reader = FeastFeatureReader(open_feature_store())
-        trainer = build_trainer(
-            settings, text_encoder=text_encoder, user_vectors=FeastUserVectors(open_feature_store())
-        )
+        recorded_vectors = ImpressionTimeUserVectors()
+        trainer = build_trainer(settings, text_encoder=text_encoder, user_vectors=recorded_vectors)
         live_groups = 0
         with stream_worker(env, topic_prefix, log_path) as worker:
             for round_index in range(config.rounds + 1):
@@ -485,6 +503,7 @@ def run_arm(
                 for showing in showings:
                     features = reader.read(showing.viewer_id)
                     _, condition = user_condition(features, now=showing.ts)
+                    vector = user_vector(features, as_of=showing.ts)
                     group = generator.generator.generate(showing.prompt, condition, config.k, showing.seed)
                     rng = np.random.default_rng([config.seed, round_index, showing.seed])
                     if showing.slice == MERCHANT:
@@ -510,7 +529,7 @@ def run_arm(
                             RewardExample(
                                 slice=showing.slice,
                                 prompt=showing.prompt,
-                                user_vector=user_vector(features, as_of=showing.ts).tolist(),
+                                user_vector=vector.tolist(),
                                 images=group.images,
                                 grades=grades_of(response),
                             )
@@ -528,6 +547,7 @@ def run_arm(
                             group.descriptors,
                             showing.ts,
                         )
+                        recorded_vectors.by_impression[impression.event_id] = vector
                         episode = [impression, *traffic.response_events(impression, response)]
                         events.extend(episode)
                         live_groups += 1
