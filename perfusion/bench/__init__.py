@@ -24,6 +24,7 @@ from typing import Any, Protocol
 # Benchmark name -> module implementing it. Order here is the order in ``perfusion bench --help``.
 BENCHMARK_MODULES: dict[str, str] = {
     "objective": "perfusion.bench.objective",
+    "streams": "perfusion.bench.streams",
     "serve": "perfusion.bench.serve",
 }
 
