@@ -129,6 +129,14 @@ def test_quick_cli_writes_a_loadable_checkpoint(tmp_path: Path, states: CaptionS
     generator = BaseGenerator(out, text_encoder=StatesEncoder())  # type: ignore[arg-type]
     assert generator.generate([split_catalog().heldout[0].caption()], num_steps=2).shape == (1, 32, 32, 3)
 
+    code = main(
+        ["pretrain", "--quick", "--evaluate", str(out), "--guidance-scale", "2", "--text-states", str(states_file)]
+    )
+    assert code == 0
+    evaluated = json.loads((out / "report.json").read_text())
+    assert evaluated["metrics"]["eval_sampler"] == "DDIM 5 steps, guidance 2.0"
+    assert evaluated["metrics"]["train_steps"] == report["metrics"]["train_steps"]
+
 
 def test_classifier_training_config_has_help_text() -> None:
     assert all(f.metadata.get("help") for f in dataclasses.fields(ClassifierTrainingConfig))

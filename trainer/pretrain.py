@@ -29,8 +29,9 @@ from tqdm import tqdm
 
 from perfusion.attributes import Attributes
 from perfusion.catalog import CatalogDataset, split_catalog
-from perfusion.checkpoints import save_component
-from perfusion.models.attribute_classifier import AttributeClassifier, attribute_accuracy
+from perfusion.checkpoints import load_component, save_component
+from perfusion.errors import ConfigError
+from perfusion.models.attribute_classifier import AttributeClassifier, attribute_accuracy, build_attribute_classifier
 from perfusion.models.base import (
     BaseModelConfig,
     build_train_scheduler,
@@ -39,7 +40,7 @@ from perfusion.models.base import (
     load_pretrained_unet,
     unet_component_config,
 )
-from perfusion.sampling import UNET_COMPONENT, sample_images, unet_noise_fn
+from perfusion.sampling import UNET_COMPONENT, base_model_config, load_base_unet, sample_images, unet_noise_fn
 from perfusion.text_encoder import CaptionStates
 from trainer.attribute_classifier import ClassifierTrainingConfig, train_attribute_classifier
 
@@ -274,10 +275,40 @@ def pretrain(
         "heldout_captions": len(split.heldout),
         "eval_samples": (config.eval_captions or len(split.heldout)) * config.eval_seeds,
         "heldout_accuracy": heldout_accuracy,
+        "eval_sampler": f"DDIM {config.sample_steps} steps, guidance {config.guidance_scale}",
         "classifier_accuracy_on_renders": classifier_accuracy,
     }
     logger.info("held-out caption accuracy of samples: %s", heldout_accuracy)
     return PretrainResult(unet=ema_unet.cpu().float(), classifier=classifier.cpu(), metrics=metrics, grid=grid)
+
+
+def evaluate_checkpoint(
+    folder: Path, config: PretrainConfig, text: CaptionStates
+) -> tuple[PretrainResult, dict[str, Any]]:
+    """Measure a saved checkpoint again (e.g. with another sampler or guidance scale); returns (result, provenance).
+
+    Training figures and provenance come from the checkpoint's report.json; accuracy and grid are new.
+    """
+    report = json.loads((folder / REPORT_FILE).read_text())
+    unet = load_base_unet(folder)
+    model_config = base_model_config(folder)
+    classifier = load_component(folder, CLASSIFIER_COMPONENT, build_attribute_classifier)
+    if not isinstance(classifier, AttributeClassifier):
+        raise ConfigError(f"{folder}/{CLASSIFIER_COMPONENT} did not build an AttributeClassifier")
+    classifier.eval()
+    split = split_catalog()
+    heldout_accuracy = evaluate_heldout(unet, classifier, model_config, text, split.heldout, config)
+    grid = sample_grid(unet, model_config, text, _diverse(split.heldout, config.grid_captions), config)
+    metrics = {
+        **report["metrics"],
+        "heldout_accuracy": heldout_accuracy,
+        "eval_samples": (config.eval_captions or len(split.heldout)) * config.eval_seeds,
+        "eval_sampler": f"DDIM {config.sample_steps} steps, guidance {config.guidance_scale}",
+    }
+    report["metrics"] = metrics
+    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    Image.fromarray(grid).save(folder / SAMPLES_FILE)
+    return PretrainResult(unet=unet, classifier=classifier, metrics=metrics, grid=grid), report["provenance"]
 
 
 def _diverse(items: Sequence[Attributes], count: int) -> list[Attributes]:
@@ -332,6 +363,7 @@ def write_docs(result: PretrainResult, docs: Path, provenance: dict[str, Any]) -
         f"| training steps | {int(m['train_steps'])} at batch {provenance['batch_size']} |",
         f"| training wall time | {m['train_wall_s'] / 60:.1f} min on {provenance['device_name']} |",
         f"| final training loss | {m['final_loss']} |",
+        f"| evaluation sampler | {m.get('eval_sampler', 'DDIM')} |",
         f"| held-out captions, samples classified | {m['heldout_captions']}, {m['eval_samples']} |",
         *(f"| held-out sample accuracy: {kind} | {value:.1%} |" for kind, value in heldout.items()),
         f"| classifier on fresh renders: garment, colour | {renders['garment']:.1%}, {renders['colour']:.1%} |",

@@ -44,6 +44,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--export-text-states", type=Path, default=None, help="write every catalog caption's MiniLM states and exit"
     )
+    parser.add_argument(
+        "--evaluate", type=Path, default=None, help="measure this checkpoint folder again instead of training"
+    )
+    parser.add_argument("--guidance-scale", type=float, default=None, help="guidance for evaluation (default 3)")
     parser.add_argument("--eval-seeds", type=int, default=None, help="samples per held-out caption (default 2)")
     parser.add_argument("--classifier-steps", type=int, default=None, help="attribute classifier steps (default 1200)")
     parser.set_defaults(handler=run)
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from perfusion.paths import state_dir
     from perfusion.text_encoder import CaptionStates, TextEncoder
     from trainer.attribute_classifier import ClassifierTrainingConfig
-    from trainer.pretrain import PretrainConfig, pretrain, save_pretrain_result, write_docs
+    from trainer.pretrain import PretrainConfig, evaluate_checkpoint, pretrain, save_pretrain_result, write_docs
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.classifier_steps or (40 if quick else ClassifierTrainingConfig.steps),
         variants=1 if quick else ClassifierTrainingConfig.variants,
         seed=args.seed,
+        device=args.device,
     )
     config = PretrainConfig(
         steps=args.steps or (30 if quick else PretrainConfig.steps),
@@ -123,8 +128,16 @@ def run(args: argparse.Namespace) -> int:
         grid_captions=4 if quick else PretrainConfig.grid_captions,
         grid_seeds=3 if quick else PretrainConfig.grid_seeds,
         sample_steps=5 if quick else PretrainConfig.sample_steps,
+        guidance_scale=args.guidance_scale or PretrainConfig.guidance_scale,
         classifier=classifier,
     )
+    if args.evaluate:
+        evaluated, recorded = evaluate_checkpoint(args.evaluate, config, text)
+        if args.docs:
+            write_docs(evaluated, args.docs, recorded)
+        accuracy = evaluated.metrics["heldout_accuracy"]
+        print(f"{args.evaluate}: garment {accuracy['garment']:.1%}, colour {accuracy['colour']:.1%}")
+        return 0
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.machine()})"
     provenance = {
         "command": command_line(args),

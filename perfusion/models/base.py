@@ -188,13 +188,18 @@ def build_train_scheduler(config: BaseModelConfig) -> DDPMScheduler:
 def build_sampling_scheduler(
     config: BaseModelConfig, kind: str = "ddim"
 ) -> DDIMScheduler | DPMSolverMultistepScheduler:
-    """Deterministic sampler over the training schedule: DDIM (eta 0) or DPM-Solver++ (2nd order)."""
+    """Deterministic sampler over the training schedule: DDIM (eta 0) or DPM-Solver++ (2nd order).
+
+    DDIM does not clip its x0 estimates: near t = T they are noise amplified ~100x, and clipping them to [-1, 1]
+    pushes whole images towards saturated colours that later steps do not undo (worse with guidance).
+    DPM-Solver++ extrapolates from x0 estimates, so it needs dynamic thresholding to stay bounded.
+    """
     train_config = build_train_scheduler(config).config
     if kind == "ddim":
-        return DDIMScheduler.from_config(train_config, clip_sample=True, set_alpha_to_one=False)
+        return DDIMScheduler.from_config(train_config, clip_sample=False, set_alpha_to_one=False)
     if kind == "dpm-solver":
         return DPMSolverMultistepScheduler.from_config(
-            train_config, algorithm_type="dpmsolver++", solver_order=2, thresholding=False
+            train_config, algorithm_type="dpmsolver++", solver_order=2, thresholding=True, sample_max_value=1.0
         )
     raise ConfigError(f"sampler must be one of {', '.join(SAMPLER_KINDS)}; got {kind!r}")
 
