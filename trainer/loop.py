@@ -78,26 +78,33 @@ class FeastUserVectors:
 
         if not samples:
             return []
+        # Feast's file offline store drops entity rows that repeat a (user, timestamp) pair, so each distinct
+        # pair is asked for once and its row is shared by every sample that has it.
+        keys = list(dict.fromkeys((sample.user_id, sample.impression_ts) for sample in samples))
         entity_df = pd.DataFrame(
             {
-                "user_id": [sample.user_id for sample in samples],
-                "event_timestamp": [datetime.fromtimestamp(sample.impression_ts, tz=UTC) for sample in samples],
-                "sample_row": range(len(samples)),
+                "user_id": [user_id for user_id, _ in keys],
+                "event_timestamp": [datetime.fromtimestamp(ts, tz=UTC) for _, ts in keys],
+                "key_row": range(len(keys)),
             }
         )
-        frame = (
-            self.store.get_historical_features(entity_df=entity_df, features=list(USER_FEATURE_REFS))
-            .to_df()
-            .sort_values("sample_row")
-        )
-        if len(frame) != len(samples):
-            raise InfrastructureError(
-                f"Feast returned {len(frame)} feature rows for {len(samples)} samples; check the feature views' "
-                "entity (user_id) and that `perfusion features apply` ran"
+        frame = self.store.get_historical_features(entity_df=entity_df, features=list(USER_FEATURE_REFS)).to_df()
+        rows_by_key: dict[tuple[str, float], dict[str, Any]] = {}
+        for row in frame.to_dict("records"):
+            key = keys[int(row.pop("key_row"))]
+            rows_by_key[key] = {name: _missing_to_none(value) for name, value in row.items()}
+        if len(rows_by_key) != len(keys):
+            log.warning(
+                "Feast returned features for %d of %d (user, impression time) pairs; the others get cold-start "
+                "defaults",
+                len(rows_by_key),
+                len(keys),
             )
-        rows = [{key: _missing_to_none(value) for key, value in row.items()} for row in frame.to_dict("records")]
         # A user without features at impression time (cold start) gets user_vector's neutral defaults.
-        return [user_vector(row, as_of=sample.impression_ts) for row, sample in zip(rows, samples, strict=True)]
+        return [
+            user_vector(rows_by_key.get((sample.user_id, sample.impression_ts), {}), as_of=sample.impression_ts)
+            for sample in samples
+        ]
 
 
 def _missing_to_none(value: Any) -> Any:
