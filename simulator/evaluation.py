@@ -85,6 +85,13 @@ class EvaluationConfig:
     offline_rm_steps: int = field(
         default=150, metadata={"help": "steps of each reward model in the offline comparison"}
     )
+    gate_generator_tolerance: float = field(
+        default=0.5,
+        metadata={
+            "help": "the trainer's publish gate on generated images, in RM score standard deviations; the same for "
+            "every arm (the trainer's default 0.1 lets a reward model trained on a few dozen groups veto updates)"
+        },
+    )
     bootstrap_samples: int = field(default=1000, metadata={"help": "bootstrap resamplings of users"})
     seed: int = field(default=0, metadata={"help": "seed of users, plan, generation and marketplace draws"})
     torch_threads: int = field(default=1, metadata={"help": "torch threads (small models run best on one)"})
@@ -480,6 +487,7 @@ def run_arm(
             groups_per_batch=config.groups_per_batch,
             gate_generation_steps=config.sampling_steps,
             gate_max_groups=8,
+            gate_generator_tolerance=config.gate_generator_tolerance,
             seed=config.seed,
         )
         images = ImageStore(arm_dir / "images")

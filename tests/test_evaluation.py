@@ -94,9 +94,13 @@ def test_quick_eval_runs_every_arm_and_computes_every_metric(
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
     monkeypatch.setenv("PERFUSION_STATE_DIR", str(tmp_path / "state"))
     out = tmp_path / "results"
-    assert main(["eval", "--quick", "--out", str(out), "--work-dir", str(tmp_path / "work")]) == 0
+    # One arm per generator code path (none, fine-tuned U-Net, adaptive network) keeps the test within minutes;
+    # `perfusion eval --quick` without --arms runs all six.
+    arms = ("base", "group_without_adaptive", "perfusion")
+    argv = ["eval", "--quick", "--arms", *arms, "--out", str(out), "--work-dir", str(tmp_path / "work")]
+    assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    config = EvaluationConfig.quick()
+    config = EvaluationConfig.quick(arms=arms)
     assert set(results["arms"]) == set(config.arms)
     for arm, info in results["arms"].items():
         assert len(info["versions"]) == config.rounds + 1, arm

@@ -28,6 +28,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--impressions", type=int, default=None, help="live impressions per user per round")
     parser.add_argument("--steps", type=int, default=None, help="DDIM sampling steps")
     parser.add_argument("--arms", nargs="+", default=None, help="arms to run (default: all six)")
+    parser.add_argument("--gate-tolerance", type=float, default=None, help="trainer's generator gate, in RM stds")
     parser.add_argument("--seed", type=int, default=None, help="seed of users, plan and draws")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--out", type=Path, default=Path("docs/results"), help="folder for JSON and plots")
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         "sampling_steps": args.steps,
         "arms": tuple(args.arms) if args.arms else None,
         "seed": args.seed,
+        "gate_generator_tolerance": args.gate_tolerance,
         "torch_threads": args.threads,
     }
     values = {key: value for key, value in overrides.items() if value is not None}
