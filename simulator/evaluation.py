@@ -57,6 +57,7 @@ BASELINE_ARM = "base"
 LIVE, HELDOUT_PROMPT, COLD_START, MERCHANT = "live", "heldout_prompt", "cold_start", "merchant"
 SLICES: tuple[str, ...] = (LIVE, HELDOUT_PROMPT, COLD_START)
 METRICS: tuple[str, ...] = ("ctr", "conversion", "return_rate", "utility")
+RELATIVE_METRICS: tuple[str, ...] = ("ctr", "conversion", "return_rate")  # lifts over base as a relative change
 GARMENTS = ATTRIBUTE_KINDS["garment"]
 TRAIN_PROMPTS: tuple[str, ...] = tuple(f"a {garment}" for garment in GARMENTS[:4])
 HELDOUT_PROMPTS: tuple[str, ...] = tuple(f"a {garment}" for garment in GARMENTS[4:])
@@ -647,9 +648,12 @@ def summarize(runs: dict[str, ArmRun], config: EvaluationConfig, population: Pop
                     entry[metric] = {"value": float(point[metric]), "ci95": interval(boot[arm][metric])}
                     if arm != BASELINE_ARM and BASELINE_ARM in totals:
                         base_point = float(metrics_of(totals[BASELINE_ARM])[metric])
+                        # Utility has no natural zero, so its lift is a difference; the rates' lifts are relative.
+                        scale_boot = np.abs(boot[BASELINE_ARM][metric]) if metric in RELATIVE_METRICS else 1.0
+                        scale = np.abs(np.float64(base_point)) if metric in RELATIVE_METRICS else np.float64(1.0)
                         with np.errstate(invalid="ignore", divide="ignore"):
-                            lift = (boot[arm][metric] - boot[BASELINE_ARM][metric]) / np.abs(boot[BASELINE_ARM][metric])
-                            relative = (float(point[metric]) - base_point) / abs(base_point)
+                            lift = (boot[arm][metric] - boot[BASELINE_ARM][metric]) / scale_boot
+                            relative = (np.float64(point[metric]) - base_point) / scale
                         entry[metric]["lift_vs_base"] = {"value": float(relative), "ci95": interval(lift)}
                 entry["impressions"] = int(
                     sum(1 for o in runs[arm].outcomes if o.slice == slice_name and o.round == round_index)

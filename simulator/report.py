@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from simulator.evaluation import BASELINE_ARM, METRICS, SLICES, EvaluationResult
+from simulator.evaluation import BASELINE_ARM, METRICS, RELATIVE_METRICS, SLICES, EvaluationResult
 
 METRIC_LABELS = {
     "ctr": "CTR",
@@ -164,7 +164,7 @@ def render_markdown(result: EvaluationResult, command: str, plots_dir: str) -> s
             entry = metrics[slice_name][final][arm]
             cells = [_format(entry[m]) for m in METRICS]
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-        lines += ["", "Lift over base (relative, 95% CI):", ""]
+        lines += ["", "Lift over base (rates: relative change; utility: difference), 95% CI:", ""]
         lines += [
             "| arm | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",
             "|" + " --- |" * (len(METRICS) + 1),
@@ -173,9 +173,8 @@ def render_markdown(result: EvaluationResult, command: str, plots_dir: str) -> s
             if arm == BASELINE_ARM:
                 continue
             entry = metrics[slice_name][final][arm]
-            lines.append(
-                f"| {arm} | " + " | ".join(_format(entry[m]["lift_vs_base"], percent=True) for m in METRICS) + " |"
-            )
+            cells = [_format(entry[m]["lift_vs_base"], percent=m in RELATIVE_METRICS) for m in METRICS]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines.append("| target (perfusion) | " + " | ".join(TARGETS[m] for m in METRICS) + " |")
         lines.append("")
     lines += [
