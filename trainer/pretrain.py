@@ -379,6 +379,7 @@ def write_docs(result: PretrainResult, docs: Path, provenance: dict[str, Any]) -
         "",
         "```",
         provenance["command"],
+        *([provenance["evaluate_command"]] if provenance.get("evaluate_command") else []),
         "```",
         "",
     ]

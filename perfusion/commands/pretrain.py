@@ -56,7 +56,7 @@ def register(subparsers: Any) -> None:
 # Options recorded in a checkpoint's provenance, in this order; flags are recorded when set.
 RECORDED_OPTIONS = (
     "quick", "steps", "batch_size", "lr", "seed", "device", "bf16", "time_budget_min", "threads", "out", "docs",
-    "base_model", "text_states", "eval_seeds", "classifier_steps",
+    "base_model", "text_states", "evaluate", "guidance_scale", "eval_seeds", "classifier_steps",
 )  # fmt: skip
 
 
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluate:
         evaluated, recorded = evaluate_checkpoint(args.evaluate, config, text)
         if args.docs:
-            write_docs(evaluated, args.docs, recorded)
+            write_docs(evaluated, args.docs, {**recorded, "evaluate_command": command_line(args)})
         accuracy = evaluated.metrics["heldout_accuracy"]
         print(f"{args.evaluate}: garment {accuracy['garment']:.1%}, colour {accuracy['colour']:.1%}")
         return 0
