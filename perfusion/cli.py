@@ -40,13 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"perfusion.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"perfusion.commands.{name}":
-                raise
-            continue  # a command whose module is not part of this build
-        module.register(subparsers)
+        importlib.import_module(f"perfusion.commands.{name}").register(subparsers)
     return parser
 
 
