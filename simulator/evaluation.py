@@ -86,6 +86,13 @@ class EvaluationConfig:
     offline_rm_steps: int = field(
         default=150, metadata={"help": "steps of each reward model in the offline comparison"}
     )
+    gate_reward_tolerance: float = field(
+        default=1.0,
+        metadata={
+            "help": "the trainer's publish gate on held-out RM GAUC; 1.0 turns it off, since the trainer's held-out "
+            "slice (10% of a round's few dozen groups) holds one to five groups and its GAUC moves in steps of 1/3"
+        },
+    )
     gate_generator_tolerance: float = field(
         default=0.5,
         metadata={
@@ -488,6 +495,7 @@ def run_arm(
             groups_per_batch=config.groups_per_batch,
             gate_generation_steps=config.sampling_steps,
             gate_max_groups=8,
+            gate_tolerance=config.gate_reward_tolerance,
             gate_generator_tolerance=config.gate_generator_tolerance,
             seed=config.seed,
         )
