@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,34 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=run)
 
 
+FLAGS = {
+    "quick": "--quick",
+    "rounds": "--rounds",
+    "users": "--users",
+    "cold_users": "--cold-users",
+    "impressions": "--impressions",
+    "steps": "--steps",
+    "arms": "--arms",
+    "gate_tolerance": "--gate-tolerance",
+    "seed": "--seed",
+    "threads": "--threads",
+}
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run's numbers (output folders left out)."""
+    parts = ["perfusion", "eval"]
+    for name, flag in FLAGS.items():
+        value = getattr(args, name)
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, list):
+            parts += [flag, *value]
+        elif value not in (None, False):
+            parts += [flag, str(value)]
+    return " ".join(shlex.quote(part) for part in parts)
+
+
 def run(args: argparse.Namespace) -> int:
     from perfusion.commands.demo import _broker
     from simulator.evaluation import EvaluationConfig, run_evaluation
@@ -55,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
     }
     values = {key: value for key, value in overrides.items() if value is not None}
     config = EvaluationConfig.quick(**values) if args.quick else EvaluationConfig(**values)
-    given = sys.argv[sys.argv.index("eval") :] if "eval" in sys.argv else ["eval"]
-    command = "perfusion " + " ".join(shlex.quote(part) for part in given)
+    command = command_line(args)
     with _broker() as bootstrap, tempfile.TemporaryDirectory(prefix="perfusion-eval-") as scratch:
         work_dir = args.work_dir or Path(scratch)
         result = run_evaluation(config, bootstrap, work_dir)
