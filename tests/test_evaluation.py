@@ -119,3 +119,11 @@ def test_quick_eval_runs_every_arm_and_computes_every_metric(
         assert (out / plot).stat().st_size > 0
     assert "Reproduce: `perfusion eval --quick" in (out / "results.md").read_text()
     assert np.isfinite(results["wall_seconds"])
+
+
+def test_reproduction_command_names_every_setting_given() -> None:
+    from perfusion.cli import build_parser
+    from perfusion.commands.eval import command_line
+
+    args = build_parser().parse_args(["eval", "--quick", "--arms", "base", "perfusion", "--out", "/tmp/x"])
+    assert command_line(args) == "perfusion eval --quick --arms base perfusion"
