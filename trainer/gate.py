@@ -74,7 +74,8 @@ def draw_images(
 
     text_states [B, L, D] and user_vectors [B, U] condition the policy as in training.
     """
-    scheduler = DDIMScheduler.from_config(models.noise_scheduler.config, clip_sample=True, set_alpha_to_one=False)
+    # As perfusion.models.base.build_sampling_scheduler: no clipping of the noisy early x0 estimates.
+    scheduler = DDIMScheduler.from_config(models.noise_scheduler.config, clip_sample=False, set_alpha_to_one=False)
     scheduler.set_timesteps(steps)
     sample = noise.clone()
     batch_size = sample.shape[0]
