@@ -111,6 +111,11 @@ def apply_feature_repo() -> ApplySummary:
 
     yaml_file = prepare_environment()
     config = load_repo_config(FEATURE_REPO_DIR, yaml_file)
+    # The repo's modules read PERFUSION_FEAST_DIR when imported: forget earlier imports so this apply sees it.
+    for name, module in list(sys.modules.items()):
+        module_file = getattr(module, "__file__", None)
+        if module_file and Path(module_file).resolve().is_relative_to(FEATURE_REPO_DIR.resolve()):
+            del sys.modules[name]
     # apply_total changes directory into the repo and imports its modules by name, as `feast apply` run there does.
     with _working_directory(FEATURE_REPO_DIR), _on_import_path(FEATURE_REPO_DIR):
         apply_total(config, FEATURE_REPO_DIR, skip_source_validation=True)
