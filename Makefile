@@ -20,7 +20,9 @@ export PERFUSION_CACHE_DIR := $(CACHE_DIR)
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: $(LOCK)
+# No prerequisite on purpose: the folder's name already holds the lock file's hash, and a fresh clone's lock file
+# is always newer than a cached virtualenv, which would otherwise be rebuilt every time.
+$(VENV)/.installed:
 	@echo "==> creating virtualenv $(VENV) from $(LOCK)"
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
