@@ -1,10 +1,13 @@
 """Faust table helpers shared by the group, demand and training-trigger agents.
 
 :class:`JsonTableStore` is the ``MutableMapping`` view of a raw-bytes Faust table that the pure logic
-(:mod:`streams.grouping`, :mod:`streams.demand`, the training trigger) reads and writes: values are JSON, and every
-write goes to the changelog partition the caller names (the partition of the events being processed), so state
-stays co-partitioned with the topic it was computed from. :func:`send_and_wait` is the first half of the agents'
-two-phase delivery: an output is confirmed in its table only after the broker acknowledged it.
+(:mod:`streams.grouping`, :mod:`streams.demand`, the training trigger) reads and writes: values are JSON, and
+changes go to the changelog partition the caller names (the partition of the events being processed), so state
+stays co-partitioned with the topic it was computed from. A key written many times in one micro-batch is logged
+once: the agent calls :meth:`JsonTableStore.flush_changelog` at the end of each batch, before its events are
+acknowledged, so the changelog still runs ahead of the committed offsets exactly as when every write was logged.
+:func:`send_and_wait` is the first half of the agents' two-phase delivery: an output is confirmed in its table
+only after the broker acknowledged it.
 
 Faust is not imported here at runtime: the app is passed in.
 """
@@ -25,14 +28,16 @@ if TYPE_CHECKING:
 class JsonTableStore(MutableMapping[str, Any]):
     """One partition's view of a raw-bytes Faust table as a mapping of str keys to JSON values.
 
-    Reads see every key the worker holds; writes and deletes are logged to changelog ``partition``. Decoded values
-    are cached per key: callers replace values, never mutate them in place.
+    Reads see every key the worker holds; writes and deletes change the table at once and are logged to changelog
+    ``partition`` by :meth:`flush_changelog`, once per key however often it changed. Decoded values are cached per
+    key: callers replace values, never mutate them in place.
     """
 
     def __init__(self, table: TableT, partition: int) -> None:
         self.table = table
         self.partition = partition
         self._decoded: dict[str, Any] = {}
+        self._unlogged: dict[bytes, None] = {}  # keys changed since the last flush, in order of first change
 
     def __getitem__(self, key: str) -> Any:
         if key in self._decoded:
@@ -43,15 +48,26 @@ class JsonTableStore(MutableMapping[str, Any]):
         return value
 
     def __setitem__(self, key: str, value: Any) -> None:
-        raw = json.dumps(value, separators=(",", ":")).encode()
-        self.table.data[key.encode()] = raw
+        encoded = key.encode()
+        self.table.data[encoded] = json.dumps(value, separators=(",", ":")).encode()
         self._decoded[key] = value
-        self.table.send_changelog(self.partition, key.encode(), raw, key_serializer="raw", value_serializer="raw")
+        self._unlogged[encoded] = None
 
     def __delitem__(self, key: str) -> None:
-        del self.table.data[key.encode()]
+        encoded = key.encode()
+        del self.table.data[encoded]
         self._decoded.pop(key, None)
-        self.table.send_changelog(self.partition, key.encode(), None, key_serializer="raw", value_serializer="raw")
+        self._unlogged[encoded] = None
+
+    def flush_changelog(self) -> int:
+        """Log each key changed since the last flush with its current value (None, a tombstone, once deleted);
+        returns how many. Faust's producer buffer sends them; the events are committed only after that."""
+        keys, self._unlogged = self._unlogged, {}
+        for key in keys:
+            self.table.send_changelog(
+                self.partition, key, self.table.data.get(key), key_serializer="raw", value_serializer="raw"
+            )
+        return len(keys)
 
     def __iter__(self) -> Iterator[str]:
         return (key.decode() for key in list(self.table.data.keys()))

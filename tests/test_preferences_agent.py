@@ -17,7 +17,7 @@ import pytest
 
 from perfusion.attributes import DESCRIPTOR_DIM, Attributes
 from simulator.traffic import TrafficConfig, TrafficSimulator, encode
-from streams.dead_letters import EventGate, MessagePosition
+from streams.dead_letters import EventGate, MessagePosition, SharedParses
 from streams.records import AnyEvent, Candidate, Click, DeadLetter, Impression, Order, Return, parse_event
 from streams.settings import StreamSettings
 
@@ -271,6 +271,27 @@ def test_counting_gate_skips_without_dead_lettering() -> None:
     assert asyncio.run(gate.admit(b"[]", MessagePosition("t", 0, 0))) is None
     assert asyncio.run(gate.admit(None, MessagePosition("t", 0, 1))) is None
     assert gate.invalid_count == 2
+
+
+def test_gates_sharing_parses_parse_each_message_once_and_only_the_writer_dead_letters() -> None:
+    letters: list[tuple[bytes, DeadLetter]] = []
+
+    async def sink(key: bytes, letter: DeadLetter) -> None:
+        letters.append((key, letter))
+
+    shared = SharedParses()
+    writer, counter = EventGate(sink, clock=lambda: T0, shared=shared), EventGate(None, clock=lambda: T0, shared=shared)
+    valid, position, bad_position = click("c1", T0, "a"), MessagePosition("t", 0, 5), MessagePosition("t", 0, 6)
+    assert asyncio.run(counter.admit(valid.to_bytes(), position)) == valid
+    assert asyncio.run(writer.admit(valid.to_bytes(), position)) == valid
+    assert asyncio.run(counter.admit(b"{oops", bad_position)) is None
+    assert asyncio.run(writer.admit(b"{oops", bad_position)) is None
+    assert (shared.readers, shared.parsed, shared.reused, len(shared)) == (2, 2, 2, 0)
+    assert [key for key, _ in letters] == [b"t[0]@6"] and writer.invalid_count == counter.invalid_count == 1
+    # Other bytes at a known position (a reused offset) are parsed, not served from the other message.
+    other = click("c2", T0, "b")
+    assert asyncio.run(counter.admit(valid.to_bytes(), position)) == valid
+    assert asyncio.run(writer.admit(other.to_bytes(), position)) == other
 
 
 # ----------------------------------------------------------------------------------------- Faust, in-process

@@ -71,8 +71,9 @@ def register(context: AgentContext) -> AgentT:
         internal=True,
     )
     table = raw_table(app, TABLE_NAME, settings.partitions)
-    route_gate, demand_gate = EventGate(sink=None), EventGate(sink=None)
-    counters: dict[int, DemandCounter] = {}
+    route_gate = EventGate(sink=None, shared=context.event_parses)
+    demand_gate = EventGate(sink=None)
+    counters: dict[int, tuple[DemandCounter, JsonTableStore]] = {}
     forget_on_rebalance(app, counters)
     source_progress: dict[int, float] = {}  # source partition -> largest event time routed
 
@@ -104,38 +105,47 @@ def register(context: AgentContext) -> AgentT:
 
     async def count(stream: StreamT[bytes]) -> None:
         async for batch in cast("Stream[bytes]", stream).take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            touched: dict[int, JsonTableStore] = {}  # held here: a rebalance may clear ``counters`` meanwhile
             emitted: list[tuple[DemandCounter, list[ProductionOrder]]] = []
             for event in batch:
                 message = event.message
                 partition = message.partition
                 if partition not in counters:
-                    counters[partition] = DemandCounter(
-                        demand, JsonTableStore(table, partition), partition, source_partitions=settings.partitions
+                    store = JsonTableStore(table, partition)
+                    counters[partition] = (
+                        DemandCounter(demand, store, partition, source_partitions=settings.partitions),
+                        store,
                     )
+                counter, touched[partition] = counters[partition]
                 if message.key == PROGRESS_KEY:
                     source, max_event_ts = read_progress_marker(event.value)
-                    orders = counters[partition].observe_source(source, max_event_ts)
+                    orders = counter.observe_source(source, max_event_ts)
                 else:
                     position = MessagePosition(message.topic, message.partition, message.offset)
                     parsed = await demand_gate.admit(event.value, position)
                     if parsed is None:
                         continue
-                    orders = counters[partition].process(parsed)
+                    orders = counter.process(parsed)
                 if orders:
-                    emitted.append((counters[partition], orders))
-            if not emitted:
-                continue
-            await send_and_wait(
-                [
-                    (topics.production_orders, order.design_id.encode(), order.to_bytes())
-                    for _, orders in emitted
-                    for order in orders
-                ]
-            )
-            for counter, orders in emitted:
-                counter.confirm(orders)
-                for order in orders:
-                    log.info("production order for design %s at %d net orders", order.design_id, order.net_orders)
+                    emitted.append((counter, orders))
+            if emitted:
+                await deliver(emitted)
+            for store in touched.values():
+                store.flush_changelog()
+
+    async def deliver(emitted: list[tuple[DemandCounter, list[ProductionOrder]]]) -> None:
+        """Send the batch's production orders, wait for the broker, then confirm them in the counters' state."""
+        await send_and_wait(
+            [
+                (topics.production_orders, order.design_id.encode(), order.to_bytes())
+                for _, orders in emitted
+                for order in orders
+            ]
+        )
+        for counter, orders in emitted:
+            counter.confirm(orders)
+            for order in orders:
+                log.info("production order for design %s at %d net orders", order.design_id, order.net_orders)
 
     app.agent(topics.events, name="demand-route")(route)
     return app.agent(by_design, name="demand")(count)

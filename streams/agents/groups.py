@@ -35,17 +35,19 @@ def register(context: AgentContext) -> AgentT:
     app, settings, topics = context.app, context.settings, context.topics
     grouping = settings.grouping()
     table = raw_table(app, TABLE_NAME, settings.partitions)
-    gate = EventGate(sink=None)
-    builders: dict[int, GroupBuilder] = {}
+    gate = EventGate(sink=None, shared=context.event_parses)
+    builders: dict[int, tuple[GroupBuilder, JsonTableStore]] = {}
     forget_on_rebalance(app, builders)
 
-    def builder_for(partition: int) -> GroupBuilder:
+    def builder_for(partition: int) -> tuple[GroupBuilder, JsonTableStore]:
         if partition not in builders:
-            builders[partition] = GroupBuilder(grouping, JsonTableStore(table, partition), partition)
+            store = JsonTableStore(table, partition)
+            builders[partition] = (GroupBuilder(grouping, store, partition), store)
         return builders[partition]
 
     async def groups(stream: StreamT[bytes]) -> None:
         async for batch in cast("Stream[bytes]", stream).take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            touched: dict[int, JsonTableStore] = {}  # held here: a rebalance may clear ``builders`` meanwhile
             emitted: list[tuple[GroupBuilder, list[GroupOutput]]] = []
             for event in batch:
                 message = event.message
@@ -53,21 +55,26 @@ def register(context: AgentContext) -> AgentT:
                 parsed = await gate.admit(event.value, position)
                 if parsed is None:
                     continue
-                builder = builder_for(message.partition)
+                builder, touched[message.partition] = builder_for(message.partition)
                 outputs = builder.process(parsed)
                 if outputs:
                     emitted.append((builder, outputs))
-            if not emitted:
-                continue
-            await send_and_wait(
-                [
-                    (topics.group_samples if isinstance(output, GroupSample) else topics.group_drops,
-                     output.sample_id.encode(), output.to_bytes())
-                    for _, outputs in emitted
-                    for output in outputs
-                ]
-            )  # fmt: skip
-            for builder, outputs in emitted:
-                builder.confirm(outputs)
+            if emitted:
+                await deliver(emitted)
+            for store in touched.values():
+                store.flush_changelog()
+
+    async def deliver(emitted: list[tuple[GroupBuilder, list[GroupOutput]]]) -> None:
+        """Send the batch's samples and drops, wait for the broker, then confirm them in the builders' state."""
+        await send_and_wait(
+            [
+                (topics.group_samples if isinstance(output, GroupSample) else topics.group_drops,
+                 output.sample_id.encode(), output.to_bytes())
+                for _, outputs in emitted
+                for output in outputs
+            ]
+        )  # fmt: skip
+        for builder, outputs in emitted:
+            builder.confirm(outputs)
 
     return app.agent(topics.events, name="groups")(groups)

@@ -283,7 +283,7 @@ def register(context: AgentContext) -> AgentT:
     # bytes keys and values travel raw: states are JSON made by pydantic, not by Faust's codecs.
     user_states = app.Table("preference-users", key_type=bytes, value_type=bytes, partitions=settings.partitions)
     impressions = app.Table("preference-impressions", key_type=bytes, value_type=bytes, partitions=settings.partitions)
-    gate = EventGate(sink=context.dead_letter_sink)
+    gate = EventGate(sink=context.dead_letter_sink, shared=context.event_parses)
     updater = PreferenceUpdater(settings)
     push_features = context.feature_sink
 

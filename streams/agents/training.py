@@ -187,21 +187,22 @@ def register(context: AgentContext) -> AgentT:
         internal=True,
     )
     table = raw_table(app, TABLE_NAME, settings.partitions)
-    triggers: dict[int, TrainingTrigger] = {}
+    triggers: dict[int, tuple[TrainingTrigger, JsonTableStore]] = {}
     forget_on_rebalance(app, triggers)
 
-    def trigger_for(partition: int) -> TrainingTrigger:
+    def trigger_for(partition: int) -> tuple[TrainingTrigger, JsonTableStore]:
         if partition not in triggers:
-            triggers[partition] = TrainingTrigger(trigger_settings, JsonTableStore(table, partition), partition)
+            store = JsonTableStore(table, partition)
+            triggers[partition] = (TrainingTrigger(trigger_settings, store, partition), store)
         return triggers[partition]
 
-    async def deliver(trigger: TrainingTrigger, requests: list[TrainRequest]) -> None:
-        if not requests:
-            return
-        await send_and_wait([(topics.train_requests, r.request_id.encode(), r.to_bytes()) for r in requests])
-        trigger.confirm(requests)
-        for request in requests:
-            log.info("train request %s (%s, %d samples)", request.request_id, request.reason, request.new_samples)
+    async def deliver(trigger: TrainingTrigger, store: JsonTableStore, requests: list[TrainRequest]) -> None:
+        if requests:
+            await send_and_wait([(topics.train_requests, r.request_id.encode(), r.to_bytes()) for r in requests])
+            trigger.confirm(requests)
+            for request in requests:
+                log.info("train request %s (%s, %d samples)", request.request_id, request.reason, request.new_samples)
+        store.flush_changelog()
 
     async def route(stream: StreamT[bytes]) -> None:
         grouped = stream.group_by(_model_version_of, name="train-trigger-by-version", topic=by_version)
@@ -214,14 +215,14 @@ def register(context: AgentContext) -> AgentT:
                 log.warning("skipping an unreadable group sample at %s[%d]: %s", event.message.topic,
                             event.message.partition, exc.errors(include_url=False)[:1])  # fmt: skip
                 continue
-            trigger = trigger_for(event.message.partition)
-            await deliver(trigger, trigger.on_sample(sample))
+            trigger, store = trigger_for(event.message.partition)
+            await deliver(trigger, store, trigger.on_sample(sample))
 
     @app.timer(interval=trigger_settings.tick_s)
     async def tick() -> None:
         active = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == by_version.get_topic_name()}
         for partition in sorted(active):
-            trigger = trigger_for(partition)
-            await deliver(trigger, trigger.on_tick())
+            trigger, store = trigger_for(partition)
+            await deliver(trigger, store, trigger.on_tick())
 
     return app.agent(topics.group_samples, name="train-trigger")(route)
