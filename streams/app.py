@@ -125,7 +125,25 @@ class FeastSink:
         self.open().push_user_preferences(rows)
 
     async def __call__(self, rows: list[dict[str, Any]]) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._push, rows)
+        """Push, retrying with backoff until Feast takes the rows: the batch's events are acknowledged only after
+        this returns, so a Feast outage delays features but neither loses them nor crashes the agent."""
+        attempt = 0
+        while True:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._push, rows)
+                return
+            except Exception as exc:
+                attempt += 1
+                delay_s = min(30.0, 0.5 * 2**attempt)
+                log.warning(
+                    "Feast push of %d rows failed (%s: %s); retry %d in %.1f s",
+                    len(rows),
+                    type(exc).__name__,
+                    exc,
+                    attempt,
+                    delay_s,
+                )
+                await asyncio.sleep(delay_s)
 
 
 def run_worker(stream_app: StreamApp, loglevel: str = "info") -> None:

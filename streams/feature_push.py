@@ -156,7 +156,8 @@ class FeaturePusher:
         if not rows:
             return
         frame = pd.DataFrame(list(rows))
-        self._store.push(push_source, frame, to=PushMode.ONLINE_AND_OFFLINE)
+        with _offline_write_lock():
+            self._store.push(push_source, frame, to=PushMode.ONLINE_AND_OFFLINE)
         log.debug("pushed %d rows to %s", len(rows), push_source)
 
 
@@ -187,6 +188,25 @@ def _create_history_file(view: Any) -> None:
     schema = pa.schema(columns)
     pq.write_table(schema.empty_table(), path)
     log.info("created offline history %s", path)
+
+
+@contextlib.contextmanager
+def _offline_write_lock() -> Iterator[None]:
+    """Serialize pushes of every process on this machine that shares the Feast folder.
+
+    The file offline store appends by reading the whole parquet history and writing it again, so two workers
+    pushing at once would corrupt it. An exclusive flock on a file beside the history makes them take turns.
+    """
+    import fcntl
+
+    lock_path = feast_dir() / "offline" / ".push.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
