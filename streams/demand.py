@@ -204,6 +204,9 @@ class DemandCounter:
         if not due:
             return []
         state = {**state, "pending": [entry for entry in state["pending"] if entry[0] >= watermark]}
+        if state["pending"]:
+            # The index holds one entry per design after a restart: re-index what is still waiting.
+            heapq.heappush(self._due, (min(entry[0] for entry in state["pending"]), design_id))
         outputs: list[ProductionOrder] = []
         for ts, event_id, kind, order_id, amount in due:
             if kind == "design":
