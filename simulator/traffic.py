@@ -196,18 +196,7 @@ class TrafficSimulator:
             episode.append(order)
             if self._rng.random() < 0.4 * (1.0 - affinity):
                 ts = min(ts + self._rng.uniform(30.0, 120.0), impression.ts + self.config.max_follow_up_s)
-                episode.append(
-                    Return(
-                        event_id=self._event_id("return"),
-                        ts=ts,
-                        order_id=order.event_id,
-                        image_id=candidate.image_id,
-                        quantity=order.quantity,
-                        user_id=user_id,
-                        impression_id=impression_id,
-                        design_id=design_id,
-                    )
-                )
+                episode.append(Return.of_order(order, self._event_id("return"), ts))
         return episode
 
     def _merchant_view(self, design: Design) -> list[AnyEvent]:
@@ -306,18 +295,7 @@ class TrafficSimulator:
             events.append(order)
             if response.returned[slot]:
                 ts = min(ts + self._rng.uniform(30.0, 120.0), limit)
-                events.append(
-                    Return(
-                        event_id=self._event_id("return"),
-                        ts=ts,
-                        order_id=order.event_id,
-                        image_id=candidate.image_id,
-                        quantity=order.quantity,
-                        user_id=user_id,
-                        impression_id=impression_id,
-                        design_id=design_id,
-                    )
-                )
+                events.append(Return.of_order(order, self._event_id("return"), ts))
         chosen = [c.image_id for c in impression.candidates if response.selected[c.position]]
         if chosen:
             events.append(

@@ -127,6 +127,20 @@ class Return(Event):
     image_id: NonEmptyId
     quantity: int = Field(ge=1, le=1000)
 
+    @classmethod
+    def of_order(cls, order: Order, event_id: str, ts: float) -> Return:
+        """The whole of ``order`` returned at ``ts``."""
+        return cls(
+            event_id=event_id,
+            ts=ts,
+            order_id=order.event_id,
+            image_id=order.image_id,
+            quantity=order.quantity,
+            user_id=order.user_id,
+            impression_id=order.impression_id,
+            design_id=order.design_id,
+        )
+
 
 class Select(Event):
     """A merchant selected some candidates of an impression of their own design."""

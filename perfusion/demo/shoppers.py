@@ -124,18 +124,7 @@ def action_events(
             placed = orders.get(action.image_id)
             if placed is None:
                 raise ConfigError(f"a return of {action.image_id} must follow its order in the same actions")
-            events.append(
-                Return(
-                    event_id=event_id,
-                    ts=ts,
-                    order_id=placed.event_id,
-                    image_id=action.image_id,
-                    quantity=placed.quantity,
-                    user_id=user_id,
-                    impression_id=impression_id,
-                    design_id=design_id,
-                )
-            )
+            events.append(Return.of_order(placed, event_id, ts))
     return events
 
 
