@@ -22,7 +22,8 @@ import faust
 from faust.types import AgentT
 
 from streams.agents import AGENT_MODULES
-from streams.dead_letters import DeadLetterSink, SharedParses
+from streams.agents.events import EVENT_STAGE_MODULES
+from streams.dead_letters import DeadLetterSink
 from streams.feature_push import FeatureSink
 from streams.records import DeadLetter
 from streams.settings import StreamSettings
@@ -36,15 +37,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AgentContext:
-    """What an agent module's ``register`` gets: the app, its topics, settings, the two effect sinks, and the parse
-    results of ``perfusion.events`` that every agent reading that topic shares through its gate."""
+    """What an agent module's ``register`` (and an event stage module's ``stage``) gets: the app, its topics,
+    settings, the two effect sinks, and the stage modules the events agent runs."""
 
     app: faust.App
     topics: Topics
     settings: StreamSettings
     dead_letter_sink: DeadLetterSink
     feature_sink: FeatureSink
-    event_parses: SharedParses
+    event_stage_modules: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,10 @@ def create_app(
     settings: StreamSettings,
     feature_sink: FeatureSink | None = None,
     agent_modules: tuple[str, ...] = AGENT_MODULES,
+    event_stage_modules: tuple[str, ...] = EVENT_STAGE_MODULES,
 ) -> StreamApp:
-    """Build the worker's Faust app. ``feature_sink`` defaults to a Feast pusher opened on first use."""
+    """Build the worker's Faust app. ``feature_sink`` defaults to a Feast pusher opened on first use; tests may
+    run fewer agents or event stages."""
     data_dir = settings.resolved_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -96,7 +99,7 @@ def create_app(
         settings=settings,
         dead_letter_sink=send_dead_letter,
         feature_sink=feature_sink if feature_sink is not None else FeastSink(),
-        event_parses=SharedParses(),
+        event_stage_modules=event_stage_modules,
     )
     agents = {name: importlib.import_module(name).register(context) for name in agent_modules}
     return StreamApp(app=app, topics=topics, settings=settings, agents=agents, feature_sink=context.feature_sink)

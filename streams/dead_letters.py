@@ -1,14 +1,10 @@
 """The one place that decides what happens to an inbound message that is not a valid event.
 
-Every agent that reads ``perfusion.events`` passes each message through an :class:`EventGate`. Exactly one agent
-(the preference agent) owns a *writing* gate, which sends each invalid message to the dead-letter topic as a
-:class:`~streams.records.DeadLetter` with the reason and the original bytes; every other agent uses a *counting*
-gate, which skips and counts the same messages without dead-lettering them a second time. Either way the worker
+The events agent (:mod:`streams.agents.events`) passes each message of ``perfusion.events`` through a *writing*
+:class:`EventGate`, which sends each invalid message to the dead-letter topic as a
+:class:`~streams.records.DeadLetter` with the reason and the original bytes. A *counting* gate (no sink), used for
+the internal demand topic whose messages were admitted once already, skips and counts them. Either way the worker
 keeps running and logs ``topic[partition]@offset``.
-
-Several agents read every message of ``perfusion.events``; parsing and validating one event costs far more than
-Faust's delivery of it, so their gates share one :class:`SharedParses`: the first gate to see a message parses it,
-the others take the result (checked against the message's bytes) instead of parsing it again.
 """
 
 from __future__ import annotations
@@ -64,69 +60,13 @@ ParseResult = AnyEvent | InvalidEvent
 """What parsing one message gave: the event, or why it is not one."""
 
 
-@dataclass(slots=True)
-class _SharedParse:
-    raw: bytes
-    result: ParseResult
-    remaining: int  # readers still to take it
-
-
-class SharedParses:
-    """Parse results of one topic's messages, shared by the gates of the agents that read the topic (each gate
-    built with ``shared=`` this object counts as one reader).
-
-    An entry is keyed by the message's position and kept until every reader has taken it, or until ``capacity``
-    newer entries pushed it out (a reader that lags that far, or never gets the message, parses it itself). A
-    result is reused only for the very same bytes, so a position reused by a test or another cluster is harmless.
-    """
-
-    def __init__(self, capacity: int = 100_000) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be at least 1, got {capacity}")
-        self.readers = 0
-        self.capacity = capacity
-        self.parsed = 0
-        self.reused = 0
-        self._entries: dict[tuple[str, int, int], _SharedParse] = {}
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def take(self, raw: bytes, position: MessagePosition, parse: Callable[[bytes], ParseResult]) -> ParseResult:
-        """The result for the message at ``position``: reused when another reader parsed these bytes already."""
-        key = (position.topic, position.partition, position.offset)
-        entry = self._entries.get(key)
-        if entry is not None and (entry.raw is raw or entry.raw == raw):
-            self.reused += 1
-            entry.remaining -= 1
-            if entry.remaining <= 0:
-                del self._entries[key]
-            return entry.result
-        result = parse(raw)
-        self.parsed += 1
-        if self.readers > 1:
-            self._entries.pop(key, None)  # different bytes at a reused position: the newest wins
-            self._entries[key] = _SharedParse(raw, result, self.readers - 1)
-            while len(self._entries) > self.capacity:
-                del self._entries[next(iter(self._entries))]
-        return result
-
-
 class EventGate:
     """Validates raw inbound messages; invalid ones are dead-lettered through ``sink``, or only counted when
-    ``sink`` is None. Gates given one ``shared`` parse each message once between them."""
+    ``sink`` is None."""
 
-    def __init__(
-        self,
-        sink: DeadLetterSink | None,
-        clock: Callable[[], float] = time.time,
-        shared: SharedParses | None = None,
-    ) -> None:
+    def __init__(self, sink: DeadLetterSink | None, clock: Callable[[], float] = time.time) -> None:
         self._sink = sink
         self._clock = clock
-        self._shared = shared
-        if shared is not None:
-            shared.readers += 1
         self.invalid_by_reason: Counter[str] = Counter()
 
     @property
@@ -142,10 +82,8 @@ class EventGate:
         now = self._clock()
         if raw is None:
             result: ParseResult = InvalidEvent("empty message (tombstone); an event must be a JSON object")
-        elif self._shared is None:
-            result = _parse(raw, now)
         else:
-            result = self._shared.take(raw, position, lambda message: _parse(message, now))
+            result = _parse(raw, now)
         if not isinstance(result, InvalidEvent):
             return result
         reason = result.reason

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import weakref
 from collections.abc import Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +80,26 @@ class JsonTableStore(MutableMapping[str, Any]):
 def raw_table(app: faust.App, name: str, partitions: int) -> TableT:
     """A changelog-backed table whose keys and values travel as raw bytes (the agents encode JSON themselves)."""
     return app.Table(name, key_type=bytes, value_type=bytes, partitions=partitions)
+
+
+def internal_topic(app: faust.App, name: str, partitions: int) -> TopicT:
+    """A raw-bytes topic the app creates itself (a repartition topic); one object per name and app, so that the
+    stage that writes it and the agent that reads it share it."""
+    declared = _INTERNAL_TOPICS.setdefault(app, {})
+    if name not in declared:
+        declared[name] = app.topic(
+            name,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=partitions,
+            internal=True,
+        )
+    return declared[name]
+
+
+_INTERNAL_TOPICS: weakref.WeakKeyDictionary[Any, dict[str, TopicT]] = weakref.WeakKeyDictionary()
 
 
 def forget_on_rebalance(app: faust.App, per_partition: dict[int, Any]) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from perfusion.attributes import DESCRIPTOR_DIM, Attributes
 from simulator.traffic import TrafficConfig, TrafficSimulator, encode
-from streams.dead_letters import EventGate, MessagePosition, SharedParses
+from streams.dead_letters import EventGate, MessagePosition
 from streams.records import AnyEvent, Candidate, Click, DeadLetter, Impression, Order, Return, parse_event
 from streams.settings import StreamSettings
 
@@ -273,27 +273,6 @@ def test_counting_gate_skips_without_dead_lettering() -> None:
     assert gate.invalid_count == 2
 
 
-def test_gates_sharing_parses_parse_each_message_once_and_only_the_writer_dead_letters() -> None:
-    letters: list[tuple[bytes, DeadLetter]] = []
-
-    async def sink(key: bytes, letter: DeadLetter) -> None:
-        letters.append((key, letter))
-
-    shared = SharedParses()
-    writer, counter = EventGate(sink, clock=lambda: T0, shared=shared), EventGate(None, clock=lambda: T0, shared=shared)
-    valid, position, bad_position = click("c1", T0, "a"), MessagePosition("t", 0, 5), MessagePosition("t", 0, 6)
-    assert asyncio.run(counter.admit(valid.to_bytes(), position)) == valid
-    assert asyncio.run(writer.admit(valid.to_bytes(), position)) == valid
-    assert asyncio.run(counter.admit(b"{oops", bad_position)) is None
-    assert asyncio.run(writer.admit(b"{oops", bad_position)) is None
-    assert (shared.readers, shared.parsed, shared.reused, len(shared)) == (2, 2, 2, 0)
-    assert [key for key, _ in letters] == [b"t[0]@6"] and writer.invalid_count == counter.invalid_count == 1
-    # Other bytes at a known position (a reused offset) are parsed, not served from the other message.
-    other = click("c2", T0, "b")
-    assert asyncio.run(counter.admit(valid.to_bytes(), position)) == valid
-    assert asyncio.run(writer.admit(other.to_bytes(), position)) == other
-
-
 # ----------------------------------------------------------------------------------------- Faust, in-process
 
 
@@ -310,7 +289,13 @@ def test_agent_in_process_pushes_features_dedupes_and_dead_letters(tmp_path: Pat
     settings = StreamSettings(
         bootstrap_servers="localhost:9", topic_prefix="inproc.", data_dir=tmp_path, push_batch_within_s=0.05
     )
-    stream_app = create_app(settings, feature_sink=feature_sink)
+    # The events agent with the preference stage alone: the other stages would send to a broker.
+    stream_app = create_app(
+        settings,
+        feature_sink=feature_sink,
+        agent_modules=("streams.agents.events",),
+        event_stage_modules=("streams.agents.preferences",),
+    )
 
     async def send_to_dead_letters(key: bytes | None = None, value: bytes | None = None, **_: Any) -> None:
         assert value is not None
@@ -320,7 +305,7 @@ def test_agent_in_process_pushes_features_dedupes_and_dead_letters(tmp_path: Pat
     malformed = [b"{not json", json.dumps({"kind": "click", "event_id": "x"}).encode()]
 
     async def drive() -> None:
-        agent = stream_app.agents["streams.agents.preferences"]
+        agent = stream_app.agents["streams.agents.events"]
         async with agent.test_context() as context:
             for event in events[:60]:
                 await context.put(encode(event)[1], key=encode(event)[0])

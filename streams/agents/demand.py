@@ -1,15 +1,15 @@
-"""The demand agents: net orders per design, and one ProductionOrder per design that reaches its threshold.
+"""Demand: net orders per design, and one ProductionOrder per design that reaches its threshold.
 
-Inbound events are keyed by user, but demand is counted per design, so two agents run:
+Inbound events are keyed by user, but demand is counted per design, so it takes two steps:
 
-1. ``demand-route`` reads ``perfusion.events`` and forwards each DesignCreated, Order and Return (the original
-   bytes) to the internal topic ``<app id>-demand-by-design``, keyed by design_id, waiting for the broker's
-   acknowledgement before its input offsets can be committed. After each batch it also sends, to every partition
-   of that topic, a progress marker per source partition (the largest event time read there), because a
-   partition of the routed topic mixes events of all source partitions read at different paces: the counter's
+1. the routing stage of the events agent (:mod:`streams.agents.events`) forwards each DesignCreated, Order and
+   Return (the original bytes) to the internal topic ``<app id>-demand-by-design``, keyed by design_id, waiting
+   for the broker's acknowledgement before its input offsets can be committed. After each batch it also sends,
+   to every partition of that topic, a progress marker per source partition (the largest event time read there),
+   because a partition of the routed topic mixes events of all source partitions read at different paces: the counter's
    watermark follows the slowest source partition, not the events it happens to receive;
-2. ``demand`` reads that topic, folds events into :class:`streams.demand.DemandCounter` (one per partition, state in
-   a changelog-backed table keyed by design and order) and sends each ProductionOrder to
+2. the ``demand`` agent reads that topic, folds events into :class:`streams.demand.DemandCounter` (one per
+   partition, state in a changelog-backed table keyed by design and order) and sends each ProductionOrder to
    ``perfusion.production-orders`` keyed by design_id, confirming it in the table only after the broker
    acknowledged it.
 
@@ -22,17 +22,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
 from streams.dead_letters import EventGate, MessagePosition
 from streams.demand import DemandCounter, is_demand_event
 from streams.records import DesignCreated, Order, ProductionOrder, Return
-from streams.table_store import JsonTableStore, forget_on_rebalance, raw_table, send_and_wait
+from streams.table_store import JsonTableStore, forget_on_rebalance, internal_topic, raw_table, send_and_wait
 
 if TYPE_CHECKING:
     from faust.streams import Stream
     from faust.types import AgentT, StreamT, TopicT
 
+    from streams.agents.events import AdmittedEvent
     from streams.app import AgentContext
 
 log = logging.getLogger(__name__)
@@ -57,51 +59,53 @@ def read_progress_marker(raw: bytes) -> tuple[int, float]:
     return int(marker["source_partition"]), float(marker["max_event_ts"])
 
 
+def _by_design_topic(context: AgentContext) -> TopicT:
+    return internal_topic(context.app, by_design_topic_name(context.settings.group_id), context.settings.partitions)
+
+
+class DemandRouteStage:
+    """The routing stage of the events agent: forwards demand events to the by-design topic, then progress markers."""
+
+    def __init__(self, context: AgentContext) -> None:
+        self._by_design = _by_design_topic(context)
+        self._partitions = context.settings.partitions
+        self._source_progress: dict[int, float] = {}  # source partition -> largest event time routed
+
+    async def process(self, batch: Sequence[AdmittedEvent]) -> None:
+        forwards: list[tuple[TopicT, bytes, bytes]] = []
+        advanced: set[int] = set()
+        for admitted in batch:
+            event = admitted.event
+            if event.ts > self._source_progress.get(admitted.partition, float("-inf")):
+                self._source_progress[admitted.partition] = event.ts
+                advanced.add(admitted.partition)
+            if is_demand_event(event):
+                assert isinstance(event, DesignCreated | Order | Return)
+                forwards.append((self._by_design, event.design_id.encode(), admitted.raw))
+        if forwards:
+            await send_and_wait(forwards)
+        markers = [
+            await self._by_design.send(key=PROGRESS_KEY, value=progress_marker(source, self._source_progress[source]),
+                                       partition=target)
+            for source in sorted(advanced)
+            for target in range(self._partitions)
+        ]  # fmt: skip
+        await asyncio.gather(*markers)
+
+
+def stage(context: AgentContext) -> DemandRouteStage:
+    return DemandRouteStage(context)
+
+
 def register(context: AgentContext) -> AgentT:
-    """Declare the route and demand agents and the demand table on ``context.app``; returns the demand agent."""
+    """Declare the demand agent (reading the by-design topic) and its table on ``context.app``."""
     app, settings, topics = context.app, context.settings, context.topics
     demand = settings.demand()
-    by_design: TopicT = app.topic(
-        by_design_topic_name(settings.group_id),
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=settings.partitions,
-        internal=True,
-    )
+    by_design = _by_design_topic(context)
     table = raw_table(app, TABLE_NAME, settings.partitions)
-    route_gate = EventGate(sink=None, shared=context.event_parses)
     demand_gate = EventGate(sink=None)
     counters: dict[int, tuple[DemandCounter, JsonTableStore]] = {}
     forget_on_rebalance(app, counters)
-    source_progress: dict[int, float] = {}  # source partition -> largest event time routed
-
-    async def route(stream: StreamT[bytes]) -> None:
-        async for batch in cast("Stream[bytes]", stream).take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            forwards: list[tuple[TopicT, bytes, bytes]] = []
-            advanced: set[int] = set()
-            for event in batch:
-                message = event.message
-                position = MessagePosition(message.topic, message.partition, message.offset)
-                parsed = await route_gate.admit(event.value, position)
-                if parsed is None:
-                    continue
-                if parsed.ts > source_progress.get(message.partition, float("-inf")):
-                    source_progress[message.partition] = parsed.ts
-                    advanced.add(message.partition)
-                if is_demand_event(parsed):
-                    assert isinstance(parsed, DesignCreated | Order | Return)
-                    forwards.append((by_design, parsed.design_id.encode(), event.value))
-            if forwards:
-                await send_and_wait(forwards)
-            markers = [
-                await by_design.send(key=PROGRESS_KEY, value=progress_marker(source, source_progress[source]),
-                                     partition=target)
-                for source in sorted(advanced)
-                for target in range(settings.partitions)
-            ]  # fmt: skip
-            await asyncio.gather(*markers)
 
     async def count(stream: StreamT[bytes]) -> None:
         async for batch in cast("Stream[bytes]", stream).take_events(BATCH_MAX, within=BATCH_WITHIN_S):
@@ -147,5 +151,4 @@ def register(context: AgentContext) -> AgentT:
             for order in orders:
                 log.info("production order for design %s at %d net orders", order.design_id, order.net_orders)
 
-    app.agent(topics.events, name="demand-route")(route)
     return app.agent(by_design, name="demand")(count)

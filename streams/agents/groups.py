@@ -1,7 +1,8 @@
-"""The group-builder agent: impressions and their follow-ups in, one GroupSample (or one GroupDrop) per impression out.
+"""The group-builder stage: impressions and their follow-ups in, one GroupSample (or one GroupDrop) per impression out.
 
-The attribution logic is :class:`streams.grouping.GroupBuilder`; this module wires one builder per partition of
-``perfusion.events`` to a changelog-backed Faust table, sends samples to ``perfusion.group-samples`` keyed by
+The attribution logic is :class:`streams.grouping.GroupBuilder`; this stage of the events agent
+(:mod:`streams.agents.events`) wires one builder per partition of ``perfusion.events`` to a changelog-backed Faust
+table, sends samples to ``perfusion.group-samples`` keyed by
 ``sample_id`` and drops to ``perfusion.group-drops`` keyed the same way, waits for the broker to acknowledge them,
 and only then confirms them in the table (a crash in between repeats an output under its key, never loses it).
 The attribution window comes from :meth:`streams.settings.StreamSettings.grouping`.
@@ -10,62 +11,54 @@ The attribution window comes from :meth:`streams.settings.StreamSettings.groupin
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, cast
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from streams.dead_letters import EventGate, MessagePosition
 from streams.grouping import GroupBuilder, GroupOutput
 from streams.records import GroupSample
 from streams.table_store import JsonTableStore, forget_on_rebalance, raw_table, send_and_wait
 
 if TYPE_CHECKING:
-    from faust.streams import Stream
-    from faust.types import AgentT, StreamT
-
+    from streams.agents.events import AdmittedEvent
     from streams.app import AgentContext
 
 log = logging.getLogger(__name__)
 
 TABLE_NAME = "group-builder"
-BATCH_MAX = 2000
-BATCH_WITHIN_S = 0.1
 
 
-def register(context: AgentContext) -> AgentT:
-    """Declare the group-builder agent and its table on ``context.app``."""
-    app, settings, topics = context.app, context.settings, context.topics
-    grouping = settings.grouping()
-    table = raw_table(app, TABLE_NAME, settings.partitions)
-    gate = EventGate(sink=None, shared=context.event_parses)
-    builders: dict[int, tuple[GroupBuilder, JsonTableStore]] = {}
-    forget_on_rebalance(app, builders)
+class GroupStage:
+    """The group-builder stage of the events agent: one :class:`GroupBuilder` per partition over the table."""
 
-    def builder_for(partition: int) -> tuple[GroupBuilder, JsonTableStore]:
-        if partition not in builders:
-            store = JsonTableStore(table, partition)
-            builders[partition] = (GroupBuilder(grouping, store, partition), store)
-        return builders[partition]
+    def __init__(self, context: AgentContext) -> None:
+        self._grouping = context.settings.grouping()
+        self._topics = context.topics
+        self._table = raw_table(context.app, TABLE_NAME, context.settings.partitions)
+        self._builders: dict[int, tuple[GroupBuilder, JsonTableStore]] = {}
+        forget_on_rebalance(context.app, self._builders)
 
-    async def groups(stream: StreamT[bytes]) -> None:
-        async for batch in cast("Stream[bytes]", stream).take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            touched: dict[int, JsonTableStore] = {}  # held here: a rebalance may clear ``builders`` meanwhile
-            emitted: list[tuple[GroupBuilder, list[GroupOutput]]] = []
-            for event in batch:
-                message = event.message
-                position = MessagePosition(message.topic, message.partition, message.offset)
-                parsed = await gate.admit(event.value, position)
-                if parsed is None:
-                    continue
-                builder, touched[message.partition] = builder_for(message.partition)
-                outputs = builder.process(parsed)
-                if outputs:
-                    emitted.append((builder, outputs))
-            if emitted:
-                await deliver(emitted)
-            for store in touched.values():
-                store.flush_changelog()
+    def _builder_for(self, partition: int) -> tuple[GroupBuilder, JsonTableStore]:
+        if partition not in self._builders:
+            store = JsonTableStore(self._table, partition)
+            self._builders[partition] = (GroupBuilder(self._grouping, store, partition), store)
+        return self._builders[partition]
 
-    async def deliver(emitted: list[tuple[GroupBuilder, list[GroupOutput]]]) -> None:
+    async def process(self, batch: Sequence[AdmittedEvent]) -> None:
+        touched: dict[int, JsonTableStore] = {}  # held here: a rebalance may clear the builders meanwhile
+        emitted: list[tuple[GroupBuilder, list[GroupOutput]]] = []
+        for admitted in batch:
+            builder, touched[admitted.partition] = self._builder_for(admitted.partition)
+            outputs = builder.process(admitted.event)
+            if outputs:
+                emitted.append((builder, outputs))
+        if emitted:
+            await self._deliver(emitted)
+        for store in touched.values():
+            store.flush_changelog()
+
+    async def _deliver(self, emitted: list[tuple[GroupBuilder, list[GroupOutput]]]) -> None:
         """Send the batch's samples and drops, wait for the broker, then confirm them in the builders' state."""
+        topics = self._topics
         await send_and_wait(
             [
                 (topics.group_samples if isinstance(output, GroupSample) else topics.group_drops,
@@ -77,4 +70,6 @@ def register(context: AgentContext) -> AgentT:
         for builder, outputs in emitted:
             builder.confirm(outputs)
 
-    return app.agent(topics.events, name="groups")(groups)
+
+def stage(context: AgentContext) -> GroupStage:
+    return GroupStage(context)

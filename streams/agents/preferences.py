@@ -14,9 +14,9 @@ Per user, in *event* time:
 - ``last_active_ts``: the latest event time of any of the user's events.
 
 Duplicates (same ``event_id``) are dropped using each user's bounded list of recent event ids. The pure update logic
-(:class:`PreferenceUpdater`) knows nothing of Faust; :func:`register` wires it to a Faust agent that reads
-``perfusion.events`` in micro-batches, keeps state in changelog-backed tables and pushes one Feast row per touched
-user per batch.
+(:class:`PreferenceUpdater`) knows nothing of Faust; :class:`PreferenceStage` runs it in the events agent
+(:mod:`streams.agents.events`) over each micro-batch, keeps state in changelog-backed tables and pushes one Feast
+row per touched user per batch.
 """
 
 from __future__ import annotations
@@ -27,19 +27,18 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from perfusion.attributes import DESCRIPTOR_DIM
-from streams.dead_letters import EventGate, MessagePosition
 from streams.records import AnyEvent, Click, Impression, Order, Return
 from streams.settings import StreamSettings
 
 if TYPE_CHECKING:
-    from faust import Stream
-    from faust.types import AgentT, EventT, StreamT, TableT
+    from faust.types import TableT
 
+    from streams.agents.events import AdmittedEvent
     from streams.app import AgentContext
 
 log = logging.getLogger(__name__)
@@ -57,6 +56,7 @@ PREFERENCE_FEATURES: tuple[str, ...] = (
     "last_active_ts",
 )
 _MAX_PENDING = 64
+_YIELD_EVERY = 200  # events folded between chances for the event loop to run others
 
 InteractionKind = Literal["click", "order", "return"]
 _DESCRIPTORS_ADAPTER: TypeAdapter[dict[str, list[float]]] = TypeAdapter(dict[str, list[float]])
@@ -276,51 +276,48 @@ def put_in_partition(table: TableT, partition: int, key: bytes, value: bytes) ->
     table.send_changelog(partition, key, value)
 
 
-def register(context: AgentContext) -> AgentT:
-    """Declare the preference agent and its tables on ``context.app``. This agent owns dead-lettering of
-    ``perfusion.events``."""
-    app, settings, topics = context.app, context.settings, context.topics
-    # bytes keys and values travel raw: states are JSON made by pydantic, not by Faust's codecs.
-    user_states = app.Table("preference-users", key_type=bytes, value_type=bytes, partitions=settings.partitions)
-    impressions = app.Table("preference-impressions", key_type=bytes, value_type=bytes, partitions=settings.partitions)
-    gate = EventGate(sink=context.dead_letter_sink, shared=context.event_parses)
-    updater = PreferenceUpdater(settings)
-    push_features = context.feature_sink
+class PreferenceStage:
+    """The preference stage of the events agent: folds a micro-batch into per-user states (changelog-backed
+    table), then pushes one Feast row per touched user and waits for Feast to take them."""
 
-    async def preferences(stream: StreamT[bytes]) -> None:
-        async for batch in cast("Stream[bytes]", stream).take_events(
-            settings.push_batch_max, within=settings.push_batch_within_s
-        ):
-            touched = await _fold_batch(batch, gate, updater, user_states, impressions)
-            rows = [feature_row(user_id, updater.features(state)) for user_id, (state, _) in touched.items()]
-            for user_id, (state, partition) in touched.items():
-                put_in_partition(user_states, partition, user_id.encode(), state.to_bytes())
-            if rows:
-                await push_features(rows)
+    def __init__(self, context: AgentContext) -> None:
+        app, settings = context.app, context.settings
+        # bytes keys and values travel raw: states are JSON made by pydantic, not by Faust's codecs.
+        self._user_states = app.Table(
+            "preference-users", key_type=bytes, value_type=bytes, partitions=settings.partitions
+        )
+        self._impressions = app.Table(
+            "preference-impressions", key_type=bytes, value_type=bytes, partitions=settings.partitions
+        )
+        self._updater = PreferenceUpdater(settings)
+        self._push_features = context.feature_sink
 
-    return app.agent(topics.events, name="preferences")(preferences)
+    async def process(self, batch: Sequence[AdmittedEvent]) -> None:
+        touched = await self._fold(batch)
+        rows = [feature_row(user_id, self._updater.features(state)) for user_id, (state, _) in touched.items()]
+        for user_id, (state, partition) in touched.items():
+            put_in_partition(self._user_states, partition, user_id.encode(), state.to_bytes())
+        if rows:
+            await self._push_features(rows)
+
+    async def _fold(self, batch: Sequence[AdmittedEvent]) -> dict[str, tuple[UserPreferenceState, int]]:
+        """Apply a micro-batch; returns the changed users' states with the partition their events came from."""
+        touched: dict[str, tuple[UserPreferenceState, int]] = {}
+        for index, admitted in enumerate(batch, start=1):
+            event = admitted.event
+            if event.user_id in touched:
+                state = touched[event.user_id][0]
+            else:
+                raw = self._user_states.get(event.user_id.encode())
+                state = UserPreferenceState(user_id=event.user_id)
+                if raw is not None:
+                    state = UserPreferenceState.from_bytes(raw)
+            if self._updater.apply(state, event, TableImpressionMemory(self._impressions, admitted.partition)):
+                touched[event.user_id] = (state, admitted.partition)
+            if index % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # let the consumer and producer run during a long batch
+        return touched
 
 
-async def _fold_batch(
-    batch: Sequence[EventT],
-    gate: EventGate,
-    updater: PreferenceUpdater,
-    user_states: TableT,
-    impressions: TableT,
-) -> dict[str, tuple[UserPreferenceState, int]]:
-    """Apply a micro-batch; returns the changed users' states with the partition their events came from."""
-    touched: dict[str, tuple[UserPreferenceState, int]] = {}
-    for event in batch:
-        message = event.message
-        parsed = await gate.admit(event.value, MessagePosition(message.topic, message.partition, message.offset))
-        if parsed is None:
-            continue
-        if parsed.user_id in touched:
-            state = touched[parsed.user_id][0]
-        else:
-            raw = user_states.get(parsed.user_id.encode())
-            state = UserPreferenceState(user_id=parsed.user_id) if raw is None else UserPreferenceState.from_bytes(raw)
-        if updater.apply(state, parsed, TableImpressionMemory(impressions, message.partition)):
-            touched[parsed.user_id] = (state, message.partition)
-        await asyncio.sleep(0)  # let the consumer and producer run during a long batch
-    return touched
+def stage(context: AgentContext) -> PreferenceStage:
+    return PreferenceStage(context)

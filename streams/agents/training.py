@@ -28,10 +28,10 @@ from pydantic import ValidationError
 
 from perfusion.errors import ConfigError
 from streams.records import GroupSample, TrainRequest
-from streams.table_store import JsonTableStore, forget_on_rebalance, raw_table, send_and_wait
+from streams.table_store import JsonTableStore, forget_on_rebalance, internal_topic, raw_table, send_and_wait
 
 if TYPE_CHECKING:
-    from faust.types import AgentT, StreamT, TopicT
+    from faust.types import AgentT, StreamT
 
     from streams.app import AgentContext
 
@@ -177,15 +177,7 @@ def register(context: AgentContext) -> AgentT:
     """Declare the training-trigger agent, its table, internal topic and timer on ``context.app``."""
     app, settings, topics = context.app, context.settings, context.topics
     trigger_settings = settings.training_trigger()
-    by_version: TopicT = app.topic(
-        by_version_topic_name(settings.group_id),
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=settings.partitions,
-        internal=True,
-    )
+    by_version = internal_topic(app, by_version_topic_name(settings.group_id), settings.partitions)
     table = raw_table(app, TABLE_NAME, settings.partitions)
     triggers: dict[int, tuple[TrainingTrigger, JsonTableStore]] = {}
     forget_on_rebalance(app, triggers)
