@@ -73,6 +73,7 @@ def create_app(
     run fewer agents or event stages."""
     data_dir = settings.resolved_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
+    seek_uncommitted_partitions_to_beginning()
     app = faust.App(
         settings.group_id,
         broker=f"kafka://{settings.resolved_bootstrap_servers()}",
@@ -103,6 +104,42 @@ def create_app(
     )
     agents = {name: importlib.import_module(name).register(context) for name in agent_modules}
     return StreamApp(app=app, topics=topics, settings=settings, agents=agents, feature_sink=context.feature_sink)
+
+
+def seek_uncommitted_partitions_to_beginning() -> None:
+    """Make Faust start a partition that has no committed offset at its beginning, as ``auto_offset_reset=earliest``
+    says, even when this consumer owned the partition before.
+
+    After a rebalance Faust's recovery calls aiokafka's ``seek_to_committed``, which seeks only partitions whose
+    committed offset is above 0. A worker that owned a partition in the previous generation keeps its fetch
+    position there, and records fetched while recovery had the flow stopped are dropped by Faust: with no
+    committed offset to seek back to, they were never processed (two workers, the second one joining while events
+    arrive: the first events of the first worker's new partitions were lost). This wrapper seeks such partitions to
+    the committed offset 0 or, with none, to the beginning. Applied once per process; idempotent.
+    """
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    if getattr(AIOKafkaConsumerThread.seek_to_committed, "_seeks_uncommitted", False):
+        return
+    seek_to_committed = AIOKafkaConsumerThread.seek_to_committed
+
+    async def seek_to_committed_or_beginning(self: AIOKafkaConsumerThread) -> Any:
+        committed = await seek_to_committed(self)
+        consumer = self._ensure_consumer()
+
+        async def seek_the_rest() -> None:  # runs on the consumer's thread, like every call to the consumer
+            for tp, offset in committed.items():
+                if offset == 0:
+                    consumer.seek(tp, 0)
+            never_committed = [tp for tp, offset in committed.items() if offset is None or offset < 0]
+            if never_committed:
+                await consumer.seek_to_beginning(*never_committed)
+
+        await self.call_thread(seek_the_rest)
+        return committed
+
+    seek_to_committed_or_beginning._seeks_uncommitted = True  # type: ignore[attr-defined]
+    AIOKafkaConsumerThread.seek_to_committed = seek_to_committed_or_beginning  # type: ignore[method-assign]
 
 
 class FeastSink:

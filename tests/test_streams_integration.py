@@ -346,11 +346,6 @@ def test_duplicated_reordered_stream_gives_the_batch_results_conserves_impressio
     assert all(r["new_samples"] == SAMPLES_PER_REQUEST for r in requests.values() if r["reason"] == "count")
 
 
-@pytest.mark.xfail(
-    reason="known bug, under investigation: after a SIGKILL and restart a few group samples are sometimes emitted "
-    "with labels that differ from the batch recomputation",
-    strict=False,
-)
 def test_sigkill_mid_stream_loses_nothing_and_fires_no_design_twice(
     kafka_bootstrap: str, topic_prefix: str, feast_dir: Path, tmp_path: Path, workers: list[Worker]
 ) -> None:
@@ -376,11 +371,6 @@ def test_sigkill_mid_stream_loses_nothing_and_fires_no_design_twice(
     assert len({key for key, _ in outputs["orders"]}) == len(expected_orders)
 
 
-@pytest.mark.xfail(
-    reason="known bug, under investigation: with two workers some impressions never become group samples "
-    "(about 12 of 80) within the timeout",
-    strict=False,
-)
 def test_two_workers_in_one_group_share_partitions_and_produce_the_same_results(
     kafka_bootstrap: str, topic_prefix: str, feast_dir: Path, tmp_path: Path, workers: list[Worker]
 ) -> None:
