@@ -55,6 +55,7 @@ def test_pushed_micro_batch_reads_back_online_and_offline(applied_store: Feature
     for index in range(3):
         state = UserPreferenceState(user_id=f"user-{index}", last_active_ts=1_700_000_000.0 + index)
         state.totals["impressions"] = 10 * (index + 1)
+        state.images_shown = 4 * state.totals["impressions"]
         state.totals["clicks"] = index
         rows.append(feature_row(state.user_id, updater.features(state)))
     rows[2]["preference"] = [1.0 / DESCRIPTOR_DIM] * DESCRIPTOR_DIM
@@ -62,7 +63,7 @@ def test_pushed_micro_batch_reads_back_online_and_offline(applied_store: Feature
 
     online = read_online_features(applied_store.store, "user_preferences", ["user-0", "user-2", "stranger"])
     assert online[0]["impressions_total"] == 10 and online[0]["clicks_total"] == 0
-    assert online[1]["ctr"] == pytest.approx(2 / 30)
+    assert online[1]["ctr"] == pytest.approx(2 / 120)
     assert online[1]["preference"] == pytest.approx([1.0 / DESCRIPTOR_DIM] * DESCRIPTOR_DIM)
     assert online[1]["last_active_ts"] == 1_700_000_002.0
     assert online[2]["last_active_ts"] is None

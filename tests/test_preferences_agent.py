@@ -102,7 +102,8 @@ def reference_features(events: Iterable[AnyEvent], settings: StreamSettings) -> 
             row[f"{plural}_1h"] = sum(math.floor(ts / 60) > latest_minute - 60 for ts in stamps)
             row[f"{plural}_1d"] = sum(math.floor(ts / 60) > latest_minute - 1440 for ts in stamps)
             row[f"{plural}_total"] = len(stamps)
-        row["ctr"] = row["clicks_total"] / row["impressions_total"] if row["impressions_total"] else 0.0
+        images_shown = sum(len(e.candidates) for e in user_events if isinstance(e, Impression))
+        row["ctr"] = row["clicks_total"] / images_shown if images_shown else 0.0
         row["cvr"] = row["orders_total"] / row["clicks_total"] if row["clicks_total"] else 0.0
         shown = {
             e.event_id: {c.image_id: c.descriptor for c in e.candidates}
@@ -151,7 +152,7 @@ def test_counts_per_window_in_event_time() -> None:
     features = fold(events)
     assert (features["impressions_1h"], features["impressions_1d"], features["impressions_total"]) == (2, 3, 4)
     assert (features["clicks_1h"], features["clicks_1d"], features["clicks_total"]) == (1, 1, 1)
-    assert features["ctr"] == pytest.approx(0.25)
+    assert features["ctr"] == pytest.approx(1 / 8)  # one click, four impressions of two images
     assert features["cvr"] == 0.0
     assert features["last_active_ts"] == T0
 
@@ -161,7 +162,7 @@ def test_cvr_is_orders_over_clicks() -> None:
         [impression("i1", T0), click("c1", T0 + 1, "a"), click("c2", T0 + 2, "b"), order("o1", T0 + 3, "a")]
     )
     assert features["cvr"] == pytest.approx(0.5)
-    assert features["ctr"] == pytest.approx(2.0)
+    assert features["ctr"] == pytest.approx(1.0)  # both images of the one impression clicked
 
 
 def test_preference_weighs_orders_three_times_clicks() -> None:

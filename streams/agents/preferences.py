@@ -5,7 +5,8 @@ Per user, in *event* time:
 - counts of impressions, clicks, orders and returns over the last hour, the last day and all time. Windows end at
   the user's latest event time (``last_active_ts``) and have one-minute resolution: an event counts in the 1 h
   window when its minute is one of the 60 minutes ending with the latest event's minute (1,440 for the day);
-- ``ctr`` = clicks / impressions and ``cvr`` = orders / clicks, all time, 0 when the denominator is 0;
+- ``ctr`` = clicks / images shown (an impression shows K images, so a rate per image, at most 1 when each image is
+  clicked at most once) and ``cvr`` = orders / clicks, all time, 0 when the denominator is 0;
 - ``preference``: the recency-weighted average of the descriptors of images clicked (weight ``click_weight``) and
   ordered (``order_weight``); a return adds ``-order_weight``. An interaction at time t weighs
   ``w * 2 ** (-(t_ref - t) / half_life)``; the vector is (sum of weighted descriptors) / (sum of weights), negative
@@ -81,6 +82,7 @@ class UserPreferenceState(BaseModel):
     user_id: str
     last_active_ts: float = 0.0
     totals: dict[str, int] = Field(default_factory=lambda: dict.fromkeys(COUNTED_KINDS, 0))
+    images_shown: int = 0  # candidates of all impressions: the denominator of ctr
     # kind -> {minute index since the epoch (as str, JSON keys) -> count}, only the last day's minutes.
     minute_counts: dict[str, dict[str, int]] = Field(default_factory=lambda: _empty_minute_counts())
     # Decayed to reference_ts: sum of weight * descriptor, and sum of weight.
@@ -132,6 +134,7 @@ class PreferenceUpdater:
         state.last_active_ts = max(state.last_active_ts, event.ts)
         if isinstance(event, Impression):
             self._count(state, "impressions", event.ts)
+            state.images_shown += len(event.candidates)
             self._remember_impression(state, event, memory)
         elif isinstance(event, Click | Order | Return):
             self._count(state, f"{event.kind}s", event.ts)
@@ -151,7 +154,7 @@ class PreferenceUpdater:
                     if int(minute) > latest_minute - minutes
                 )
             row[f"{kind}_total"] = state.totals[kind]
-        row["ctr"] = _ratio(state.totals["clicks"], state.totals["impressions"])
+        row["ctr"] = _ratio(state.totals["clicks"], state.images_shown)
         row["cvr"] = _ratio(state.totals["orders"], state.totals["clicks"])
         row["preference"] = self.preference(state)
         row["last_active_ts"] = state.last_active_ts
