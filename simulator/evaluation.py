@@ -180,6 +180,8 @@ class RewardExample:
     user_vector: list[float]
     images: NDArray[np.uint8]  # (K, H, W, 3)
     grades: list[int]
+    # The simulator's ground truth, (K,): only the reference row of the comparison reads it, never a model.
+    true_utilities: list[float]
 
 
 @dataclass
@@ -549,6 +551,7 @@ def run_arm(
                                 user_vector=vector.tolist(),
                                 images=group.images,
                                 grades=grades_of(response),
+                                true_utilities=response.utilities.tolist(),
                             )
                         )
                         if round_index == config.rounds and showing.prompt == grid_prompt:
@@ -677,8 +680,14 @@ def summarize(runs: dict[str, ArmRun], config: EvaluationConfig, population: Pop
 
 def compare_reward_models(
     examples: Sequence[RewardExample], config: EvaluationConfig, text_encoder: Any
-) -> dict[str, dict[str, float]]:
-    """PerFusionRM and the same towers without plug-ins, trained alike on live groups, on held-out groups."""
+) -> dict[str, dict[str, Any]]:
+    """PerFusionRM and the same towers without plug-ins, trained alike on live groups, scored on held-out groups.
+
+    Each model's GAUC comes with a 95% bootstrap interval over held-out groups, and the paired difference
+    (PerFusionRM less the model without plug-ins) with its own. A reference row, ``true_utility_ceiling``, scores the
+    same groups by the simulator's true utilities: the GAUC an oracle of each shopper's taste would reach on these
+    noisy clicks and orders, so the ceiling of any reward model here (no model ever reads those utilities).
+    """
     import torch
 
     from perfusion.metrics import gauc, mean_average_precision
@@ -691,7 +700,8 @@ def compare_reward_models(
     if not train or not heldout:
         raise EvaluationError("the offline reward-model comparison needs live and held-out groups; run a round")
     train_batch, heldout_batch = _reward_batch(train), _reward_batch(heldout)
-    results: dict[str, dict[str, float]] = {}
+    labels, groups = heldout_batch.labels.numpy(), heldout_batch.group_ids.numpy()
+    scores: dict[str, NDArray[np.float64]] = {}
     for name, personalized in (("perfusion_rm", True), ("rm_without_plugins", False)):
         torch.manual_seed(config.seed)
         model = PerFusionRM(RewardModelConfig(personalized=personalized, user_dim=USER_DIM))
@@ -702,15 +712,48 @@ def compare_reward_models(
         model.eval()
         with torch.no_grad():
             _, heldout_pooled = encode_prompts(text_encoder, heldout_batch)
-            scores = reward_scores(model, heldout_pooled, heldout_batch).double().numpy()
-        labels, groups = heldout_batch.labels.numpy(), heldout_batch.group_ids.numpy()
+            scores[name] = reward_scores(model, heldout_pooled, heldout_batch).double().numpy()
+    # Candidates are collated group by group in slot order, as the utilities are listed.
+    scores[TRUE_UTILITY_CEILING] = np.concatenate([np.asarray(e.true_utilities, np.float64) for e in heldout])
+    boot = _bootstrap_gauc(scores, labels, groups, config)
+    results: dict[str, dict[str, Any]] = {}
+    for name, model_scores in scores.items():
         results[name] = {
-            "gauc": float(gauc(scores, labels, groups)),
-            "map": float(mean_average_precision(scores, labels, groups)),
-            "train_groups": float(len(train)),
+            "gauc": float(gauc(model_scores, labels, groups)),
+            "gauc_ci95": interval(boot[name]),
+            "map": float(mean_average_precision(model_scores, labels, groups)),
+            "train_groups": float(0 if name == TRUE_UTILITY_CEILING else len(train)),
             "heldout_groups": float(len(heldout)),
         }
+    difference = results["perfusion_rm"]["gauc"] - results["rm_without_plugins"]["gauc"]
+    results["perfusion_rm"]["gauc_lift_vs_without_plugins"] = {
+        "value": difference,
+        "ci95": interval(boot["perfusion_rm"] - boot["rm_without_plugins"]),
+    }
     return results
+
+
+TRUE_UTILITY_CEILING = "true_utility_ceiling"
+
+
+def _bootstrap_gauc(
+    scores: dict[str, NDArray[np.float64]], labels: Any, groups: Any, config: EvaluationConfig
+) -> dict[str, NDArray[np.float64]]:
+    """GAUC of every score vector on the same resamplings (with replacement) of the held-out groups."""
+    from perfusion.metrics import gauc
+
+    group_ids = np.unique(groups)
+    members = {group: np.flatnonzero(groups == group) for group in group_ids}
+    rng = np.random.default_rng([config.seed, 7])
+    boot = {name: np.empty(config.bootstrap_samples) for name in scores}
+    for draw in range(config.bootstrap_samples):
+        chosen = rng.choice(group_ids, size=group_ids.size, replace=True)
+        rows = np.concatenate([members[group] for group in chosen])
+        # A group drawn twice counts as two groups: renumber by draw position.
+        drawn_groups = np.concatenate([np.full(members[group].size, n) for n, group in enumerate(chosen)])
+        for name, model_scores in scores.items():
+            boot[name][draw] = gauc(model_scores[rows], labels[rows], drawn_groups)
+    return boot
 
 
 def _reward_batch(examples: Sequence[RewardExample]) -> Any:

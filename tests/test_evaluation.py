@@ -21,6 +21,7 @@ from simulator.evaluation import (
     EvaluationConfig,
     Outcome,
     Population,
+    _bootstrap_gauc,
     metrics_of,
     plan_round,
     summarize,
@@ -30,6 +31,22 @@ from simulator.evaluation import (
 
 def outcome(arm: str, user: str, clicks: int, orders: int, returns: int, slice_name: str = LIVE) -> Outcome:
     return Outcome(arm, 0, slice_name, user, "a dress", clicks, orders, returns, 4, float(clicks), "v")
+
+
+def test_bootstrap_gauc_resamples_whole_groups_and_brackets_the_point_value() -> None:
+    # Three groups of two: the "perfect" scores rank every positive first, "reversed" last, "mixed" one of three.
+    labels = np.array([1, 0, 0, 1, 1, 0])
+    groups = np.array([0, 0, 1, 1, 2, 2])
+    scores = {
+        "perfect": np.array([0.9, 0.1, 0.2, 0.8, 0.7, 0.3]),
+        "reversed": np.array([0.1, 0.9, 0.8, 0.2, 0.3, 0.7]),
+        "mixed": np.array([0.9, 0.1, 0.8, 0.2, 0.3, 0.7]),
+    }
+    boot = _bootstrap_gauc(scores, labels, groups, EvaluationConfig.quick(bootstrap_samples=200))
+    assert np.all(boot["perfect"] == 1.0) and np.all(boot["reversed"] == 0.0)
+    # Each resampling's mixed GAUC is the share of draws of group 0, a multiple of 1/3, and all of them occur.
+    assert set(np.round(boot["mixed"] * 3).astype(int)) == {0, 1, 2, 3}
+    assert np.all(np.isclose(boot["mixed"] * 3, np.round(boot["mixed"] * 3)))
 
 
 def test_metrics_are_ratios_of_sums_over_users() -> None:
