@@ -44,7 +44,7 @@ user_preferences = FeatureView(
     ttl=timedelta(0),  # 0 = no expiry: a user's latest features stay valid until the next push
     schema=[
         *_COUNTS,
-        Field(name="ctr", dtype=Float32, description="clicks / impressions, all time; 0 without impressions"),
+        Field(name="ctr", dtype=Float32, description="clicks per image shown, all time; 0 before any"),
         Field(name="cvr", dtype=Float32, description="orders / clicks, all time; 0 without clicks"),
         Field(
             name="preference",

@@ -14,6 +14,8 @@ import contextlib
 import logging
 import os
 import sys
+import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,10 +134,24 @@ def apply_feature_repo() -> ApplySummary:
 
 
 class FeaturePusher:
-    """Pushes micro-batches of rows to a push source, online and offline (``PushMode.ONLINE_AND_OFFLINE``)."""
+    """Pushes micro-batches of rows to a push source: online through Feast, offline as a pending part of the view's
+    history (:func:`append_history`)."""
 
     def __init__(self, store: FeatureStore) -> None:
         self._store = store
+        self._history_files: dict[str, Path] = {}
+
+    def _history_file(self, push_source: str) -> Path:
+        """The offline history file of the view fed by ``push_source``."""
+        if push_source not in self._history_files:
+            for view in self._store.list_feature_views():
+                history_file = history_file_of(view)
+                if view.stream_source is not None and view.stream_source.name == push_source and history_file:
+                    self._history_files[push_source] = history_file
+                    break
+            else:
+                raise ConfigError(f"no feature view is fed by push source {push_source!r}")
+        return self._history_files[push_source]
 
     @classmethod
     def open(cls) -> FeaturePusher:
@@ -149,15 +165,17 @@ class FeaturePusher:
         self.push(USER_PREFERENCES_PUSH, rows)
 
     def push(self, push_source: str, rows: Sequence[dict[str, Any]]) -> None:
-        """One Feast push of ``rows`` (blocking; the agent calls it in a thread)."""
+        """One Feast push of ``rows`` online, and one part file of offline history (blocking; the agent calls it in
+        a thread). A retry after a failure may write a row twice offline, identically: harmless to point-in-time
+        joins."""
         import pandas as pd
         from feast.data_source import PushMode
 
         if not rows:
             return
         frame = pd.DataFrame(list(rows))
-        with _offline_write_lock():
-            self._store.push(push_source, frame, to=PushMode.ONLINE_AND_OFFLINE)
+        self._store.push(push_source, frame, to=PushMode.ONLINE)
+        append_history(self._history_file(push_source), frame)
         log.debug("pushed %d rows to %s", len(rows), push_source)
 
 
@@ -170,8 +188,94 @@ def read_online_features(store: FeatureStore, feature_view: str, user_ids: Seque
     return [{name: values[index] for name, values in columns.items()} for index in range(len(user_ids))]
 
 
+HISTORY_PART_GLOB = "part-*.parquet"
+
+
+def pending_parts_folder(history_file: Path) -> Path:
+    """Where pushes leave their offline rows until the next read merges them into ``history_file``."""
+    return history_file.with_name(history_file.name + ".pending")
+
+
+def append_history(history_file: Path, frame: Any) -> Path:
+    """Add ``frame`` to the offline history of a view as one pending part file; returns its path.
+
+    Feast's file offline store appends by reading the whole history file and writing it again, so a push cost grew
+    with the history (after hours of pushes each one would take seconds). Here a push writes only its rows, as a
+    small parquet file beside the history (written under a hidden name and renamed, so no reader sees half a file),
+    and :func:`merged_history` folds the pending parts into the history file before Feast reads it: the trainer
+    pays one merge per training update instead of the worker paying one rewrite per push.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(history_file)
+    table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+    folder = pending_parts_folder(history_file)
+    folder.mkdir(exist_ok=True)
+    name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+    hidden = folder / f".{name}.tmp"
+    pq.write_table(table, hidden)
+    os.replace(hidden, folder / name)
+    return folder / name
+
+
+def merge_pending_history(history_file: Path) -> int:
+    """Fold the pending parts into ``history_file`` (rewritten atomically); returns how many parts were merged.
+    The caller holds the history's lock (:func:`merged_history`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = sorted(pending_parts_folder(history_file).glob(HISTORY_PART_GLOB))
+    if not parts:
+        return 0
+    history = pq.read_table(history_file)
+    merged = pa.concat_tables([history, *(pq.read_table(part).cast(history.schema) for part in parts)])
+    hidden = history_file.with_name(f".{history_file.name}.tmp")
+    pq.write_table(merged, hidden)
+    os.replace(hidden, history_file)
+    for part in parts:
+        part.unlink()
+    log.debug("merged %d pending parts into %s (%d rows)", len(parts), history_file, merged.num_rows)
+    return len(parts)
+
+
+@contextlib.contextmanager
+def merged_history(store: FeatureStore) -> Iterator[None]:
+    """Hold while reading offline history through Feast (``get_historical_features(...).to_df()``): every view's
+    pending parts are merged into its history file first, and no other reader merges meanwhile."""
+    with contextlib.ExitStack() as locks:
+        for view in sorted(store.list_feature_views(), key=lambda view: view.name):
+            history_file = history_file_of(view)
+            if history_file is None or not history_file.exists():
+                continue
+            locks.enter_context(_history_lock(history_file))
+            merge_pending_history(history_file)
+        yield
+
+
+def history_file_of(view: Any) -> Path | None:
+    """The offline history file of a feature view whose batch source is a file source (None otherwise)."""
+    from feast import FileSource
+
+    source = view.batch_source
+    return Path(source.path) if isinstance(source, FileSource) else None
+
+
+@contextlib.contextmanager
+def _history_lock(history_file: Path) -> Iterator[None]:
+    """Exclusive flock beside ``history_file``: one merge (and the read after it) at a time, across processes."""
+    import fcntl
+
+    with history_file.with_name(history_file.name + ".lock").open("a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
 def _create_history_file(view: Any) -> None:
-    """An empty parquet file with the view's columns (entity, features, timestamp), so offline pushes can append."""
+    """An empty parquet file with the view's columns (entity, features, timestamp): the history's schema."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from feast.type_map import feast_value_type_to_pa
@@ -188,25 +292,6 @@ def _create_history_file(view: Any) -> None:
     schema = pa.schema(columns)
     pq.write_table(schema.empty_table(), path)
     log.info("created offline history %s", path)
-
-
-@contextlib.contextmanager
-def _offline_write_lock() -> Iterator[None]:
-    """Serialize pushes of every process on this machine that shares the Feast folder.
-
-    The file offline store appends by reading the whole parquet history and writing it again, so two workers
-    pushing at once would corrupt it. An exclusive flock on a file beside the history makes them take turns.
-    """
-    import fcntl
-
-    lock_path = feast_dir() / "offline" / ".push.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

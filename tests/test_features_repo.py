@@ -68,7 +68,10 @@ def test_pushed_micro_batch_reads_back_online_and_offline(applied_store: Feature
     assert online[1]["last_active_ts"] == 1_700_000_002.0
     assert online[2]["last_active_ts"] is None
 
-    history = pd.read_parquet(applied_store.store.get_feature_view("user_preferences").batch_source.path)
+    from streams.feature_push import merged_history
+
+    with merged_history(applied_store.store):
+        history = pd.read_parquet(applied_store.store.get_feature_view("user_preferences").batch_source.path)
     assert sorted(history["user_id"]) == ["user-0", "user-1", "user-2"]
     assert history["event_timestamp"].max() == datetime.fromtimestamp(1_700_000_002.0, tz=UTC)
 
@@ -82,6 +85,29 @@ def test_profile_push_round_trips(applied_store: FeaturePusher) -> None:
         features=["user_profile:age_group", "user_profile:region"], entity_rows=[{"user_id": "p1"}]
     ).to_dict()
     assert (response["age_group"], response["region"]) == ([3], [1])
+
+
+def test_pushes_leave_pending_parts_that_a_read_merges_into_the_history_once(applied_store: FeaturePusher) -> None:
+    import pandas as pd
+
+    from streams.feature_push import USER_PROFILE_PUSH, merged_history, pending_parts_folder
+
+    history_file = Path(applied_store.store.get_feature_view("user_profile").batch_source.path)
+    with merged_history(applied_store.store):  # whatever earlier tests pushed
+        before = len(pd.read_parquet(history_file))
+    for index in range(3):
+        stamp = datetime.fromtimestamp(1_700_000_100.0 + index, tz=UTC)
+        applied_store.push(USER_PROFILE_PUSH, [{"user_id": f"c{index}", "age_group": index % 5, "region": 0,
+                                                "event_timestamp": stamp}])  # fmt: skip
+    pending = pending_parts_folder(history_file)
+    assert len(list(pending.glob("part-*.parquet"))) == 3 and not list(pending.glob(".*"))
+    assert len(pd.read_parquet(history_file)) == before  # the history file itself is not rewritten by a push
+    with merged_history(applied_store.store):
+        history = pd.read_parquet(history_file)
+        assert len(history) == before + 3 and {"c0", "c1", "c2"} <= set(history["user_id"])
+    assert not list(pending.glob("part-*.parquet"))
+    with merged_history(applied_store.store):
+        assert len(pd.read_parquet(history_file)) == before + 3  # nothing merged twice
 
 
 def test_descriptor_length_matches_the_vocabulary() -> None:

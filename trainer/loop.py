@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from perfusion.errors import InfrastructureError, PerfusionError
 from perfusion.image_store import ImageStore, UnknownImage
 from perfusion.user_features import USER_FEATURE_REFS, user_vector
+from streams.feature_push import merged_history
 from streams.records import GroupSample, ModelUpdated, TrainRequest
 from streams.topics import TopicNames
 from trainer.batches import GroupBatch, collate_groups
@@ -88,7 +89,8 @@ class FeastUserVectors:
                 "key_row": range(len(keys)),
             }
         )
-        frame = self.store.get_historical_features(entity_df=entity_df, features=list(USER_FEATURE_REFS)).to_df()
+        with merged_history(self.store):
+            frame = self.store.get_historical_features(entity_df=entity_df, features=list(USER_FEATURE_REFS)).to_df()
         rows_by_key: dict[tuple[str, float], dict[str, Any]] = {}
         for row in frame.to_dict("records"):
             key = keys[int(row.pop("key_row"))]
