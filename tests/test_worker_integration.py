@@ -57,6 +57,9 @@ def worker_env(
 
 @pytest.fixture
 def running_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    from streams.feature_push import apply_feature_repo
+
+    apply_feature_repo()  # before the worker starts: it opens the Feast store before consuming
     log_path = tmp_path / "worker.log"
     with log_path.open("wb") as log:
         worker = subprocess.Popen(
@@ -98,9 +101,6 @@ def online_features(user_ids: list[str]) -> dict[str, dict[str, Any]]:
 def test_worker_pushes_exact_features_to_feast_and_dead_letters_malformed_events(
     kafka_bootstrap: str, worker_env: dict[str, str], running_worker: subprocess.Popen[bytes]
 ) -> None:
-    from streams.feature_push import apply_feature_repo
-
-    apply_feature_repo()
     settings = StreamSettings.from_env()
     names = TopicNames.for_prefix(settings.topic_prefix)
     ensure_topics(kafka_bootstrap, names, settings.partitions)
