@@ -104,6 +104,24 @@ def test_another_partitions_versions_are_left_alone() -> None:
     assert TrainingTrigger(SETTINGS, store, partition=0, clock=clock).on_tick() == []
 
 
+def test_sample_ids_are_forgotten_after_the_retention_and_a_restart_keeps_their_arrival_times() -> None:
+    settings = TrainingTriggerSettings(samples_per_request=100, max_wait_s=1e6, dedupe_retention_s=3600.0)
+    store: dict = {}
+    clock = FakeClock()
+    trigger = TrainingTrigger(settings, store, partition=0, clock=clock)
+    feed(trigger, [sample("a")])
+    clock.now += 1800.0
+    feed(trigger, [sample("b"), sample("a")])  # "a" within retention: a repeat
+    assert trigger.counts["duplicate_sample"] == 1 and trigger.remembered_sample_ids() == 2
+    clock.now += 1801.0  # "a" arrived 3601 s ago, "b" 1801 s ago
+    restarted = TrainingTrigger(settings, store, partition=0, clock=clock)
+    restarted.on_tick()
+    assert restarted.counts["sample_id_forgotten"] == 1 and "s:a" not in store and "s:b" in store
+    assert restarted.remembered_sample_ids() == 1
+    feed(restarted, [sample("b")])
+    assert restarted.counts["duplicate_sample"] == 1
+
+
 def test_settings_reject_zero_samples() -> None:
     with pytest.raises(ConfigError, match="samples_per_request must be at least 1, got 0"):
         TrainingTriggerSettings(samples_per_request=0)

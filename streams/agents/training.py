@@ -6,7 +6,9 @@ of them arrived. A sample counts once (dedupe by ``sample_id``, since the group 
 crash). A request is due when ``samples_per_request`` samples are pending (reason ``count``) or when the first
 pending sample has waited ``max_wait_s`` seconds (reason ``timeout``, checked on every sample and every tick).
 ``request_id`` is ``<model_version>-<sequence>``, so a replay that rebuilds the same state names its requests the
-same way. Requests are delivered two-phase like group samples: stored as ``emitting``, sent, then confirmed.
+same way. Counted sample ids are forgotten ``dedupe_retention_s`` (wall clock) after they arrived, so the state
+does not grow with every sample ever made. Requests are delivered two-phase like group samples: stored as
+``emitting``, sent, then confirmed.
 
 The agent routes ``perfusion.group-samples`` (keyed by sample_id) through the internal topic
 ``<app id>-train-trigger-by-version`` keyed by model_version, so one partition owns each version, and a timer
@@ -19,7 +21,7 @@ import json
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -50,11 +52,18 @@ class TrainingTriggerSettings:
         default=300.0, metadata={"help": "seconds (wall clock) a pending sample waits at most before a request"}
     )
     tick_s: float = field(default=1.0, metadata={"help": "how often the timeout is checked without new samples"})
+    dedupe_retention_s: float = field(
+        default=86_400.0,
+        metadata={
+            "help": "seconds (wall clock) a counted sample id is remembered to drop repeats; the group builder "
+            "repeats a sample only right after a crash, so a day is ample"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.samples_per_request < 1:
             raise ConfigError(f"samples_per_request must be at least 1, got {self.samples_per_request}")
-        for name in ("max_wait_s", "tick_s"):
+        for name in ("max_wait_s", "tick_s", "dedupe_retention_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0.0):
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value}")
@@ -84,32 +93,43 @@ class TrainingTrigger:
         self._store = store
         self._clock = clock
         self._resend: list[TrainRequest] | None = None  # found in the store on first use
+        # Built from the store on first use, then kept up to date: this partition's version keys, and its counted
+        # sample ids in order of arrival (wall-clock seconds, key), so that a tick touches neither the other keys
+        # nor more than the sample ids it forgets.
+        self._version_keys: set[str] | None = None
+        self._remembered: deque[tuple[float, str]] = deque()
 
     def on_sample(self, sample: GroupSample) -> list[TrainRequest]:
         """Count one sample; returns the requests now due (send them, then :meth:`confirm`)."""
         requests = self._unconfirmed()
-        if sample_key(sample.sample_id) in self._store:
+        self._ensure_index()
+        key = sample_key(sample.sample_id)
+        if key in self._store:
             self.counts["duplicate_sample"] += 1
             return requests
-        self._store[sample_key(sample.sample_id)] = sample.model_version
         now = self._clock()
+        self._store[key] = {"p": self.partition, "at": now}
+        self._remembered.append((now, key))
         state = self._state(sample.model_version)
         state["pending"] += 1
         if state["first_pending_at"] is None:
             state["first_pending_at"] = now
         requests.extend(self._maybe_request(sample.model_version, state, now))
         self._store[version_key(sample.model_version)] = state
+        assert self._version_keys is not None
+        self._version_keys.add(version_key(sample.model_version))
         return requests
 
     def on_tick(self) -> list[TrainRequest]:
-        """Requests whose oldest pending sample has waited ``max_wait_s``."""
+        """Requests whose oldest pending sample has waited ``max_wait_s``; forgets sample ids past retention."""
         requests = self._unconfirmed()
+        self._ensure_index()
+        assert self._version_keys is not None
         now = self._clock()
-        for key in list(self._store):
-            if not key.startswith("v:"):
-                continue
-            state = self._store[key]
-            if state.get("p") != self.partition or not state["pending"]:
+        self._forget_old_sample_ids(now)
+        for key in sorted(self._version_keys):
+            state = self._store.get(key)
+            if state is None or not state["pending"]:
                 continue
             state = {**state, "emitting": dict(state["emitting"])}
             due = self._maybe_request(key[2:], state, now)
@@ -117,6 +137,34 @@ class TrainingTrigger:
                 self._store[key] = state
                 requests.extend(due)
         return requests
+
+    def remembered_sample_ids(self) -> int:
+        self._ensure_index()
+        return len(self._remembered)
+
+    def _forget_old_sample_ids(self, now: float) -> None:
+        horizon = now - self.settings.dedupe_retention_s
+        while self._remembered and self._remembered[0][0] < horizon:
+            _, key = self._remembered.popleft()
+            stored = self._store.get(key)
+            if stored is not None and stored.get("at", horizon) < horizon:
+                del self._store[key]
+                self.counts["sample_id_forgotten"] += 1
+
+    def _ensure_index(self) -> None:
+        if self._version_keys is not None:
+            return
+        self._version_keys = set()
+        remembered: list[tuple[float, str]] = []
+        for key in list(self._store):
+            value = self._store[key]
+            if not isinstance(value, dict) or value.get("p") != self.partition:
+                continue
+            if key.startswith("v:"):
+                self._version_keys.add(key)
+            elif key.startswith("s:"):
+                remembered.append((float(value["at"]), key))
+        self._remembered = deque(sorted(remembered))
 
     def confirm(self, requests: list[TrainRequest]) -> None:
         for request in requests:
