@@ -15,7 +15,10 @@ Policy, so that every impression ends as exactly one sample or one counted drop:
   ``orphan_follow_up``) once no impression that could own it can still arrive in time;
 - a follow-up for a closed group is counted as ``late_follow_up``; one stamped after its group's window is counted
   as ``outside_window``; one seen twice (same event_id) as ``duplicate_follow_up``; none of these change a sample;
-- a worker that stops leaves open groups in the store; the next owner of the partition resumes them.
+- a worker that stops leaves open groups in the store; the next owner of the partition resumes them;
+- a partition that receives no events for ``idle_after_s`` wall-clock seconds is idle: its watermark moves on with
+  the wall clock (:func:`idle_watermark`), so the last groups of a quiet partition close too. An event that arrives
+  afterwards stamped behind that watermark is late and handled by the rules above.
 
 Delivery is two-phase so that a crash never loses an output: closing stores the output in the group's state
 (``closing``) before returning it; the caller sends it and then calls :meth:`GroupBuilder.confirm`, which shrinks
@@ -89,9 +92,17 @@ class GroupingSettings:
     watermark_persist_step_s: float = field(
         default=1.0, metadata={"help": "the stored watermark is rewritten once it has advanced this many seconds"}
     )
+    idle_after_s: float = field(
+        default=120.0,
+        metadata={
+            "help": "a partition without events for this many wall-clock seconds is idle: its watermark moves on "
+            "with the wall clock, so its open groups still close (0 = never)"
+        },
+    )
 
     def __post_init__(self) -> None:
-        for name in ("window_s", "allowed_lateness_s", "closed_retention_s", "watermark_persist_step_s"):
+        for name in ("window_s", "allowed_lateness_s", "closed_retention_s", "watermark_persist_step_s",
+                     "idle_after_s"):  # fmt: skip
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0.0):
                 raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value}")
@@ -100,6 +111,15 @@ class GroupingSettings:
 
 
 GroupOutput = GroupSample | GroupDrop
+
+
+def idle_watermark(event_watermark: float, idle_s: float, settings: GroupingSettings) -> float | None:
+    """The watermark of a partition that has had no events for ``idle_s`` wall-clock seconds since its events moved
+    the watermark to ``event_watermark``: event time is taken to have advanced with the wall clock. None while the
+    partition is not idle (or idleness is switched off)."""
+    if settings.idle_after_s <= 0.0 or idle_s < settings.idle_after_s or not math.isfinite(event_watermark):
+        return None
+    return event_watermark + idle_s
 
 
 def impression_key(impression_id: str) -> str:

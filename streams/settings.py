@@ -117,6 +117,14 @@ class StreamSettings:
             "env": "PERFUSION_GROUP_RETENTION_S",
         },
     )
+    group_idle_after_s: float = field(
+        default=120.0,
+        metadata={
+            "help": "group builder: after this many wall-clock seconds without events a partition's watermark moves "
+            "on with the wall clock, so its last groups close (0 = never)",
+            "env": "PERFUSION_GROUP_IDLE_AFTER_S",
+        },
+    )
     demand_allowed_lateness_s: float = field(
         default=60.0,
         metadata={
@@ -230,6 +238,7 @@ class StreamSettings:
                 window_s=self.group_window_s,
                 allowed_lateness_s=self.group_allowed_lateness_s,
                 closed_retention_s=self.group_closed_retention_s,
+                idle_after_s=self.group_idle_after_s,
             ),
         )
 

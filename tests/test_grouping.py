@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from perfusion.attributes import DESCRIPTOR_DIM
 from perfusion.errors import ConfigError
-from streams.grouping import GroupBuilder, GroupingSettings, GroupOutput, batch_group_outputs
+from streams.grouping import GroupBuilder, GroupingSettings, GroupOutput, batch_group_outputs, idle_watermark
 from streams.records import (
     GRADE_CLICK,
     GRADE_NONE,
@@ -112,6 +112,20 @@ def test_window_closes_when_watermark_passes_and_grades_order_over_click() -> No
     assert isinstance(sample, GroupSample)
     assert sample.sample_id == "imp1" and sample.impression_ts == T0 and sample.model_version == "v1"
     assert grades(sample) == [GRADE_ORDER, GRADE_NONE, GRADE_CLICK]
+
+
+def test_an_idle_partition_closes_its_last_group_as_the_wall_clock_moves_on() -> None:
+    idle = GroupingSettings(window_s=WINDOW, allowed_lateness_s=LATENESS, idle_after_s=30.0)
+    outputs, builder = run([impression("imp1", T0), click("c1", T0 + 5, "imp1", 1)])
+    event_watermark = builder.watermark
+    assert outputs == [] and event_watermark == T0 + 5 - LATENESS
+    assert idle_watermark(event_watermark, 29.0, idle) is None  # not idle yet
+    assert idle_watermark(event_watermark, 60.0, GroupingSettings(idle_after_s=0.0)) is None  # switched off
+    assert idle_watermark(-math.inf, 600.0, idle) is None  # no event ever: nothing to advance from
+    moved = idle_watermark(event_watermark, 60.0, idle)
+    assert moved == T0 + 55 and builder.advance(moved) == []  # due at T0 + WINDOW: still open
+    closed = builder.advance(idle_watermark(event_watermark, 106.0, idle) or -math.inf)  # T0 + 101
+    assert [output.sample_id for output in closed] == ["imp1"] and grades(closed[0]) == [GRADE_NONE, GRADE_CLICK, 0]
 
 
 def test_returned_order_grades_down_to_click_and_partial_return_keeps_order() -> None:

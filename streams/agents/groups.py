@@ -11,10 +11,11 @@ The attribution window comes from :meth:`streams.settings.StreamSettings.groupin
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from streams.grouping import GroupBuilder, GroupOutput
+from streams.grouping import GroupBuilder, GroupOutput, idle_watermark
 from streams.records import GroupSample
 from streams.table_store import JsonTableStore, forget_on_rebalance, raw_table, send_and_wait
 
@@ -36,6 +37,31 @@ class GroupStage:
         self._table = raw_table(context.app, TABLE_NAME, context.settings.partitions)
         self._builders: dict[int, tuple[GroupBuilder, JsonTableStore]] = {}
         forget_on_rebalance(context.app, self._builders)
+        # partition -> (wall-clock time of its latest event, the watermark that event left)
+        self._last_event: dict[int, tuple[float, float]] = {}
+        forget_on_rebalance(context.app, self._last_event)
+        if self._grouping.idle_after_s > 0.0:
+            context.app.timer(interval=max(1.0, self._grouping.idle_after_s / 4))(self.close_idle_partitions)
+
+    async def close_idle_partitions(self) -> None:
+        """Move the watermark of every idle partition this worker owns with the wall clock; deliver what closes."""
+        now = time.time()
+        emitted: list[tuple[GroupBuilder, list[GroupOutput]]] = []
+        touched: list[JsonTableStore] = []
+        for partition, (wall_time, event_watermark) in list(self._last_event.items()):
+            watermark = idle_watermark(event_watermark, now - wall_time, self._grouping)
+            if watermark is None or partition not in self._builders:
+                continue
+            builder, store = self._builders[partition]
+            outputs = builder.advance(watermark)
+            touched.append(store)
+            if outputs:
+                log.info("partition %d idle for %.0f s: %d groups closed", partition, now - wall_time, len(outputs))
+                emitted.append((builder, outputs))
+        if emitted:
+            await self._deliver(emitted)
+        for store in touched:
+            store.flush_changelog()
 
     def _builder_for(self, partition: int) -> tuple[GroupBuilder, JsonTableStore]:
         if partition not in self._builders:
@@ -46,11 +72,13 @@ class GroupStage:
     async def process(self, batch: Sequence[AdmittedEvent]) -> None:
         touched: dict[int, JsonTableStore] = {}  # held here: a rebalance may clear the builders meanwhile
         emitted: list[tuple[GroupBuilder, list[GroupOutput]]] = []
+        now = time.time()
         for admitted in batch:
             builder, touched[admitted.partition] = self._builder_for(admitted.partition)
             outputs = builder.process(admitted.event)
             if outputs:
                 emitted.append((builder, outputs))
+            self._last_event[admitted.partition] = (now, builder.watermark)
         if emitted:
             await self._deliver(emitted)
         for store in touched.values():
