@@ -82,6 +82,9 @@ class EvaluationConfig:
     sampling_steps: int = field(default=6, metadata={"help": "DDIM steps per generated group"})
     reward_steps: int = field(default=40, metadata={"help": "reward-model steps per trainer update"})
     diffusion_steps: int = field(default=8, metadata={"help": "generator steps per trainer update"})
+    generator_learning_rate: float | None = field(
+        default=None, metadata={"help": "AdamW learning rate of every arm's generator update (None: the trainer's)"}
+    )
     groups_per_batch: int = field(default=8, metadata={"help": "groups per trainer step"})
     offline_rm_steps: int = field(
         default=150, metadata={"help": "steps of each reward model in the offline comparison"}
@@ -494,6 +497,7 @@ def run_arm(
             base_checkpoint=config.base_checkpoint,
             reward_steps=config.reward_steps,
             diffusion_steps=config.diffusion_steps,
+            generator_learning_rate=config.generator_learning_rate,
             groups_per_batch=config.groups_per_batch,
             gate_generation_steps=config.sampling_steps,
             gate_max_groups=8,

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from simulator.evaluation import BASELINE_ARM, METRICS, RELATIVE_METRICS, SLICES, EvaluationResult
+from simulator.evaluation import BASELINE_ARM, METRICS, RELATIVE_METRICS, SLICES, EvaluationConfig, EvaluationResult
 
 METRIC_LABELS = {
     "ctr": "CTR",
@@ -151,8 +152,8 @@ def render_markdown(result: EvaluationResult, command: str, plots_dir: str) -> s
         f"Setup: {len(config.arms)} arms, {config.rounds} trainer update(s) per arm, {config.train_users} live users "
         f"({config.impressions_per_user} impression(s) each per round), {config.cold_users} cold-start users, "
         f"K = {config.k}, {config.sampling_steps} DDIM steps, {config.reward_steps} RM and {config.diffusion_steps} "
-        f"generator steps per update, seed {config.seed}. Every arm sees the same users, prompts, seeds, event times "
-        "and marketplace draws. Intervals: 95% paired bootstrap over users "
+        f"generator steps per update (learning rate {_generator_lr(config)}), seed {config.seed}. Every arm sees the "
+        "same users, prompts, seeds, event times and marketplace draws. Intervals: 95% paired bootstrap over users "
         f"({config.bootstrap_samples} resamplings).",
         "",
     ]
@@ -221,3 +222,12 @@ def render_markdown(result: EvaluationResult, command: str, plots_dir: str) -> s
         "",
     ]
     return "\n".join(lines)
+
+
+def _generator_lr(config: EvaluationConfig) -> str:
+    if config.generator_learning_rate is not None:
+        return f"{config.generator_learning_rate:g}"
+    from trainer.settings import TrainerSettings
+
+    default = next(f.default for f in fields(TrainerSettings) if f.name == "generator_learning_rate")
+    return f"{default:g}, the trainer's default"

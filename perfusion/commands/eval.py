@@ -27,6 +27,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--impressions", type=int, default=None, help="live impressions per user per round")
     parser.add_argument("--steps", type=int, default=None, help="DDIM sampling steps")
     parser.add_argument("--arms", nargs="+", default=None, help="arms to run (default: all six)")
+    parser.add_argument("--generator-steps", type=int, default=None, help="generator steps per trainer update")
+    parser.add_argument("--generator-lr", type=float, default=None, help="generator learning rate of every arm")
     parser.add_argument("--gate-tolerance", type=float, default=None, help="trainer's generator gate, in RM stds")
     parser.add_argument("--seed", type=int, default=None, help="seed of users, plan and draws")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -78,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         "arms": tuple(args.arms) if args.arms else None,
         "seed": args.seed,
         "gate_generator_tolerance": args.gate_tolerance,
+        "diffusion_steps": args.generator_steps,
+        "generator_learning_rate": args.generator_lr,
         "torch_threads": args.threads,
     }
     values = {key: value for key, value in overrides.items() if value is not None}
