@@ -14,6 +14,9 @@ export TRANSFORMERS_OFFLINE := 1
 # Feast reports usage to its authors by default; this machine and CI have no network for it.
 export FEAST_USAGE := False
 export PERFUSION_CACHE_DIR := $(CACHE_DIR)
+# The cached virtualenv is shared by every clone on the machine and its editable install points at whichever clone
+# ran `make setup` last; this clone's packages come first for every command and subprocess started from here.
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: help setup demo test test-unit test-integration lint broker-up broker-down clean
 

@@ -36,6 +36,7 @@ from perfusion.infra.process import (
     read_pid,
     require_binary,
     start_detached,
+    startup_lock,
     stop_process,
     write_atomically,
 )
@@ -227,6 +228,10 @@ class KafkaBroker:
     # -- start ------------------------------------------------------------------------------------------------
     def start(self) -> ServerStatus:
         """Start the broker and wait until it answers; a no-op returning the status when it already runs."""
+        with startup_lock(self.state_dir):
+            return self._start_unlocked()
+
+    def _start_unlocked(self) -> ServerStatus:
         current = self.status()
         if current.running:
             return current

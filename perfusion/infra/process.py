@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,3 +166,19 @@ def require_binary(binary: str, debian_package: str) -> str:
     if not found:
         raise InfrastructureError(f"installed {debian_package} but '{binary}' is still not on PATH")
     return found
+
+
+@contextlib.contextmanager
+def startup_lock(state_dir: Path) -> Iterator[None]:
+    """Hold while checking whether a server runs and starting it: two commands starting the server of one state
+    folder at once (two test sessions, a demo and a benchmark) would otherwise both start one, and the pid file
+    would name only the second, leaving the first running unseen by ``down``."""
+    import fcntl
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with (state_dir / ".start.lock").open("a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)

@@ -26,6 +26,7 @@ from perfusion.infra.process import (
     read_pid,
     require_binary,
     start_detached,
+    startup_lock,
     stop_process,
     write_atomically,
 )
@@ -100,6 +101,10 @@ class RedisServer:
 
     def start(self) -> ServerStatus:
         """Start Redis and wait until PING answers; a no-op returning the status when it already runs."""
+        with startup_lock(self.state_dir):
+            return self._start_unlocked()
+
+    def _start_unlocked(self) -> ServerStatus:
         current = self.status()
         if current.running:
             return current
