@@ -133,13 +133,20 @@ def apply_feature_repo() -> ApplySummary:
     )
 
 
+HISTORY_PART_GLOB = "part-*.parquet"
+HISTORY_MERGE_EVERY_S = 60.0
+"""A pusher also merges the pending parts into the history file this often (wall-clock seconds)."""
+
+
 class FeaturePusher:
     """Pushes micro-batches of rows to a push source: online through Feast, offline as a pending part of the view's
     history (:func:`append_history`)."""
 
-    def __init__(self, store: FeatureStore) -> None:
+    def __init__(self, store: FeatureStore, merge_every_s: float = HISTORY_MERGE_EVERY_S) -> None:
         self._store = store
         self._history_files: dict[str, Path] = {}
+        self._merge_every_s = merge_every_s
+        self._last_merge = time.monotonic()
 
     def _history_file(self, push_source: str) -> Path:
         """The offline history file of the view fed by ``push_source``."""
@@ -175,7 +182,14 @@ class FeaturePusher:
             return
         frame = pd.DataFrame(list(rows))
         self._store.push(push_source, frame, to=PushMode.ONLINE)
-        append_history(self._history_file(push_source), frame)
+        history_file = self._history_file(push_source)
+        append_history(history_file, frame)
+        if time.monotonic() - self._last_merge >= self._merge_every_s:
+            # Readers merge before they read anyway; this keeps the file itself at most a minute behind for
+            # readers that go to Feast directly (the `feast` CLI, a notebook).
+            with _history_lock(history_file):
+                merge_pending_history(history_file)
+            self._last_merge = time.monotonic()
         log.debug("pushed %d rows to %s", len(rows), push_source)
 
 
@@ -186,9 +200,6 @@ def read_online_features(store: FeatureStore, feature_view: str, user_ids: Seque
     response = store.get_online_features(features=references, entity_rows=[{"user_id": u} for u in user_ids])
     columns = response.to_dict()
     return [{name: values[index] for name, values in columns.items()} for index in range(len(user_ids))]
-
-
-HISTORY_PART_GLOB = "part-*.parquet"
 
 
 def pending_parts_folder(history_file: Path) -> Path:
@@ -203,7 +214,8 @@ def append_history(history_file: Path, frame: Any) -> Path:
     with the history (after hours of pushes each one would take seconds). Here a push writes only its rows, as a
     small parquet file beside the history (written under a hidden name and renamed, so no reader sees half a file),
     and :func:`merged_history` folds the pending parts into the history file before Feast reads it: the trainer
-    pays one merge per training update instead of the worker paying one rewrite per push.
+    pays one merge per training update instead of the worker paying one rewrite per push. A pusher also merges once
+    every ``HISTORY_MERGE_EVERY_S``, so the file alone is never far behind.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -110,6 +110,19 @@ def test_pushes_leave_pending_parts_that_a_read_merges_into_the_history_once(app
         assert len(pd.read_parquet(history_file)) == before + 3  # nothing merged twice
 
 
+def test_a_pusher_merges_pending_parts_itself_once_in_a_while(applied_store: FeaturePusher) -> None:
+    import pandas as pd
+
+    from streams.feature_push import USER_PROFILE_PUSH, FeaturePusher, pending_parts_folder
+
+    history_file = Path(applied_store.store.get_feature_view("user_profile").batch_source.path)
+    eager = FeaturePusher(applied_store.store, merge_every_s=0.0)
+    stamp = datetime.fromtimestamp(1_700_000_200.0, tz=UTC)
+    eager.push(USER_PROFILE_PUSH, [{"user_id": "m1", "age_group": 1, "region": 2, "event_timestamp": stamp}])
+    assert not list(pending_parts_folder(history_file).glob("part-*.parquet"))
+    assert "m1" in set(pd.read_parquet(history_file)["user_id"])
+
+
 def test_descriptor_length_matches_the_vocabulary() -> None:
     text = (FEATURE_REPO_DIR / "definitions.py").read_text()
     assert f"DESCRIPTOR_DIM = {DESCRIPTOR_DIM}\n" in text
