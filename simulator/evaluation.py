@@ -194,6 +194,8 @@ class ArmRun:
     versions: list[str] = field(default_factory=list)
     refusals: int = 0
     grid_images: dict[str, NDArray[np.uint8]] = field(default_factory=dict)  # user -> (K, H, W, 3), final round
+    # (slice, viewer, prompt, seed) -> (K, H, W, 3): every shopper showing of the final round
+    final_images: dict[tuple[str, str, str, int], NDArray[np.uint8]] = field(default_factory=dict)
     reward_examples: list[RewardExample] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -558,8 +560,11 @@ def run_arm(
                                 true_utilities=response.utilities.tolist(),
                             )
                         )
-                        if round_index == config.rounds and showing.prompt == grid_prompt:
-                            run.grid_images.setdefault(showing.viewer_id, group.images)
+                        if round_index == config.rounds:
+                            key = (showing.slice, showing.viewer_id, showing.prompt, showing.seed)
+                            run.final_images[key] = group.images
+                            if showing.prompt == grid_prompt:
+                                run.grid_images.setdefault(showing.viewer_id, group.images)
                     if showing.slice in (LIVE, MERCHANT) and round_index < config.rounds:
                         image_ids = [images.put(image) for image in group.images]
                         impression = traffic.impression_event(
@@ -677,6 +682,31 @@ def summarize(runs: dict[str, ArmRun], config: EvaluationConfig, population: Pop
             per_round[str(round_index)] = per_arm
         summary[slice_name] = per_round
     return summary
+
+
+def generator_shift(runs: dict[str, ArmRun]) -> dict[str, dict[str, float]]:
+    """How far each arm's final-round images are from the base model's for the very same showing (same viewer,
+    prompt and seeds): the mean absolute pixel difference (0..255), overall and per slice. 0 means the updates did
+    not change what shoppers see; it tells a generator that did not move from one that moved the wrong way."""
+    if BASELINE_ARM not in runs:
+        return {}
+    base = runs[BASELINE_ARM].final_images
+    shifts: dict[str, dict[str, float]] = {}
+    for arm, run in runs.items():
+        if arm == BASELINE_ARM:
+            continue
+        differences: dict[str, list[float]] = {}
+        for key, images in run.final_images.items():
+            if key in base:
+                difference = np.abs(images.astype(np.float64) - base[key].astype(np.float64)).mean()
+                differences.setdefault(key[0], []).append(float(difference))
+        every = [value for values in differences.values() for value in values]
+        shifts[arm] = {
+            "mean_abs_pixel_diff": float(np.mean(every)) if every else float("nan"),
+            "showings": float(len(every)),
+            **{f"{name}_mean_abs_pixel_diff": float(np.mean(values)) for name, values in differences.items()},
+        }
+    return shifts
 
 
 # ------------------------------------------------------------------------------------- offline reward models
@@ -815,6 +845,7 @@ def run_evaluation(config: EvaluationConfig, bootstrap: str, work_dir: Path) -> 
         "reward_models": compare_reward_models(
             runs["perfusion" if "perfusion" in runs else BASELINE_ARM].reward_examples, config, text_encoder
         ),
+        "generator_shift_vs_base": generator_shift(runs),
         "arms": {
             arm: {"versions": run.versions, "gate_refusals": run.refusals, "seconds": run.seconds}
             for arm, run in runs.items()

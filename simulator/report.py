@@ -179,6 +179,20 @@ def render_markdown(result: EvaluationResult, command: str, plots_dir: str) -> s
         lines.append("| target (perfusion) | " + " | ".join(TARGETS[m] for m in METRICS) + " |")
         lines.append("")
     lines += [
+        "## How far the generator moved",
+        "",
+        "Mean absolute pixel difference (0 to 255) between each arm's final-round images and the base model's for the "
+        "same showing (same viewer, prompt and seeds); 0 means its updates did not change what shoppers see.",
+        "",
+        "| arm | all showings | live | held-out prompt | cold start |",
+        "| --- | --- | --- | --- | --- |",
+        *(
+            f"| {arm} | {shift['mean_abs_pixel_diff']:.2f} | {shift.get('live_mean_abs_pixel_diff', math.nan):.2f} | "
+            f"{shift.get('heldout_prompt_mean_abs_pixel_diff', math.nan):.2f} | "
+            f"{shift.get('cold_start_mean_abs_pixel_diff', math.nan):.2f} |"
+            for arm, shift in result.summary.get("generator_shift_vs_base", {}).items()
+        ),
+        "",
         "## Reward models (offline, held-out groups)",
         "",
         "| model | GAUC [95% CI over groups] | MAP | train groups | held-out groups |",

@@ -22,6 +22,7 @@ from simulator.evaluation import (
     Outcome,
     Population,
     _bootstrap_gauc,
+    generator_shift,
     metrics_of,
     plan_round,
     summarize,
@@ -47,6 +48,20 @@ def test_bootstrap_gauc_resamples_whole_groups_and_brackets_the_point_value() ->
     # Each resampling's mixed GAUC is the share of draws of group 0, a multiple of 1/3, and all of them occur.
     assert set(np.round(boot["mixed"] * 3).astype(int)) == {0, 1, 2, 3}
     assert np.all(np.isclose(boot["mixed"] * 3, np.round(boot["mixed"] * 3)))
+
+
+def test_generator_shift_compares_the_same_showing_of_each_arm_with_base() -> None:
+    zeros = np.zeros((4, 2, 2, 3), np.uint8)
+    base, moved, still = ArmRun(BASELINE_ARM), ArmRun("perfusion"), ArmRun("sft")
+    for run, level in ((base, 0), (moved, 10), (still, 0)):
+        run.final_images[(LIVE, "u1", "a dress", 0)] = zeros + level
+        run.final_images[(COLD_START, "c1", "a dress", 5)] = zeros + 2 * level
+    moved.final_images[(LIVE, "u2", "a coat", 1)] = zeros + 200  # base never showed it: not compared
+    shift = generator_shift({BASELINE_ARM: base, "perfusion": moved, "sft": still})
+    assert shift["perfusion"]["mean_abs_pixel_diff"] == pytest.approx(15.0) and shift["perfusion"]["showings"] == 2
+    assert shift["perfusion"]["live_mean_abs_pixel_diff"] == pytest.approx(10.0)
+    assert shift["perfusion"]["cold_start_mean_abs_pixel_diff"] == pytest.approx(20.0)
+    assert shift["sft"]["mean_abs_pixel_diff"] == 0.0 and set(shift) == {"perfusion", "sft"}
 
 
 def test_metrics_are_ratios_of_sums_over_users() -> None:
@@ -130,8 +145,9 @@ def test_quick_eval_runs_every_arm_and_computes_every_metric(
                     assert isinstance(entry[metric]["value"], float)
                     assert len(entry[metric]["ci95"]) == 2
                 assert math.isfinite(entry["ctr"]["value"]) and math.isfinite(entry["utility"]["value"])
-    for model in ("perfusion_rm", "rm_without_plugins"):
-        assert set(results["reward_models"][model]) >= {"gauc", "map"}
+    for model in ("perfusion_rm", "rm_without_plugins", "true_utility_ceiling"):
+        assert set(results["reward_models"][model]) >= {"gauc", "gauc_ci95", "map"}
+    assert set(results["generator_shift_vs_base"]) == set(config.arms) - {BASELINE_ARM}
     for plot in ("metrics_per_round.png", "reward_models.png", "segment_grid.png"):
         assert (out / plot).stat().st_size > 0
     assert "Reproduce: `perfusion eval --quick" in (out / "results.md").read_text()
