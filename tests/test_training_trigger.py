@@ -6,7 +6,7 @@ import pytest
 
 from perfusion.attributes import DESCRIPTOR_DIM
 from perfusion.errors import ConfigError
-from streams.agents.training import TrainingTrigger, TrainingTriggerSettings
+from streams.agents.training import UNREADABLE_KEY, TrainingTrigger, TrainingTriggerSettings, _model_version_of
 from streams.records import GradedCandidate, GroupSample, TrainRequest
 from streams.settings import StreamSettings
 
@@ -120,6 +120,12 @@ def test_sample_ids_are_forgotten_after_the_retention_and_a_restart_keeps_their_
     assert restarted.remembered_sample_ids() == 1
     feed(restarted, [sample("b")])
     assert restarted.counts["duplicate_sample"] == 1
+
+
+def test_the_repartition_key_of_an_unreadable_sample_is_a_fixed_key_not_an_error() -> None:
+    assert _model_version_of(sample("a", "v7").to_bytes()) == b"v7"
+    for unreadable in (b"{not json", b"[]", b'{"sample_id": "x"}', b"null"):
+        assert _model_version_of(unreadable) == UNREADABLE_KEY
 
 
 def test_settings_reject_zero_samples() -> None:

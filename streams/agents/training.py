@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import ValidationError
 
 from perfusion.errors import ConfigError
+from streams.dead_letters import MessagePosition, dead_letter
 from streams.records import GroupSample, TrainRequest
 from streams.table_store import JsonTableStore, forget_on_rebalance, internal_topic, raw_table, send_and_wait
 
@@ -217,8 +218,16 @@ def by_version_topic_name(group_id: str) -> str:
     return group_id + BY_VERSION_SUFFIX
 
 
+UNREADABLE_KEY = b"__unreadable__"
+
+
 def _model_version_of(raw: bytes) -> bytes:
-    return str(json.loads(raw)["model_version"]).encode()
+    """The repartition key; an unreadable sample still travels (under one fixed key) to be dead-lettered there,
+    since a key function that raises would stop the agent on every retry of the same message."""
+    try:
+        return str(json.loads(raw)["model_version"]).encode()
+    except (ValueError, TypeError, KeyError):
+        return UNREADABLE_KEY
 
 
 def register(context: AgentContext) -> AgentT:
@@ -252,8 +261,13 @@ def register(context: AgentContext) -> AgentT:
             try:
                 sample = GroupSample.model_validate_json(raw)
             except ValidationError as exc:
-                log.warning("skipping an unreadable group sample at %s[%d]: %s", event.message.topic,
-                            event.message.partition, exc.errors(include_url=False)[:1])  # fmt: skip
+                position = MessagePosition(event.message.topic, event.message.partition, event.message.offset)
+                reason = "not a group sample: " + "; ".join(
+                    f"{'.'.join(str(part) for part in error['loc']) or 'record'}: {error['msg']}"
+                    for error in exc.errors(include_url=False)[:3]
+                )
+                log.warning("dead-lettering an unreadable group sample at %s: %s", position, reason)
+                await context.dead_letter_sink(position.dead_letter_key(), dead_letter(raw, reason, position))
                 continue
             trigger, store = trigger_for(event.message.partition)
             await deliver(trigger, store, trigger.on_sample(sample))
