@@ -24,9 +24,20 @@ from pathlib import Path
 import pytest
 
 from perfusion.attributes import DESCRIPTOR_DIM
+from streams.dead_letters import original_bytes
 from streams.demand import batch_production_orders
 from streams.grouping import batch_group_outputs
-from streams.records import AnyEvent, Candidate, Click, DesignCreated, Impression, Order, Return, Select
+from streams.records import (
+    AnyEvent,
+    Candidate,
+    Click,
+    DeadLetter,
+    DesignCreated,
+    Impression,
+    Order,
+    Return,
+    Select,
+)
 from streams.settings import StreamSettings
 from streams.topics import TopicNames
 
@@ -198,6 +209,34 @@ def produce(bootstrap: str, topic: str, events: list[AnyEvent], clocks: list[tup
         producer.close()
 
 
+def produce_raw(bootstrap: str, topic: str, value: bytes) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    try:
+        producer.send(topic, key=b"broken", value=value).get(timeout=30)
+    finally:
+        producer.close()
+
+
+def read_dead_letters(bootstrap: str, topic: str, expected: int) -> list[DeadLetter]:
+    """The dead letters on ``topic``, polled until there are ``expected`` or the timeout, then 2 s more for extras."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    letters: list[DeadLetter] = []
+    try:
+        deadline = time.monotonic() + OUTPUT_TIMEOUT_S
+        while time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                letters.extend(DeadLetter.model_validate_json(record.value) for record in records)
+            if len(letters) >= expected:
+                deadline = min(deadline, time.monotonic() + 2.0)
+        return letters
+    finally:
+        consumer.close()
+
+
 def read_outputs(
     bootstrap: str, names: TopicNames, done: Callable[[dict[str, list[tuple[str, dict]]]], bool]
 ) -> dict[str, list[tuple[str, dict]]]:
@@ -327,12 +366,15 @@ def test_duplicated_reordered_stream_gives_the_batch_results_conserves_impressio
     arrivals = twice_and_reordered(random.Random(3), log)
     produce(kafka_bootstrap, names.events, arrivals, [])
     produce(kafka_bootstrap, names.events, late, clock_events(max(event.ts for event in log)))
+    unreadable_sample = b'{"sample_id": "broken", "model_version": "v1"}'
+    produce_raw(kafka_bootstrap, names.group_samples, unreadable_sample)  # dead-lettered, counted in no request
     expected_samples, expected_orders = expected_results(log)
     late_ids = {event.event_id for event in late}
     outputs = read_outputs(
         kafka_bootstrap, names, complete(expected_samples, late_ids, expected_orders, with_requests=True)
     )
     samples, drops = by_key(outputs["samples"]), by_key(outputs["drops"])
+    assert samples.pop("broken") == json.loads(unreadable_sample)  # what this test wrote there itself
     # Conservation: every impression is one sample or one counted drop, never both.
     assert set(samples) | set(drops) == {e.event_id for e in [*log, *late] if isinstance(e, Impression)}
     assert not set(samples) & set(drops)
@@ -344,6 +386,9 @@ def test_duplicated_reordered_stream_gives_the_batch_results_conserves_impressio
     assert requested_samples(outputs["requests"]) == len(expected_samples)
     assert sorted(requests) == [f"v1-{n:06d}" for n in range(1, len(requests) + 1)]
     assert all(r["new_samples"] == SAMPLES_PER_REQUEST for r in requests.values() if r["reason"] == "count")
+    letters = read_dead_letters(kafka_bootstrap, names.dead_letters, expected=1)
+    assert [original_bytes(letter) for letter in letters] == [unreadable_sample]
+    assert "not a group sample" in letters[0].reason and "user_id" in letters[0].reason
 
 
 def test_sigkill_mid_stream_loses_nothing_and_fires_no_design_twice(
