@@ -24,10 +24,10 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import TracebackType
 
 from perfusion.errors import ConfigError, InfrastructureError
 from perfusion.infra.process import (
+    LocalServer,
     ServerStatus,
     free_port,
     is_owned_process,
@@ -36,8 +36,6 @@ from perfusion.infra.process import (
     read_pid,
     require_binary,
     start_detached,
-    startup_lock,
-    stop_process,
     write_atomically,
 )
 from perfusion.paths import cache_dir, state_dir
@@ -86,13 +84,14 @@ class KafkaBrokerConfig:
         return cache_dir() / f"kafka-{self.version}" / "libs"
 
 
-class KafkaBroker:
+class KafkaBroker(LocalServer):
     """Install, start, stop and inspect the project's local Kafka broker; usable as a context manager."""
 
+    name = "kafka"
+
     def __init__(self, config: KafkaBrokerConfig | None = None) -> None:
+        super().__init__()
         self.config = config or KafkaBrokerConfig()
-        self._process: subprocess.Popen[bytes] | None = None
-        self._started_here = False
         self._archive_classes_to: Path | None = None
 
     # -- files under the state folder -------------------------------------------------------------------------
@@ -105,12 +104,16 @@ class KafkaBroker:
         return self.state_dir / "server.properties"
 
     @property
-    def pid_file(self) -> Path:
-        return self.state_dir / "pid"
+    def marker_file(self) -> Path:
+        return self.properties_file
 
     @property
     def bootstrap_file(self) -> Path:
         return self.state_dir / "bootstrap"
+
+    @property
+    def address_file(self) -> Path:
+        return self.bootstrap_file
 
     @property
     def server_log(self) -> Path:
@@ -119,10 +122,6 @@ class KafkaBroker:
     @property
     def jvm_log(self) -> Path:
         return self.state_dir / "jvm.log"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.state_dir / "data"
 
     # -- install ----------------------------------------------------------------------------------------------
     def install(self) -> Path:
@@ -226,11 +225,6 @@ class KafkaBroker:
         return current.address
 
     # -- start ------------------------------------------------------------------------------------------------
-    def start(self) -> ServerStatus:
-        """Start the broker and wait until it answers; a no-op returning the status when it already runs."""
-        with startup_lock(self.state_dir):
-            return self._start_unlocked()
-
     def _start_unlocked(self) -> ServerStatus:
         current = self.status()
         if current.running:
@@ -402,33 +396,6 @@ class KafkaBroker:
         )
 
     # -- stop -------------------------------------------------------------------------------------------------
-    def stop(self, grace_s: float = 30.0) -> bool:
-        """Stop exactly this broker's JVM (SIGTERM, then SIGKILL after ``grace_s``); False when it was not running."""
-        pid = read_pid(self.pid_file)
-        stopped = False
-        if pid is not None:
-            child = self._process if self._process is not None and self._process.pid == pid else None
-            stopped = stop_process(pid, str(self.properties_file), grace_s=grace_s, child=child)
-        self._remove_runtime_files()
-        self._process = None
-        return stopped
-
-    def _remove_runtime_files(self) -> None:
-        self.pid_file.unlink(missing_ok=True)
-        self.bootstrap_file.unlink(missing_ok=True)
-
-    # -- context manager --------------------------------------------------------------------------------------
-    def __enter__(self) -> KafkaBroker:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        # Leave a broker that was already running before ``__enter__`` alone.
-        if self._started_here:
-            self.stop()
-            self._started_here = False
 
 
 def _accepts_connections(address: str) -> bool:

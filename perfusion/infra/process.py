@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 from perfusion.errors import InfrastructureError
 
@@ -182,3 +184,78 @@ def startup_lock(state_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+class LocalServer:
+    """What the project's local servers (Kafka, Redis) share: files in a state folder, starting under
+    :func:`startup_lock`, stopping exactly the process this project started, and use as a context manager that
+    stops on exit only a server it started itself.
+
+    A subclass sets ``name``, and provides ``state_dir``, ``marker_file`` (the file its process gets as an argument,
+    which proves a pid is ours), ``address_file`` (where the running server's address is written) and
+    ``_start_unlocked``.
+    """
+
+    name = "server"
+    stop_grace_s = 30.0
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen[bytes] | None = None
+        self._started_here = False
+
+    @property
+    def state_dir(self) -> Path:
+        raise NotImplementedError
+
+    @property
+    def marker_file(self) -> Path:
+        raise NotImplementedError
+
+    @property
+    def address_file(self) -> Path:
+        raise NotImplementedError
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / "pid"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.state_dir / "data"
+
+    def start(self) -> ServerStatus:
+        """Start the server and wait until it answers; a no-op returning the status when it already runs."""
+        with startup_lock(self.state_dir):
+            return self._start_unlocked()
+
+    def _start_unlocked(self) -> ServerStatus:
+        raise NotImplementedError
+
+    def stop(self, grace_s: float | None = None) -> bool:
+        """Stop exactly this server's process (SIGTERM, then SIGKILL after ``grace_s``, default
+        ``stop_grace_s``); False when it was not running."""
+        pid = read_pid(self.pid_file)
+        stopped = False
+        if pid is not None:
+            child = self._process if self._process is not None and self._process.pid == pid else None
+            grace = self.stop_grace_s if grace_s is None else grace_s
+            stopped = stop_process(pid, str(self.marker_file), grace_s=grace, child=child)
+        self._remove_runtime_files()
+        self._process = None
+        return stopped
+
+    def _remove_runtime_files(self) -> None:
+        self.pid_file.unlink(missing_ok=True)
+        self.address_file.unlink(missing_ok=True)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        # Leave a server that was already running before ``__enter__`` alone.
+        if self._started_here:
+            self.stop()
+            self._started_here = False

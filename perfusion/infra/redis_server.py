@@ -10,14 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from perfusion.errors import ConfigError, InfrastructureError
 from perfusion.infra.process import (
+    LocalServer,
     ServerStatus,
     free_port,
     is_owned_process,
@@ -26,8 +25,6 @@ from perfusion.infra.process import (
     read_pid,
     require_binary,
     start_detached,
-    startup_lock,
-    stop_process,
     write_atomically,
 )
 from perfusion.paths import state_dir
@@ -56,13 +53,15 @@ class RedisServerConfig:
             raise ConfigError(f"port must be between 0 and 65535, got {self.port}")
 
 
-class RedisServer:
+class RedisServer(LocalServer):
     """Start, stop and inspect the project's local Redis server; usable as a context manager."""
 
+    name = "redis"
+    stop_grace_s = 10.0
+
     def __init__(self, config: RedisServerConfig | None = None) -> None:
+        super().__init__()
         self.config = config or RedisServerConfig()
-        self._process: subprocess.Popen[bytes] | None = None
-        self._started_here = False
 
     @property
     def state_dir(self) -> Path:
@@ -73,20 +72,20 @@ class RedisServer:
         return self.state_dir / "redis.conf"
 
     @property
-    def pid_file(self) -> Path:
-        return self.state_dir / "pid"
+    def marker_file(self) -> Path:
+        return self.config_file
 
     @property
     def url_file(self) -> Path:
         return self.state_dir / "url"
 
     @property
-    def log_file(self) -> Path:
-        return self.state_dir / "redis.log"
+    def address_file(self) -> Path:
+        return self.url_file
 
     @property
-    def data_dir(self) -> Path:
-        return self.state_dir / "data"
+    def log_file(self) -> Path:
+        return self.state_dir / "redis.log"
 
     def status(self) -> ServerStatus:
         """Running or stopped; a pid file whose process is gone (or is not this server) is removed as stale."""
@@ -98,11 +97,6 @@ class RedisServer:
             return ServerStatus("redis", running=True, pid=pid, address=url)
         self._remove_runtime_files()
         return ServerStatus("redis", running=False, pid=pid, address=None, stale_pid=True)
-
-    def start(self) -> ServerStatus:
-        """Start Redis and wait until PING answers; a no-op returning the status when it already runs."""
-        with startup_lock(self.state_dir):
-            return self._start_unlocked()
 
     def _start_unlocked(self) -> ServerStatus:
         current = self.status()
@@ -165,32 +159,6 @@ class RedisServer:
             f"redis-server did not answer PING on {self.config.host}:{port} within {self.config.start_timeout_s:.0f} s"
             f" (last error: {last_error}).\n" + log_tail(self.log_file)
         )
-
-    def stop(self, grace_s: float = 10.0) -> bool:
-        """Stop exactly this Redis process (SIGTERM, then SIGKILL); False when it was not running."""
-        pid = read_pid(self.pid_file)
-        stopped = False
-        if pid is not None:
-            child = self._process if self._process is not None and self._process.pid == pid else None
-            stopped = stop_process(pid, str(self.config_file), grace_s=grace_s, child=child)
-        self._remove_runtime_files()
-        self._process = None
-        return stopped
-
-    def _remove_runtime_files(self) -> None:
-        self.pid_file.unlink(missing_ok=True)
-        self.url_file.unlink(missing_ok=True)
-
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        if self._started_here:
-            self.stop()
-            self._started_here = False
 
 
 def _ping(host: str, port: int) -> bool:
