@@ -102,8 +102,9 @@ def internal_topic(app: faust.App, name: str, partitions: int) -> TopicT:
 _INTERNAL_TOPICS: weakref.WeakKeyDictionary[Any, dict[str, TopicT]] = weakref.WeakKeyDictionary()
 
 
-def forget_on_rebalance(app: faust.App, per_partition: dict[int, Any]) -> None:
-    """Drop the per-partition objects whenever partitions move: the next owner rebuilds them from the table."""
+def forget_on_rebalance(app: faust.App, per_partition: MutableMapping[Any, Any]) -> None:
+    """Drop the per-partition objects (or caches of table values) whenever partitions move: the next owner rebuilds
+    them from the table."""
 
     def forget(sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any) -> None:
         per_partition.clear()

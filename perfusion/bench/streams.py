@@ -9,9 +9,11 @@ topic prefix, a Feast repo applied in a temporary folder:
    same pre-filled topic. Its rate is read from the consumer group's committed offsets, between the first commit
    past 10% of the events and the commit of the last one, so start-up (imports, joining, table recovery) is left
    out: events/s per worker, and the ratio to the ceiling;
-3. ``freshness``: with the worker caught up, events are produced at ``--rate`` events/s for ``--freshness-s``
-   seconds, each stamped with its send time; a poller reads ``last_active_ts`` of the sampled users from the Feast
-   online store and records when each event became visible: p50/p99 of send -> visible;
+3. ``freshness``: with the worker caught up, events are produced at ``--rate`` events/s for ``--warmup-s`` seconds
+   (not measured: the first events stamped with the current time close every group the throughput run left open)
+   and then ``--freshness-s`` seconds, each stamped with its send time; a poller reads ``last_active_ts`` of the
+   sampled users from the Feast online store and records when each event became visible: p50/p99 of send ->
+   visible;
 4. ``stage_costs``: where a worker's time goes, per event, measured in this process on the same events: parsing
    and validation (once per event, by the events agent), the preference update with its state encoding, the group
    builder and the demand counter over a JSON store, and one Feast push of a micro-batch's rows.
@@ -61,6 +63,13 @@ class StreamBenchConfig:
     events: int = field(default=20_000, metadata={"help": "events pre-filled for the ceiling and worker runs"})
     rate: float = field(default=TARGET_FRESHNESS_RATE, metadata={"help": "offered events/s of the freshness run"})
     freshness_s: float = field(default=10.0, metadata={"help": "seconds of traffic in the freshness run"})
+    warmup_s: float = field(
+        default=10.0,
+        metadata={
+            "help": "seconds of the same traffic sent first and not measured: the first events stamped with the "
+            "current time close every group left open by the throughput run, a one-off burst of work"
+        },
+    )
     sampled_users: int = field(default=64, metadata={"help": "users whose Feast rows the freshness poller reads"})
     shoppers: int = field(default=500, metadata={"help": "simulated shoppers (rows pushed per batch grow with it)"})
     partitions: int = field(default=4, metadata={"help": "partitions of the events topic"})
@@ -74,6 +83,8 @@ class StreamBenchConfig:
             raise ConfigError(f"rate must be in (0, 100000] events/s, got {self.rate}")
         if not 0.5 <= self.freshness_s <= 600.0:
             raise ConfigError(f"freshness_s must be between 0.5 and 600 seconds, got {self.freshness_s}")
+        if not 0.0 <= self.warmup_s <= 600.0:
+            raise ConfigError(f"warmup_s must be between 0 and 600 seconds, got {self.warmup_s}")
         if self.sampled_users < 1 or self.shoppers < 1 or not 1 <= self.partitions <= 64:
             raise ConfigError(
                 "sampled_users and shoppers must be at least 1 and partitions in 1..64, got "
@@ -86,6 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", type=int, default=defaults.events, help="events pre-filled for throughput")
     parser.add_argument("--rate", type=float, default=defaults.rate, help="offered events/s of the freshness run")
     parser.add_argument("--freshness-s", type=float, default=defaults.freshness_s, help="seconds of freshness run")
+    parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s, help="unmeasured seconds before it")
     parser.add_argument("--shoppers", type=int, default=defaults.shoppers, help="simulated shoppers")
     parser.add_argument("--partitions", type=int, default=defaults.partitions, help="partitions of the events topic")
     parser.add_argument("--timeout-s", type=float, default=defaults.timeout_s, help="longest wait of one phase")
@@ -96,6 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         events=args.events,
         rate=args.rate,
         freshness_s=args.freshness_s,
+        warmup_s=args.warmup_s,
         shoppers=args.shoppers,
         partitions=args.partitions,
         timeout_s=args.timeout_s,
@@ -335,8 +348,9 @@ def _freshness(
 
     from streams.feature_push import open_feature_store
 
+    warmup = round(config.rate * config.warmup_s)
     count = max(1, round(config.rate * config.freshness_s))
-    events = _simulated_events(config, count, seed=config.seed + 1, start_ts=time.time())
+    events = _simulated_events(config, warmup + count, seed=config.seed + 1, start_ts=time.time())
     users = sorted({event.user_id for event in events})
     sampled = set(users[:: max(1, len(users) // config.sampled_users)][: config.sampled_users])
     sent_at: dict[str, list[float]] = {user: [] for user in sampled}
@@ -371,7 +385,7 @@ def _freshness(
                 time.sleep(ahead)
             now = time.time()
             stamped = event.model_copy(update={"ts": now})
-            if event.user_id in sampled:
+            if event.user_id in sampled and index >= warmup:
                 sent_at[event.user_id].append(now)
             producer.send(topic, key=event.user_id.encode(), value=stamped.to_bytes())
         producer.flush()
@@ -387,7 +401,8 @@ def _freshness(
     ordered = sorted(latencies)
     return {
         "offered_rate": config.rate,
-        "achieved_rate": count / send_seconds,
+        "achieved_rate": (warmup + count) / send_seconds,
+        "warmup_events": warmup,
         "events": count,
         "sampled_users": len(sampled),
         "samples": len(ordered),
@@ -396,8 +411,9 @@ def _freshness(
         "p99_ms": _percentile(ordered, 0.99) * 1000.0,
         "max_ms": (ordered[-1] if ordered else float("nan")) * 1000.0,
         "online_read_p50_ms": statistics.median(read_times) * 1000.0 if read_times else float("nan"),
-        "method": "each event stamped with its send time; a poller reads last_active_ts of the sampled users from "
-        "the Feast online store every ~5 ms; an event is visible once its user's last_active_ts reaches its stamp",
+        "method": "each event stamped with its send time; after warmup_events unmeasured ones, a poller reads "
+        "last_active_ts of the sampled users from the Feast online store every ~5 ms; an event is visible once its "
+        "user's last_active_ts reaches its stamp",
     }
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from perfusion.attributes import DESCRIPTOR_DIM
 from streams.records import AnyEvent, Click, Impression, Order, Return
 from streams.settings import StreamSettings
+from streams.table_store import forget_on_rebalance
 
 if TYPE_CHECKING:
     from faust.types import TableT
@@ -58,6 +60,7 @@ PREFERENCE_FEATURES: tuple[str, ...] = (
 )
 _MAX_PENDING = 64
 _YIELD_EVERY = 200  # events folded between chances for the event loop to run others
+_DECODED_STATES_MAX = 50_000  # users whose decoded state the preference stage keeps
 
 InteractionKind = Literal["click", "order", "return"]
 _DESCRIPTORS_ADAPTER: TypeAdapter[dict[str, list[float]]] = TypeAdapter(dict[str, list[float]])
@@ -294,27 +297,42 @@ class PreferenceStage:
         )
         self._updater = PreferenceUpdater(settings)
         self._push_features = context.feature_sink
+        # Decoded states of recently seen users, the same values as in the table (a state is written to the table
+        # after every batch that changed it). Decoding a state's JSON for every batch a user appears in cost more
+        # than the update itself. Cleared when partitions move and when a batch fails half-way.
+        self._decoded: OrderedDict[str, UserPreferenceState] = OrderedDict()
+        forget_on_rebalance(app, self._decoded)
 
     async def process(self, batch: Sequence[AdmittedEvent]) -> None:
-        touched = await self._fold(batch)
-        rows = [feature_row(user_id, self._updater.features(state)) for user_id, (state, _) in touched.items()]
-        for user_id, (state, partition) in touched.items():
-            put_in_partition(self._user_states, partition, user_id.encode(), state.to_bytes())
-        if rows:
-            await self._push_features(rows)
+        try:
+            touched = await self._fold(batch)
+            rows = [feature_row(user_id, self._updater.features(state)) for user_id, (state, _) in touched.items()]
+            for user_id, (state, partition) in touched.items():
+                put_in_partition(self._user_states, partition, user_id.encode(), state.to_bytes())
+            if rows:
+                await self._push_features(rows)
+        except BaseException:
+            self._decoded.clear()  # states may have been changed in place without reaching the table
+            raise
+
+    def _state(self, user_id: str) -> UserPreferenceState:
+        state = self._decoded.get(user_id)
+        if state is not None:
+            self._decoded.move_to_end(user_id)
+            return state
+        raw = self._user_states.get(user_id.encode())
+        state = UserPreferenceState(user_id=user_id) if raw is None else UserPreferenceState.from_bytes(raw)
+        self._decoded[user_id] = state
+        while len(self._decoded) > _DECODED_STATES_MAX:
+            self._decoded.popitem(last=False)
+        return state
 
     async def _fold(self, batch: Sequence[AdmittedEvent]) -> dict[str, tuple[UserPreferenceState, int]]:
         """Apply a micro-batch; returns the changed users' states with the partition their events came from."""
         touched: dict[str, tuple[UserPreferenceState, int]] = {}
         for index, admitted in enumerate(batch, start=1):
             event = admitted.event
-            if event.user_id in touched:
-                state = touched[event.user_id][0]
-            else:
-                raw = self._user_states.get(event.user_id.encode())
-                state = UserPreferenceState(user_id=event.user_id)
-                if raw is not None:
-                    state = UserPreferenceState.from_bytes(raw)
+            state = touched[event.user_id][0] if event.user_id in touched else self._state(event.user_id)
             if self._updater.apply(state, event, TableImpressionMemory(self._impressions, admitted.partition)):
                 touched[event.user_id] = (state, admitted.partition)
             if index % _YIELD_EVERY == 0:
