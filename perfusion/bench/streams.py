@@ -10,7 +10,8 @@ topic prefix, a Feast repo applied in a temporary folder:
    past 10% of the events and the commit of the last one, so start-up (imports, joining, table recovery) is left
    out: events/s per worker, and the ratio to the ceiling;
 3. ``freshness``: with the worker caught up, events are produced at ``--rate`` events/s for ``--warmup-s`` seconds
-   (not measured: the first events stamped with the current time close every group the throughput run left open)
+   (not measured: the first events stamped with the current time close every group the throughput run left open,
+   and the benchmark waits until the worker's group has no lag on any topic, reported as ``drain_after_warmup_s``)
    and then ``--freshness-s`` seconds, each stamped with its send time; a poller reads ``last_active_ts`` of the
    sampled users from the Feast online store and records when each event became visible: p50/p99 of send ->
    visible;
@@ -160,7 +161,7 @@ def run_stream_benchmark(config: StreamBenchConfig) -> dict[str, Any]:
         )
         with _worker_process(bootstrap, prefix, config, Path(scratch)) as worker:
             throughput = _worker_rate(bootstrap, f"{prefix}perfusion-worker", names.events, config, worker)
-            freshness = _freshness(bootstrap, names.events, config, worker)
+            freshness = _freshness(bootstrap, names.events, f"{prefix}perfusion-worker", config, worker)
         stage_costs = _stage_costs(events[: min(len(events), 5000)], feast_dir)
     worker_rate: float | None = throughput["events_per_s"]
     ratio = None if worker_rate is None else worker_rate / ceiling["events_per_s"]
@@ -292,6 +293,48 @@ def _committed(admin: Any, group_id: str, topic: str) -> int:
     return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
 
 
+def _group_lag(admin: Any, consumer: Any, group_id: str) -> int:
+    """Messages behind the end of every topic-partition the worker's group has committed offsets for (its inputs
+    and its internal topics alike); -1 before it committed anything."""
+    from kafka.errors import KafkaError
+
+    try:
+        offsets = admin.list_group_offsets(group_id).get(group_id, {})
+    except KafkaError:
+        return -1
+    if not offsets:
+        return -1
+    from kafka import TopicPartition
+
+    committed = {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
+    for topic in {topic for topic, _ in committed}:
+        consumer.partitions_for_topic(topic)  # this consumer subscribes to nothing: fetch the topics' metadata
+    try:
+        ends = consumer.end_offsets([TopicPartition(topic, partition) for topic, partition in committed])
+    except (KafkaError, KeyError):  # metadata of a topic the worker just created is not there yet
+        return -1
+    return sum(max(0, ends[TopicPartition(*key)] - offset) for key, offset in committed.items())
+
+
+def _wait_until_drained(bootstrap: str, group_id: str, timeout_s: float) -> float:
+    """Seconds until the worker's group has no lag left on any of its topics (at most ``timeout_s``)."""
+    from kafka import KafkaConsumer
+    from kafka.admin import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < timeout_s:
+            if _group_lag(admin, consumer, group_id) == 0:
+                break
+            time.sleep(0.5)
+        return time.monotonic() - started
+    finally:
+        consumer.close()
+        admin.close()
+
+
 def _cpu_seconds(process: Any) -> float:
     times = process.cpu_times()
     return float(times.user + times.system)
@@ -341,7 +384,7 @@ def _worker_rate(
 
 
 def _freshness(
-    bootstrap: str, topic: str, config: StreamBenchConfig, worker: subprocess.Popen[bytes]
+    bootstrap: str, topic: str, group_id: str, config: StreamBenchConfig, worker: subprocess.Popen[bytes]
 ) -> dict[str, Any]:
     """Produce at ``config.rate`` with send-time stamps; record when each sampled user's event shows in Feast."""
     from kafka import KafkaProducer
@@ -378,8 +421,15 @@ def _freshness(
     poller.start()
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=1)
     started = time.monotonic()
+    drain_s = 0.0
     try:
         for index, event in enumerate(events):
+            if index == warmup and warmup:
+                # The warm-up's first events, stamped with the current time, closed every group the throughput
+                # run left open: let the worker finish that burst before the measured traffic starts.
+                producer.flush()
+                drain_s = _wait_until_drained(bootstrap, group_id, config.timeout_s)
+                started = time.monotonic() - index / config.rate
             ahead = index / config.rate - (time.monotonic() - started)
             if ahead > 0:
                 time.sleep(ahead)
@@ -401,8 +451,9 @@ def _freshness(
     ordered = sorted(latencies)
     return {
         "offered_rate": config.rate,
-        "achieved_rate": (warmup + count) / send_seconds,
+        "achieved_rate": (warmup + count) / (send_seconds - drain_s),
         "warmup_events": warmup,
+        "drain_after_warmup_s": drain_s,
         "events": count,
         "sampled_users": len(sampled),
         "samples": len(ordered),
