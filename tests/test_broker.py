@@ -90,7 +90,7 @@ def test_create_topic_with_four_partitions(kafka_bootstrap: str, topic_prefix: s
     topic = topic_prefix + "partitioned"
     admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap, request_timeout_ms=10_000)
     try:
-        admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])
+        admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)], wait_for_metadata=True)
         assert topic in admin.list_topics()
     finally:
         admin.close()
