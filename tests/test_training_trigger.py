@@ -6,7 +6,7 @@ import pytest
 
 from perfusion.attributes import DESCRIPTOR_DIM
 from perfusion.errors import ConfigError
-from streams.agents.training import UNREADABLE_KEY, TrainingTrigger, TrainingTriggerSettings, _model_version_of
+from streams.agents.training import TrainingTrigger, TrainingTriggerSettings, read_routed_sample, routed_sample
 from streams.records import GradedCandidate, GroupSample, TrainRequest
 from streams.settings import StreamSettings
 
@@ -31,7 +31,7 @@ def sample(sample_id: str, version: str = "v1") -> GroupSample:
 def feed(trigger: TrainingTrigger, samples: list[GroupSample]) -> list[TrainRequest]:
     requests: list[TrainRequest] = []
     for each in samples:
-        emitted = trigger.on_sample(each)
+        emitted = trigger.on_sample(each.sample_id, each.model_version)
         trigger.confirm(emitted)
         requests.extend(emitted)
     return requests
@@ -88,9 +88,9 @@ def test_unconfirmed_request_is_resent_with_the_same_id_after_a_restart() -> Non
     crashed = TrainingTrigger(SETTINGS, store, partition=0, clock=clock)
     lost: list[TrainRequest] = []
     for name in ("a", "b", "c"):
-        lost += crashed.on_sample(sample(name))  # never confirmed
+        lost += crashed.on_sample(name, "v1")  # never confirmed
     restarted = TrainingTrigger(SETTINGS, store, partition=0, clock=clock)
-    resent = restarted.on_sample(sample("c"))  # the replayed sample is a duplicate
+    resent = restarted.on_sample("c", "v1")  # the replayed sample is a duplicate
     assert resent == lost and [r.request_id for r in resent] == ["v1-000001"]
     restarted.confirm(resent)
     assert feed(TrainingTrigger(SETTINGS, store, partition=0, clock=clock), [sample("d")]) == []
@@ -122,10 +122,9 @@ def test_sample_ids_are_forgotten_after_the_retention_and_a_restart_keeps_their_
     assert restarted.counts["duplicate_sample"] == 1
 
 
-def test_the_repartition_key_of_an_unreadable_sample_is_a_fixed_key_not_an_error() -> None:
-    assert _model_version_of(sample("a", "v7").to_bytes()) == b"v7"
-    for unreadable in (b"{not json", b"[]", b'{"sample_id": "x"}', b"null"):
-        assert _model_version_of(unreadable) == UNREADABLE_KEY
+def test_the_route_forwards_the_two_fields_the_counter_needs() -> None:
+    routed = routed_sample(sample("a", "v7"))
+    assert read_routed_sample(routed) == ("a", "v7") and len(routed) < 60
 
 
 def test_settings_reject_zero_samples() -> None:

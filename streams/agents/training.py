@@ -10,9 +10,11 @@ same way. Counted sample ids are forgotten ``dedupe_retention_s`` (wall clock) a
 does not grow with every sample ever made. Requests are delivered two-phase like group samples: stored as
 ``emitting``, sent, then confirmed.
 
-The agent routes ``perfusion.group-samples`` (keyed by sample_id) through the internal topic
-``<app id>-train-trigger-by-version`` keyed by model_version, so one partition owns each version, and a timer
-ticks every active partition of that topic.
+Two agents: ``train-trigger-route`` validates each record of ``perfusion.group-samples`` (keyed by sample_id;
+anything that is not a group sample goes to the dead-letter topic) and forwards only ``(sample_id, model_version)``
+to the internal topic ``<app id>-train-trigger-by-version``, keyed by model_version, so that one partition owns
+each version; ``train-trigger`` counts them in micro-batches, logging its state to the changelog once per batch.
+A timer ticks every active partition of that topic.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import logging
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import ValidationError
 
@@ -34,7 +36,8 @@ from streams.records import GroupSample, TrainRequest
 from streams.table_store import JsonTableStore, forget_on_rebalance, internal_topic, raw_table, send_and_wait
 
 if TYPE_CHECKING:
-    from faust.types import AgentT, StreamT
+    from faust.streams import Stream
+    from faust.types import AgentT, StreamT, TopicT
 
     from streams.app import AgentContext
 
@@ -100,25 +103,25 @@ class TrainingTrigger:
         self._version_keys: set[str] | None = None
         self._remembered: deque[tuple[float, str]] = deque()
 
-    def on_sample(self, sample: GroupSample) -> list[TrainRequest]:
+    def on_sample(self, sample_id: str, model_version: str) -> list[TrainRequest]:
         """Count one sample; returns the requests now due (send them, then :meth:`confirm`)."""
         requests = self._unconfirmed()
         self._ensure_index()
-        key = sample_key(sample.sample_id)
+        key = sample_key(sample_id)
         if key in self._store:
             self.counts["duplicate_sample"] += 1
             return requests
         now = self._clock()
         self._store[key] = {"p": self.partition, "at": now}
         self._remembered.append((now, key))
-        state = self._state(sample.model_version)
+        state = self._state(model_version)
         state["pending"] += 1
         if state["first_pending_at"] is None:
             state["first_pending_at"] = now
-        requests.extend(self._maybe_request(sample.model_version, state, now))
-        self._store[version_key(sample.model_version)] = state
+        requests.extend(self._maybe_request(model_version, state, now))
+        self._store[version_key(model_version)] = state
         assert self._version_keys is not None
-        self._version_keys.add(version_key(sample.model_version))
+        self._version_keys.add(version_key(model_version))
         return requests
 
     def on_tick(self) -> list[TrainRequest]:
@@ -218,20 +221,30 @@ def by_version_topic_name(group_id: str) -> str:
     return group_id + BY_VERSION_SUFFIX
 
 
-UNREADABLE_KEY = b"__unreadable__"
+BATCH_MAX = 1000
+BATCH_WITHIN_S = 0.1
 
 
-def _model_version_of(raw: bytes) -> bytes:
-    """The repartition key; an unreadable sample still travels (under one fixed key) to be dead-lettered there,
-    since a key function that raises would stop the agent on every retry of the same message."""
-    try:
-        return str(json.loads(raw)["model_version"]).encode()
-    except (ValueError, TypeError, KeyError):
-        return UNREADABLE_KEY
+def routed_sample(sample: GroupSample) -> bytes:
+    """What the route forwards to the counter: the two fields it needs, not the whole sample (kilobytes)."""
+    return json.dumps({"sample_id": sample.sample_id, "model_version": sample.model_version}).encode()
+
+
+def read_routed_sample(raw: bytes) -> tuple[str, str]:
+    routed = json.loads(raw)
+    return str(routed["sample_id"]), str(routed["model_version"])
+
+
+def unreadable_sample_reason(exc: ValidationError) -> str:
+    return "not a group sample: " + "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'record'}: {error['msg']}"
+        for error in exc.errors(include_url=False)[:3]
+    )
 
 
 def register(context: AgentContext) -> AgentT:
-    """Declare the training-trigger agent, its table, internal topic and timer on ``context.app``."""
+    """Declare the training trigger's route and counting agents, its table, internal topic and timer on
+    ``context.app``; returns the counting agent."""
     app, settings, topics = context.app, context.settings, context.topics
     trigger_settings = settings.training_trigger()
     by_version = internal_topic(app, by_version_topic_name(settings.group_id), settings.partitions)
@@ -245,38 +258,59 @@ def register(context: AgentContext) -> AgentT:
             triggers[partition] = (TrainingTrigger(trigger_settings, store, partition), store)
         return triggers[partition]
 
-    async def deliver(trigger: TrainingTrigger, store: JsonTableStore, requests: list[TrainRequest]) -> None:
-        if requests:
-            await send_and_wait([(topics.train_requests, r.request_id.encode(), r.to_bytes()) for r in requests])
+    async def deliver(
+        emitted: list[tuple[TrainingTrigger, list[TrainRequest]]], stores: Iterable[JsonTableStore]
+    ) -> None:
+        """Send the requests, wait for the broker, confirm them; then log the changed keys to the changelog."""
+        await send_and_wait(
+            [(topics.train_requests, r.request_id.encode(), r.to_bytes()) for _, requests in emitted for r in requests]
+        )
+        for trigger, requests in emitted:
             trigger.confirm(requests)
             for request in requests:
                 log.info("train request %s (%s, %d samples)", request.request_id, request.reason, request.new_samples)
-        store.flush_changelog()
+        for store in stores:
+            store.flush_changelog()
 
     async def route(stream: StreamT[bytes]) -> None:
-        grouped = stream.group_by(_model_version_of, name="train-trigger-by-version", topic=by_version)
-        async for raw in grouped:
-            event = grouped.current_event
-            assert event is not None
-            try:
-                sample = GroupSample.model_validate_json(raw)
-            except ValidationError as exc:
-                position = MessagePosition(event.message.topic, event.message.partition, event.message.offset)
-                reason = "not a group sample: " + "; ".join(
-                    f"{'.'.join(str(part) for part in error['loc']) or 'record'}: {error['msg']}"
-                    for error in exc.errors(include_url=False)[:3]
-                )
-                log.warning("dead-lettering an unreadable group sample at %s: %s", position, reason)
-                await context.dead_letter_sink(position.dead_letter_key(), dead_letter(raw, reason, position))
-                continue
-            trigger, store = trigger_for(event.message.partition)
-            await deliver(trigger, store, trigger.on_sample(sample))
+        """Validate each group sample (dead-letter what is not one) and forward (sample_id, model_version) keyed by
+        model version, so that one partition counts each version."""
+        async for batch in cast("Stream[bytes]", stream).take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            forwards: list[tuple[TopicT, bytes, bytes]] = []
+            for event in batch:
+                message = event.message
+                try:
+                    sample = GroupSample.model_validate_json(event.value or b"")
+                except ValidationError as exc:
+                    position = MessagePosition(message.topic, message.partition, message.offset)
+                    reason = unreadable_sample_reason(exc)
+                    log.warning("dead-lettering an unreadable group sample at %s: %s", position, reason)
+                    letter = dead_letter(event.value, reason, position)
+                    await context.dead_letter_sink(position.dead_letter_key(), letter)
+                    continue
+                forwards.append((by_version, sample.model_version.encode(), routed_sample(sample)))
+            if forwards:
+                await send_and_wait(forwards)
+
+    async def count(stream: StreamT[bytes]) -> None:
+        async for batch in cast("Stream[bytes]", stream).take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            emitted: list[tuple[TrainingTrigger, list[TrainRequest]]] = []
+            touched: dict[int, JsonTableStore] = {}  # held here: a rebalance may clear ``triggers`` meanwhile
+            for event in batch:
+                sample_id, model_version = read_routed_sample(event.value)
+                trigger, touched[event.message.partition] = trigger_for(event.message.partition)
+                requests = trigger.on_sample(sample_id, model_version)
+                if requests:
+                    emitted.append((trigger, requests))
+            await deliver(emitted, touched.values())
 
     @app.timer(interval=trigger_settings.tick_s)
     async def tick() -> None:
         active = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == by_version.get_topic_name()}
         for partition in sorted(active):
             trigger, store = trigger_for(partition)
-            await deliver(trigger, store, trigger.on_tick())
+            requests = trigger.on_tick()
+            await deliver([(trigger, requests)] if requests else [], [store])
 
-    return app.agent(topics.group_samples, name="train-trigger")(route)
+    app.agent(topics.group_samples, name="train-trigger-route")(route)
+    return app.agent(by_version, name="train-trigger")(count)
