@@ -451,7 +451,7 @@ def _freshness(
     ordered = sorted(latencies)
     return {
         "offered_rate": config.rate,
-        "achieved_rate": (warmup + count) / (send_seconds - drain_s),
+        "achieved_rate": (warmup + count) / send_seconds,  # the drain wait is not sending time
         "warmup_events": warmup,
         "drain_after_warmup_s": drain_s,
         "events": count,
