@@ -3,12 +3,12 @@ stages that fold inbound events into state.
 
 Every inbound event feeds three computations: preference features (:mod:`streams.agents.preferences`), group
 samples (:mod:`streams.agents.groups`) and the routing of demand events by design (:mod:`streams.agents.demand`).
-They used to be three agents on the same topic, which tripled Faust's per-message work (delivery to each agent's
-stream, buffering, acknowledgement) and made every agent parse or share parses. Now one agent takes a
-micro-batch, admits each message through the dead-letter gate (invalid ones go to ``perfusion.dlq`` with their
-reason and bytes), and hands the admitted events to each stage in turn. A stage finishes its effects (table writes,
-outputs acknowledged by the broker, changelog flushed, Feast push) before it returns; the batch's offsets are
-acknowledged only after every stage returned, so a crash replays the batch into at least the state it had.
+Three agents on the same topic would triple Faust's per-message work (delivery to each agent's stream, buffering,
+acknowledgement) and the parsing. So one agent takes a micro-batch, admits each message through the dead-letter
+gate (invalid ones go to ``perfusion.dlq`` with their reason and bytes), and hands the admitted events to each
+stage in turn. A stage finishes its effects (table writes, outputs acknowledged by the broker, changelog flushed,
+Feast push) before it returns; the batch's offsets are acknowledged only after every stage returned, so a crash
+replays the batch into at least the state it had.
 
 A stage module exposes ``stage(context) -> EventStage``; :data:`EVENT_STAGE_MODULES` lists them in the order they
 run.
