@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from perfusion.errors import ConfigError, InfrastructureError
+from perfusion.infra.process import file_lock
 from perfusion.paths import FEATURE_REPO_DIR, state_dir
 
 if TYPE_CHECKING:
@@ -145,8 +146,16 @@ class FeaturePusher:
     def __init__(self, store: FeatureStore, merge_every_s: float = HISTORY_MERGE_EVERY_S) -> None:
         self._store = store
         self._history_files: dict[str, Path] = {}
+        self._history_schemas: dict[Path, Any] = {}  # pyarrow schema of each history file; merges keep it
         self._merge_every_s = merge_every_s
         self._last_merge = time.monotonic()
+
+    def _history_schema(self, history_file: Path) -> Any:
+        import pyarrow.parquet as pq
+
+        if history_file not in self._history_schemas:
+            self._history_schemas[history_file] = pq.read_schema(history_file)
+        return self._history_schemas[history_file]
 
     def _history_file(self, push_source: str) -> Path:
         """The offline history file of the view fed by ``push_source``."""
@@ -183,7 +192,7 @@ class FeaturePusher:
         frame = pd.DataFrame(list(rows))
         self._store.push(push_source, frame, to=PushMode.ONLINE)
         history_file = self._history_file(push_source)
-        append_history(history_file, frame)
+        append_history(history_file, frame, self._history_schema(history_file))
         if time.monotonic() - self._last_merge >= self._merge_every_s:
             # Readers merge before they read anyway; this keeps the file itself at most a minute behind for
             # readers that go to Feast directly (the `feast` CLI, a notebook).
@@ -207,7 +216,7 @@ def pending_parts_folder(history_file: Path) -> Path:
     return history_file.with_name(history_file.name + ".pending")
 
 
-def append_history(history_file: Path, frame: Any) -> Path:
+def append_history(history_file: Path, frame: Any, schema: Any = None) -> Path:
     """Add ``frame`` to the offline history of a view as one pending part file; returns its path.
 
     Feast's file offline store appends by reading the whole history file and writing it again, so a push cost grew
@@ -220,7 +229,7 @@ def append_history(history_file: Path, frame: Any) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pq.read_schema(history_file)
+    schema = pq.read_schema(history_file) if schema is None else schema
     table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
     folder = pending_parts_folder(history_file)
     folder.mkdir(exist_ok=True)
@@ -273,17 +282,9 @@ def history_file_of(view: Any) -> Path | None:
     return Path(source.path) if isinstance(source, FileSource) else None
 
 
-@contextlib.contextmanager
-def _history_lock(history_file: Path) -> Iterator[None]:
+def _history_lock(history_file: Path) -> contextlib.AbstractContextManager[None]:
     """Exclusive flock beside ``history_file``: one merge (and the read after it) at a time, across processes."""
-    import fcntl
-
-    with history_file.with_name(history_file.name + ".lock").open("a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
+    return file_lock(history_file.with_name(history_file.name + ".lock"))
 
 
 def _create_history_file(view: Any) -> None:

@@ -180,7 +180,7 @@ def parse_event(raw: bytes, now: float | None = None) -> AnyEvent:
     try:
         event = _EVENT_ADAPTER.validate_python(payload)
     except ValidationError as exc:
-        raise InvalidEvent(_one_line(exc)) from None
+        raise InvalidEvent(validation_reason(exc)) from None
     now = time.time() if now is None else now
     if event.ts > now + MAX_CLOCK_SKEW_S:
         raise InvalidEvent(
@@ -190,10 +190,12 @@ def parse_event(raw: bytes, now: float | None = None) -> AnyEvent:
     return event
 
 
-def _one_line(exc: ValidationError) -> str:
+def validation_reason(exc: ValidationError, whole: str = "event") -> str:
+    """A pydantic validation error as one line, ``field.path: message; ...`` (``whole`` names an error of the record
+    as a whole)."""
     parts = []
     for error in exc.errors(include_url=False):
-        location = ".".join(str(part) for part in error["loc"]) or "event"
+        location = ".".join(str(part) for part in error["loc"]) or whole
         parts.append(f"{location}: {error['msg']}")
     return "; ".join(parts)
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from test_worker_integration import read_dead_letters
 
 from perfusion.attributes import DESCRIPTOR_DIM
 from streams.dead_letters import original_bytes
@@ -31,7 +32,6 @@ from streams.records import (
     AnyEvent,
     Candidate,
     Click,
-    DeadLetter,
     DesignCreated,
     Impression,
     Order,
@@ -219,24 +219,6 @@ def produce_raw(bootstrap: str, topic: str, value: bytes) -> None:
         producer.close()
 
 
-def read_dead_letters(bootstrap: str, topic: str, expected: int) -> list[DeadLetter]:
-    """The dead letters on ``topic``, polled until there are ``expected`` or the timeout, then 2 s more for extras."""
-    from kafka import KafkaConsumer
-
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
-    letters: list[DeadLetter] = []
-    try:
-        deadline = time.monotonic() + OUTPUT_TIMEOUT_S
-        while time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=500).values():
-                letters.extend(DeadLetter.model_validate_json(record.value) for record in records)
-            if len(letters) >= expected:
-                deadline = min(deadline, time.monotonic() + 2.0)
-        return letters
-    finally:
-        consumer.close()
-
-
 def read_outputs(
     bootstrap: str, names: TopicNames, done: Callable[[dict[str, list[tuple[str, dict]]]], bool]
 ) -> dict[str, list[tuple[str, dict]]]:
@@ -386,7 +368,7 @@ def test_duplicated_reordered_stream_gives_the_batch_results_conserves_impressio
     assert requested_samples(outputs["requests"]) == len(expected_samples)
     assert sorted(requests) == [f"v1-{n:06d}" for n in range(1, len(requests) + 1)]
     assert all(r["new_samples"] == SAMPLES_PER_REQUEST for r in requests.values() if r["reason"] == "count")
-    letters = read_dead_letters(kafka_bootstrap, names.dead_letters, expected=1)
+    letters = read_dead_letters(kafka_bootstrap, names.dead_letters, 1, time.monotonic() + OUTPUT_TIMEOUT_S)
     assert [original_bytes(letter) for letter in letters] == [unreadable_sample]
     assert "not a group sample" in letters[0].reason and "user_id" in letters[0].reason
 

@@ -210,12 +210,12 @@ class KafkaBroker(LocalServer):
         """Running or stopped; a pid file whose process is gone (or is not this broker) is removed as stale."""
         pid = read_pid(self.pid_file)
         if pid is None:
-            return ServerStatus("kafka", running=False, pid=None, address=None)
+            return ServerStatus(self.name, running=False, pid=None, address=None)
         if is_owned_process(pid, str(self.properties_file)):
             address = self.bootstrap_file.read_text().strip() if self.bootstrap_file.exists() else None
-            return ServerStatus("kafka", running=True, pid=pid, address=address)
+            return ServerStatus(self.name, running=True, pid=pid, address=address)
         self._remove_runtime_files()
-        return ServerStatus("kafka", running=False, pid=pid, address=None, stale_pid=True)
+        return ServerStatus(self.name, running=False, pid=pid, address=None, stale_pid=True)
 
     def bootstrap(self) -> str:
         """``host:port`` of the running broker; raises when it is not running."""
@@ -260,7 +260,7 @@ class KafkaBroker(LocalServer):
         self._wait_until_answering(address)
         write_atomically(self.bootstrap_file, address + "\n")
         logger.info("Kafka %s answered on %s after %.1f s", self.config.version, address, time.monotonic() - started)
-        return ServerStatus("kafka", running=True, pid=self._process.pid, address=address)
+        return ServerStatus(self.name, running=True, pid=self._process.pid, address=address)
 
     def _choose_ports(self) -> tuple[int, int]:
         host = self.config.host

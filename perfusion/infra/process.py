@@ -171,19 +171,24 @@ def require_binary(binary: str, debian_package: str) -> str:
 
 
 @contextlib.contextmanager
-def startup_lock(state_dir: Path) -> Iterator[None]:
-    """Hold while checking whether a server runs and starting it: two commands starting the server of one state
-    folder at once (two test sessions, a demo and a benchmark) would otherwise both start one, and the pid file
-    would name only the second, leaving the first running unseen by ``down``."""
+def file_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive flock on ``lock_path`` (created if missing), held across processes of this machine."""
     import fcntl
 
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with (state_dir / ".start.lock").open("a") as lock_file:
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def startup_lock(state_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold while checking whether a server runs and starting it: two commands starting the server of one state
+    folder at once (two test sessions, a demo and a benchmark) would otherwise both start one, and the pid file
+    would name only the second, leaving the first running unseen by ``down``."""
+    return file_lock(state_dir / ".start.lock")
 
 
 class LocalServer:

@@ -91,12 +91,12 @@ class RedisServer(LocalServer):
         """Running or stopped; a pid file whose process is gone (or is not this server) is removed as stale."""
         pid = read_pid(self.pid_file)
         if pid is None:
-            return ServerStatus("redis", running=False, pid=None, address=None)
+            return ServerStatus(self.name, running=False, pid=None, address=None)
         if is_owned_process(pid, str(self.config_file)):
             url = self.url_file.read_text().strip() if self.url_file.exists() else None
-            return ServerStatus("redis", running=True, pid=pid, address=url)
+            return ServerStatus(self.name, running=True, pid=pid, address=url)
         self._remove_runtime_files()
-        return ServerStatus("redis", running=False, pid=pid, address=None, stale_pid=True)
+        return ServerStatus(self.name, running=False, pid=pid, address=None, stale_pid=True)
 
     def _start_unlocked(self) -> ServerStatus:
         current = self.status()
@@ -116,7 +116,7 @@ class RedisServer(LocalServer):
         url = f"redis://{self.config.host}:{port}/0"
         write_atomically(self.url_file, url + "\n")
         logger.info("Redis answered on %s", url)
-        return ServerStatus("redis", running=True, pid=self._process.pid, address=url)
+        return ServerStatus(self.name, running=True, pid=self._process.pid, address=url)
 
     def _write_config(self, port: int) -> None:
         lines = {

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from perfusion.errors import ConfigError
 from streams.dead_letters import MessagePosition, dead_letter
-from streams.records import GroupSample, TrainRequest
+from streams.records import GroupSample, TrainRequest, validation_reason
 from streams.table_store import JsonTableStore, forget_on_rebalance, internal_topic, raw_table, send_and_wait
 
 if TYPE_CHECKING:
@@ -235,13 +235,6 @@ def read_routed_sample(raw: bytes) -> tuple[str, str]:
     return str(routed["sample_id"]), str(routed["model_version"])
 
 
-def unreadable_sample_reason(exc: ValidationError) -> str:
-    return "not a group sample: " + "; ".join(
-        f"{'.'.join(str(part) for part in error['loc']) or 'record'}: {error['msg']}"
-        for error in exc.errors(include_url=False)[:3]
-    )
-
-
 def register(context: AgentContext) -> AgentT:
     """Declare the training trigger's route and counting agents, its table, internal topic and timer on
     ``context.app``; returns the counting agent."""
@@ -283,7 +276,7 @@ def register(context: AgentContext) -> AgentT:
                     sample = GroupSample.model_validate_json(event.value or b"")
                 except ValidationError as exc:
                     position = MessagePosition(message.topic, message.partition, message.offset)
-                    reason = unreadable_sample_reason(exc)
+                    reason = "not a group sample: " + validation_reason(exc, whole="record")
                     log.warning("dead-lettering an unreadable group sample at %s: %s", position, reason)
                     letter = dead_letter(event.value, reason, position)
                     await context.dead_letter_sink(position.dead_letter_key(), letter)
