@@ -82,8 +82,11 @@ class EvaluationConfig:
     sampling_steps: int = field(default=6, metadata={"help": "DDIM steps per generated group"})
     reward_steps: int = field(default=40, metadata={"help": "reward-model steps per trainer update"})
     diffusion_steps: int = field(default=8, metadata={"help": "generator steps per trainer update"})
-    generator_learning_rate: float | None = field(
-        default=None, metadata={"help": "AdamW learning rate of every arm's generator update (None: the trainer's)"}
+    adaptive_learning_rate: float | None = field(
+        default=None, metadata={"help": "AdamW learning rate of the adaptive network (None: the trainer's)"}
+    )
+    unet_learning_rate: float | None = field(
+        default=None, metadata={"help": "AdamW learning rate of the fine-tuned U-Net arms (None: the trainer's)"}
     )
     groups_per_batch: int = field(default=8, metadata={"help": "groups per trainer step"})
     offline_rm_steps: int = field(
@@ -499,7 +502,8 @@ def run_arm(
             base_checkpoint=config.base_checkpoint,
             reward_steps=config.reward_steps,
             diffusion_steps=config.diffusion_steps,
-            generator_learning_rate=config.generator_learning_rate,
+            adaptive_learning_rate=config.adaptive_learning_rate,
+            unet_learning_rate=config.unet_learning_rate,
             groups_per_batch=config.groups_per_batch,
             gate_generation_steps=config.sampling_steps,
             gate_max_groups=8,
@@ -709,6 +713,43 @@ def generator_shift(runs: dict[str, ArmRun]) -> dict[str, dict[str, float]]:
     return shifts
 
 
+def utility_by_segment(
+    runs: dict[str, ArmRun], config: EvaluationConfig, users: Sequence[str], segments: dict[str, str]
+) -> dict[str, dict[str, Any]]:
+    """Arm -> segment -> the final round's mean true utility per image less base's, on the live and held-out-prompt
+    showings of that segment's users, with a 95% paired bootstrap interval over them.
+
+    One number per arm hides which way a generator moved: a shift every shopper gets alike raises utility for the
+    segments whose taste it matches and lowers it for the others; personalisation raises it for each segment.
+    """
+    if BASELINE_ARM not in runs:
+        return {}
+    rng = np.random.default_rng([config.seed, 11])
+
+    def per_user_utility(run: ArmRun) -> NDArray[np.float64]:
+        final = [o for o in run.outcomes if o.round == config.rounds and o.slice in (LIVE, HELDOUT_PROMPT)]
+        totals = user_totals(final, users)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return totals[:, 4] / totals[:, 3]
+
+    base = per_user_utility(runs[BASELINE_ARM])
+    result: dict[str, dict[str, Any]] = {}
+    for arm, run in runs.items():
+        if arm == BASELINE_ARM:
+            continue
+        difference = per_user_utility(run) - base
+        per_segment: dict[str, Any] = {}
+        for segment in sorted({segments[user] for user in users}):
+            values = difference[[row for row, user in enumerate(users) if segments[user] == segment]]
+            values = values[np.isfinite(values)]
+            if values.size == 0:
+                continue
+            boot = values[rng.integers(0, values.size, size=(config.bootstrap_samples, values.size))].mean(axis=1)
+            per_segment[segment] = {"value": float(values.mean()), "ci95": interval(boot), "users": int(values.size)}
+        result[arm] = per_segment
+    return result
+
+
 # ------------------------------------------------------------------------------------- offline reward models
 
 
@@ -846,6 +887,9 @@ def run_evaluation(config: EvaluationConfig, bootstrap: str, work_dir: Path) -> 
             runs["perfusion" if "perfusion" in runs else BASELINE_ARM].reward_examples, config, text_encoder
         ),
         "generator_shift_vs_base": generator_shift(runs),
+        "utility_vs_base_by_segment": utility_by_segment(
+            runs, config, population.train_users, {user: panel.segment(user) for user in population.train_users}
+        ),
         "arms": {
             arm: {"versions": run.versions, "gate_refusals": run.refusals, "seconds": run.seconds}
             for arm, run in runs.items()

@@ -152,7 +152,7 @@ def render_markdown(result: EvaluationResult, command: str, plots_dir: str) -> s
         f"Setup: {len(config.arms)} arms, {config.rounds} trainer update(s) per arm, {config.train_users} live users "
         f"({config.impressions_per_user} impression(s) each per round), {config.cold_users} cold-start users, "
         f"K = {config.k}, {config.sampling_steps} DDIM steps, {config.reward_steps} RM and {config.diffusion_steps} "
-        f"generator steps per update (learning rate {_generator_lr(config)}), seed {config.seed}. Every arm sees the "
+        f"generator steps per update (learning rates: {_generator_learning_rates(config)}), seed {config.seed}. Every arm sees the "
         "same users, prompts, seeds, event times and marketplace draws. Intervals: 95% paired bootstrap over users "
         f"({config.bootstrap_samples} resamplings).",
         "",
@@ -193,6 +193,7 @@ def render_markdown(result: EvaluationResult, command: str, plots_dir: str) -> s
             for arm, shift in result.summary.get("generator_shift_vs_base", {}).items()
         ),
         "",
+        *_segment_lines(result),
         "## Reward models (offline, held-out groups)",
         "",
         "| model | GAUC [95% CI over groups] | MAP | train groups | held-out groups |",
@@ -238,10 +239,37 @@ def render_markdown(result: EvaluationResult, command: str, plots_dir: str) -> s
     return "\n".join(lines)
 
 
-def _generator_lr(config: EvaluationConfig) -> str:
-    if config.generator_learning_rate is not None:
-        return f"{config.generator_learning_rate:g}"
+def _segment_lines(result: EvaluationResult) -> list[str]:
+    by_segment: dict[str, dict[str, Any]] = result.summary.get("utility_vs_base_by_segment", {})
+    if not by_segment:
+        return []
+    segments = sorted({segment for values in by_segment.values() for segment in values})
+    lines = [
+        "## Who gained: true utility by shopper segment",
+        "",
+        "Final round, live and held-out-prompt showings of the training users: mean true utility per image less "
+        "base's, per segment of shoppers (the simulator's segments, which no model sees), 95% paired bootstrap over "
+        "the segment's users. A generator that moves every shopper's images alike gains in the segments whose taste "
+        "that shift matches and loses in the others; a personalised one gains in each.",
+        "",
+        "| arm | " + " | ".join(segments) + " |",
+        "|" + " --- |" * (len(segments) + 1),
+    ]
+    for arm, values in by_segment.items():
+        cells = [
+            f"{values[s]['value']:+.3f} [{values[s]['ci95'][0]:+.3f}, {values[s]['ci95'][1]:+.3f}]" if s in values else "n/a"
+            for s in segments
+        ]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _generator_learning_rates(config: EvaluationConfig) -> str:
     from trainer.settings import TrainerSettings
 
-    default = next(f.default for f in fields(TrainerSettings) if f.name == "generator_learning_rate")
-    return f"{default:g}, the trainer's default"
+    defaults = {f.name: f.default for f in fields(TrainerSettings)}
+    rates = []
+    for name, label in (("adaptive_learning_rate", "adaptive network"), ("unet_learning_rate", "fine-tuned U-Net")):
+        value = getattr(config, name)
+        rates.append(f"{label} {value:g}" if value is not None else f"{label} {defaults[name]:g} (the trainer's)")
+    return ", ".join(rates)

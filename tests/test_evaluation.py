@@ -3,6 +3,7 @@ end to end on the real broker (every arm runs, every metric is computed; no thre
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -27,6 +28,7 @@ from simulator.evaluation import (
     plan_round,
     summarize,
     user_totals,
+    utility_by_segment,
 )
 
 
@@ -101,6 +103,26 @@ def test_summary_gives_intervals_and_paired_lifts() -> None:
     assert low <= 0.25 <= high
 
 
+def test_utility_by_segment_separates_a_shift_for_everyone_from_personalisation() -> None:
+    config = EvaluationConfig(arms=(BASELINE_ARM, "perfusion"), rounds=1, bootstrap_samples=200)
+    users = ["d1", "d2", "b1", "b2"]
+    segments = {"d1": "dark", "d2": "dark", "b1": "bright", "b2": "bright"}
+    runs = {arm: ArmRun(arm) for arm in config.arms}
+    # Utility per image: base 0 for everyone; perfusion +1 for dark users, -0.5 for bright users (4 images shown).
+    for arm, gains in ((BASELINE_ARM, {"dark": 0.0, "bright": 0.0}), ("perfusion", {"dark": 1.0, "bright": -0.5})):
+        for user in users:
+            for round_index, slice_name in ((1, LIVE), (1, "heldout_prompt"), (0, LIVE), (1, COLD_START)):
+                gain = gains[segments[user]] if (round_index, slice_name) != (1, COLD_START) else 9.0
+                row = Outcome(arm, round_index, slice_name, user, "a dress", 0, 0, 0, 4, 4 * gain, "v")
+                runs[arm].outcomes.append(row)
+    result = utility_by_segment(runs, config, users, segments)
+    assert set(result) == {"perfusion"}
+    assert result["perfusion"]["dark"]["value"] == pytest.approx(1.0)
+    assert result["perfusion"]["dark"]["ci95"] == pytest.approx([1.0, 1.0])
+    assert result["perfusion"]["bright"]["value"] == pytest.approx(-0.5)
+    assert result["perfusion"]["bright"]["users"] == 2
+
+
 def test_every_arm_sees_the_same_plan_and_cold_users_only_in_their_slice() -> None:
     config = EvaluationConfig.quick()
     population = Population(["u0", "u1", "u2", "u3"], ["c0", "c1"], ["m0"])
@@ -148,6 +170,7 @@ def test_quick_eval_runs_every_arm_and_computes_every_metric(
     for model in ("perfusion_rm", "rm_without_plugins", "true_utility_ceiling"):
         assert set(results["reward_models"][model]) >= {"gauc", "gauc_ci95", "map"}
     assert set(results["generator_shift_vs_base"]) == set(config.arms) - {BASELINE_ARM}
+    assert set(results["utility_vs_base_by_segment"]) == set(config.arms) - {BASELINE_ARM}
     for plot in ("metrics_per_round.png", "reward_models.png", "segment_grid.png"):
         assert (out / plot).stat().st_size > 0
     assert "Reproduce: `perfusion eval --quick" in (out / "results.md").read_text()
@@ -160,3 +183,18 @@ def test_reproduction_command_names_every_setting_given() -> None:
 
     args = build_parser().parse_args(["eval", "--quick", "--arms", "base", "perfusion", "--out", "/tmp/x"])
     assert command_line(args) == "perfusion eval --quick --arms base perfusion"
+    # Every option but the output folders changes the numbers, so every one must reach the command.
+    parser = build_parser()
+    eval_parser = next(
+        action.choices["eval"] for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+    )
+    settings = [
+        action for action in eval_parser._actions if action.option_strings and action.dest not in {"help", "out", "docs", "work_dir"}
+    ]
+    argv = ["eval"]
+    for action in settings:
+        flag = action.option_strings[0]
+        argv += [flag] if action.nargs == 0 else [flag, "base"] if action.dest == "arms" else [flag, "3"]
+    command = command_line(parser.parse_args(argv))
+    for action in settings:
+        assert action.option_strings[0] in command.split(), action.option_strings[0]

@@ -201,3 +201,13 @@ def test_settings_refuse_values_that_would_break_the_guarantees() -> None:
         "use_adaptive_network": True,
         "personalized_reward_model": True,
     }
+
+
+def test_each_generator_trains_at_its_own_learning_rate() -> None:
+    adaptive = TrainerSettings.for_arm("perfusion", adaptive_learning_rate=3e-3, unet_learning_rate=2e-5)
+    unet_copy = TrainerSettings.for_arm("pairwise_dpo", adaptive_learning_rate=3e-3, unet_learning_rate=2e-5)
+    assert adaptive.generator_learning_rate == 3e-3
+    assert unet_copy.generator_learning_rate == 2e-5
+    defaults = TrainerSettings()
+    # The adaptive network's residuals start at 0 and must grow within one update: it gets the larger default.
+    assert defaults.adaptive_learning_rate > defaults.unet_learning_rate

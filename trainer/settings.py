@@ -85,8 +85,15 @@ class TrainerSettings:
     diffusion_steps: int = field(default=6, metadata={"help": "optimizer steps on the generator per update"})
     groups_per_batch: int = field(default=8, metadata={"help": "impressions (groups of K candidates) per step"})
     reward_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the reward model"})
-    generator_learning_rate: float = field(
-        default=1e-4, metadata={"help": "AdamW learning rate of the adaptive network (or fine-tuned U-Net)"}
+    adaptive_learning_rate: float = field(
+        default=1e-3,
+        metadata={
+            "help": "AdamW learning rate of the adaptive network; higher than the U-Net's because its residuals "
+            "start at exactly 0 and must grow within the few steps of one update (see docs/results.md)"
+        },
+    )
+    unet_learning_rate: float = field(
+        default=1e-4, metadata={"help": "AdamW learning rate of the fine-tuned U-Net copy (arms without the network)"}
     )
     beta: float = field(
         default=2000.0,
@@ -148,7 +155,14 @@ class TrainerSettings:
         _require(
             1 <= self.groups_per_batch <= 1024, f"groups_per_batch must be in 1..1024, got {self.groups_per_batch}"
         )
-        for name in ("reward_learning_rate", "generator_learning_rate", "beta", "max_grad_norm", "recency_half_life"):
+        for name in (
+            "reward_learning_rate",
+            "adaptive_learning_rate",
+            "unet_learning_rate",
+            "beta",
+            "max_grad_norm",
+            "recency_half_life",
+        ):
             value = getattr(self, name)
             _require(value > 0, f"{name} must be positive, got {value}")
         _require(self.buffer_capacity >= 1, f"buffer_capacity must be at least 1, got {self.buffer_capacity}")
@@ -204,6 +218,11 @@ class TrainerSettings:
 
     def with_overrides(self, **overrides: Any) -> TrainerSettings:
         return replace(self, **overrides)
+
+    @property
+    def generator_learning_rate(self) -> float:
+        """The learning rate of whichever generator this arm trains."""
+        return self.adaptive_learning_rate if self.use_adaptive_network else self.unet_learning_rate
 
     @property
     def group_id(self) -> str:

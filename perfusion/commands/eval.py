@@ -28,7 +28,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--steps", type=int, default=None, help="DDIM sampling steps")
     parser.add_argument("--arms", nargs="+", default=None, help="arms to run (default: all six)")
     parser.add_argument("--generator-steps", type=int, default=None, help="generator steps per trainer update")
-    parser.add_argument("--generator-lr", type=float, default=None, help="generator learning rate of every arm")
+    parser.add_argument("--adaptive-lr", type=float, default=None, help="learning rate of the adaptive network")
+    parser.add_argument("--unet-lr", type=float, default=None, help="learning rate of the fine-tuned U-Net arms")
     parser.add_argument("--gate-tolerance", type=float, default=None, help="trainer's generator gate, in RM stds")
     parser.add_argument("--seed", type=int, default=None, help="seed of users, plan and draws")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -46,6 +47,9 @@ FLAGS = {
     "impressions": "--impressions",
     "steps": "--steps",
     "arms": "--arms",
+    "generator_steps": "--generator-steps",
+    "adaptive_lr": "--adaptive-lr",
+    "unet_lr": "--unet-lr",
     "gate_tolerance": "--gate-tolerance",
     "seed": "--seed",
     "threads": "--threads",
@@ -81,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "gate_generator_tolerance": args.gate_tolerance,
         "diffusion_steps": args.generator_steps,
-        "generator_learning_rate": args.generator_lr,
+        "adaptive_learning_rate": args.adaptive_lr,
+        "unet_learning_rate": args.unet_lr,
         "torch_threads": args.threads,
     }
     values = {key: value for key, value in overrides.items() if value is not None}

@@ -11,9 +11,15 @@ pixel space) turns it into features added right after the copy's conv_in. Text s
 copy exactly as they reach the base UNet.
 
 Zero-init property: every path from the copy into the base UNet ends in a zero-initialised convolution, so at
-initialisation all residuals are exactly 0 and base + adaptive equals the base model bit for bit. As in ControlNet,
-gradients pass one zero layer per step: the first optimiser step moves only the output zero convolutions, the
-second also the copy and the conditioning embedding's zero conv, the third also g(u).
+initialisation all residuals are exactly 0 and base + adaptive equals the base model bit for bit. The first
+optimiser step moves only those output convolutions, the second also everything before them.
+
+Where this departs from ControlNet: ControlNet also zero-initialises the last convolution of its conditioning
+embedding. With two zero layers in a row, the residuals' dependence on the user is the product of two weights that
+both start at 0, so it grows with the square of the training steps while the part common to every user grows
+linearly: a network trained for tens of steps (one incremental update) learns one shift for everybody. Here that
+convolution starts from small random weights (``condition_init_std``), so the user enters the copy from the start
+and the output convolutions learn user-dependent residuals at first order. Set it to 0 for ControlNet's init.
 
 The reference model of the preference objectives is the frozen base UNet with no user input:
 ``personalized_noise_prediction(unet, None, ...)``.
@@ -51,6 +57,13 @@ class AdaptiveConfig:
         default=16, metadata={"help": "hidden channels of ControlNet's conditioning embedding (one conv stage)"}
     )
     conditioning_scale: float = field(default=1.0, metadata={"help": "multiplier on every residual at inference"})
+    condition_init_std: float = field(
+        default=0.02,
+        metadata={
+            "help": "std of the initial weights of the conditioning embedding's last convolution (0: zero-init as "
+            "in ControlNet, which makes the user's effect second order in the training steps)"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("user_dim", "condition_hidden", "condition_channels", "conditioning_embedding_channels"):
@@ -58,6 +71,8 @@ class AdaptiveConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.conditioning_scale < 0:
             raise ConfigError(f"conditioning_scale must be >= 0, got {self.conditioning_scale}")
+        if self.condition_init_std < 0:
+            raise ConfigError(f"condition_init_std must be >= 0, got {self.condition_init_std}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,6 +127,9 @@ class AdaptiveNetwork(nn.Module):
             load_weights_from_unet=copy_unet_weights,
             conditioning_channels=self.config.condition_channels,
         )
+        if self.config.condition_init_std > 0:
+            # The user's way into the copy; the residuals stay exactly 0 (zero output convolutions) until trained.
+            nn.init.normal_(self.controlnet.controlnet_cond_embedding.conv_out.weight, std=self.config.condition_init_std)
 
     def user_condition_map(self, user_vectors: Tensor, height: int, width: int) -> Tensor:
         """g(u) as a constant map [B, condition_channels, height, width] from user vectors [B, user_dim]."""
