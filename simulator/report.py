@@ -257,7 +257,9 @@ def _segment_lines(result: EvaluationResult) -> list[str]:
     ]
     for arm, values in by_segment.items():
         cells = [
-            f"{values[s]['value']:+.3f} [{values[s]['ci95'][0]:+.3f}, {values[s]['ci95'][1]:+.3f}]" if s in values else "n/a"
+            f"{values[s]['value']:+.3f} [{values[s]['ci95'][0]:+.3f}, {values[s]['ci95'][1]:+.3f}]"
+            if s in values
+            else "n/a"
             for s in segments
         ]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")

@@ -189,7 +189,9 @@ def test_reproduction_command_names_every_setting_given() -> None:
         action.choices["eval"] for action in parser._actions if isinstance(action, argparse._SubParsersAction)
     )
     settings = [
-        action for action in eval_parser._actions if action.option_strings and action.dest not in {"help", "out", "docs", "work_dir"}
+        action
+        for action in eval_parser._actions
+        if action.option_strings and action.dest not in {"help", "out", "docs", "work_dir"}
     ]
     argv = ["eval"]
     for action in settings:

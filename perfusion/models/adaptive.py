@@ -129,7 +129,9 @@ class AdaptiveNetwork(nn.Module):
         )
         if self.config.condition_init_std > 0:
             # The user's way into the copy; the residuals stay exactly 0 (zero output convolutions) until trained.
-            nn.init.normal_(self.controlnet.controlnet_cond_embedding.conv_out.weight, std=self.config.condition_init_std)
+            nn.init.normal_(
+                self.controlnet.controlnet_cond_embedding.conv_out.weight, std=self.config.condition_init_std
+            )
 
     def user_condition_map(self, user_vectors: Tensor, height: int, width: int) -> Tensor:
         """g(u) as a constant map [B, condition_channels, height, width] from user vectors [B, user_dim]."""
