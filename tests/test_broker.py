@@ -14,7 +14,7 @@ from kafka.admin import NewTopic
 
 from perfusion.errors import ConfigError, InfrastructureError
 from perfusion.infra import kafka_broker
-from perfusion.infra.kafka_broker import KafkaBroker, KafkaBrokerConfig, bootstrap_servers
+from perfusion.infra.kafka_broker import KafkaBroker, KafkaBrokerConfig, bootstrap_servers, new_cluster_id
 from perfusion.infra.process import is_owned_process, process_command_line
 
 MESSAGES = [(f"user-{index % 2}".encode(), f"event-{index}".encode()) for index in range(5)]
@@ -182,3 +182,15 @@ def test_pom_ships_with_the_package() -> None:
     pom = Path(kafka_broker.__file__).with_name("kafka-pom.xml")
     assert pom.exists() and "kafka_2.13" in pom.read_text()
     assert os.access(pom, os.R_OK)
+
+
+def test_cluster_ids_never_start_with_a_dash_and_hold_16_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+    import uuid
+
+    # The first draw encodes to an id starting with '-' (0xf8 -> '-' in URL-safe base64); it must be redrawn.
+    draws = iter([uuid.UUID(bytes=b"\xf8" + b"\x00" * 15), uuid.UUID(int=7)])
+    monkeypatch.setattr(uuid, "uuid4", lambda: next(draws))
+    cluster_id = new_cluster_id()
+    assert not cluster_id.startswith("-")
+    assert base64.urlsafe_b64decode(cluster_id + "==") == uuid.UUID(int=7).bytes

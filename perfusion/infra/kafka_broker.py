@@ -336,7 +336,7 @@ class KafkaBroker(LocalServer):
         """``kafka-storage format`` on first use; data written by an earlier run is kept."""
         if (self.data_dir / "meta.properties").exists():
             return
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        cluster_id = new_cluster_id()
         command = [java, "-Xmx256m", "-XX:TieredStopAtLevel=1", "-cp", classpath, "kafka.tools.StorageTool", "format"]
         command += ["--cluster-id", cluster_id, "--config", str(self.properties_file)]
         result = subprocess.run(command, capture_output=True, text=True)
@@ -396,6 +396,16 @@ class KafkaBroker(LocalServer):
         )
 
     # -- stop -------------------------------------------------------------------------------------------------
+
+
+def new_cluster_id() -> str:
+    """A random KRaft cluster id: 16 bytes in URL-safe base64 without padding, as ``kafka-storage random-uuid``
+    prints it. Like Kafka's Uuid.randomUuid it never starts with '-', which the tool's parser would take for an
+    option (one id in 64 did, and the broker's first start then failed)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _accepts_connections(address: str) -> bool:
