@@ -152,9 +152,9 @@ def render_markdown(result: EvaluationResult, command: str, plots_dir: str) -> s
         f"Setup: {len(config.arms)} arms, {config.rounds} trainer update(s) per arm, {config.train_users} live users "
         f"({config.impressions_per_user} impression(s) each per round), {config.cold_users} cold-start users, "
         f"K = {config.k}, {config.sampling_steps} DDIM steps, {config.reward_steps} RM and {config.diffusion_steps} "
-        f"generator steps per update (learning rates: {_generator_learning_rates(config)}), seed {config.seed}. Every arm sees the "
-        "same users, prompts, seeds, event times and marketplace draws. Intervals: 95% paired bootstrap over users "
-        f"({config.bootstrap_samples} resamplings).",
+        f"generator steps per update (learning rates: {_generator_learning_rates(config)}), seed {config.seed}. "
+        "Every arm sees the same users, prompts, seeds, event times and marketplace draws. Intervals: 95% paired "
+        f"bootstrap over users ({config.bootstrap_samples} resamplings).",
         "",
     ]
     for slice_name in metrics:

@@ -31,6 +31,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--adaptive-lr", type=float, default=None, help="learning rate of the adaptive network")
     parser.add_argument("--unet-lr", type=float, default=None, help="learning rate of the fine-tuned U-Net arms")
     parser.add_argument("--gate-tolerance", type=float, default=None, help="trainer's generator gate, in RM stds")
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="instead of the loop: one generator update per arm on logged base-model groups, scored per segment",
+    )
+    parser.add_argument("--probe-groups", type=int, default=None, help="with --probe: logged groups per user")
     parser.add_argument("--seed", type=int, default=None, help="seed of users, plan and draws")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--out", type=Path, default=Path("docs/results"), help="folder for JSON and plots")
@@ -41,6 +47,8 @@ def register(subparsers: Any) -> None:
 
 FLAGS = {
     "quick": "--quick",
+    "probe": "--probe",
+    "probe_groups": "--probe-groups",
     "rounds": "--rounds",
     "users": "--users",
     "cold_users": "--cold-users",
@@ -71,6 +79,8 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.probe:
+        return run_probe(args)
     from perfusion.commands.demo import _broker
     from simulator.evaluation import EvaluationConfig, run_evaluation
     from simulator.report import write_report
@@ -97,4 +107,39 @@ def run(args: argparse.Namespace) -> int:
         result = run_evaluation(config, bootstrap, work_dir)
     markdown = write_report(result, args.out, command, markdown_path=args.docs)
     print(f"wrote {args.out / 'results.json'}, plots and {markdown} in {result.wall_seconds / 60:.1f} min")
+    return 0
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    """``perfusion eval --probe``: simulator/generator_probe.py, no broker needed."""
+    import json
+
+    import torch
+
+    from perfusion.sampling import base_model_config
+    from perfusion.text_encoder import TextEncoder
+    from simulator.generator_probe import ProbeConfig, render_probe_markdown
+    from simulator.generator_probe import run_probe as probe
+
+    overrides = {
+        "arms": tuple(args.arms) if args.arms else None,
+        "train_users": args.users,
+        "groups_per_user": args.probe_groups,
+        "sampling_steps": args.steps,
+        "diffusion_steps": args.generator_steps,
+        "adaptive_learning_rate": args.adaptive_lr,
+        "unet_learning_rate": args.unet_lr,
+        "seed": args.seed,
+    }
+    config = ProbeConfig(**{key: value for key, value in overrides.items() if value is not None})
+    torch.set_num_threads(args.threads or 1)
+    text_encoder = TextEncoder(max_length=base_model_config(config.base_checkpoint).text_max_length)
+    result = probe(config, text_encoder)
+    command = command_line(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "probe.json").write_text(json.dumps({**result, "command": command}, indent=2) + "\n")
+    markdown = args.docs or args.out / "probe.md"
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text(render_probe_markdown(result, command))
+    print(f"wrote {args.out / 'probe.json'} and {markdown} in {result['wall_seconds'] / 60:.1f} min")
     return 0
