@@ -30,8 +30,15 @@ METRIC_LABELS = {
 TARGETS = {"ctr": "≥ +13%", "conversion": "≥ +13%", "return_rate": "≤ −7.9%", "utility": "—"}
 
 
-def write_report(result: EvaluationResult, out_dir: Path, command: str, markdown_path: Path | None = None) -> Path:
-    """Write the JSON, the plots and the markdown; returns the markdown's path."""
+def write_report(
+    result: EvaluationResult,
+    out_dir: Path,
+    command: str,
+    markdown_path: Path | None = None,
+    notes_path: Path | None = None,
+) -> Path:
+    """Write the JSON, the plots and the markdown (with ``notes_path``'s hand-written analysis appended as it is,
+    so a rerun keeps it); returns the markdown's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {**result.summary, "command": command, "wall_seconds": result.wall_seconds}
     (out_dir / "results.json").write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
@@ -40,7 +47,10 @@ def write_report(result: EvaluationResult, out_dir: Path, command: str, markdown
     plot_segment_grid(result, out_dir / "segment_grid.png")
     markdown = markdown_path or out_dir / "results.md"
     markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.write_text(render_markdown(result, command, plots_dir=_relative(out_dir, markdown.parent)))
+    text = render_markdown(result, command, plots_dir=_relative(out_dir, markdown.parent))
+    if notes_path is not None:
+        text += "\n" + notes_path.read_text()
+    markdown.write_text(text)
     return markdown
 
 

@@ -191,7 +191,7 @@ def test_reproduction_command_names_every_setting_given() -> None:
     settings = [
         action
         for action in eval_parser._actions
-        if action.option_strings and action.dest not in {"help", "out", "docs", "work_dir"}
+        if action.option_strings and action.dest not in {"help", "out", "docs", "notes", "work_dir"}
     ]
     argv = ["eval"]
     for action in settings:
@@ -200,3 +200,11 @@ def test_reproduction_command_names_every_setting_given() -> None:
     command = command_line(parser.parse_args(argv))
     for action in settings:
         assert action.option_strings[0] in command.split(), action.option_strings[0]
+
+
+def test_missing_notes_file_is_refused_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from perfusion.cli import main
+
+    assert main(["eval", "--quick", "--notes", str(tmp_path / "absent.md"), "--out", str(tmp_path / "out")]) == 2
+    assert "--notes" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

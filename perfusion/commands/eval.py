@@ -41,6 +41,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--out", type=Path, default=Path("docs/results"), help="folder for JSON and plots")
     parser.add_argument("--docs", type=Path, default=None, help="also write the markdown here (docs/results.md)")
+    parser.add_argument(
+        "--notes", type=Path, default=None, help="append this hand-written analysis to the markdown (kept on reruns)"
+    )
     parser.add_argument("--work-dir", type=Path, default=None, help="per-arm state (default: a temporary folder)")
     parser.set_defaults(handler=run)
 
@@ -79,6 +82,11 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.notes is not None and not args.notes.is_file():
+        from perfusion.errors import ConfigError
+
+        # Checked before the run, not after it: a full evaluation takes most of an hour.
+        raise ConfigError(f"--notes {args.notes} is not a file; write the analysis there first or leave --notes out")
     if args.probe:
         return run_probe(args)
     from perfusion.commands.demo import _broker
@@ -105,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     with _broker() as bootstrap, tempfile.TemporaryDirectory(prefix="perfusion-eval-") as scratch:
         work_dir = args.work_dir or Path(scratch)
         result = run_evaluation(config, bootstrap, work_dir)
-    markdown = write_report(result, args.out, command, markdown_path=args.docs)
+    markdown = write_report(result, args.out, command, markdown_path=args.docs, notes_path=args.notes)
     print(f"wrote {args.out / 'results.json'}, plots and {markdown} in {result.wall_seconds / 60:.1f} min")
     return 0
 
