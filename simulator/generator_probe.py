@@ -242,12 +242,11 @@ def _mean_with_interval(values: list[float], config: ProbeConfig) -> dict[str, A
 
 def render_probe_markdown(result: dict[str, Any], command: str) -> str:
     """The probe's table: utility difference overall and per segment, pixel movement, training accuracy."""
+    from simulator.report import signed_interval
+
     arms = result["arms"]
     segments = sorted({segment for values in arms.values() for segment in values["by_segment"]})
     config = result["config"]
-
-    def cell(entry: dict[str, Any]) -> str:
-        return f"{entry['value']:+.3f} [{entry['ci95'][0]:+.3f}, {entry['ci95'][1]:+.3f}]"
 
     lines = [
         "# Offline probe: what one generator update learns from logged groups",
@@ -265,7 +264,8 @@ def render_probe_markdown(result: dict[str, Any], command: str) -> str:
         "|" + " --- |" * (len(segments) + 4),
     ]
     for arm, values in arms.items():
-        cells = [cell(values["utility_vs_base"]), *(cell(values["by_segment"][s]) for s in segments)]
+        cells = [signed_interval(values["utility_vs_base"])]
+        cells += [signed_interval(values["by_segment"][s]) for s in segments]
         cells += [f"{values['mean_abs_pixel_diff']:.2f}", f"{values['train_implicit_accuracy']:.2f}"]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join([*lines, ""])

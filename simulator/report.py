@@ -249,6 +249,12 @@ def render_markdown(result: EvaluationResult, command: str, plots_dir: str) -> s
     return "\n".join(lines)
 
 
+def signed_interval(entry: dict[str, Any]) -> str:
+    """``{"value": v, "ci95": [low, high]}`` as "+v [+low, +high]" (differences, so the sign always shows)."""
+    low, high = entry["ci95"]
+    return f"{entry['value']:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
 def _segment_lines(result: EvaluationResult) -> list[str]:
     by_segment: dict[str, dict[str, Any]] = result.summary.get("utility_vs_base_by_segment", {})
     if not by_segment:
@@ -266,12 +272,7 @@ def _segment_lines(result: EvaluationResult) -> list[str]:
         "|" + " --- |" * (len(segments) + 1),
     ]
     for arm, values in by_segment.items():
-        cells = [
-            f"{values[s]['value']:+.3f} [{values[s]['ci95'][0]:+.3f}, {values[s]['ci95'][1]:+.3f}]"
-            if s in values
-            else "n/a"
-            for s in segments
-        ]
+        cells = [signed_interval(values[s]) if s in values else "n/a" for s in segments]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
