@@ -109,6 +109,13 @@ class EvaluationConfig:
     bootstrap_samples: int = field(default=1000, metadata={"help": "bootstrap resamplings of users"})
     seed: int = field(default=0, metadata={"help": "seed of users, plan, generation and marketplace draws"})
     torch_threads: int = field(default=1, metadata={"help": "torch threads (small models run best on one)"})
+    parallel_arms: int = field(
+        default=1,
+        metadata={
+            "help": "arms run at once, each in a process of its own (an arm's Feast store and state are process-wide "
+            "settings); an arm keeps about one core busy, so 1 on a 2-core machine"
+        },
+    )
     wait_s: float = field(default=300.0, metadata={"help": "longest wait for the worker's samples and features"})
     base_checkpoint: Path = field(default=REPO_ROOT / "assets" / "base", metadata={"help": "the base model"})
 
@@ -123,6 +130,8 @@ class EvaluationConfig:
         for name in ("rounds", "train_users", "cold_users", "merchants", "impressions_per_user", "sampling_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.parallel_arms < 1:
+            raise ConfigError(f"parallel_arms must be at least 1, got {self.parallel_arms}")
         if not 2 <= self.k <= 16:
             raise ConfigError(f"k must be between 2 and 16, got {self.k}")
         if self.bootstrap_samples < 100:
@@ -863,8 +872,26 @@ def _reward_batch(examples: Sequence[RewardExample]) -> Any:
 # ---------------------------------------------------------------------------------------------- the runner
 
 
+def run_arm_in_own_process(
+    arm: str, config: EvaluationConfig, bootstrap: str, work_dir: Path, origin: float, grid_prompt: str
+) -> ArmRun:
+    """:func:`run_arm` in a worker process of ``--parallel``: the same panel, users and text encoder, rebuilt from
+    the config (they are deterministic in its seed), so the arm sees exactly what it sees when run in turn."""
+    import torch
+
+    from perfusion.sampling import base_model_config
+    from perfusion.text_encoder import TextEncoder
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{arm}] %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(config.torch_threads)
+    panel, population = build_panel(config)
+    text_encoder = TextEncoder(max_length=base_model_config(config.base_checkpoint).text_max_length)
+    log.info("arm %s: starting in process %d", arm, os.getpid())
+    return run_arm(arm, config, panel, population, bootstrap, work_dir, text_encoder, origin, grid_prompt)
+
+
 def run_evaluation(config: EvaluationConfig, bootstrap: str, work_dir: Path) -> EvaluationResult:
-    """Every arm of ``config`` in turn (two cores do not run two loops faster than one), then the metrics."""
+    """Every arm of ``config``, ``config.parallel_arms`` at a time, then the metrics."""
     import torch
 
     from perfusion.sampling import base_model_config
@@ -877,10 +904,24 @@ def run_evaluation(config: EvaluationConfig, bootstrap: str, work_dir: Path) -> 
     text_encoder = TextEncoder(max_length=base_model_config(config.base_checkpoint).text_max_length)
     grid_prompt = TRAIN_PROMPTS[0]
     runs: dict[str, ArmRun] = {}
-    for arm in config.arms:
-        log.info("arm %s: starting", arm)
-        runs[arm] = run_arm(arm, config, panel, population, bootstrap, work_dir, text_encoder, origin, grid_prompt)
-        log.info("arm %s: done in %.0f s, versions %s", arm, runs[arm].seconds, runs[arm].versions)
+    if config.parallel_arms > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        workers = min(config.parallel_arms, len(config.arms))
+        # spawn: a fresh interpreter per arm, not a fork of this one with torch's threads and Kafka clients.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {
+                arm: pool.submit(run_arm_in_own_process, arm, config, bootstrap, work_dir, origin, grid_prompt)
+                for arm in config.arms
+            }
+            runs = {arm: future.result() for arm, future in futures.items()}
+    else:
+        for arm in config.arms:
+            log.info("arm %s: starting", arm)
+            runs[arm] = run_arm(arm, config, panel, population, bootstrap, work_dir, text_encoder, origin, grid_prompt)
+    for arm, run in runs.items():
+        log.info("arm %s: done in %.0f s, versions %s", arm, run.seconds, run.versions)
     summary = {
         "metrics": summarize(runs, config, population),
         "reward_models": compare_reward_models(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -156,8 +157,8 @@ def render_markdown(result: EvaluationResult, command: str, plots_dir: str) -> s
     lines = [
         "# Closed-loop evaluation results",
         "",
-        f"Reproduce: `{command}` (wall time {result.wall_seconds / 60:.1f} min on this machine, arms run one after "
-        "another on 2 shared CPU cores).",
+        f"Reproduce: `{command}` (wall time {result.wall_seconds / 60:.1f} min on this machine, arms run "
+        f"{_arms_at_once(config)} on {os.cpu_count()} CPU cores).",
         "",
         f"Setup: {len(config.arms)} arms, {config.rounds} trainer update(s) per arm, {config.train_users} live users "
         f"({config.impressions_per_user} impression(s) each per round), {config.cold_users} cold-start users, "
@@ -247,6 +248,10 @@ def render_markdown(result: EvaluationResult, command: str, plots_dir: str) -> s
         "",
     ]
     return "\n".join(lines)
+
+
+def _arms_at_once(config: EvaluationConfig) -> str:
+    return "one after another" if config.parallel_arms == 1 else f"{config.parallel_arms} at a time"
 
 
 def signed_interval(entry: dict[str, Any]) -> str:

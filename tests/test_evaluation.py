@@ -151,7 +151,19 @@ def test_quick_eval_runs_every_arm_and_computes_every_metric(
     # One arm per generator code path (none, fine-tuned U-Net, adaptive network) keeps the test within minutes;
     # `perfusion eval --quick` without --arms runs all six.
     arms = ("base", "group_without_adaptive", "perfusion")
-    argv = ["eval", "--quick", "--arms", *arms, "--out", str(out), "--work-dir", str(tmp_path / "work")]
+    # Two arms at a time, each in a process of its own (the --parallel path).
+    argv = [
+        "eval",
+        "--quick",
+        "--arms",
+        *arms,
+        "--parallel",
+        "2",
+        "--out",
+        str(out),
+        "--work-dir",
+        str(tmp_path / "work"),
+    ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     config = EvaluationConfig.quick(arms=arms)

@@ -39,6 +39,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--probe-groups", type=int, default=None, help="with --probe: logged groups per user")
     parser.add_argument("--seed", type=int, default=None, help="seed of users, plan and draws")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--parallel", type=int, default=None, help="arms run at once, one process each (default 1)")
     parser.add_argument("--out", type=Path, default=Path("docs/results"), help="folder for JSON and plots")
     parser.add_argument("--docs", type=Path, default=None, help="also write the markdown here (docs/results.md)")
     parser.add_argument(
@@ -64,6 +65,7 @@ FLAGS = {
     "gate_tolerance": "--gate-tolerance",
     "seed": "--seed",
     "threads": "--threads",
+    "parallel": "--parallel",
 }
 
 
@@ -106,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         "adaptive_learning_rate": args.adaptive_lr,
         "unet_learning_rate": args.unet_lr,
         "torch_threads": args.threads,
+        "parallel_arms": args.parallel,
     }
     values = {key: value for key, value in overrides.items() if value is not None}
     config = EvaluationConfig.quick(**values) if args.quick else EvaluationConfig(**values)
