@@ -45,12 +45,29 @@ def publish(store: ModelStore, adaptive: AdaptiveNetwork) -> str:
     return store.publish({ADAPTIVE_COMPONENT: (adaptive, adaptive.config.to_dict())}, {"note": "test"})
 
 
-def build_generator(text_encoder: TextEncoder) -> PersonalizedGenerator:
+def build_generator(text_encoder: TextEncoder, uses_adaptive: bool = True) -> PersonalizedGenerator:
     torch.manual_seed(0)
     unet = build_unet(QUICK_CONFIG)
     classifier = AttributeClassifier(AttributeClassifierConfig(channels=(8, 16)))
     adaptive = AdaptiveNetwork(unet, ADAPTIVE_CONFIG)
-    return PersonalizedGenerator(unet, adaptive, text_encoder, classifier, QUICK_CONFIG, num_steps=2)
+    return PersonalizedGenerator(
+        unet, adaptive, text_encoder, classifier, QUICK_CONFIG, uses_adaptive=uses_adaptive, num_steps=2
+    )
+
+
+def test_base_served_without_the_network_until_a_version_loads(text_encoder: TextEncoder, store: ModelStore) -> None:
+    # load_serving_generator starts this way: the zero-initialised network would add exactly 0, at a cost.
+    without = build_generator(text_encoder, uses_adaptive=False)
+    with_network = build_generator(text_encoder, uses_adaptive=True)
+    base = without.generate(PROMPT, USER, k=2, seed=3).images
+    np.testing.assert_array_equal(base, with_network.generate(PROMPT, USER, k=2, seed=3).images)
+
+    version = publish(store, trained_like_adaptive(with_network.unet, seed=11))
+    without.load_version(version, store.path(version))
+    with_network.load_version(version, store.path(version))
+    personalized = without.generate(PROMPT, USER, k=2, seed=3).images
+    assert not np.array_equal(personalized, base)
+    np.testing.assert_array_equal(personalized, with_network.generate(PROMPT, USER, k=2, seed=3).images)
 
 
 @pytest.fixture
