@@ -17,9 +17,11 @@ optimiser step moves only those output convolutions, the second also everything 
 Where this departs from ControlNet: ControlNet also zero-initialises the last convolution of its conditioning
 embedding. With two zero layers in a row, the residuals' dependence on the user is the product of two weights that
 both start at 0, so it grows with the square of the training steps while the part common to every user grows
-linearly: a network trained for tens of steps (one incremental update) learns one shift for everybody. Here that
-convolution starts from small random weights (``condition_init_std``), so the user enters the copy from the start
-and the output convolutions learn user-dependent residuals at first order. Set it to 0 for ControlNet's init.
+linearly, and a network trained for tens of steps (one incremental update) can only learn one shift for everybody.
+Here that convolution starts from small random weights (``condition_init_std``), so the user enters the copy from
+the start and the output convolutions can learn user-dependent residuals at first order. Set it to 0 for
+ControlNet's init. (At the evaluation's data sizes this alone did not make the network personalise; see
+docs/results.md.)
 
 The reference model of the preference objectives is the frozen base UNet with no user input:
 ``personalized_noise_prediction(unet, None, ...)``.
