@@ -110,10 +110,10 @@ class EvaluationConfig:
     seed: int = field(default=0, metadata={"help": "seed of users, plan, generation and marketplace draws"})
     torch_threads: int = field(default=1, metadata={"help": "torch threads (small models run best on one)"})
     parallel_arms: int = field(
-        default=1,
+        default=0,
         metadata={
             "help": "arms run at once, each in a process of its own (an arm's Feast store and state are process-wide "
-            "settings); an arm keeps about one core busy, so 1 on a 2-core machine"
+            "settings); 0 = one arm per two CPU cores (an arm and its stream worker keep about that busy)"
         },
     )
     wait_s: float = field(default=300.0, metadata={"help": "longest wait for the worker's samples and features"})
@@ -130,8 +130,8 @@ class EvaluationConfig:
         for name in ("rounds", "train_users", "cold_users", "merchants", "impressions_per_user", "sampling_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.parallel_arms < 1:
-            raise ConfigError(f"parallel_arms must be at least 1, got {self.parallel_arms}")
+        if self.parallel_arms < 0:
+            raise ConfigError(f"parallel_arms must be >= 0 (0: one arm per two CPU cores), got {self.parallel_arms}")
         if not 2 <= self.k <= 16:
             raise ConfigError(f"k must be between 2 and 16, got {self.k}")
         if self.bootstrap_samples < 100:
@@ -872,6 +872,12 @@ def _reward_batch(examples: Sequence[RewardExample]) -> Any:
 # ---------------------------------------------------------------------------------------------- the runner
 
 
+def arms_at_once(config: EvaluationConfig) -> int:
+    """How many arms run in parallel: ``config.parallel_arms``, or for 0 one per two CPU cores (at least 1)."""
+    wanted = config.parallel_arms or (os.cpu_count() or 1) // 2
+    return max(1, min(wanted, len(config.arms)))
+
+
 def run_arm_in_own_process(
     arm: str, config: EvaluationConfig, bootstrap: str, work_dir: Path, origin: float, grid_prompt: str
 ) -> ArmRun:
@@ -904,11 +910,11 @@ def run_evaluation(config: EvaluationConfig, bootstrap: str, work_dir: Path) -> 
     text_encoder = TextEncoder(max_length=base_model_config(config.base_checkpoint).text_max_length)
     grid_prompt = TRAIN_PROMPTS[0]
     runs: dict[str, ArmRun] = {}
-    if config.parallel_arms > 1:
+    workers = arms_at_once(config)
+    if workers > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        workers = min(config.parallel_arms, len(config.arms))
         # spawn: a fresh interpreter per arm, not a fork of this one with torch's threads and Kafka clients.
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {

@@ -20,7 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from simulator.evaluation import BASELINE_ARM, METRICS, RELATIVE_METRICS, SLICES, EvaluationConfig, EvaluationResult
+from simulator.evaluation import (
+    BASELINE_ARM,
+    METRICS,
+    RELATIVE_METRICS,
+    SLICES,
+    EvaluationConfig,
+    EvaluationResult,
+    arms_at_once,
+)
 
 METRIC_LABELS = {
     "ctr": "CTR",
@@ -251,7 +259,8 @@ def render_markdown(result: EvaluationResult, command: str, plots_dir: str) -> s
 
 
 def _arms_at_once(config: EvaluationConfig) -> str:
-    return "one after another" if config.parallel_arms == 1 else f"{config.parallel_arms} at a time"
+    workers = arms_at_once(config)
+    return "one after another" if workers == 1 else f"{workers} at a time"
 
 
 def signed_interval(entry: dict[str, Any]) -> str:

@@ -220,3 +220,16 @@ def test_missing_notes_file_is_refused_before_the_run(tmp_path: Path, capsys: py
     assert main(["eval", "--quick", "--notes", str(tmp_path / "absent.md"), "--out", str(tmp_path / "out")]) == 2
     assert "--notes" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_arms_run_one_per_two_cores_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    from simulator.evaluation import arms_at_once
+
+    six_arms = EvaluationConfig()
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert arms_at_once(six_arms) == 1
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert arms_at_once(six_arms) == 6  # never more processes than arms
+    assert arms_at_once(EvaluationConfig(parallel_arms=2)) == 2
+    with pytest.raises(ConfigError, match="parallel_arms"):
+        EvaluationConfig(parallel_arms=-1)

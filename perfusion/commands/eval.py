@@ -39,7 +39,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--probe-groups", type=int, default=None, help="with --probe: logged groups per user")
     parser.add_argument("--seed", type=int, default=None, help="seed of users, plan and draws")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    parser.add_argument("--parallel", type=int, default=None, help="arms run at once, one process each (default 1)")
+    parser.add_argument(
+        "--parallel", type=int, default=None, help="arms run at once, one process each (default: one per two CPU cores)"
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/results"), help="folder for JSON and plots")
     parser.add_argument("--docs", type=Path, default=None, help="also write the markdown here (docs/results.md)")
     parser.add_argument(
