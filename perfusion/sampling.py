@@ -122,6 +122,11 @@ def base_model_config(folder: Path = BASE_CHECKPOINT_DIR) -> BaseModelConfig:
     return BaseModelConfig.from_dict(read_component_config(Path(folder), UNET_COMPONENT)["base_model"])
 
 
+def base_text_encoder(folder: Path = BASE_CHECKPOINT_DIR) -> TextEncoder:
+    """The frozen text encoder at the token length the base model in ``folder`` was trained with."""
+    return TextEncoder(max_length=base_model_config(folder).text_max_length)
+
+
 class BaseGenerator:
     """The base text-to-image model ready to sample: UNet + frozen MiniLM + guidance defaults."""
 

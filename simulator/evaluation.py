@@ -878,36 +878,34 @@ def arms_at_once(config: EvaluationConfig) -> int:
     return max(1, min(wanted, len(config.arms)))
 
 
+def arm_inputs(config: EvaluationConfig) -> tuple[PixelPreferencePanel, Population, Any]:
+    """What every arm shares, built from the config alone (deterministic in its seed): panel, users, text encoder.
+    Also sets torch's threads for this process."""
+    import torch
+
+    from perfusion.sampling import base_text_encoder
+
+    torch.set_num_threads(config.torch_threads)
+    panel, population = build_panel(config)
+    return panel, population, base_text_encoder(config.base_checkpoint)
+
+
 def run_arm_in_own_process(
     arm: str, config: EvaluationConfig, bootstrap: str, work_dir: Path, origin: float, grid_prompt: str
 ) -> ArmRun:
-    """:func:`run_arm` in a worker process of ``--parallel``: the same panel, users and text encoder, rebuilt from
-    the config (they are deterministic in its seed), so the arm sees exactly what it sees when run in turn."""
-    import torch
-
-    from perfusion.sampling import base_model_config
-    from perfusion.text_encoder import TextEncoder
-
+    """:func:`run_arm` in a worker process of ``--parallel``, on :func:`arm_inputs` rebuilt from the config, so the
+    arm sees exactly what it sees when run in turn."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{arm}] %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(config.torch_threads)
-    panel, population = build_panel(config)
-    text_encoder = TextEncoder(max_length=base_model_config(config.base_checkpoint).text_max_length)
+    panel, population, text_encoder = arm_inputs(config)
     log.info("arm %s: starting in process %d", arm, os.getpid())
     return run_arm(arm, config, panel, population, bootstrap, work_dir, text_encoder, origin, grid_prompt)
 
 
 def run_evaluation(config: EvaluationConfig, bootstrap: str, work_dir: Path) -> EvaluationResult:
     """Every arm of ``config``, ``config.parallel_arms`` at a time, then the metrics."""
-    import torch
-
-    from perfusion.sampling import base_model_config
-    from perfusion.text_encoder import TextEncoder
-
-    torch.set_num_threads(config.torch_threads)
     started = time.monotonic()
-    panel, population = build_panel(config)
+    panel, population, text_encoder = arm_inputs(config)
     origin = time.time() - (config.rounds + 3) * ROUND_SPAN_S
-    text_encoder = TextEncoder(max_length=base_model_config(config.base_checkpoint).text_max_length)
     grid_prompt = TRAIN_PROMPTS[0]
     runs: dict[str, ArmRun] = {}
     workers = arms_at_once(config)

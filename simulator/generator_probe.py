@@ -25,14 +25,18 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from perfusion.errors import ConfigError
-from simulator.evaluation import TRAIN_PROMPTS, EvaluationConfig, build_panel, grades_of, interval
+from simulator.evaluation import TRAIN_PROMPTS, EvaluationConfig, arm_inputs, grades_of, interval
 from simulator.marketplace import Marketplace
+
+if TYPE_CHECKING:
+    from perfusion.service.generator import PersonalizedGenerator
+    from trainer.updates import UpdateReport
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ class ProbeConfig:
     unet_learning_rate: float | None = field(default=None, metadata={"help": "None: the trainer's"})
     bootstrap_samples: int = field(default=1000, metadata={"help": "bootstrap resamplings of users"})
     seed: int = field(default=0, metadata={"help": "seed of users (as the evaluation's), data and training"})
+    torch_threads: int = field(default=1, metadata={"help": "torch threads"})
     base_checkpoint: Path = field(default=EvaluationConfig().base_checkpoint, metadata={"help": "the base model"})
 
     def __post_init__(self) -> None:
@@ -138,7 +143,9 @@ def log_base_groups(config: ProbeConfig, panel: Any, users: list[str], generator
     return LoggedGroups(samples, pixels, vectors)
 
 
-def trained_generator(arm: str, config: ProbeConfig, logged: LoggedGroups, serving: Any, text_encoder: Any) -> Any:
+def trained_generator(
+    arm: str, config: ProbeConfig, logged: LoggedGroups, serving: PersonalizedGenerator, text_encoder: Any
+) -> tuple[PersonalizedGenerator, UpdateReport]:
     """Step 2: one update of ``arm``'s generator on the logged groups, wrapped as a serving generator."""
     from perfusion.models.adaptive import AdaptiveNetwork
     from perfusion.models.base import build_train_scheduler
@@ -176,14 +183,16 @@ def trained_generator(arm: str, config: ProbeConfig, logged: LoggedGroups, servi
     return generator, report
 
 
-def run_probe(config: ProbeConfig, text_encoder: Any) -> dict[str, Any]:
+def run_probe(config: ProbeConfig) -> dict[str, Any]:
     """Every arm of ``config``: one update on the same logged groups, scored against base per segment."""
     import tempfile
 
     from perfusion.service.generator import load_serving_generator
 
     started = time.monotonic()
-    panel, population = build_panel(EvaluationConfig(train_users=config.train_users, seed=config.seed))
+    panel, population, text_encoder = arm_inputs(
+        EvaluationConfig(train_users=config.train_users, seed=config.seed, torch_threads=config.torch_threads)
+    )
     users = population.train_users
     with tempfile.TemporaryDirectory(prefix="perfusion-probe-") as empty_store:
         serving = load_serving_generator(
@@ -242,7 +251,7 @@ def _mean_with_interval(values: list[float], config: ProbeConfig) -> dict[str, A
 
 def render_probe_markdown(result: dict[str, Any], command: str) -> str:
     """The probe's table: utility difference overall and per segment, pixel movement, training accuracy."""
-    from simulator.report import signed_interval
+    from simulator.report import markdown_table, signed_interval
 
     arms = result["arms"]
     segments = sorted({segment for values in arms.values() for segment in values["by_segment"]})
@@ -260,12 +269,16 @@ def render_probe_markdown(result: dict[str, Any], command: str) -> str:
         "every training user, trained generator against base. Values: mean true utility per image less base's, 95% "
         "bootstrap interval over users (overall) or over the segment's users. See simulator/generator_probe.py.",
         "",
-        "| arm | all users | " + " | ".join(segments) + " | pixel shift | train implicit accuracy |",
-        "|" + " --- |" * (len(segments) + 4),
     ]
-    for arm, values in arms.items():
-        cells = [signed_interval(values["utility_vs_base"])]
-        cells += [signed_interval(values["by_segment"][s]) for s in segments]
-        cells += [f"{values['mean_abs_pixel_diff']:.2f}", f"{values['train_implicit_accuracy']:.2f}"]
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    return "\n".join([*lines, ""])
+    header = ["arm", "all users", *segments, "pixel shift", "train implicit accuracy"]
+    rows = [
+        [
+            arm,
+            signed_interval(values["utility_vs_base"]),
+            *(signed_interval(values["by_segment"][s]) for s in segments),
+            f"{values['mean_abs_pixel_diff']:.2f}",
+            f"{values['train_implicit_accuracy']:.2f}",
+        ]
+        for arm, values in arms.items()
+    ]
+    return "\n".join([*lines, *markdown_table(header, rows), ""])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -177,25 +178,17 @@ def render_markdown(result: EvaluationResult, command: str, plots_dir: str) -> s
         "",
     ]
     for slice_name in metrics:
+        entries = metrics[slice_name][final]
+        header = ["arm", *(METRIC_LABELS[m] for m in METRICS)]
         lines += [f"## Round {final} (after the last update), {slice_name.replace('_', ' ')}", ""]
-        header = "| arm | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |"
-        lines += [header, "|" + " --- |" * (len(METRICS) + 1)]
-        for arm in result.arms:
-            entry = metrics[slice_name][final][arm]
-            cells = [_format(entry[m]) for m in METRICS]
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines += markdown_table(header, ([arm, *(_format(entries[arm][m]) for m in METRICS)] for arm in result.arms))
         lines += ["", "Lift over base (rates: relative change; utility: difference), 95% CI:", ""]
-        lines += [
-            "| arm | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",
-            "|" + " --- |" * (len(METRICS) + 1),
+        lifts = [
+            [arm, *(_format(entries[arm][m]["lift_vs_base"], percent=m in RELATIVE_METRICS) for m in METRICS)]
+            for arm in result.arms
+            if arm != BASELINE_ARM
         ]
-        for arm in result.arms:
-            if arm == BASELINE_ARM:
-                continue
-            entry = metrics[slice_name][final][arm]
-            cells = [_format(entry[m]["lift_vs_base"], percent=m in RELATIVE_METRICS) for m in METRICS]
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-        lines.append("| target (perfusion) | " + " | ".join(TARGETS[m] for m in METRICS) + " |")
+        lines += markdown_table(header, [*lifts, ["target (perfusion)", *(TARGETS[m] for m in METRICS)]])
         lines.append("")
     lines += [
         "## How far the generator moved",
@@ -229,8 +222,8 @@ def render_markdown(result: EvaluationResult, command: str, plots_dir: str) -> s
     if lift is not None:
         lines += [
             "",
-            f"PerFusionRM less the model without plug-ins: GAUC {lift['value']:+.3f} "
-            f"[{lift['ci95'][0]:+.3f}, {lift['ci95'][1]:+.3f}] (paired bootstrap over held-out groups).",
+            f"PerFusionRM less the model without plug-ins: GAUC {signed_interval(lift)} (paired bootstrap over "
+            "held-out groups).",
         ]
     lines += [
         "",
@@ -263,6 +256,15 @@ def _arms_at_once(config: EvaluationConfig) -> str:
     return "one after another" if workers == 1 else f"{workers} at a time"
 
 
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """The lines of a markdown table: the header, the separator, one line per row of cells."""
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
 def signed_interval(entry: dict[str, Any]) -> str:
     """``{"value": v, "ci95": [low, high]}`` as "+v [+low, +high]" (differences, so the sign always shows)."""
     low, high = entry["ci95"]
@@ -282,12 +284,12 @@ def _segment_lines(result: EvaluationResult) -> list[str]:
         "the segment's users. A generator that moves every shopper's images alike gains in the segments whose taste "
         "that shift matches and loses in the others; a personalised one gains in each.",
         "",
-        "| arm | " + " | ".join(segments) + " |",
-        "|" + " --- |" * (len(segments) + 1),
     ]
-    for arm, values in by_segment.items():
-        cells = [signed_interval(values[s]) if s in values else "n/a" for s in segments]
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    rows = (
+        [arm, *(signed_interval(values[s]) if s in values else "n/a" for s in segments)]
+        for arm, values in by_segment.items()
+    )
+    lines += markdown_table(["arm", *segments], rows)
     return [*lines, ""]
 
 

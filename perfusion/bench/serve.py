@@ -130,7 +130,7 @@ def run_serve_benchmark(config: ServeBenchConfig, bootstrap_servers: str | None 
     from perfusion.demo.client import histogram_mean
     from perfusion.demo.loop import environment, push_profiles
     from perfusion.image_store import ImageStore
-    from perfusion.sampling import BASE_CHECKPOINT_DIR, base_model_config
+    from perfusion.sampling import BASE_CHECKPOINT_DIR, base_text_encoder
     from perfusion.service.app import create_app
     from perfusion.service.designs import DesignRegistry
     from perfusion.service.events import KafkaEventSink
@@ -138,7 +138,6 @@ def run_serve_benchmark(config: ServeBenchConfig, bootstrap_servers: str | None 
     from perfusion.service.generator import load_serving_generator
     from perfusion.service.metrics import ServiceMetrics
     from perfusion.service.model_watcher import ModelWatcher
-    from perfusion.text_encoder import TextEncoder
     from streams.feature_push import apply_feature_repo, open_feature_store
     from streams.settings import StreamSettings
     from streams.topics import TopicNames, ensure_topics
@@ -153,7 +152,7 @@ def run_serve_benchmark(config: ServeBenchConfig, bootstrap_servers: str | None 
             apply_feature_repo()
             push_profiles(_OneProfile(), [PERSONALIZED_USER])
             store = ModelStore(state / "models")
-            text_encoder = TextEncoder(max_length=base_model_config(base_folder).text_max_length)
+            text_encoder = base_text_encoder(base_folder)
             generator = load_serving_generator(
                 base_folder, store.root, text_encoder, num_steps=config.steps, guidance_scale=config.guidance
             )

@@ -127,10 +127,6 @@ def run_probe(args: argparse.Namespace) -> int:
     """``perfusion eval --probe``: simulator/generator_probe.py, no broker needed."""
     import json
 
-    import torch
-
-    from perfusion.sampling import base_model_config
-    from perfusion.text_encoder import TextEncoder
     from simulator.generator_probe import ProbeConfig, render_probe_markdown
     from simulator.generator_probe import run_probe as probe
 
@@ -143,11 +139,10 @@ def run_probe(args: argparse.Namespace) -> int:
         "adaptive_learning_rate": args.adaptive_lr,
         "unet_learning_rate": args.unet_lr,
         "seed": args.seed,
+        "torch_threads": args.threads,
     }
     config = ProbeConfig(**{key: value for key, value in overrides.items() if value is not None})
-    torch.set_num_threads(args.threads or 1)
-    text_encoder = TextEncoder(max_length=base_model_config(config.base_checkpoint).text_max_length)
-    result = probe(config, text_encoder)
+    result = probe(config)
     command = command_line(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "probe.json").write_text(json.dumps({**result, "command": command}, indent=2) + "\n")

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from perfusion.checkpoints import ModelStore
     from perfusion.image_store import ImageStore
     from perfusion.paths import state_dir
-    from perfusion.sampling import BASE_CHECKPOINT_DIR, base_model_config
+    from perfusion.sampling import BASE_CHECKPOINT_DIR, base_text_encoder
     from perfusion.service.app import create_app
     from perfusion.service.designs import DemandFollower, DesignRegistry
     from perfusion.service.events import KafkaEventSink
@@ -41,7 +41,6 @@ def run(args: argparse.Namespace) -> int:
     from perfusion.service.generator import load_serving_generator
     from perfusion.service.metrics import ServiceMetrics
     from perfusion.service.model_watcher import ModelWatcher
-    from perfusion.text_encoder import TextEncoder
     from streams.feature_push import open_feature_store
     from streams.settings import StreamSettings
     from streams.topics import TopicNames, ensure_topics
@@ -53,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     base_folder = args.base or BASE_CHECKPOINT_DIR
     store_root = args.models or state_dir() / "models"
-    text_encoder = TextEncoder(max_length=base_model_config(base_folder).text_max_length)
+    text_encoder = base_text_encoder(base_folder)
     generator = load_serving_generator(
         base_folder, store_root, text_encoder, num_steps=args.steps, guidance_scale=args.guidance
     )
