@@ -10,6 +10,13 @@ dozen groups and its effect is hard to tell from noise. This probe isolates the 
 3. The trained generator and the base model draw the same prompt and seeds for every training user; the probe
    reports the true utility difference per image, per shopper segment, with 95% bootstrap intervals over users,
    and how far the images moved (mean absolute pixel difference).
+4. Personalisation, apart from a shift every shopper gets: an arm with the adaptive network also draws each user's
+   prompt and seeds with the vector u of a user from another segment (the next such user in the panel), and the
+   probe reports how much more the user likes the images drawn for them than those drawn for the other user. It is
+   0 for a generator that ignores u, and the U-Net arms, which take no u, are not scored on it.
+5. The features: how well u alone tells the simulator's segments apart (leave-one-user-out nearest centroid), for
+   the whole vector and for its profile and preference blocks. The adaptive network cannot personalise further
+   than u distinguishes the users.
 
 User vectors are what a shop would know after those groups, built by the loop's own :func:`user_vector`: the
 profile, and as the preference feature the mean attribute descriptor of the images the user clicked (the stream's
@@ -183,11 +190,54 @@ def trained_generator(
     return generator, report
 
 
+def segment_separability(
+    vectors: dict[str, NDArray[np.float32]], segments: dict[str, str], columns: slice = slice(None)
+) -> float:
+    """Leave-one-user-out nearest-centroid accuracy of each user's segment from ``vectors[user][columns]``.
+
+    Columns are standardised over users (constant ones dropped), each user is held out in turn, and its segment is
+    guessed as the one whose other users' mean vector is nearest (Euclidean). Chance is about 1 / segments; a
+    segment with a single user cannot be guessed for that user and counts as a miss.
+    """
+    users = sorted(vectors)
+    if len(users) < 2:
+        raise ConfigError(f"segment separability needs at least 2 users, got {len(users)}")
+    matrix = np.stack([np.asarray(vectors[user], dtype=np.float64)[columns] for user in users])  # [U, D]
+    spread = matrix.std(axis=0)
+    kept = spread > 1e-9
+    standardized = (matrix[:, kept] - matrix[:, kept].mean(axis=0)) / spread[kept]
+    labels = np.array([segments[user] for user in users])
+    hits = 0
+    for row in range(len(users)):
+        others = np.arange(len(users)) != row
+        best, best_distance = None, np.inf
+        for segment in sorted(set(labels[others])):
+            centroid = standardized[others & (labels == segment)].mean(axis=0)
+            distance = float(np.linalg.norm(standardized[row] - centroid))
+            if distance < best_distance:
+                best, best_distance = segment, distance
+        hits += int(best == labels[row])
+    return hits / len(users)
+
+
+def partner_from_another_segment(users: list[str], segments: dict[str, str]) -> dict[str, str]:
+    """Each user's partner for the personalisation check: the next user (cyclically) from another segment."""
+    partners = {}
+    for index, user in enumerate(users):
+        later = users[index + 1 :] + users[:index]
+        partner = next((other for other in later if segments[other] != segments[user]), None)
+        if partner is None:
+            raise ConfigError("the personalisation check needs users from at least two segments; add --users")
+        partners[user] = partner
+    return partners
+
+
 def run_probe(config: ProbeConfig) -> dict[str, Any]:
     """Every arm of ``config``: one update on the same logged groups, scored against base per segment."""
     import tempfile
 
     from perfusion.service.generator import load_serving_generator
+    from trainer.settings import ARMS
 
     started = time.monotonic()
     panel, population, text_encoder = arm_inputs(
@@ -209,19 +259,38 @@ def run_probe(config: ProbeConfig) -> dict[str, Any]:
     }
     base_images = {key: serving.generate(key[1], None, config.k, seed).images for key, seed in seeds.items()}
     segments = {user: panel.segment(user) for user in users}
+    partners = partner_from_another_segment(users, segments)
+    features = {
+        block: segment_separability(logged.user_vectors, segments, columns)
+        for block, columns in _separability_blocks().items()
+    }
+    log.info("probe: segment from u, leave-one-user-out accuracy %s", features)
     arms: dict[str, Any] = {}
     for arm in config.arms:
         arm_started = time.monotonic()
         generator, report = trained_generator(arm, config, logged, serving, text_encoder)
+        takes_u = ARMS[arm][1]  # the arm has an adaptive network, the one part that reads u
         differences: dict[str, list[float]] = {user: [] for user in users}
+        own_over_partner: dict[str, list[float]] = {user: [] for user in users}
         shifts = []
         for (user, prompt), seed in seeds.items():
             base = base_images[(user, prompt)]
             images = generator.generate(prompt, logged.user_vectors[user], config.k, seed).images
-            differences[user].append(float(panel.utilities(user, images).mean() - panel.utilities(user, base).mean()))
+            utility = float(panel.utilities(user, images).mean())
+            differences[user].append(utility - float(panel.utilities(user, base).mean()))
             shifts.append(float(np.abs(images.astype(np.float64) - base.astype(np.float64)).mean()))
+            if takes_u:
+                partner_u = logged.user_vectors[partners[user]]
+                drawn_for_partner = generator.generate(prompt, partner_u, config.k, seed).images
+                own_over_partner[user].append(utility - float(panel.utilities(user, drawn_for_partner).mean()))
         per_user = {user: float(np.mean(values)) for user, values in differences.items()}
+        personalisation = (
+            _mean_with_interval([float(np.mean(v)) for v in own_over_partner.values()], config)
+            if takes_u
+            else None
+        )
         arms[arm] = {
+            "own_u_over_other_segment_u": personalisation,
             "utility_vs_base": _mean_with_interval(list(per_user.values()), config),
             "by_segment": {
                 segment: _mean_with_interval([v for u, v in per_user.items() if segments[u] == segment], config)
@@ -237,9 +306,19 @@ def run_probe(config: ProbeConfig) -> dict[str, Any]:
         "config": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()},
         "logged_groups": len(logged.samples),
         "groups_with_a_positive": int(sum(1 for count in graded if count)),
+        "segment_from_u_accuracy": {**features, "chance": 1.0 / len(set(segments.values()))},
         "arms": arms,
         "wall_seconds": time.monotonic() - started,
     }
+
+
+def _separability_blocks() -> dict[str, slice]:
+    from perfusion.user_features import USER_VECTOR_SLICES
+
+    age, region = USER_VECTOR_SLICES["age_group"], USER_VECTOR_SLICES["region"]
+    if age.stop != region.start:
+        raise ConfigError("the profile blocks of u (age_group, region) are expected to be adjacent")
+    return {"whole_u": slice(None), "profile": slice(age.start, region.stop), "preference": USER_VECTOR_SLICES["preference"]}
 
 
 def _mean_with_interval(values: list[float], config: ProbeConfig) -> dict[str, Any]:
@@ -270,15 +349,30 @@ def render_probe_markdown(result: dict[str, Any], command: str) -> str:
         "bootstrap interval over users (overall) or over the segment's users. See simulator/generator_probe.py.",
         "",
     ]
-    header = ["arm", "all users", *segments, "pixel shift", "train implicit accuracy"]
+    header = ["arm", "all users", *segments, "own u over another segment's", "pixel shift", "train implicit accuracy"]
     rows = [
         [
             arm,
             signed_interval(values["utility_vs_base"]),
             *(signed_interval(values["by_segment"][s]) for s in segments),
+            signed_interval(values["own_u_over_other_segment_u"]) if values["own_u_over_other_segment_u"] else "n/a",
             f"{values['mean_abs_pixel_diff']:.2f}",
             f"{values['train_implicit_accuracy']:.2f}",
         ]
         for arm, values in arms.items()
     ]
-    return "\n".join([*lines, *markdown_table(header, rows), ""])
+    accuracy = result["segment_from_u_accuracy"]
+    features = [
+        "",
+        "\"Own u over another segment's\": for the arms with the adaptive network, the user's true utility per image "
+        "for images drawn with their own u less for images drawn, with the same prompt and seeds, with the u of a "
+        "user from another segment; above 0 means the update personalises beyond a shift every shopper gets (n/a: "
+        "the arm's generator takes no u).",
+        "",
+        f"What u tells apart: leave-one-user-out nearest-centroid accuracy of the segment from u, "
+        f"{accuracy['whole_u']:.2f} for the whole vector, {accuracy['profile']:.2f} from the profile blocks (age "
+        f"group, region), {accuracy['preference']:.2f} from the preference block (descriptors of clicked images); "
+        f"chance {accuracy['chance']:.2f}.",
+        "",
+    ]
+    return "\n".join([*lines, *markdown_table(header, rows), *features])

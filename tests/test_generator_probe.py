@@ -5,10 +5,54 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from perfusion.errors import ConfigError
-from simulator.generator_probe import ProbeConfig
+from simulator.generator_probe import ProbeConfig, partner_from_another_segment, segment_separability
+
+
+def _vectors(values: dict[str, list[float]]) -> dict[str, np.ndarray]:
+    return {user: np.asarray(vector, dtype=np.float32) for user, vector in values.items()}
+
+
+def test_segment_separability_by_hand() -> None:
+    segments = {"a1": "A", "a2": "A", "b1": "B", "b2": "B"}
+    # Clustered: each held-out user is nearest its own segment's other user.
+    assert segment_separability(_vectors({"a1": [0], "a2": [1], "b1": [10], "b2": [11]}), segments) == 1.0
+    # Interleaved: A = {0, 10}, B = {1, 11}; holding out 0 leaves A's centroid at 10 and B's at 6, and so on: all miss.
+    assert segment_separability(_vectors({"a1": [0], "a2": [10], "b1": [1], "b2": [11]}), segments) == 0.0
+    # Only the chosen columns count: column 0 separates, column 1 interleaves.
+    both = _vectors({"a1": [0, 0], "a2": [1, 10], "b1": [10, 1], "b2": [11, 11]})
+    assert segment_separability(both, segments, slice(0, 1)) == 1.0
+    assert segment_separability(both, segments, slice(1, 2)) == 0.0
+
+
+def test_a_segment_with_one_user_cannot_be_guessed_for_that_user() -> None:
+    segments = {"a1": "A", "b1": "B", "b2": "B"}
+    assert segment_separability(_vectors({"a1": [0], "b1": [10], "b2": [11]}), segments) == pytest.approx(2 / 3)
+    with pytest.raises(ConfigError, match="at least 2 users"):
+        segment_separability(_vectors({"a1": [0]}), {"a1": "A"})
+
+
+@given(st.lists(st.floats(-5, 5), min_size=6, max_size=6), st.floats(0.1, 10), st.floats(-10, 10))
+def test_segment_separability_ignores_the_scale_and_offset_of_a_column(
+    values: list[float], scale: float, offset: float
+) -> None:
+    users = [f"u{index}" for index in range(6)]
+    segments = {user: "AB"[index % 2] for index, user in enumerate(users)}
+    raw = _vectors({user: [value] for user, value in zip(users, values, strict=True)})
+    moved = _vectors({user: [value * scale + offset] for user, value in zip(users, values, strict=True)})
+    assert segment_separability(raw, segments) == segment_separability(moved, segments)
+
+
+def test_partners_come_from_another_segment() -> None:
+    segments = {"a1": "A", "a2": "A", "b1": "B"}
+    assert partner_from_another_segment(["a1", "a2", "b1"], segments) == {"a1": "b1", "a2": "b1", "b1": "a1"}
+    with pytest.raises(ConfigError, match="two segments"):
+        partner_from_another_segment(["a1", "a2"], segments)
 
 
 def test_probe_refuses_arms_without_a_generator_update() -> None:
@@ -36,7 +80,14 @@ def test_probe_trains_each_arm_and_scores_every_segment(tmp_path: Path) -> None:
         assert all(entry["users"] == 1 for entry in values["by_segment"].values())
         assert values["utility_vs_base"]["users"] == 4
         assert values["mean_abs_pixel_diff"] >= 0.0
+    # Only the arm with the adaptive network takes u, so only it is checked for personalisation.
+    assert result["arms"]["perfusion"]["own_u_over_other_segment_u"]["users"] == 4
+    assert result["arms"]["pairwise_dpo"]["own_u_over_other_segment_u"] is None
+    accuracy = result["segment_from_u_accuracy"]
+    assert set(accuracy) == {"whole_u", "profile", "preference", "chance"} and accuracy["chance"] == 0.25
+    assert all(0.0 <= value <= 1.0 for value in accuracy.values())
     # The update reaches the images the probe scores (trained generator, not base, draws them).
     assert result["arms"]["pairwise_dpo"]["mean_abs_pixel_diff"] > 0.0
     markdown = (out / "probe.md").read_text()
     assert "Reproduce: `perfusion eval --probe" in markdown and "| pairwise_dpo |" in markdown
+    assert "What u tells apart" in markdown
