@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PROBE_LABELS: tuple[str, ...] = ("clicks", "true-utility")
 PROBE_ARMS: tuple[str, ...] = ("pairwise_dpo", "group_without_adaptive", "adaptive_with_pairwise_dpo", "perfusion")
 
 
@@ -64,6 +65,14 @@ class ProbeConfig:
     adaptive_learning_rate: float | None = field(default=None, metadata={"help": "None: the trainer's"})
     unet_learning_rate: float | None = field(default=None, metadata={"help": "None: the trainer's"})
     bootstrap_samples: int = field(default=1000, metadata={"help": "bootstrap resamplings of users"})
+    labels: str = field(
+        default="clicks",
+        metadata={
+            "help": "what makes a logged candidate a positive: 'clicks' (the shoppers' clicks and orders) or "
+            "'true-utility' (each group's best image by the simulator's utility, the one positive): a diagnostic "
+            "upper bound without click noise, never a way to train the system"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of users (as the evaluation's), data and training"})
     torch_threads: int = field(default=1, metadata={"help": "torch threads"})
     base_checkpoint: Path = field(default=EvaluationConfig().base_checkpoint, metadata={"help": "the base model"})
@@ -75,6 +84,8 @@ class ProbeConfig:
         unknown = [arm for arm in self.arms if arm not in trainable]
         if unknown or not self.arms:
             raise ConfigError(f"probe arms must be a non-empty subset of {', '.join(trainable)}; got {list(self.arms)}")
+        if self.labels not in PROBE_LABELS:
+            raise ConfigError(f"probe labels must be one of {', '.join(PROBE_LABELS)}; got {self.labels!r}")
         for name in ("train_users", "groups_per_user", "sampling_steps", "diffusion_steps", "groups_per_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -118,17 +129,20 @@ def log_base_groups(config: ProbeConfig, panel: Any, users: list[str], generator
             group = generator.generate(prompt, None, config.k, seed=1000 * user_index + group_index)
             rng = np.random.default_rng([config.seed, user_index, group_index])
             response = marketplace.shopper_response(user, group.images, rng)
+            grades = grades_of(response)
+            if config.labels == "true-utility":
+                grades = [int(position == int(np.argmax(response.utilities))) for position in range(len(grades))]
             sample_id = f"probe-{user_index}-{group_index}"
             candidates = []
             for position, (image, descriptor, grade) in enumerate(
-                zip(group.images, group.descriptors, grades_of(response), strict=True)
+                zip(group.images, group.descriptors, grades, strict=True)
             ):
                 image_id = f"{sample_id}-{position}"
                 pixels[image_id] = image
                 candidates.append(
                     GradedCandidate(image_id=image_id, position=position, descriptor=descriptor, grade=grade)
                 )
-                if response.clicked[position]:
+                if response.clicked[position]:  # u holds what the shop saw, whatever the training labels
                     liked[user].append(np.asarray(descriptor, dtype=np.float64))
             samples.append(
                 GroupSample(
@@ -285,9 +299,7 @@ def run_probe(config: ProbeConfig) -> dict[str, Any]:
                 own_over_partner[user].append(utility - float(panel.utilities(user, drawn_for_partner).mean()))
         per_user = {user: float(np.mean(values)) for user, values in differences.items()}
         personalisation = (
-            _mean_with_interval([float(np.mean(v)) for v in own_over_partner.values()], config)
-            if takes_u
-            else None
+            _mean_with_interval([float(np.mean(v)) for v in own_over_partner.values()], config) if takes_u else None
         )
         arms[arm] = {
             "own_u_over_other_segment_u": personalisation,
@@ -312,13 +324,24 @@ def run_probe(config: ProbeConfig) -> dict[str, Any]:
     }
 
 
+_LABEL_WORDS = {
+    "clicks": "the shoppers' clicks and orders",
+    "true-utility": "each group's best image by the simulator's true utility, a diagnostic upper bound without "
+    "click noise",
+}
+
+
 def _separability_blocks() -> dict[str, slice]:
     from perfusion.user_features import USER_VECTOR_SLICES
 
     age, region = USER_VECTOR_SLICES["age_group"], USER_VECTOR_SLICES["region"]
     if age.stop != region.start:
         raise ConfigError("the profile blocks of u (age_group, region) are expected to be adjacent")
-    return {"whole_u": slice(None), "profile": slice(age.start, region.stop), "preference": USER_VECTOR_SLICES["preference"]}
+    return {
+        "whole_u": slice(None),
+        "profile": slice(age.start, region.stop),
+        "preference": USER_VECTOR_SLICES["preference"],
+    }
 
 
 def _mean_with_interval(values: list[float], config: ProbeConfig) -> dict[str, Any]:
@@ -342,7 +365,8 @@ def render_probe_markdown(result: dict[str, Any], command: str) -> str:
         f"Reproduce: `{command}` (wall time {result['wall_seconds'] / 60:.1f} min on this machine).",
         "",
         f"{config['train_users']} training users, {config['groups_per_user']} base-model groups each "
-        f"({result['logged_groups']} groups, {result['groups_with_a_positive']} with a click or order), K = "
+        f"({result['logged_groups']} groups, {result['groups_with_a_positive']} with a positive; positives: "
+        f"{_LABEL_WORDS[config.get('labels', 'clicks')]}), K = "
         f"{config['k']}; one update of {config['diffusion_steps']} generator steps of {config['groups_per_batch']} "
         "groups per arm, with the trainer's code and the arm's learning rate; then the same prompts and seeds for "
         "every training user, trained generator against base. Values: mean true utility per image less base's, 95% "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -194,3 +195,52 @@ def test_bad_inputs_and_config_raise() -> None:
     with pytest.raises(ConfigError, match="condition_channels must be at least 1, got 0"):
         AdaptiveConfig(condition_channels=0)
     assert AdaptiveConfig.from_dict(CONFIG.to_dict()) == CONFIG
+
+
+def _mirrored_groups_loss(
+    unet: UNet2DConditionModel, adaptive: AdaptiveNetwork, users: torch.Tensor, seed: int, train: bool
+) -> torch.Tensor:
+    """The group objective on groups of (red, blue): user 0 picked red, user 1 blue; one noise draw per group."""
+    from diffusers import DDPMScheduler
+
+    from perfusion.objectives import group_preference_loss
+
+    groups = 8
+    red, blue = torch.zeros(3, SIZE, SIZE), torch.zeros(3, SIZE, SIZE)
+    red[0], blue[2] = 0.8, 0.8
+    images = torch.stack([red, blue] * groups)  # [2G, 3, S, S]: candidates of group g at rows 2g, 2g + 1
+    labels = torch.tensor([1, 0, 0, 1] * (groups // 2))
+    group_ids = torch.arange(groups).repeat_interleave(2)
+    user_vectors = users[torch.tensor([0, 1] * (groups // 2))].repeat_interleave(2, dim=0)
+    generator = torch.Generator().manual_seed(seed)
+    # Early and middle timesteps only: near t = 1000, x_t is almost pure noise and no network can tell the images apart.
+    timesteps = torch.randint(0, 500, (groups,), generator=generator).repeat_interleave(2)
+    noise = torch.randn(groups, 3, SIZE, SIZE, generator=generator).repeat_interleave(2, dim=0)
+    x_t = DDPMScheduler(num_train_timesteps=1000).add_noise(images, noise, timesteps)
+    text_states = torch.zeros(2 * groups, 5, TEXT_DIM)
+    with torch.set_grad_enabled(train):
+        policy = personalized_noise_prediction(unet, adaptive, x_t, timesteps, text_states, user_vectors)
+    with torch.no_grad():
+        reference = personalized_noise_prediction(unet, None, x_t, timesteps, text_states, None)
+    policy_err = (policy - noise).pow(2).mean(dim=(1, 2, 3))
+    reference_err = (reference - noise).pow(2).mean(dim=(1, 2, 3))
+    loss, _ = group_preference_loss(policy_err, reference_err, labels, group_ids, beta=500.0)
+    return loss
+
+
+@pytest.mark.slow
+def test_the_network_learns_opposite_tastes_of_two_users_on_the_same_images() -> None:
+    # The same (red, blue) pair, red preferred by one user and blue by the other: a generator that ignores u gives
+    # both users the same implicit rewards, so its expected loss over the two cannot go below log 2. Only a network
+    # whose residuals depend on u can fit both; with this clean signal it gets below half of log 2 in 100 steps.
+    unet = freeze_unet(tiny_unet())
+    adaptive = AdaptiveNetwork(unet, CONFIG)
+    users = torch.randn(2, USER_DIM, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(adaptive.parameters(), lr=1e-3)
+    for step in range(100):
+        loss = _mirrored_groups_loss(unet, adaptive, users, seed=step, train=True)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    heldout = [_mirrored_groups_loss(unet, adaptive, users, seed=10_000 + n, train=False).item() for n in range(3)]
+    assert sum(heldout) / len(heldout) < 0.5 * math.log(2.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -91,3 +92,36 @@ def test_probe_trains_each_arm_and_scores_every_segment(tmp_path: Path) -> None:
     markdown = (out / "probe.md").read_text()
     assert "Reproduce: `perfusion eval --probe" in markdown and "| pairwise_dpo |" in markdown
     assert "What u tells apart" in markdown
+
+
+class _RandomImages:
+    """Stands in for the generator service's ``generate``: seeded random pixels, neutral descriptors."""
+
+    def generate(self, prompt: str, user_vector: object, k: int, seed: int) -> SimpleNamespace:
+        from perfusion.attributes import one_hot_descriptor
+
+        rng = np.random.default_rng(seed)
+        images = rng.integers(0, 256, size=(k, 32, 32, 3), dtype=np.uint8)
+        return SimpleNamespace(images=images, descriptors=[one_hot_descriptor({})] * k, model_version="base")
+
+
+def test_true_utility_labels_mark_each_groups_best_image_and_leave_u_to_the_clicks() -> None:
+    from simulator.generator_probe import log_base_groups
+    from simulator.ground_truth import PixelPreferencePanel
+
+    panel = PixelPreferencePanel(n_users=4, seed=0)
+    users = panel.user_ids()
+    by_label = {
+        labels: log_base_groups(ProbeConfig(groups_per_user=3, labels=labels), panel, users, _RandomImages())
+        for labels in ("clicks", "true-utility")
+    }
+    clicks, truth = by_label["clicks"], by_label["true-utility"]
+    for click_sample, truth_sample in zip(clicks.samples, truth.samples, strict=True):
+        images = np.stack([truth.pixels[candidate.image_id] for candidate in truth_sample.candidates])
+        best = int(np.argmax(panel.utilities(truth_sample.user_id, images)))
+        assert [candidate.grade for candidate in truth_sample.candidates] == [int(p == best) for p in range(4)]
+        # Same images and responses either way; only the training labels differ.
+        assert [c.image_id for c in click_sample.candidates] == [c.image_id for c in truth_sample.candidates]
+    assert all(np.array_equal(clicks.user_vectors[user], truth.user_vectors[user]) for user in users)
+    with pytest.raises(ConfigError, match="probe labels"):
+        ProbeConfig(labels="orders")

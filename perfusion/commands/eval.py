@@ -37,6 +37,13 @@ def register(subparsers: Any) -> None:
         help="instead of the loop: one generator update per arm on logged base-model groups, scored per segment",
     )
     parser.add_argument("--probe-groups", type=int, default=None, help="with --probe: logged groups per user")
+    parser.add_argument(
+        "--probe-labels",
+        choices=("clicks", "true-utility"),
+        default=None,
+        help="with --probe: train on clicks and orders (default) or, as a diagnostic upper bound, on each group's "
+        "best image by the simulator's true utility",
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed of users, plan and draws")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument(
@@ -55,6 +62,7 @@ FLAGS = {
     "quick": "--quick",
     "probe": "--probe",
     "probe_groups": "--probe-groups",
+    "probe_labels": "--probe-labels",
     "rounds": "--rounds",
     "users": "--users",
     "cold_users": "--cold-users",
@@ -134,6 +142,7 @@ def run_probe(args: argparse.Namespace) -> int:
         "arms": tuple(args.arms) if args.arms else None,
         "train_users": args.users,
         "groups_per_user": args.probe_groups,
+        "labels": args.probe_labels,
         "sampling_steps": args.steps,
         "diffusion_steps": args.generator_steps,
         "adaptive_learning_rate": args.adaptive_lr,
