@@ -47,7 +47,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROBE_LABELS: tuple[str, ...] = ("clicks", "true-utility")
+# What makes a logged candidate a positive, and how the report says it.
+PROBE_LABELS: dict[str, str] = {
+    "clicks": "the shoppers' clicks and orders",
+    "true-utility": "each group's best image by the simulator's true utility, a diagnostic upper bound without "
+    "click noise",
+}
 PROBE_ARMS: tuple[str, ...] = ("pairwise_dpo", "group_without_adaptive", "adaptive_with_pairwise_dpo", "perfusion")
 
 
@@ -324,13 +329,6 @@ def run_probe(config: ProbeConfig) -> dict[str, Any]:
     }
 
 
-_LABEL_WORDS = {
-    "clicks": "the shoppers' clicks and orders",
-    "true-utility": "each group's best image by the simulator's true utility, a diagnostic upper bound without "
-    "click noise",
-}
-
-
 def _separability_blocks() -> dict[str, slice]:
     from perfusion.user_features import USER_VECTOR_SLICES
 
@@ -366,7 +364,7 @@ def render_probe_markdown(result: dict[str, Any], command: str) -> str:
         "",
         f"{config['train_users']} training users, {config['groups_per_user']} base-model groups each "
         f"({result['logged_groups']} groups, {result['groups_with_a_positive']} with a positive; positives: "
-        f"{_LABEL_WORDS[config.get('labels', 'clicks')]}), K = "
+        f"{PROBE_LABELS[config.get('labels', 'clicks')]}), K = "
         f"{config['k']}; one update of {config['diffusion_steps']} generator steps of {config['groups_per_batch']} "
         "groups per arm, with the trainer's code and the arm's learning rate; then the same prompts and seeds for "
         "every training user, trained generator against base. Values: mean true utility per image less base's, 95% "

@@ -208,8 +208,7 @@ def test_reproduction_command_names_every_setting_given() -> None:
     argv = ["eval"]
     for action in settings:
         flag = action.option_strings[0]
-        value = "base" if action.dest == "arms" else str(action.choices[-1]) if action.choices else "3"
-        argv += [flag] if action.nargs == 0 else [flag, value]
+        argv += [flag] if action.nargs == 0 else [flag, "base"] if action.dest == "arms" else [flag, "3"]
     command = command_line(parser.parse_args(argv))
     for action in settings:
         assert action.option_strings[0] in command.split(), action.option_strings[0]

@@ -39,10 +39,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--probe-groups", type=int, default=None, help="with --probe: logged groups per user")
     parser.add_argument(
         "--probe-labels",
-        choices=("clicks", "true-utility"),
         default=None,
-        help="with --probe: train on clicks and orders (default) or, as a diagnostic upper bound, on each group's "
-        "best image by the simulator's true utility",
+        help="with --probe: 'clicks' trains on clicks and orders (default); 'true-utility', a diagnostic upper "
+        "bound, on each group's best image by the simulator's true utility",
     )
     parser.add_argument("--seed", type=int, default=None, help="seed of users, plan and draws")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
