@@ -38,14 +38,17 @@ def test_a_segment_with_one_user_cannot_be_guessed_for_that_user() -> None:
         segment_separability(_vectors({"a1": [0]}), {"a1": "A"})
 
 
-@given(st.lists(st.floats(-5, 5), min_size=6, max_size=6), st.floats(0.1, 10), st.floats(-10, 10))
+# Integers, power-of-two scales, integer offsets and four users: every step of the standardisation is exact in
+# floating point, so the moved column standardises to the very same numbers and even exact ties break alike.
+# (With arbitrary floats, float32 rounding can merge two values, 1 + 2e-16 == 1, which is a different column.)
+@given(st.lists(st.integers(-100, 100), min_size=4, max_size=4), st.integers(0, 6), st.integers(-1000, 1000))
 def test_segment_separability_ignores_the_scale_and_offset_of_a_column(
-    values: list[float], scale: float, offset: float
+    values: list[int], scale_exponent: int, offset: int
 ) -> None:
-    users = [f"u{index}" for index in range(6)]
+    users = [f"u{index}" for index in range(4)]
     segments = {user: "AB"[index % 2] for index, user in enumerate(users)}
     raw = _vectors({user: [value] for user, value in zip(users, values, strict=True)})
-    moved = _vectors({user: [value * scale + offset] for user, value in zip(users, values, strict=True)})
+    moved = _vectors({user: [value * 2**scale_exponent + offset] for user, value in zip(users, values, strict=True)})
     assert segment_separability(raw, segments) == segment_separability(moved, segments)
 
 
