@@ -49,9 +49,6 @@ class DemandSettings:
         default=None,
         metadata={"help": "net orders that start production of a design whose DesignCreated was not seen; None = wait"},
     )
-    watermark_persist_step_s: float = field(
-        default=1.0, metadata={"help": "the stored watermark is rewritten once it has advanced this many seconds"}
-    )
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.allowed_lateness_s) and self.allowed_lateness_s >= 0.0):
@@ -107,7 +104,6 @@ class DemandCounter:
         self._unconfirmed: list[ProductionOrder] = []
         stored = store.get(watermark_key(partition))
         self._watermark = float(stored) if stored is not None else -math.inf
-        self._persisted_watermark = self._watermark
 
     @property
     def watermark(self) -> float:
@@ -146,9 +142,9 @@ class DemandCounter:
         while self._due and self._due[0][0] < watermark:
             _, design_id = heapq.heappop(self._due)
             outputs.extend(self._apply_due(design_id, watermark))
-        if watermark - self._persisted_watermark >= self.settings.watermark_persist_step_s:
-            self._store[watermark_key(self.partition)] = watermark
-            self._persisted_watermark = watermark
+        # Stored at every advance (logged once per batch), so a restarted counter resumes from the watermark its
+        # committed events left and judges lateness as it did before the crash.
+        self._store[watermark_key(self.partition)] = watermark
         return outputs
 
     def confirm(self, orders: Iterable[ProductionOrder]) -> None:

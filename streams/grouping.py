@@ -89,9 +89,6 @@ class GroupingSettings:
         default=3600.0,
         metadata={"help": "a closed group is remembered this long (event time) to recognise replays and late events"},
     )
-    watermark_persist_step_s: float = field(
-        default=1.0, metadata={"help": "the stored watermark is rewritten once it has advanced this many seconds"}
-    )
     idle_after_s: float = field(
         default=120.0,
         metadata={
@@ -101,8 +98,7 @@ class GroupingSettings:
     )
 
     def __post_init__(self) -> None:
-        for name in ("window_s", "allowed_lateness_s", "closed_retention_s", "watermark_persist_step_s",
-                     "idle_after_s"):  # fmt: skip
+        for name in ("window_s", "allowed_lateness_s", "closed_retention_s", "idle_after_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0.0):
                 raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value}")
@@ -143,7 +139,6 @@ class GroupBuilder:
         self._unconfirmed: list[GroupOutput] = []
         stored = store.get(watermark_key(partition))
         self._watermark = float(stored) if stored is not None else -math.inf
-        self._persisted_watermark = self._watermark
 
     @property
     def watermark(self) -> float:
@@ -182,9 +177,9 @@ class GroupBuilder:
                 del self._store[key]
             elif state["status"] == CLOSED:
                 del self._store[key]
-        if watermark - self._persisted_watermark >= self.settings.watermark_persist_step_s or outputs:
-            self._store[watermark_key(self.partition)] = watermark
-            self._persisted_watermark = watermark
+        # Stored at every advance (the agents' store logs a key once per batch): a restarted builder must resume
+        # from the watermark its committed events left, or it may decide "late" differently than before the crash.
+        self._store[watermark_key(self.partition)] = watermark
         return outputs
 
     def open_groups(self) -> int:

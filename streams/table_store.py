@@ -4,8 +4,14 @@
 (:mod:`streams.grouping`, :mod:`streams.demand`, the training trigger) reads and writes: values are JSON, and
 changes go to the changelog partition the caller names (the partition of the events being processed), so state
 stays co-partitioned with the topic it was computed from. A key written many times in one micro-batch is logged
-once: the agent calls :meth:`JsonTableStore.flush_changelog` at the end of each batch, before its events are
-acknowledged, so the changelog still runs ahead of the committed offsets exactly as when every write was logged.
+once: the agent awaits :meth:`JsonTableStore.flush_changelog` at the end of each batch, before its events are
+acknowledged, and that call returns only once the broker has acknowledged every changelog record. So the changelog
+runs ahead of the committed offsets, and a killed worker restores at least the state its committed events made.
+
+Why not Faust's own buffered ``Table.send_changelog``: Faust flushes that buffer before committing offsets, but its
+flush returns when no buffered message went out for 0.1 s (``ProducerBuffer.flush_atmost``). On a loaded machine
+offsets were then committed for events whose state changes had not reached the changelog; a worker killed at that
+moment came back with an older group state and emitted a sample a second time, with different grades.
 :func:`send_and_wait` is the first half of the agents' two-phase delivery: an output is confirmed in its table
 only after the broker acknowledged it.
 
@@ -17,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -60,14 +66,22 @@ class JsonTableStore(MutableMapping[str, Any]):
         self._decoded.pop(key, None)
         self._unlogged[encoded] = None
 
-    def flush_changelog(self) -> int:
-        """Log each key changed since the last flush with its current value (None, a tombstone, once deleted);
-        returns how many. Faust's producer buffer sends them; the events are committed only after that."""
+    async def flush_changelog(self) -> int:
+        """Log each key changed since the last flush with its current value (None, a tombstone, once deleted) and
+        wait until the broker has acknowledged all of them; returns how many."""
         keys, self._unlogged = self._unlogged, {}
-        for key in keys:
-            self.table.send_changelog(
-                self.partition, key, self.table.data.get(key), key_serializer="raw", value_serializer="raw"
+        changelog = self.table.changelog_topic
+        pending = [
+            await changelog.send(
+                key=key,
+                value=self.table.data.get(key),
+                partition=self.partition,
+                key_serializer="raw",
+                value_serializer="raw",
             )
+            for key in keys
+        ]
+        await asyncio.gather(*pending)
         return len(keys)
 
     def __iter__(self) -> Iterator[str]:
@@ -75,6 +89,12 @@ class JsonTableStore(MutableMapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self.table.data)
+
+
+async def flush_changelogs(stores: Iterable[JsonTableStore]) -> int:
+    """:meth:`JsonTableStore.flush_changelog` on every store at once (one wait for the broker, not one per store);
+    returns how many keys were logged."""
+    return sum(await asyncio.gather(*(store.flush_changelog() for store in stores)))
 
 
 def raw_table(app: faust.App, name: str, partitions: int) -> TableT:

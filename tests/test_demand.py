@@ -105,6 +105,14 @@ def test_an_event_behind_the_watermark_is_applied_and_counted_late() -> None:
     assert counter.counts["late"] == 1
 
 
+def test_a_restarted_counter_judges_lateness_by_the_watermark_its_predecessor_reached() -> None:
+    store: dict = {}
+    _, first = run([design("d1", T0, 5), clock(T0 + 100.0), clock(T0 + 100.5)], store)
+    _, restarted = run([order("o1", T0 + 90.2)], store)  # behind T0 + 90.5, the watermark the first counter left
+    assert restarted.watermark == first.watermark == T0 + 100.5 - LATENESS
+    assert restarted.counts["late"] == 1
+
+
 def test_a_crash_before_confirmation_resends_the_same_order_and_never_a_second() -> None:
     store: dict = {}
     crashed = DemandCounter(SETTINGS, store, partition=0)

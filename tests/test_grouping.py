@@ -192,6 +192,16 @@ def test_a_restarted_builder_resumes_open_groups_from_the_store() -> None:
     assert grades(outputs[0]) == [GRADE_NONE, GRADE_NONE, GRADE_CLICK]
 
 
+def test_a_restarted_builder_judges_lateness_by_the_watermark_its_predecessor_reached() -> None:
+    store: dict = {}
+    _, first = run([clock(T0 + 300.0), clock(T0 + 300.5)], store)  # watermark moves by 0.5 s the second time
+    restarted = GroupBuilder(SETTINGS, store, partition=0)
+    assert restarted.watermark == first.watermark == T0 + 300.5 - LATENESS
+    # Its window closed at T0 + 290.2, between the two watermarks: late for both builders, not only the first.
+    outputs = restarted.process(impression("late", T0 + 190.2))
+    assert [type(output) for output in outputs] == [GroupDrop]
+
+
 def test_builders_of_two_partitions_share_a_store_without_touching_each_other() -> None:
     store: dict = {}
     left, right = GroupBuilder(SETTINGS, store, partition=0), GroupBuilder(SETTINGS, store, partition=1)

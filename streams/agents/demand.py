@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING, cast
 from streams.dead_letters import EventGate, MessagePosition
 from streams.demand import DemandCounter, is_demand_event
 from streams.records import DesignCreated, Order, ProductionOrder, Return
-from streams.table_store import JsonTableStore, forget_on_rebalance, internal_topic, raw_table, send_and_wait
+from streams.table_store import (
+    JsonTableStore,
+    flush_changelogs,
+    forget_on_rebalance,
+    internal_topic,
+    raw_table,
+    send_and_wait,
+)
 
 if TYPE_CHECKING:
     from faust.streams import Stream
@@ -134,8 +141,7 @@ def register(context: AgentContext) -> AgentT:
                     emitted.append((counter, orders))
             if emitted:
                 await deliver(emitted)
-            for store in touched.values():
-                store.flush_changelog()
+            await flush_changelogs(touched.values())
 
     async def deliver(emitted: list[tuple[DemandCounter, list[ProductionOrder]]]) -> None:
         """Send the batch's production orders, wait for the broker, then confirm them in the counters' state."""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from streams.grouping import GroupBuilder, GroupOutput, idle_watermark
 from streams.records import GroupSample
-from streams.table_store import JsonTableStore, forget_on_rebalance, raw_table, send_and_wait
+from streams.table_store import JsonTableStore, flush_changelogs, forget_on_rebalance, raw_table, send_and_wait
 
 if TYPE_CHECKING:
     from streams.agents.events import AdmittedEvent
@@ -60,8 +60,7 @@ class GroupStage:
                 emitted.append((builder, outputs))
         if emitted:
             await self._deliver(emitted)
-        for store in touched:
-            store.flush_changelog()
+        await flush_changelogs(touched)
 
     def _builder_for(self, partition: int) -> tuple[GroupBuilder, JsonTableStore]:
         if partition not in self._builders:
@@ -81,8 +80,7 @@ class GroupStage:
             self._last_event[admitted.partition] = (now, builder.watermark)
         if emitted:
             await self._deliver(emitted)
-        for store in touched.values():
-            store.flush_changelog()
+        await flush_changelogs(touched.values())
 
     async def _deliver(self, emitted: list[tuple[GroupBuilder, list[GroupOutput]]]) -> None:
         """Send the batch's samples and drops, wait for the broker, then confirm them in the builders' state."""

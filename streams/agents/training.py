@@ -33,7 +33,14 @@ from pydantic import ValidationError
 from perfusion.errors import ConfigError
 from streams.dead_letters import MessagePosition, dead_letter
 from streams.records import GroupSample, TrainRequest, validation_reason
-from streams.table_store import JsonTableStore, forget_on_rebalance, internal_topic, raw_table, send_and_wait
+from streams.table_store import (
+    JsonTableStore,
+    flush_changelogs,
+    forget_on_rebalance,
+    internal_topic,
+    raw_table,
+    send_and_wait,
+)
 
 if TYPE_CHECKING:
     from faust.streams import Stream
@@ -262,8 +269,7 @@ def register(context: AgentContext) -> AgentT:
             trigger.confirm(requests)
             for request in requests:
                 log.info("train request %s (%s, %d samples)", request.request_id, request.reason, request.new_samples)
-        for store in stores:
-            store.flush_changelog()
+        await flush_changelogs(stores)
 
     async def route(stream: StreamT[bytes]) -> None:
         """Validate each group sample (dead-letter what is not one) and forward (sample_id, model_version) keyed by

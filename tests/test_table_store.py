@@ -1,0 +1,104 @@
+"""JsonTableStore's changelog: each changed key logged once per flush, and a flush that returns only after the broker
+acknowledged every record (so a batch's offsets are never committed ahead of its state)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from streams.table_store import JsonTableStore, flush_changelogs
+
+
+class RecordingChangelog:
+    """The changelog topic as the store uses it: ``send`` returns a future the test resolves as the broker would."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, bytes, bytes | None]] = []
+        self.acks: list[asyncio.Future[None]] = []
+
+    async def send(
+        self, *, key: bytes, value: bytes | None, partition: int, **serializers: str
+    ) -> asyncio.Future[None]:
+        assert serializers == {"key_serializer": "raw", "value_serializer": "raw"}
+        acknowledged: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.sent.append((partition, key, value))
+        self.acks.append(acknowledged)
+        return acknowledged
+
+
+class TableWithChangelog:
+    """The two attributes of a Faust table that the store uses: its data and its changelog topic."""
+
+    def __init__(self) -> None:
+        self.data: dict[bytes, bytes] = {}
+        self.changelog_topic = RecordingChangelog()
+
+
+async def until_sent(changelog: RecordingChangelog, records: int) -> None:
+    while len(changelog.sent) < records:
+        await asyncio.sleep(0)
+
+
+def test_a_flush_logs_each_changed_key_once_with_its_last_value_and_returns_after_every_acknowledgement() -> None:
+    async def scenario() -> None:
+        table = TableWithChangelog()
+        store = JsonTableStore(table, partition=3)  # type: ignore[arg-type]
+        store["i:a"] = {"status": "open"}
+        store["i:b"] = 1
+        store["i:a"] = {"status": "closed"}
+        del store["i:b"]
+        flush = asyncio.ensure_future(store.flush_changelog())
+        await until_sent(table.changelog_topic, 2)
+        assert table.changelog_topic.sent == [(3, b"i:a", b'{"status":"closed"}'), (3, b"i:b", None)]
+        table.changelog_topic.acks[0].set_result(None)
+        await asyncio.sleep(0.01)
+        assert not flush.done(), "returned before the broker acknowledged the tombstone"
+        table.changelog_topic.acks[1].set_result(None)
+        assert await flush == 2
+        assert await store.flush_changelog() == 0  # nothing changed since
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_changelog_record_fails_the_flush() -> None:
+    async def scenario() -> None:
+        table = TableWithChangelog()
+        store = JsonTableStore(table, partition=0)  # type: ignore[arg-type]
+        store["w:0"] = 12.5
+        flush = asyncio.ensure_future(store.flush_changelog())
+        await until_sent(table.changelog_topic, 1)
+        table.changelog_topic.acks[0].set_exception(RuntimeError("NotLeaderForPartition"))
+        with pytest.raises(RuntimeError, match="NotLeaderForPartition"):
+            await flush
+
+    asyncio.run(scenario())
+
+
+def test_flushing_several_stores_waits_for_all_of_them_and_counts_their_keys() -> None:
+    async def scenario() -> None:
+        tables = [TableWithChangelog(), TableWithChangelog()]
+        stores = [JsonTableStore(table, partition=index) for index, table in enumerate(tables)]  # type: ignore[arg-type]
+        stores[0]["d:x"] = {"fired": None}
+        stores[1]["d:y"] = {"fired": "done"}
+        stores[1]["w:1"] = 3.0
+        flush = asyncio.ensure_future(flush_changelogs(stores))
+        await until_sent(tables[1].changelog_topic, 2)
+        await until_sent(tables[0].changelog_topic, 1)
+        for ack in tables[1].changelog_topic.acks:
+            ack.set_result(None)
+        await asyncio.sleep(0.01)
+        assert not flush.done()
+        tables[0].changelog_topic.acks[0].set_result(None)
+        assert await flush == 3
+
+    asyncio.run(scenario())
+
+
+def test_reads_decode_json_and_iteration_lists_every_key() -> None:
+    table = TableWithChangelog()
+    table.data[b"o:1"] = b'{"quantity": 2}'
+    store: Any = JsonTableStore(table, partition=0)  # type: ignore[arg-type]
+    assert store["o:1"] == {"quantity": 2}
+    assert sorted(store) == ["o:1"] and len(store) == 1
