@@ -10,8 +10,8 @@ runs ahead of the committed offsets, and a killed worker restores at least the s
 
 Why not Faust's own buffered ``Table.send_changelog``: Faust flushes that buffer before committing offsets, but its
 flush returns when no buffered message went out for 0.1 s (``ProducerBuffer.flush_atmost``). On a loaded machine
-offsets were then committed for events whose state changes had not reached the changelog; a worker killed at that
-moment came back with an older group state and emitted a sample a second time, with different grades.
+offsets could then be committed for events whose state changes had not reached the changelog, and a worker killed
+at that moment would restore older state than its committed offsets imply.
 :func:`send_and_wait` is the first half of the agents' two-phase delivery: an output is confirmed in its table
 only after the broker acknowledged it.
 
