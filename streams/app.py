@@ -15,14 +15,16 @@ import asyncio
 import importlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import faust
 from faust.types import AgentT
 
 from streams.agents import AGENT_MODULES
 from streams.agents.events import EVENT_STAGE_MODULES
+from streams.continuity import SkippedRecords, restart_worker_process
 from streams.dead_letters import DeadLetterSink
 from streams.feature_push import FeatureSink
 from streams.records import DeadLetter
@@ -38,7 +40,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class AgentContext:
     """What an agent module's ``register`` (and an event stage module's ``stage``) gets: the app, its topics,
-    settings, the two effect sinks, and the stage modules the events agent runs."""
+    settings, the two effect sinks, the stage modules the events agent runs, and what to do when the consumer skipped
+    records (:mod:`streams.continuity`: restart the process)."""
 
     app: faust.App
     topics: Topics
@@ -46,6 +49,7 @@ class AgentContext:
     dead_letter_sink: DeadLetterSink
     feature_sink: FeatureSink
     event_stage_modules: tuple[str, ...]
+    on_skipped_records: Callable[[SkippedRecords], NoReturn] = restart_worker_process
 
 
 @dataclass(frozen=True)

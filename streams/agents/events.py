@@ -8,7 +8,8 @@ acknowledgement) and the parsing. So one agent takes a micro-batch, admits each 
 gate (invalid ones go to ``perfusion.dlq`` with their reason and bytes), and hands the admitted events to each
 stage in turn. A stage finishes its effects (table writes, outputs acknowledged by the broker, changelog flushed,
 Feast push) before it returns; the batch's offsets are acknowledged only after every stage returned, so a crash
-replays the batch into at least the state it had.
+replays the batch into at least the state it had. Before any of that, the batch's offsets are checked for a gap
+(:mod:`streams.continuity`): records the consumer skipped make the worker restart instead of being lost.
 
 A stage module exposes ``stage(context) -> EventStage``; :data:`EVENT_STAGE_MODULES` lists them in the order they
 run.
@@ -21,8 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
+from streams.continuity import OffsetContinuity
 from streams.dead_letters import EventGate, MessagePosition
 from streams.records import AnyEvent
+from streams.table_store import forget_on_rebalance
 
 if TYPE_CHECKING:
     from faust.streams import Stream
@@ -58,11 +61,16 @@ def register(context: AgentContext) -> AgentT:
     app, settings, topics = context.app, context.settings, context.topics
     stages: list[EventStage] = [importlib.import_module(name).stage(context) for name in context.event_stage_modules]
     gate = EventGate(sink=context.dead_letter_sink)
+    continuity = OffsetContinuity()
+    forget_on_rebalance(app, continuity.expected)
 
     async def events(stream: StreamT[bytes]) -> None:
         async for batch in cast("Stream[bytes]", stream).take_events(
             settings.push_batch_max, within=settings.push_batch_within_s
         ):
+            skipped = continuity.first_gap((event.message.partition, event.message.offset) for event in batch)
+            if skipped is not None:
+                context.on_skipped_records(skipped)  # does not return: nothing of this batch may be acknowledged
             admitted: list[AdmittedEvent] = []
             for event in batch:
                 message = event.message
