@@ -4,9 +4,9 @@ The events topic is neither compacted nor written by transactional producers, so
 contiguous: after offset n the consumer must deliver n + 1, or an offset it delivered before (a replay after a
 seek back). A forward jump means records were skipped. Faust can do that when a restarted worker's fetcher runs
 ahead of table recovery: it processes records fetched before the recovery's seek, drops others from its queues,
-and the seek does not reposition every partition (see docs/streams-performance.md, "Open: records skipped ...";
-faust-streaming issue 596). The skipped records are never acknowledged, so Faust's committed offset stays in front
-of the gap, and a fresh process resumes from there.
+and the seek does not reposition every partition (docs/streams-performance.md, "Records skipped when a restarted
+worker's recovery races the fetcher"; faust-streaming issue 596). The skipped records are never acknowledged, so
+Faust's committed offset stays in front of the gap, and a fresh process resumes from there.
 
 So the events agent checks each micro-batch before processing it. On a jump it neither processes nor acknowledges
 the batch and calls ``on_skipped_records``. The worker's handler replaces the process with a fresh copy of the same
