@@ -8,9 +8,10 @@ and the seek does not reposition every partition (docs/streams-performance.md, "
 worker's recovery races the fetcher"; faust-streaming issue 596). The skipped records are never acknowledged, so
 Faust's committed offset stays in front of the gap, and a fresh process resumes from there.
 
-So the events agent checks each micro-batch before processing it. On a jump it neither processes nor acknowledges
-the batch and calls ``on_skipped_records``. The worker's handler replaces the process with a fresh copy of the same
-command (:func:`restart_worker_process`), which recovers its tables and reads again from the committed offsets.
+So every agent checks each micro-batch before processing it (their input topics are contiguous too). On a jump it
+neither processes nor acknowledges the batch and calls ``on_skipped_records``. The worker's handler replaces the
+process with a fresh copy of the same command (:func:`restart_worker_process`), which recovers its tables and
+reads again from the committed offsets.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from faust.types import EventT
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,13 @@ class OffsetContinuity:
             batch_next[partition] = offset + 1  # a replay (offset below next_offset) moves the expectation back
         self.expected.update(batch_next)  # in place: the agent's rebalance handler clears this very dict
         return None
+
+    def check(self, batch: Sequence[EventT], on_skipped: Callable[[SkippedRecords], NoReturn]) -> None:
+        """:meth:`first_gap` over a Faust micro-batch; on a gap hand over to ``on_skipped``, which must not return
+        (Faust would acknowledge the batch)."""
+        skipped = self.first_gap((event.message.partition, event.message.offset) for event in batch)
+        if skipped is not None:
+            on_skipped(skipped)
 
 
 def restart_worker_process(skipped: SkippedRecords) -> NoReturn:

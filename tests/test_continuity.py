@@ -1,11 +1,14 @@
-"""Offset continuity of the events agent: contiguous offsets and replays pass, a forward jump is a gap."""
+"""Offset continuity of the agents: contiguous offsets and replays pass, a forward jump is a gap."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
+from typing import NoReturn
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -70,6 +73,27 @@ def test_any_interleaving_of_contiguous_partitions_has_no_gap_and_removing_an_in
     if 0 < offset - starts[partition] < 7:  # neither its first nor its last record: removing it leaves a hole
         gap = OffsetContinuity().first_gap(merged[:position] + merged[position + 1 :])
         assert gap == SkippedRecords(partition, offset, offset)
+
+
+class Restarted(Exception):
+    pass
+
+
+def test_check_reads_partition_and_offset_of_faust_events_and_hands_a_gap_over() -> None:
+    def event(partition: int, offset: int) -> SimpleNamespace:
+        return SimpleNamespace(message=SimpleNamespace(partition=partition, offset=offset))
+
+    handed_over: list[SkippedRecords] = []
+
+    def on_skipped(skipped: SkippedRecords) -> NoReturn:
+        handed_over.append(skipped)
+        raise Restarted
+
+    continuity = OffsetContinuity()
+    continuity.check([event(0, 3), event(1, 9)], on_skipped)  # type: ignore[list-item]
+    with pytest.raises(Restarted):
+        continuity.check([event(1, 10), event(0, 5)], on_skipped)  # type: ignore[list-item]
+    assert handed_over == [SkippedRecords(partition=0, first=4, last=4)]
 
 
 def test_the_restart_replaces_the_process_with_the_same_command_line() -> None:

@@ -25,6 +25,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
+from streams.continuity import OffsetContinuity
 from streams.dead_letters import EventGate, MessagePosition
 from streams.demand import DemandCounter, is_demand_event
 from streams.records import DesignCreated, Order, ProductionOrder, Return
@@ -114,8 +115,12 @@ def register(context: AgentContext) -> AgentT:
     counters: dict[int, tuple[DemandCounter, JsonTableStore]] = {}
     forget_on_rebalance(app, counters)
 
+    by_design_continuity = OffsetContinuity()
+    forget_on_rebalance(app, by_design_continuity.expected)
+
     async def count(stream: StreamT[bytes]) -> None:
         async for batch in cast("Stream[bytes]", stream).take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            by_design_continuity.check(batch, context.on_skipped_records)
             touched: dict[int, JsonTableStore] = {}  # held here: a rebalance may clear ``counters`` meanwhile
             emitted: list[tuple[DemandCounter, list[ProductionOrder]]] = []
             for event in batch:

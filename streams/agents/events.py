@@ -68,9 +68,7 @@ def register(context: AgentContext) -> AgentT:
         async for batch in cast("Stream[bytes]", stream).take_events(
             settings.push_batch_max, within=settings.push_batch_within_s
         ):
-            skipped = continuity.first_gap((event.message.partition, event.message.offset) for event in batch)
-            if skipped is not None:
-                context.on_skipped_records(skipped)  # does not return: nothing of this batch may be acknowledged
+            continuity.check(batch, context.on_skipped_records)
             admitted: list[AdmittedEvent] = []
             for event in batch:
                 message = event.message

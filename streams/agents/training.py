@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from pydantic import ValidationError
 
 from perfusion.errors import ConfigError
+from streams.continuity import OffsetContinuity
 from streams.dead_letters import MessagePosition, dead_letter
 from streams.records import GroupSample, TrainRequest, validation_reason
 from streams.table_store import (
@@ -271,10 +272,14 @@ def register(context: AgentContext) -> AgentT:
                 log.info("train request %s (%s, %d samples)", request.request_id, request.reason, request.new_samples)
         await flush_changelogs(stores)
 
+    samples_continuity = OffsetContinuity()
+    forget_on_rebalance(app, samples_continuity.expected)
+
     async def route(stream: StreamT[bytes]) -> None:
         """Validate each group sample (dead-letter what is not one) and forward (sample_id, model_version) keyed by
         model version, so that one partition counts each version."""
         async for batch in cast("Stream[bytes]", stream).take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            samples_continuity.check(batch, context.on_skipped_records)
             forwards: list[tuple[TopicT, bytes, bytes]] = []
             for event in batch:
                 message = event.message
@@ -291,8 +296,12 @@ def register(context: AgentContext) -> AgentT:
             if forwards:
                 await send_and_wait(forwards)
 
+    by_version_continuity = OffsetContinuity()
+    forget_on_rebalance(app, by_version_continuity.expected)
+
     async def count(stream: StreamT[bytes]) -> None:
         async for batch in cast("Stream[bytes]", stream).take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            by_version_continuity.check(batch, context.on_skipped_records)
             emitted: list[tuple[TrainingTrigger, list[TrainRequest]]] = []
             touched: dict[int, JsonTableStore] = {}  # held here: a rebalance may clear ``triggers`` meanwhile
             for event in batch:
