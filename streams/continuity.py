@@ -23,7 +23,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
+from streams.table_store import forget_on_rebalance
+
 if TYPE_CHECKING:
+    import faust
     from faust.types import EventT
 
 log = logging.getLogger(__name__)
@@ -44,12 +47,19 @@ class SkippedRecords:
 class OffsetContinuity:
     """The next offset expected on each partition, from the records delivered since the last rebalance.
 
-    ``expected`` is a plain dict so that the agent can clear it when partitions move (a reassigned partition
-    restarts at its committed offset, which may lie anywhere).
+    ``expected`` is a plain dict, cleared when partitions move (a reassigned partition restarts at its committed
+    offset, which may lie anywhere): build it with :meth:`for_app`.
     """
 
     def __init__(self) -> None:
         self.expected: dict[int, int] = {}
+
+    @classmethod
+    def for_app(cls, app: faust.App) -> OffsetContinuity:
+        """A check for one agent of ``app`` whose expectations are forgotten whenever partitions move."""
+        continuity = cls()
+        forget_on_rebalance(app, continuity.expected)
+        return continuity
 
     def first_gap(self, positions: Iterable[tuple[int, int]]) -> SkippedRecords | None:
         """Check ``(partition, offset)`` pairs in delivery order; returns the first gap, or None and remembers the

@@ -115,8 +115,7 @@ def register(context: AgentContext) -> AgentT:
     counters: dict[int, tuple[DemandCounter, JsonTableStore]] = {}
     forget_on_rebalance(app, counters)
 
-    by_design_continuity = OffsetContinuity()
-    forget_on_rebalance(app, by_design_continuity.expected)
+    by_design_continuity = OffsetContinuity.for_app(app)
 
     async def count(stream: StreamT[bytes]) -> None:
         async for batch in cast("Stream[bytes]", stream).take_events(BATCH_MAX, within=BATCH_WITHIN_S):

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Protocol, cast
 from streams.continuity import OffsetContinuity
 from streams.dead_letters import EventGate, MessagePosition
 from streams.records import AnyEvent
-from streams.table_store import forget_on_rebalance
 
 if TYPE_CHECKING:
     from faust.streams import Stream
@@ -61,8 +60,7 @@ def register(context: AgentContext) -> AgentT:
     app, settings, topics = context.app, context.settings, context.topics
     stages: list[EventStage] = [importlib.import_module(name).stage(context) for name in context.event_stage_modules]
     gate = EventGate(sink=context.dead_letter_sink)
-    continuity = OffsetContinuity()
-    forget_on_rebalance(app, continuity.expected)
+    continuity = OffsetContinuity.for_app(app)
 
     async def events(stream: StreamT[bytes]) -> None:
         async for batch in cast("Stream[bytes]", stream).take_events(

@@ -272,8 +272,7 @@ def register(context: AgentContext) -> AgentT:
                 log.info("train request %s (%s, %d samples)", request.request_id, request.reason, request.new_samples)
         await flush_changelogs(stores)
 
-    samples_continuity = OffsetContinuity()
-    forget_on_rebalance(app, samples_continuity.expected)
+    samples_continuity = OffsetContinuity.for_app(app)
 
     async def route(stream: StreamT[bytes]) -> None:
         """Validate each group sample (dead-letter what is not one) and forward (sample_id, model_version) keyed by
@@ -296,8 +295,7 @@ def register(context: AgentContext) -> AgentT:
             if forwards:
                 await send_and_wait(forwards)
 
-    by_version_continuity = OffsetContinuity()
-    forget_on_rebalance(app, by_version_continuity.expected)
+    by_version_continuity = OffsetContinuity.for_app(app)
 
     async def count(stream: StreamT[bytes]) -> None:
         async for batch in cast("Stream[bytes]", stream).take_events(BATCH_MAX, within=BATCH_WITHIN_S):
