@@ -146,6 +146,11 @@ class CaptionStates:
             )
         return torch.tensor([self.row_of[p] for p in prompts], dtype=torch.long)
 
+    def embed(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The table's sentence embeddings, as :meth:`TextEncoder.embed` computes them: (B, 384)."""
+        rows = self.rows(prompts)
+        return mean_pool(self.states[rows].float(), self.mask[rows])
+
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
 

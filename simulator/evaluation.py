@@ -765,7 +765,8 @@ def utility_by_segment(
 def compare_reward_models(
     examples: Sequence[RewardExample], config: EvaluationConfig, text_encoder: Any
 ) -> dict[str, dict[str, Any]]:
-    """PerFusionRM and the same towers without plug-ins, trained alike on live groups, scored on held-out groups.
+    """PerFusionRM and the same towers without plug-ins, both from the pretrained towers and trained alike on live
+    groups, scored on held-out groups.
 
     Each model's GAUC comes with a 95% bootstrap interval over held-out groups, and the paired difference
     (PerFusionRM less the model without plug-ins) with its own. A reference row, ``true_utility_ceiling``, scores the
@@ -777,6 +778,7 @@ def compare_reward_models(
     from perfusion.metrics import gauc, mean_average_precision
     from perfusion.models.reward import PerFusionRM, RewardModelConfig
     from perfusion.user_features import USER_DIM
+    from trainer.reward_pretrain import load_pretrained_towers
     from trainer.updates import encode_prompts, reward_model_step, reward_scores
 
     train = [example for example in examples if example.slice == LIVE]
@@ -789,6 +791,7 @@ def compare_reward_models(
     for name, personalized in (("perfusion_rm", True), ("rm_without_plugins", False)):
         torch.manual_seed(config.seed)
         model = PerFusionRM(RewardModelConfig(personalized=personalized, user_dim=USER_DIM))
+        load_pretrained_towers(model, config.base_checkpoint)  # as the trainer starts every new reward model
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         _, pooled = encode_prompts(text_encoder, train_batch)
         for _ in range(config.offline_rm_steps):
@@ -799,7 +802,7 @@ def compare_reward_models(
             scores[name] = reward_scores(model, heldout_pooled, heldout_batch).double().numpy()
     # Candidates are collated group by group in slot order, as the utilities are listed.
     scores[TRUE_UTILITY_CEILING] = np.concatenate([np.asarray(e.true_utilities, np.float64) for e in heldout])
-    boot = _bootstrap_gauc(scores, labels, groups, config)
+    boot = bootstrap_gauc(scores, labels, groups, config.seed, config.bootstrap_samples)
     results: dict[str, dict[str, Any]] = {}
     for name, model_scores in scores.items():
         results[name] = {
@@ -820,17 +823,17 @@ def compare_reward_models(
 TRUE_UTILITY_CEILING = "true_utility_ceiling"
 
 
-def _bootstrap_gauc(
-    scores: dict[str, NDArray[np.float64]], labels: Any, groups: Any, config: EvaluationConfig
+def bootstrap_gauc(
+    scores: dict[str, NDArray[np.float64]], labels: Any, groups: Any, seed: int, samples: int
 ) -> dict[str, NDArray[np.float64]]:
     """GAUC of every score vector on the same resamplings (with replacement) of the held-out groups."""
     from perfusion.metrics import gauc
 
     group_ids = np.unique(groups)
     members = {group: np.flatnonzero(groups == group) for group in group_ids}
-    rng = np.random.default_rng([config.seed, 7])
-    boot = {name: np.empty(config.bootstrap_samples) for name in scores}
-    for draw in range(config.bootstrap_samples):
+    rng = np.random.default_rng([seed, 7])
+    boot = {name: np.empty(samples) for name in scores}
+    for draw in range(samples):
         chosen = rng.choice(group_ids, size=group_ids.size, replace=True)
         rows = np.concatenate([members[group] for group in chosen])
         # A group drawn twice counts as two groups: renumber by draw position.

@@ -119,8 +119,19 @@ class LoggedGroups:
         return next_batch
 
 
-def log_base_groups(config: ProbeConfig, panel: Any, users: list[str], generator: Any) -> LoggedGroups:
-    """Step 1: base-model groups for every user, the shoppers' responses, and the users' vectors afterwards."""
+def log_base_groups(
+    config: ProbeConfig,
+    panel: Any,
+    users: list[str],
+    generator: Any,
+    prompts: tuple[str, ...] = TRAIN_PROMPTS,
+    first_group: int = 0,
+) -> LoggedGroups:
+    """Step 1: base-model groups for every user, the shoppers' responses, and the users' vectors afterwards.
+
+    Group ``g`` of a user shows ``prompts[g % len(prompts)]``; its seeds and response draws depend on ``first_group
+    + g``, so a second call with a ``first_group`` past the first call's groups logs new groups for the same users.
+    """
     from perfusion.user_features import user_vector
     from streams.records import GradedCandidate, GroupSample
 
@@ -129,8 +140,8 @@ def log_base_groups(config: ProbeConfig, panel: Any, users: list[str], generator
     pixels: dict[str, NDArray[np.uint8]] = {}
     liked: dict[str, list[NDArray[np.float64]]] = {user: [] for user in users}
     for user_index, user in enumerate(users):
-        for group_index in range(config.groups_per_user):
-            prompt = TRAIN_PROMPTS[group_index % len(TRAIN_PROMPTS)]
+        for group_index in range(first_group, first_group + config.groups_per_user):
+            prompt = prompts[(group_index - first_group) % len(prompts)]
             group = generator.generate(prompt, None, config.k, seed=1000 * user_index + group_index)
             rng = np.random.default_rng([config.seed, user_index, group_index])
             response = marketplace.shopper_response(user, group.images, rng)

@@ -41,10 +41,15 @@ def test_shapes_and_scores_bounded_by_the_scale(personalized: bool) -> None:
     assert torch.allclose(model.encode_image(images, users).norm(dim=-1), torch.ones(5))
 
 
-def test_personalized_scores_depend_on_the_user() -> None:
+def test_plugins_start_at_zero_and_then_make_scores_depend_on_the_user() -> None:
     model = tiny_model(personalized=True)
     text, images, users = batch(4)
     other_users = torch.roll(users, shifts=1, dims=0)
+    # Zero output layers: a new PerFusionRM scores as its towers alone, whoever looks.
+    assert torch.equal(model(text, images, users), model(text, images, other_users))
+    assert model.text_plugin is not None and model.image_plugin is not None
+    for plugin in (model.text_plugin, model.image_plugin):
+        torch.nn.init.normal_(plugin.output.weight, std=0.1)  # as after a few steps of feedback
     assert not torch.allclose(model(text, images, users), model(text, images, other_users))
 
 
@@ -81,9 +86,13 @@ def test_training_step_changes_trainable_parameters_and_not_the_frozen_text_enco
     labels = torch.tensor([1, 0, 0, 0, 2, 1, 0, 0])
     group_ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    loss, _ = group_ranking_loss(model(text, images, users), labels, group_ids)
-    loss.backward()
-    optimizer.step()
+    # Two steps: behind the plug-ins' zero output layers, the cross layers and the user tower get their first
+    # gradient once those layers have moved, as behind ControlNet's zero convolutions.
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss, _ = group_ranking_loss(model(text, images, users), labels, group_ids)
+        loss.backward()
+        optimizer.step()
 
     unchanged = [name for name, p in model.named_parameters() if torch.equal(p, before[name])]
     assert unchanged == []

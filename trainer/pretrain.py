@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -40,9 +40,16 @@ from perfusion.models.base import (
     load_pretrained_unet,
     unet_component_config,
 )
+from perfusion.models.reward import PerFusionRM, RewardModelConfig
 from perfusion.sampling import UNET_COMPONENT, base_model_config, load_base_unet, sample_images, unet_noise_fn
 from perfusion.text_encoder import CaptionStates
 from trainer.attribute_classifier import ClassifierTrainingConfig, train_attribute_classifier
+from trainer.reward_pretrain import (
+    RewardPretrainConfig,
+    load_pretrained_towers,
+    pretrain_reward_towers,
+    save_reward_towers,
+)
 
 logger = logging.getLogger(__name__)
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
@@ -74,12 +81,16 @@ class PretrainConfig:
     classifier: ClassifierTrainingConfig = field(
         default_factory=ClassifierTrainingConfig, metadata={"help": "training of the attribute classifier"}
     )
+    reward_towers: RewardPretrainConfig = field(
+        default_factory=RewardPretrainConfig, metadata={"help": "contrastive training of PerFusionRM's towers"}
+    )
 
 
 @dataclass
 class PretrainResult:
     unet: UNet2DConditionModel
     classifier: AttributeClassifier
+    reward_towers: PerFusionRM
     metrics: dict[str, Any]
     grid: np.ndarray
 
@@ -266,6 +277,8 @@ def pretrain(
     ema_unet, figures = train_unet(unet, model_config, config, split.train, text)
     classifier_config = ClassifierTrainingConfig(**{**asdict(config.classifier), "device": config.device})
     classifier, classifier_accuracy = train_attribute_classifier(classifier_config)
+    tower_config = replace(config.reward_towers, image_size=model_config.sample_size)
+    reward_towers, reward_figures = pretrain_reward_towers(tower_config, text, model_config.channels)
     heldout_accuracy = evaluate_heldout(ema_unet, classifier, model_config, text, split.heldout, config)
     grid_rows = _diverse(split.heldout, config.grid_captions)
     grid = sample_grid(ema_unet, model_config, text, grid_rows, config)
@@ -277,9 +290,16 @@ def pretrain(
         "heldout_accuracy": heldout_accuracy,
         "eval_sampler": f"DDIM {config.sample_steps} steps, guidance {config.guidance_scale}",
         "classifier_accuracy_on_renders": classifier_accuracy,
+        "reward_towers": reward_figures,
     }
     logger.info("held-out caption accuracy of samples: %s", heldout_accuracy)
-    return PretrainResult(unet=ema_unet.cpu().float(), classifier=classifier.cpu(), metrics=metrics, grid=grid)
+    return PretrainResult(
+        unet=ema_unet.cpu().float(),
+        classifier=classifier.cpu(),
+        reward_towers=reward_towers,
+        metrics=metrics,
+        grid=grid,
+    )
 
 
 def evaluate_checkpoint(
@@ -296,6 +316,8 @@ def evaluate_checkpoint(
     if not isinstance(classifier, AttributeClassifier):
         raise ConfigError(f"{folder}/{CLASSIFIER_COMPONENT} did not build an AttributeClassifier")
     classifier.eval()
+    reward_towers = PerFusionRM(RewardModelConfig(personalized=False, image_size=model_config.sample_size))
+    load_pretrained_towers(reward_towers, folder)
     split = split_catalog()
     heldout_accuracy = evaluate_heldout(unet, classifier, model_config, text, split.heldout, config)
     grid = sample_grid(unet, model_config, text, _diverse(split.heldout, config.grid_captions), config)
@@ -308,7 +330,8 @@ def evaluate_checkpoint(
     report["metrics"] = metrics
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     Image.fromarray(grid).save(folder / SAMPLES_FILE)
-    return PretrainResult(unet=unet, classifier=classifier, metrics=metrics, grid=grid), report["provenance"]
+    result = PretrainResult(unet=unet, classifier=classifier, reward_towers=reward_towers, metrics=metrics, grid=grid)
+    return result, report["provenance"]
 
 
 def _diverse(items: Sequence[Attributes], count: int) -> list[Attributes]:
@@ -336,6 +359,7 @@ def save_pretrain_result(
     unet_config = {**unet_component_config(model_config, result.unet, built), "provenance": provenance}
     save_component(out, UNET_COMPONENT, result.unet, unet_config)
     save_component(out, CLASSIFIER_COMPONENT, result.classifier, result.classifier.config.to_dict())
+    save_reward_towers(out, result.reward_towers, result.metrics.get("reward_towers", {}))
     report = {"metrics": result.metrics, "provenance": provenance, "pretrain_config": _jsonable(asdict(config))}
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     Image.fromarray(result.grid).save(out / SAMPLES_FILE)

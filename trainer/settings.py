@@ -80,6 +80,13 @@ class TrainerSettings:
     personalized_reward_model: bool = field(
         default=True, metadata={"help": "PerFusionRM with feature-crossing plug-ins; False = the same towers without"}
     )
+    pretrained_reward_towers: bool = field(
+        default=True,
+        metadata={
+            "help": "a new PerFusionRM starts from the catalog-pretrained towers of the base checkpoint "
+            "(reward_towers/, trainer.reward_pretrain), as the paper's starts from CLIP; False = random towers"
+        },
+    )
     # --- how much
     reward_steps: int = field(default=40, metadata={"help": "optimizer steps on the reward model per update"})
     diffusion_steps: int = field(default=6, metadata={"help": "optimizer steps on the generator per update"})

@@ -43,6 +43,7 @@ from perfusion.objectives import (
 from perfusion.text_encoder import TextEncoder, mean_pool
 from perfusion.user_features import USER_DIM
 from trainer.batches import GroupBatch
+from trainer.reward_pretrain import REWARD_TOWERS_COMPONENT, has_reward_towers, load_pretrained_towers
 from trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,14 @@ def build_training_models(
             image_channels=base_config.channels,
         )
     )
+    if settings.pretrained_reward_towers:
+        base_folder = settings.resolved_base_checkpoint()
+        if not has_reward_towers(base_folder):
+            raise ConfigError(
+                f"{base_folder} has no {REWARD_TOWERS_COMPONENT}/; pretrain them with `perfusion pretrain "
+                f"--reward-towers-only --out {base_folder}` or set pretrained_reward_towers=False"
+            )
+        load_pretrained_towers(reward_model, base_folder)
     adaptive_network: AdaptiveNetwork | None = None
     finetuned_unet: UNet2DConditionModel | None = None
     if settings.objective != "none":

@@ -43,6 +43,13 @@ def register(subparsers: Any) -> None:
         help="with --probe: 'clicks' trains on clicks and orders (default); 'true-utility', a diagnostic upper "
         "bound, on each group's best image by the simulator's true utility",
     )
+    parser.add_argument(
+        "--reward-probe",
+        action="store_true",
+        help="instead of the loop: reward models (with and without plug-ins, pretrained and random towers) trained "
+        "on logged base-model groups (--probe-groups per user) and scored on new groups of the same users",
+    )
+    parser.add_argument("--rm-steps", type=int, default=None, help="with --reward-probe: steps of each reward model")
     parser.add_argument("--seed", type=int, default=None, help="seed of users, plan and draws")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument(
@@ -60,8 +67,10 @@ def register(subparsers: Any) -> None:
 FLAGS = {
     "quick": "--quick",
     "probe": "--probe",
+    "reward_probe": "--reward-probe",
     "probe_groups": "--probe-groups",
     "probe_labels": "--probe-labels",
+    "rm_steps": "--rm-steps",
     "rounds": "--rounds",
     "users": "--users",
     "cold_users": "--cold-users",
@@ -98,8 +107,14 @@ def run(args: argparse.Namespace) -> int:
 
         # Checked before the run, not after it: a full evaluation takes most of an hour.
         raise ConfigError(f"--notes {args.notes} is not a file; write the analysis there first or leave --notes out")
+    if args.probe and args.reward_probe:
+        from perfusion.errors import ConfigError
+
+        raise ConfigError("--probe and --reward-probe are two separate runs; pass one of them")
     if args.probe:
         return run_probe(args)
+    if args.reward_probe:
+        return run_reward_probe(args)
     from perfusion.commands.demo import _broker
     from simulator.evaluation import EvaluationConfig, run_evaluation
     from simulator.report import write_report
@@ -132,8 +147,6 @@ def run(args: argparse.Namespace) -> int:
 
 def run_probe(args: argparse.Namespace) -> int:
     """``perfusion eval --probe``: simulator/generator_probe.py, no broker needed."""
-    import json
-
     from simulator.generator_probe import ProbeConfig, render_probe_markdown
     from simulator.generator_probe import run_probe as probe
 
@@ -151,11 +164,36 @@ def run_probe(args: argparse.Namespace) -> int:
     }
     config = ProbeConfig(**{key: value for key, value in overrides.items() if value is not None})
     result = probe(config)
-    command = command_line(args)
+    return _write_probe(args, "probe", result, render_probe_markdown(result, command_line(args)))
+
+
+def _write_probe(args: argparse.Namespace, name: str, result: dict[str, Any], markdown_text: str) -> int:
+    """``<out>/<name>.json`` with the command, and the markdown to --docs or ``<out>/<name>.md``."""
+    import json
+
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "probe.json").write_text(json.dumps({**result, "command": command}, indent=2) + "\n")
-    markdown = args.docs or args.out / "probe.md"
+    (args.out / f"{name}.json").write_text(json.dumps({**result, "command": command_line(args)}, indent=2) + "\n")
+    markdown = args.docs or args.out / f"{name}.md"
     markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.write_text(render_probe_markdown(result, command))
-    print(f"wrote {args.out / 'probe.json'} and {markdown} in {result['wall_seconds'] / 60:.1f} min")
+    markdown.write_text(markdown_text)
+    print(f"wrote {args.out / f'{name}.json'} and {markdown} in {result['wall_seconds'] / 60:.1f} min")
     return 0
+
+
+def run_reward_probe(args: argparse.Namespace) -> int:
+    """``perfusion eval --reward-probe``: simulator/reward_probe.py, no broker needed."""
+    from simulator.reward_probe import RewardProbeConfig, render_reward_probe_markdown
+    from simulator.reward_probe import run_reward_probe as probe
+
+    overrides = {
+        "users": args.users,
+        "train_groups": args.probe_groups,
+        "labels": args.probe_labels,
+        "sampling_steps": args.steps,
+        "steps": args.rm_steps,
+        "seed": args.seed,
+        "torch_threads": args.threads,
+    }
+    config = RewardProbeConfig(**{key: value for key, value in overrides.items() if value is not None})
+    result = probe(config)
+    return _write_probe(args, "reward_probe", result, render_reward_probe_markdown(result, command_line(args)))

@@ -50,6 +50,14 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--guidance-scale", type=float, default=None, help="guidance for evaluation (default 3)")
     parser.add_argument("--eval-seeds", type=int, default=None, help="samples per held-out caption (default 2)")
     parser.add_argument("--classifier-steps", type=int, default=None, help="attribute classifier steps (default 1200)")
+    parser.add_argument(
+        "--reward-tower-steps", type=int, default=None, help="contrastive steps of PerFusionRM's towers (default 1500)"
+    )
+    parser.add_argument(
+        "--reward-towers-only",
+        action="store_true",
+        help="train only PerFusionRM's towers and add them to --out, leaving the base model there as it is",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -57,6 +65,7 @@ def register(subparsers: Any) -> None:
 RECORDED_OPTIONS = (
     "quick", "steps", "batch_size", "lr", "seed", "device", "bf16", "time_budget_min", "threads", "out", "docs",
     "base_model", "text_states", "evaluate", "guidance_scale", "eval_seeds", "classifier_steps",
+    "reward_tower_steps", "reward_towers_only",
 )  # fmt: skip
 
 
@@ -85,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from perfusion.text_encoder import CaptionStates, TextEncoder
     from trainer.attribute_classifier import ClassifierTrainingConfig
     from trainer.pretrain import PretrainConfig, evaluate_checkpoint, pretrain, save_pretrain_result, write_docs
+    from trainer.reward_pretrain import RewardPretrainConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,6 +123,14 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
     )
+    reward_towers = RewardPretrainConfig(
+        steps=args.reward_tower_steps or (20 if quick else RewardPretrainConfig.steps),
+        variants=1 if quick else RewardPretrainConfig.variants,
+        image_size=model_config.sample_size,
+        seed=args.seed,
+    )
+    if args.reward_towers_only:
+        return _pretrain_reward_towers_only(args, reward_towers, text, model_config.channels)
     config = PretrainConfig(
         steps=args.steps or (30 if quick else PretrainConfig.steps),
         batch_size=args.batch_size or (16 if quick else PretrainConfig.batch_size),
@@ -130,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         sample_steps=5 if quick else PretrainConfig.sample_steps,
         guidance_scale=args.guidance_scale or PretrainConfig.guidance_scale,
         classifier=classifier,
+        reward_towers=reward_towers,
     )
     if args.evaluate:
         evaluated, recorded = evaluate_checkpoint(args.evaluate, config, text)
@@ -159,4 +178,20 @@ def run(args: argparse.Namespace) -> int:
         f"checkpoint in {out}"
     )
     logging.getLogger(__name__).debug("metrics: %s", result.metrics)
+    return 0
+
+
+def _pretrain_reward_towers_only(args: argparse.Namespace, config: Any, text: Any, channels: int) -> int:
+    """``--reward-towers-only``: PerFusionRM's towers into ``--out`` beside a base model trained before."""
+    from perfusion.paths import state_dir
+    from trainer.reward_pretrain import pretrain_reward_towers, save_reward_towers
+
+    out = args.out or state_dir() / "base"
+    towers, figures = pretrain_reward_towers(config, text, channels)
+    folder = save_reward_towers(out, towers, {**figures, "command": command_line(args)})
+    print(
+        f"reward towers: {int(figures['steps'])} steps in {figures['train_wall_s']:.0f} s; held-out caption "
+        f"retrieval top-1 {figures['heldout_retrieval_top1']:.1%}, top-5 {figures['heldout_retrieval_top5']:.1%}; "
+        f"saved in {folder}"
+    )
     return 0

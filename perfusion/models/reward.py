@@ -101,6 +101,10 @@ class PersonalizedPlugin(nn.Module):
         width = tower_dim + user_embed_dim
         self.cross_layers = nn.ModuleList(CrossLayer(width) for _ in range(num_layers))
         self.output = nn.Linear(width, tower_dim)
+        # Zero output, as ControlNet's zero convolutions: a new PerFusionRM equals its towers without plug-ins, so
+        # pretrained towers (trainer.reward_pretrain) are not disturbed before the first feedback arrives.
+        nn.init.zeros_(self.output.weight)
+        nn.init.zeros_(self.output.bias)
 
     def forward(self, tower_embedding: Tensor, user_embedding: Tensor) -> Tensor:
         x0 = torch.cat([tower_embedding, user_embedding], dim=-1)  # [B, tower_dim + user_embed_dim]

@@ -1,0 +1,225 @@
+"""Offline probe of the reward model: from how many logged groups does PerFusionRM rank a user's new groups?
+
+The live evaluation trains its reward models on the few dozen groups of two rounds, and their held-out GAUC is one
+number with a wide interval. This probe asks the question with more data and fewer moving parts:
+
+1. Each user sees ``train_groups`` base-model groups (the training prompts in turn) and then ``heldout_groups``
+   more with new seeds (every prompt, held-out ones included); the simulated shopper grades them all. The user
+   vector u is what the shop knows after the training groups (:func:`simulator.generator_probe.log_base_groups`).
+2. Four reward models learn from the training groups with the trainer's own step
+   (:func:`trainer.updates.reward_model_step`, the group-wise ranking loss): PerFusionRM and the same towers without
+   plug-ins, each from random towers and from the catalog-pretrained ones (:mod:`trainer.reward_pretrain`).
+3. Each scores the held-out groups: GAUC and MAP, with 95% bootstrap intervals over groups, the paired difference
+   that the plug-ins make, and GAUC on the training groups (how much was memorised). A reference row ranks the
+   held-out groups by the simulator's true utilities, the ceiling of any model on these noisy grades.
+
+With ``labels="true-utility"`` each group's one positive is its best image by the simulator's utility (training and
+held-out alike): a diagnostic of what the architecture can learn without click noise, never a way to train the
+system. Ground truth is read here, in the simulator, and never passed to a model except as those labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from perfusion.errors import ConfigError
+from simulator.evaluation import (
+    HELDOUT_PROMPTS,
+    TRAIN_PROMPTS,
+    TRUE_UTILITY_CEILING,
+    EvaluationConfig,
+    arm_inputs,
+    bootstrap_gauc,
+    interval,
+)
+from simulator.generator_probe import PROBE_LABELS, LoggedGroups, ProbeConfig, log_base_groups
+
+log = logging.getLogger(__name__)
+
+# (name, personalized, pretrained towers) of the reward models compared.
+REWARD_PROBE_MODELS: tuple[tuple[str, bool, bool], ...] = (
+    ("perfusion_rm_pretrained", True, True),
+    ("rm_without_plugins_pretrained", False, True),
+    ("perfusion_rm_scratch", True, False),
+    ("rm_without_plugins_scratch", False, False),
+)
+# The first group index of the held-out groups: past any training group, so seeds and draws are new.
+HELDOUT_FIRST_GROUP = 500
+
+
+@dataclass(frozen=True)
+class RewardProbeConfig:
+    """Size and settings of one reward-model probe."""
+
+    users: int = field(default=40, metadata={"help": "shoppers (the evaluation's training panel)"})
+    train_groups: int = field(default=16, metadata={"help": "logged groups per user the reward models learn from"})
+    heldout_groups: int = field(default=8, metadata={"help": "new groups per user they are scored on"})
+    k: int = field(default=4, metadata={"help": "candidates per group"})
+    sampling_steps: int = field(default=4, metadata={"help": "DDIM steps per generated group"})
+    steps: int = field(default=300, metadata={"help": "optimizer steps of each reward model"})
+    groups_per_batch: int = field(default=16, metadata={"help": "groups per step"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (the offline comparison's)"})
+    labels: str = field(default="clicks", metadata={"help": f"what makes a positive: {' or '.join(PROBE_LABELS)}"})
+    bootstrap_samples: int = field(default=1000, metadata={"help": "bootstrap resamplings of held-out groups"})
+    seed: int = field(default=0, metadata={"help": "seed of users, data and training"})
+    torch_threads: int = field(default=1, metadata={"help": "torch threads"})
+    base_checkpoint: Path = field(default=EvaluationConfig().base_checkpoint, metadata={"help": "the base model"})
+
+    def __post_init__(self) -> None:
+        if self.labels not in PROBE_LABELS:
+            raise ConfigError(f"labels must be one of {', '.join(PROBE_LABELS)}; got {self.labels!r}")
+        for name in ("users", "train_groups", "heldout_groups", "sampling_steps", "steps", "groups_per_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.train_groups >= HELDOUT_FIRST_GROUP:
+            raise ConfigError(f"train_groups must be below {HELDOUT_FIRST_GROUP}, got {self.train_groups}")
+
+
+def run_reward_probe(config: RewardProbeConfig) -> dict[str, Any]:
+    """Log the groups, train the four reward models, score the held-out groups."""
+    import torch
+
+    from perfusion.metrics import gauc, mean_average_precision
+    from perfusion.models.reward import PerFusionRM, RewardModelConfig
+    from perfusion.service.generator import load_serving_generator
+    from perfusion.user_features import USER_DIM
+    from trainer.batches import collate_groups
+    from trainer.reward_pretrain import load_pretrained_towers
+    from trainer.updates import encode_prompts, reward_model_step, reward_scores
+
+    started = time.monotonic()
+    panel, population, text_encoder = arm_inputs(
+        EvaluationConfig(train_users=config.users, seed=config.seed, torch_threads=config.torch_threads)
+    )
+    users = population.train_users
+    with tempfile.TemporaryDirectory(prefix="perfusion-reward-probe-") as empty_store:
+        serving = load_serving_generator(
+            config.base_checkpoint, Path(empty_store), text_encoder, num_steps=config.sampling_steps
+        )
+    logging_config = ProbeConfig(
+        train_users=config.users,
+        k=config.k,
+        labels=config.labels,
+        seed=config.seed,
+        groups_per_user=config.train_groups,
+    )
+    train = log_base_groups(logging_config, panel, users, serving)
+    heldout_config = ProbeConfig(**{**asdict(logging_config), "groups_per_user": config.heldout_groups})
+    heldout = log_base_groups(
+        heldout_config, panel, users, serving, TRAIN_PROMPTS + HELDOUT_PROMPTS, first_group=HELDOUT_FIRST_GROUP
+    )
+    heldout = LoggedGroups(heldout.samples, heldout.pixels, train.user_vectors)  # u: what the shop knew before
+    log.info("reward probe: %d training and %d held-out groups", len(train.samples), len(heldout.samples))
+
+    def collated(logged: LoggedGroups) -> Any:
+        vectors = [logged.user_vectors[sample.user_id].tolist() for sample in logged.samples]
+        return collate_groups(logged.samples, vectors, logged.pixels)
+
+    train_batch, heldout_batch = collated(train), collated(heldout)
+    labels, groups = heldout_batch.labels.numpy(), heldout_batch.group_ids.numpy()
+    with torch.no_grad():
+        _, train_pooled = encode_prompts(text_encoder, train_batch)
+        _, heldout_pooled = encode_prompts(text_encoder, heldout_batch)
+    scores: dict[str, Any] = {}
+    train_gauc: dict[str, float] = {}
+    for name, personalized, pretrained in REWARD_PROBE_MODELS:
+        torch.manual_seed(config.seed)
+        model = PerFusionRM(RewardModelConfig(personalized=personalized, user_dim=USER_DIM))
+        if pretrained:
+            load_pretrained_towers(model, config.base_checkpoint)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+        next_batch = train.batches(config.groups_per_batch, config.seed)
+        for _ in range(config.steps):
+            batch = next_batch()
+            _, pooled = encode_prompts(text_encoder, batch)
+            reward_model_step(model, optimizer, pooled, batch, max_norm=1.0)
+        model.eval()
+        with torch.no_grad():
+            scores[name] = reward_scores(model, heldout_pooled, heldout_batch).double().numpy()
+            fitted = reward_scores(model, train_pooled, train_batch).double().numpy()
+        train_gauc[name] = float(gauc(fitted, train_batch.labels.numpy(), train_batch.group_ids.numpy()))
+        log.info("reward probe %s: held-out GAUC %.3f, training GAUC %.3f", name, gauc(scores[name], labels, groups),
+                 train_gauc[name])  # fmt: skip
+    # Collated group by group in slot order, as the panel lists utilities.
+    scores[TRUE_UTILITY_CEILING] = np.concatenate(
+        [panel.utilities(sample.user_id, _group_pixels(heldout, sample)) for sample in heldout.samples]
+    ).astype(np.float64)
+    boot = bootstrap_gauc(scores, labels, groups, config.seed, config.bootstrap_samples)
+    models: dict[str, Any] = {}
+    for name, model_scores in scores.items():
+        models[name] = {
+            "heldout_gauc": float(gauc(model_scores, labels, groups)),
+            "heldout_gauc_ci95": interval(boot[name]),
+            "heldout_map": float(mean_average_precision(model_scores, labels, groups)),
+            "train_gauc": train_gauc.get(name),
+        }
+    lifts = {
+        "plugins_pretrained": ("perfusion_rm_pretrained", "rm_without_plugins_pretrained"),
+        "plugins_scratch": ("perfusion_rm_scratch", "rm_without_plugins_scratch"),
+        "pretraining_with_plugins": ("perfusion_rm_pretrained", "perfusion_rm_scratch"),
+        "pretraining_without_plugins": ("rm_without_plugins_pretrained", "rm_without_plugins_scratch"),
+    }
+    return {
+        "config": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()},
+        "train_groups": len(train.samples),
+        "heldout_groups": len(heldout.samples),
+        "heldout_groups_with_both_classes": int(
+            sum(1 for sample in heldout.samples if 0 < sum(c.grade > 0 for c in sample.candidates) < config.k)
+        ),
+        "models": models,
+        "paired_gauc_differences": {
+            lift: {
+                "value": models[first]["heldout_gauc"] - models[second]["heldout_gauc"],
+                "ci95": interval(boot[first] - boot[second]),
+            }
+            for lift, (first, second) in lifts.items()
+        },
+        "wall_seconds": time.monotonic() - started,
+    }
+
+
+def _group_pixels(logged: LoggedGroups, sample: Any) -> Any:
+    return np.stack([logged.pixels[candidate.image_id] for candidate in sample.candidates])
+
+
+def render_reward_probe_markdown(result: dict[str, Any], command: str) -> str:
+    from simulator.report import signed_interval
+
+    config = result["config"]
+    lines = [
+        "# Offline probe: how well the reward model ranks a user's new groups",
+        "",
+        f"Reproduce: `{command}` (wall time {result['wall_seconds'] / 60:.1f} min on this machine).",
+        "",
+        f"{config['users']} users; {config['train_groups']} logged base-model groups each to learn from "
+        f"({result['train_groups']} groups), {config['heldout_groups']} new groups each to be scored on "
+        f"({result['heldout_groups']}, {result['heldout_groups_with_both_classes']} with a positive and a negative); "
+        f"K = {config['k']}; positives: {PROBE_LABELS[config['labels']]}; {config['steps']} steps of "
+        f"{config['groups_per_batch']} groups per model. See simulator/reward_probe.py.",
+        "",
+        "| reward model | held-out GAUC | held-out MAP | training GAUC |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, row in result["models"].items():
+        low, high = row["heldout_gauc_ci95"]
+        fitted = "n/a" if row["train_gauc"] is None else f"{row['train_gauc']:.3f}"
+        lines.append(
+            f"| {name} | {row['heldout_gauc']:.3f} [{low:.3f}, {high:.3f}] | {row['heldout_map']:.3f} | {fitted} |"
+        )
+    lines += ["", "Paired differences in held-out GAUC (bootstrap over the same resampled groups):", ""]
+    for lift, row in result["paired_gauc_differences"].items():
+        lines.append(f"- {lift.replace('_', ' ')}: {signed_interval(row)}")
+    lines += [
+        "",
+        f"`{TRUE_UTILITY_CEILING}` ranks the held-out groups by the simulator's true utilities: the GAUC an oracle of "
+        "each shopper's taste reaches on these grades, the ceiling of any reward model here.",
+        "",
+    ]
+    return "\n".join(lines)
