@@ -171,6 +171,8 @@ def log_base_groups(
                     candidates=candidates,
                 )
             )
+        if (user_index + 1) % 10 == 0 or user_index + 1 == len(users):
+            log.info("logged %d groups of %d of %d users", config.groups_per_user, user_index + 1, len(users))
     vectors = {}
     for user in users:
         features: dict[str, Any] = dict(panel.profile(user))
@@ -262,22 +264,30 @@ def partner_from_another_segment(users: list[str], segments: dict[str, str]) -> 
     return partners
 
 
-def run_probe(config: ProbeConfig) -> dict[str, Any]:
-    """Every arm of ``config``: one update on the same logged groups, scored against base per segment."""
+def probe_inputs(
+    users: int, seed: int, torch_threads: int, base_checkpoint: Path, sampling_steps: int
+) -> tuple[Any, list[str], Any, PersonalizedGenerator]:
+    """The evaluation's panel and training users, the text encoder, and the base model as a serving generator."""
     import tempfile
 
     from perfusion.service.generator import load_serving_generator
+
+    panel, population, text_encoder = arm_inputs(
+        EvaluationConfig(train_users=users, seed=seed, torch_threads=torch_threads)
+    )
+    with tempfile.TemporaryDirectory(prefix="perfusion-probe-") as empty_store:
+        serving = load_serving_generator(base_checkpoint, Path(empty_store), text_encoder, num_steps=sampling_steps)
+    return panel, population.train_users, text_encoder, serving
+
+
+def run_probe(config: ProbeConfig) -> dict[str, Any]:
+    """Every arm of ``config``: one update on the same logged groups, scored against base per segment."""
     from trainer.settings import ARMS
 
     started = time.monotonic()
-    panel, population, text_encoder = arm_inputs(
-        EvaluationConfig(train_users=config.train_users, seed=config.seed, torch_threads=config.torch_threads)
+    panel, users, text_encoder, serving = probe_inputs(
+        config.train_users, config.seed, config.torch_threads, config.base_checkpoint, config.sampling_steps
     )
-    users = population.train_users
-    with tempfile.TemporaryDirectory(prefix="perfusion-probe-") as empty_store:
-        serving = load_serving_generator(
-            config.base_checkpoint, Path(empty_store), text_encoder, num_steps=config.sampling_steps
-        )
     logged = log_base_groups(config, panel, users, serving)
     graded = [sum(1 for c in sample.candidates if c.grade > 0) for sample in logged.samples]
     log.info("probe: %d logged groups, %.2f positives per group", len(logged.samples), float(np.mean(graded)))

@@ -21,7 +21,6 @@ system. Ground truth is read here, in the simulator, and never passed to a model
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,11 +34,10 @@ from simulator.evaluation import (
     TRAIN_PROMPTS,
     TRUE_UTILITY_CEILING,
     EvaluationConfig,
-    arm_inputs,
     bootstrap_gauc,
     interval,
 )
-from simulator.generator_probe import PROBE_LABELS, LoggedGroups, ProbeConfig, log_base_groups
+from simulator.generator_probe import PROBE_LABELS, LoggedGroups, ProbeConfig, log_base_groups, probe_inputs
 
 log = logging.getLogger(__name__)
 
@@ -88,21 +86,15 @@ def run_reward_probe(config: RewardProbeConfig) -> dict[str, Any]:
 
     from perfusion.metrics import gauc, mean_average_precision
     from perfusion.models.reward import PerFusionRM, RewardModelConfig
-    from perfusion.service.generator import load_serving_generator
     from perfusion.user_features import USER_DIM
     from trainer.batches import collate_groups
     from trainer.reward_pretrain import load_pretrained_towers
     from trainer.updates import encode_prompts, reward_model_step, reward_scores
 
     started = time.monotonic()
-    panel, population, text_encoder = arm_inputs(
-        EvaluationConfig(train_users=config.users, seed=config.seed, torch_threads=config.torch_threads)
+    panel, users, text_encoder, serving = probe_inputs(
+        config.users, config.seed, config.torch_threads, config.base_checkpoint, config.sampling_steps
     )
-    users = population.train_users
-    with tempfile.TemporaryDirectory(prefix="perfusion-reward-probe-") as empty_store:
-        serving = load_serving_generator(
-            config.base_checkpoint, Path(empty_store), text_encoder, num_steps=config.sampling_steps
-        )
     logging_config = ProbeConfig(
         train_users=config.users,
         k=config.k,

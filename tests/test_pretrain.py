@@ -19,6 +19,7 @@ from perfusion.text_encoder import CaptionStates
 from tests.test_base_model import tiny_stable_diffusion_folder
 from trainer.attribute_classifier import ClassifierTrainingConfig, augment, classifier_loss
 from trainer.pretrain import EMA, PretrainConfig, learning_rate_at, train_unet
+from trainer.reward_pretrain import has_reward_towers
 
 TINY = PretrainConfig(steps=2, batch_size=4, warmup_steps=1, variants=1, seed=0)
 
@@ -121,6 +122,8 @@ def test_quick_cli_writes_a_loadable_checkpoint(tmp_path: Path, states: CaptionS
     assert unet_config["provenance"]["seed"] == 5
     assert (docs / "samples.png").is_file() and "perfusion pretrain" in (docs / "base-model.md").read_text()
     load_component(out, "attribute_classifier", build_attribute_classifier)
+    assert has_reward_towers(out) and report["metrics"]["reward_towers"]["steps"] == 20  # --quick's
+    assert "PerFusionRM towers" in (docs / "base-model.md").read_text()
 
     class StatesEncoder:
         def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,6 +139,15 @@ def test_quick_cli_writes_a_loadable_checkpoint(tmp_path: Path, states: CaptionS
     evaluated = json.loads((out / "report.json").read_text())
     assert evaluated["metrics"]["eval_sampler"] == "DDIM 5 steps, guidance 2.0"
     assert evaluated["metrics"]["train_steps"] == report["metrics"]["train_steps"]
+
+    towers_only = tmp_path / "towers"
+    argv = ["pretrain", "--quick", "--reward-towers-only", "--reward-tower-steps", "2", "--text-states"]
+    assert main([*argv, str(states_file), "--out", str(towers_only)]) == 0
+    assert [path.name for path in towers_only.iterdir()] == ["reward_towers"]
+    assert (
+        "--reward-towers-only"
+        in json.loads((towers_only / "reward_towers" / "config.json").read_text())["figures"]["command"]
+    )
 
 
 def test_classifier_training_config_has_help_text() -> None:

@@ -89,6 +89,10 @@ def test_caption_states_round_trip(encoder: TextEncoder, tmp_path: Path) -> None
     assert loaded.rows(["navy trousers", ""]).tolist() == [2, 0]
     with pytest.raises(ConfigError, match="not in the text states table"):
         loaded.rows(["a purple skirt"])
+    # A table gives the sentence embeddings the encoder gives (PerFusionRM's towers pretrain from either).
+    prompts = ["navy trousers", "a red dress"]
+    assert torch.allclose(table.embed(prompts), encoder.embed(prompts), atol=1e-6)
+    assert torch.allclose(loaded.embed(prompts), encoder.embed(prompts), atol=2e-3)
 
 
 def test_caption_states_need_the_empty_prompt_first() -> None:

@@ -40,13 +40,12 @@ from perfusion.models.base import (
     load_pretrained_unet,
     unet_component_config,
 )
-from perfusion.models.reward import PerFusionRM, RewardModelConfig
+from perfusion.models.reward import PerFusionRM
 from perfusion.sampling import UNET_COMPONENT, base_model_config, load_base_unet, sample_images, unet_noise_fn
 from perfusion.text_encoder import CaptionStates
 from trainer.attribute_classifier import ClassifierTrainingConfig, train_attribute_classifier
 from trainer.reward_pretrain import (
     RewardPretrainConfig,
-    load_pretrained_towers,
     pretrain_reward_towers,
     save_reward_towers,
 )
@@ -90,7 +89,7 @@ class PretrainConfig:
 class PretrainResult:
     unet: UNet2DConditionModel
     classifier: AttributeClassifier
-    reward_towers: PerFusionRM
+    reward_towers: PerFusionRM | None  # None when an existing checkpoint is only measured again
     metrics: dict[str, Any]
     grid: np.ndarray
 
@@ -316,8 +315,6 @@ def evaluate_checkpoint(
     if not isinstance(classifier, AttributeClassifier):
         raise ConfigError(f"{folder}/{CLASSIFIER_COMPONENT} did not build an AttributeClassifier")
     classifier.eval()
-    reward_towers = PerFusionRM(RewardModelConfig(personalized=False, image_size=model_config.sample_size))
-    load_pretrained_towers(reward_towers, folder)
     split = split_catalog()
     heldout_accuracy = evaluate_heldout(unet, classifier, model_config, text, split.heldout, config)
     grid = sample_grid(unet, model_config, text, _diverse(split.heldout, config.grid_captions), config)
@@ -330,7 +327,7 @@ def evaluate_checkpoint(
     report["metrics"] = metrics
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     Image.fromarray(grid).save(folder / SAMPLES_FILE)
-    result = PretrainResult(unet=unet, classifier=classifier, reward_towers=reward_towers, metrics=metrics, grid=grid)
+    result = PretrainResult(unet=unet, classifier=classifier, reward_towers=None, metrics=metrics, grid=grid)
     return result, report["provenance"]
 
 
@@ -359,7 +356,8 @@ def save_pretrain_result(
     unet_config = {**unet_component_config(model_config, result.unet, built), "provenance": provenance}
     save_component(out, UNET_COMPONENT, result.unet, unet_config)
     save_component(out, CLASSIFIER_COMPONENT, result.classifier, result.classifier.config.to_dict())
-    save_reward_towers(out, result.reward_towers, result.metrics.get("reward_towers", {}))
+    if result.reward_towers is not None:
+        save_reward_towers(out, result.reward_towers, result.metrics.get("reward_towers", {}))
     report = {"metrics": result.metrics, "provenance": provenance, "pretrain_config": _jsonable(asdict(config))}
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     Image.fromarray(result.grid).save(out / SAMPLES_FILE)
@@ -391,6 +389,7 @@ def write_docs(result: PretrainResult, docs: Path, provenance: dict[str, Any]) -
         f"| held-out captions, samples classified | {m['heldout_captions']}, {m['eval_samples']} |",
         *(f"| held-out sample accuracy: {kind} | {value:.1%} |" for kind, value in heldout.items()),
         f"| classifier on fresh renders: garment, colour | {renders['garment']:.1%}, {renders['colour']:.1%} |",
+        *_reward_tower_rows(m.get("reward_towers")),
         "",
         "Held-out captions are attribute combinations never shown in pretraining; the attribute classifier, trained",
         "on renders of every catalog item, reads the generated samples.",
@@ -408,6 +407,17 @@ def write_docs(result: PretrainResult, docs: Path, provenance: dict[str, Any]) -
         "",
     ]
     (docs / "base-model.md").write_text("\n".join(lines))
+
+
+def _reward_tower_rows(figures: dict[str, Any] | None) -> list[str]:
+    if not figures:
+        return []
+    return [
+        f"| PerFusionRM towers: contrastive steps, wall time | {int(figures['steps'])}, "
+        f"{figures['train_wall_s'] / 60:.1f} min |",
+        f"| PerFusionRM towers: held-out caption named, top-1 / top-5 of {int(figures['heldout_captions'])} | "
+        f"{figures['heldout_retrieval_top1']:.1%} / {figures['heldout_retrieval_top5']:.1%} |",
+    ]
 
 
 def _to(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
