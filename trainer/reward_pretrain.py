@@ -21,6 +21,7 @@ all held-out captions.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -98,8 +99,9 @@ def pretrain_reward_towers(
         RewardModelConfig(personalized=False, image_size=config.image_size, image_channels=image_channels)
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    # Cosine decay from the full rate to 10% of it over the steps.
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(step / config.steps * torch.pi)).item())
+        optimizer, lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / config.steps))
     )
     batch = min(config.batch_size, len(split.train))
     started = time.monotonic()
