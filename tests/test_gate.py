@@ -69,6 +69,7 @@ def gate_settings(**overrides: object) -> TrainerSettings:
         "reward_learning_rate": 3e-3,
         "gate_generation_steps": 2,
         "gate_max_groups": 3,
+        "pretrained_reward_towers": False,  # the tiny base has none; test_reward_pretrain.py tests loading them
     }
     values.update(overrides)
     return TrainerSettings(**values)  # type: ignore[arg-type]

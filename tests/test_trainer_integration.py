@@ -14,12 +14,14 @@ from perfusion.attributes import COLOURS, Attributes
 from perfusion.checkpoints import ModelStore, save_component
 from perfusion.image_store import catalog_image_id
 from perfusion.models.base import BaseModelConfig, build_unet, unet_component_config
+from perfusion.models.reward import PerFusionRM, RewardModelConfig
 from perfusion.text_encoder import TextEncoder
 from perfusion.user_features import USER_VECTOR_SLICES
 from streams.records import GradedCandidate, GroupSample, ModelUpdated, TrainRequest
 from streams.topics import TopicNames, ensure_topics
 from trainer.gate import belongs_to_heldout
 from trainer.loop import Trainer, build_trainer
+from trainer.reward_pretrain import save_reward_towers
 from trainer.settings import TrainerSettings
 
 TINY_BASE = BaseModelConfig(
@@ -52,6 +54,9 @@ def trainer_settings(
     torch.manual_seed(0)
     unet = build_unet(TINY_BASE)
     save_component(tmp_path / "base", "unet", unet, unet_component_config(TINY_BASE, unet, built=True))
+    # Reward towers of the tiny base's image size, so that every new reward model loads them as in production.
+    towers = PerFusionRM(RewardModelConfig(personalized=False, image_size=TINY_BASE.sample_size))
+    save_reward_towers(tmp_path / "base", towers, {})
     yield TrainerSettings(
         bootstrap_servers=kafka_bootstrap,
         topic_prefix=topic_prefix,

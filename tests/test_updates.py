@@ -77,6 +77,8 @@ def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> list[st
 
 def small_settings(**overrides: object) -> TrainerSettings:
     values: dict[str, object] = {"reward_steps": 2, "diffusion_steps": 2, "groups_per_batch": 4, "beta": 500.0}
+    # The tiny base has no pretrained reward towers; loading them is tested in test_reward_pretrain.py.
+    values["pretrained_reward_towers"] = False
     values.update(overrides)
     return TrainerSettings(**values)  # type: ignore[arg-type]
 
