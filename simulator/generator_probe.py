@@ -200,6 +200,7 @@ def trained_generator(
         adaptive_learning_rate=config.adaptive_learning_rate,
         unet_learning_rate=config.unet_learning_rate,
         seed=config.seed,
+        base_checkpoint=config.base_checkpoint,
     )
     models = build_training_models(serving.unet, serving.config, build_train_scheduler(serving.config), settings)
     report = run_update(models, text_encoder, logged.batches(config.groups_per_batch, config.seed), settings, False)
