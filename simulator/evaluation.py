@@ -28,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -773,13 +773,8 @@ def compare_reward_models(
     same groups by the simulator's true utilities: the GAUC an oracle of each shopper's taste would reach on these
     noisy clicks and orders, so the ceiling of any reward model here (no model ever reads those utilities).
     """
-    import torch
 
     from perfusion.metrics import gauc, mean_average_precision
-    from perfusion.models.reward import PerFusionRM, RewardModelConfig
-    from perfusion.user_features import USER_DIM
-    from trainer.reward_pretrain import load_pretrained_towers
-    from trainer.updates import encode_prompts, reward_model_step, reward_scores
 
     train = [example for example in examples if example.slice == LIVE]
     heldout = [example for example in examples if example.slice != LIVE]
@@ -789,17 +784,16 @@ def compare_reward_models(
     labels, groups = heldout_batch.labels.numpy(), heldout_batch.group_ids.numpy()
     scores: dict[str, NDArray[np.float64]] = {}
     for name, personalized in (("perfusion_rm", True), ("rm_without_plugins", False)):
-        torch.manual_seed(config.seed)
-        model = PerFusionRM(RewardModelConfig(personalized=personalized, user_dim=USER_DIM))
-        load_pretrained_towers(model, config.base_checkpoint)  # as the trainer starts every new reward model
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        _, pooled = encode_prompts(text_encoder, train_batch)
-        for _ in range(config.offline_rm_steps):
-            reward_model_step(model, optimizer, pooled, train_batch, max_norm=1.0)
-        model.eval()
-        with torch.no_grad():
-            _, heldout_pooled = encode_prompts(text_encoder, heldout_batch)
-            scores[name] = reward_scores(model, heldout_pooled, heldout_batch).double().numpy()
+        # From the pretrained towers, as the trainer starts every new reward model.
+        model = fit_reward_model(
+            personalized,
+            config.base_checkpoint,
+            lambda: train_batch,
+            config.offline_rm_steps,
+            text_encoder,
+            config.seed,
+        )
+        scores[name] = reward_model_scores(model, text_encoder, heldout_batch)
     # Candidates are collated group by group in slot order, as the utilities are listed.
     scores[TRUE_UTILITY_CEILING] = np.concatenate([np.asarray(e.true_utilities, np.float64) for e in heldout])
     boot = bootstrap_gauc(scores, labels, groups, config.seed, config.bootstrap_samples)
@@ -821,6 +815,47 @@ def compare_reward_models(
 
 
 TRUE_UTILITY_CEILING = "true_utility_ceiling"
+
+
+def fit_reward_model(
+    personalized: bool,
+    towers: Path | None,
+    next_batch: Callable[[], Any],
+    steps: int,
+    text_encoder: Any,
+    seed: int,
+    learning_rate: float = 1e-3,
+) -> Any:
+    """A PerFusionRM (``personalized=False``: the same towers without plug-ins) from the pretrained towers in
+    ``towers`` (None: random towers), after ``steps`` of the trainer's reward step on ``next_batch()`` batches."""
+    import torch
+
+    from perfusion.models.reward import PerFusionRM, RewardModelConfig
+    from perfusion.user_features import USER_DIM
+    from trainer.reward_pretrain import load_pretrained_towers
+    from trainer.updates import encode_prompts, reward_model_step
+
+    torch.manual_seed(seed)
+    model = PerFusionRM(RewardModelConfig(personalized=personalized, user_dim=USER_DIM))
+    if towers is not None:
+        load_pretrained_towers(model, towers)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    for _ in range(steps):
+        batch = next_batch()
+        _, pooled = encode_prompts(text_encoder, batch)
+        reward_model_step(model, optimizer, pooled, batch, max_norm=1.0)
+    return model.eval()
+
+
+def reward_model_scores(model: Any, text_encoder: Any, batch: Any) -> NDArray[np.float64]:
+    """The model's score of every candidate of a collated batch: [N] float64."""
+    import torch
+
+    from trainer.updates import encode_prompts, reward_scores
+
+    with torch.no_grad():
+        _, pooled = encode_prompts(text_encoder, batch)
+        return reward_scores(model, pooled, batch).double().numpy()
 
 
 def bootstrap_gauc(

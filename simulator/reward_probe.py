@@ -35,7 +35,9 @@ from simulator.evaluation import (
     TRUE_UTILITY_CEILING,
     EvaluationConfig,
     bootstrap_gauc,
+    fit_reward_model,
     interval,
+    reward_model_scores,
 )
 from simulator.generator_probe import PROBE_LABELS, LoggedGroups, ProbeConfig, log_base_groups, probe_inputs
 
@@ -82,14 +84,8 @@ class RewardProbeConfig:
 
 def run_reward_probe(config: RewardProbeConfig) -> dict[str, Any]:
     """Log the groups, train the four reward models, score the held-out groups."""
-    import torch
-
     from perfusion.metrics import gauc, mean_average_precision
-    from perfusion.models.reward import PerFusionRM, RewardModelConfig
-    from perfusion.user_features import USER_DIM
     from trainer.batches import collate_groups
-    from trainer.reward_pretrain import load_pretrained_towers
-    from trainer.updates import encode_prompts, reward_model_step, reward_scores
 
     started = time.monotonic()
     panel, users, text_encoder, serving = probe_inputs(
@@ -116,26 +112,16 @@ def run_reward_probe(config: RewardProbeConfig) -> dict[str, Any]:
 
     train_batch, heldout_batch = collated(train), collated(heldout)
     labels, groups = heldout_batch.labels.numpy(), heldout_batch.group_ids.numpy()
-    with torch.no_grad():
-        _, train_pooled = encode_prompts(text_encoder, train_batch)
-        _, heldout_pooled = encode_prompts(text_encoder, heldout_batch)
     scores: dict[str, Any] = {}
     train_gauc: dict[str, float] = {}
     for name, personalized, pretrained in REWARD_PROBE_MODELS:
-        torch.manual_seed(config.seed)
-        model = PerFusionRM(RewardModelConfig(personalized=personalized, user_dim=USER_DIM))
-        if pretrained:
-            load_pretrained_towers(model, config.base_checkpoint)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+        towers = config.base_checkpoint if pretrained else None
         next_batch = train.batches(config.groups_per_batch, config.seed)
-        for _ in range(config.steps):
-            batch = next_batch()
-            _, pooled = encode_prompts(text_encoder, batch)
-            reward_model_step(model, optimizer, pooled, batch, max_norm=1.0)
-        model.eval()
-        with torch.no_grad():
-            scores[name] = reward_scores(model, heldout_pooled, heldout_batch).double().numpy()
-            fitted = reward_scores(model, train_pooled, train_batch).double().numpy()
+        model = fit_reward_model(
+            personalized, towers, next_batch, config.steps, text_encoder, config.seed, config.learning_rate
+        )
+        scores[name] = reward_model_scores(model, text_encoder, heldout_batch)
+        fitted = reward_model_scores(model, text_encoder, train_batch)
         train_gauc[name] = float(gauc(fitted, train_batch.labels.numpy(), train_batch.group_ids.numpy()))
         log.info("reward probe %s: held-out GAUC %.3f, training GAUC %.3f", name, gauc(scores[name], labels, groups),
                  train_gauc[name])  # fmt: skip

@@ -75,12 +75,6 @@ def clip_loss(text: Tensor, image: Tensor, scale: Tensor) -> Tensor:
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
-def _scale(model: PerFusionRM) -> Tensor:
-    from perfusion.models.reward import MAX_LOGIT_SCALE
-
-    return model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-
-
 def pretrain_reward_towers(
     config: RewardPretrainConfig, text: TextEncoder | CaptionStates, image_channels: int = 3
 ) -> tuple[PerFusionRM, dict[str, float]]:
@@ -111,7 +105,7 @@ def pretrain_reward_towers(
         rows = torch.randperm(len(split.train), generator=generator)[:batch]  # distinct captions
         variant = torch.randint(0, config.variants, (batch,), generator=generator)
         pixels = augment(images[rows * config.variants + variant], config.noise_std, generator)
-        loss = clip_loss(model.encode_text(captions[rows]), model.encode_image(pixels), _scale(model))
+        loss = clip_loss(model.encode_text(captions[rows]), model.encode_image(pixels), model.score_scale())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -209,5 +209,8 @@ class PerFusionRM(nn.Module):
             )
         text = self.encode_text(text_embeddings, user_vectors)
         image = self.encode_image(images, user_vectors)
-        scale = self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-        return scale * (text * image).sum(dim=-1)
+        return self.score_scale() * (text * image).sum(dim=-1)
+
+    def score_scale(self) -> Tensor:
+        """The factor on the cosine, exp(logit_scale) clamped as in CLIP: a scalar."""
+        return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
