@@ -48,8 +48,8 @@ test-unit: setup  ## run the tests that need no broker
 	$(BIN)/pytest -m "not integration"
 
 lint: setup  ## ruff and mypy on the package code
-	$(BIN)/ruff check perfusion streams trainer simulator features tests
-	$(BIN)/ruff format --check perfusion streams trainer simulator features tests
+	$(BIN)/ruff check perfusion streams trainer service harness simulator ops features tests
+	$(BIN)/ruff format --check perfusion streams trainer service harness simulator ops features tests
 	$(BIN)/mypy
 
 broker-up: setup  ## start the project's Kafka broker in the background

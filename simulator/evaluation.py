@@ -321,7 +321,7 @@ def stream_worker(env: dict[str, str], topic_prefix: str, log_path: Path) -> Ite
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log_file:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "perfusion", "worker", "--partitions", "1", "--topic-prefix", topic_prefix],
+            [sys.executable, "-m", "ops", "worker", "--partitions", "1", "--topic-prefix", topic_prefix],
             cwd=REPO_ROOT,
             env=env,
             stdout=log_file,
@@ -347,7 +347,7 @@ class ArmGenerator:
     """
 
     def __init__(self, base_checkpoint: Path, model_root: Path, text_encoder: Any, num_steps: int) -> None:
-        from perfusion.service.generator import load_serving_generator
+        from service.generator import load_serving_generator
 
         self.model_root = model_root
         self.text_encoder = text_encoder
@@ -358,7 +358,7 @@ class ArmGenerator:
         from perfusion.checkpoints import ModelStore, load_component
         from perfusion.models.adaptive import AdaptiveConfig, AdaptiveNetwork
         from perfusion.models.base import unet_from_config
-        from perfusion.service.generator import FINETUNED_UNET_COMPONENT, PersonalizedGenerator
+        from service.generator import FINETUNED_UNET_COMPONENT, PersonalizedGenerator
 
         store = ModelStore(self.model_root)
         latest = store.latest()
@@ -408,7 +408,7 @@ def push_profiles(panel: PixelPreferencePanel, users: Sequence[str], ts: float) 
     """What the shop knows at sign-up (age group, region) for every shopper, into the arm's Feast store."""
     from datetime import UTC, datetime
 
-    from streams.feature_push import USER_PROFILE_PUSH, FeaturePusher
+    from perfusion.feature_store import USER_PROFILE_PUSH, FeaturePusher
 
     rows = [
         {"user_id": user, **panel.profile(user), "event_timestamp": datetime.fromtimestamp(ts, tz=UTC)}
@@ -450,7 +450,7 @@ def wait_for_loop(
     log_path: Path,
 ) -> None:
     """Until the worker has closed ``expected_groups`` groups and pushed every user's latest features."""
-    from streams.feature_push import open_feature_store, read_online_features
+    from perfusion.feature_store import open_feature_store, read_online_features
 
     store = open_feature_store()
     deadline = time.monotonic() + wait_s
@@ -482,11 +482,11 @@ def run_arm(
     grid_prompt: str,
 ) -> ArmRun:
     """One arm through ``config.rounds`` rounds of the live loop, plus the final measuring round."""
+    from perfusion.contracts.topics import TopicNames, ensure_topics
+    from perfusion.feature_store import apply_feature_repo, open_feature_store
     from perfusion.image_store import ImageStore
-    from perfusion.service.features import FeastFeatureReader, user_condition
     from perfusion.user_features import user_vector
-    from streams.feature_push import apply_feature_repo, open_feature_store
-    from streams.topics import TopicNames, ensure_topics
+    from service.features import FeastFeatureReader, user_condition
     from trainer.loop import build_trainer
     from trainer.settings import TrainerSettings
 
@@ -880,8 +880,8 @@ def bootstrap_gauc(
 
 def _reward_batch(examples: Sequence[RewardExample]) -> Any:
     from perfusion.attributes import DESCRIPTOR_DIM
+    from perfusion.contracts.records import GradedCandidate, GroupSample
     from perfusion.image_store import GENERATED_PREFIX
-    from streams.records import GradedCandidate, GroupSample
     from trainer.batches import collate_groups
 
     samples, pixels = [], {}

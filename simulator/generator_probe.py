@@ -42,7 +42,7 @@ from simulator.evaluation import TRAIN_PROMPTS, EvaluationConfig, arm_inputs, gr
 from simulator.marketplace import Marketplace
 
 if TYPE_CHECKING:
-    from perfusion.service.generator import PersonalizedGenerator
+    from service.generator import PersonalizedGenerator
     from trainer.updates import UpdateReport
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class ProbeConfig:
 class LoggedGroups:
     """The base model's groups and the shoppers' grades, as GroupSamples plus pixels and user vectors."""
 
-    samples: list[Any]  # streams.records.GroupSample
+    samples: list[Any]  # perfusion.contracts.records.GroupSample
     pixels: dict[str, NDArray[np.uint8]]  # image id -> (H, W, 3)
     user_vectors: dict[str, NDArray[np.float32]]  # user id -> u
 
@@ -132,8 +132,8 @@ def log_base_groups(
     Group ``g`` of a user shows ``prompts[g % len(prompts)]``; its seeds and response draws depend on ``first_group
     + g``, so a second call with a ``first_group`` past the first call's groups logs new groups for the same users.
     """
+    from perfusion.contracts.records import GradedCandidate, GroupSample
     from perfusion.user_features import user_vector
-    from streams.records import GradedCandidate, GroupSample
 
     marketplace = Marketplace(panel)
     samples: list[Any] = []
@@ -188,7 +188,7 @@ def trained_generator(
     """Step 2: one update of ``arm``'s generator on the logged groups, wrapped as a serving generator."""
     from perfusion.models.adaptive import AdaptiveNetwork
     from perfusion.models.base import build_train_scheduler
-    from perfusion.service.generator import PersonalizedGenerator
+    from service.generator import PersonalizedGenerator
     from trainer.settings import TrainerSettings
     from trainer.updates import build_training_models, run_update
 
@@ -271,7 +271,7 @@ def probe_inputs(
     """The evaluation's panel and training users, the text encoder, and the base model as a serving generator."""
     import tempfile
 
-    from perfusion.service.generator import load_serving_generator
+    from service.generator import load_serving_generator
 
     panel, population, text_encoder = arm_inputs(
         EvaluationConfig(train_users=users, seed=seed, torch_threads=torch_threads)

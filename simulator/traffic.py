@@ -24,9 +24,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from perfusion.attributes import ATTRIBUTE_KINDS, Attributes, descriptor_blocks, one_hot_descriptor
+from perfusion.contracts.records import AnyEvent, Candidate, Click, DesignCreated, Impression, Order, Return, Select
 from perfusion.errors import ConfigError
 from simulator.marketplace import GroupResponse
-from streams.records import AnyEvent, Candidate, Click, DesignCreated, Impression, Order, Return, Select
 
 log = logging.getLogger(__name__)
 

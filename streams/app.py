@@ -15,41 +15,24 @@ import asyncio
 import importlib
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import faust
 from faust.types import AgentT
 
+from perfusion.contracts.records import DeadLetter
+from perfusion.contracts.topics import ensure_topics
 from streams.agents import AGENT_MODULES
 from streams.agents.events import EVENT_STAGE_MODULES
-from streams.continuity import SkippedRecords, restart_worker_process
-from streams.dead_letters import DeadLetterSink
-from streams.feature_push import FeatureSink
-from streams.records import DeadLetter
+from streams.context import AgentContext, FeatureSink
 from streams.settings import StreamSettings
-from streams.topics import Topics, declare_topics, ensure_topics
+from streams.topics import Topics, declare_topics
 
 if TYPE_CHECKING:
-    from streams.feature_push import FeaturePusher
+    from perfusion.feature_store import FeaturePusher
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AgentContext:
-    """What an agent module's ``register`` (and an event stage module's ``stage``) gets: the app, its topics,
-    settings, the two effect sinks, the stage modules the events agent runs, and what to do when the consumer skipped
-    records (:mod:`streams.continuity`: restart the process)."""
-
-    app: faust.App
-    topics: Topics
-    settings: StreamSettings
-    dead_letter_sink: DeadLetterSink
-    feature_sink: FeatureSink
-    event_stage_modules: tuple[str, ...]
-    on_skipped_records: Callable[[SkippedRecords], NoReturn] = restart_worker_process
 
 
 @dataclass(frozen=True)
@@ -160,7 +143,7 @@ class FeastSink:
     def open(self) -> FeaturePusher:
         with self._lock:
             if self._pusher is None:
-                from streams.feature_push import FeaturePusher
+                from perfusion.feature_store import FeaturePusher
 
                 self._pusher = FeaturePusher.open()
             return self._pusher

@@ -2,9 +2,9 @@
 
 The events agent (:mod:`streams.agents.events`) passes each message of ``perfusion.events`` through a *writing*
 :class:`EventGate`, which sends each invalid message to the dead-letter topic as a
-:class:`~streams.records.DeadLetter` with the reason and the original bytes. A *counting* gate (no sink), used for
-the internal demand topic whose messages were admitted once already, skips and counts them. Either way the worker
-keeps running and logs ``topic[partition]@offset``.
+:class:`~perfusion.contracts.records.DeadLetter` with the reason and the original bytes. A *counting* gate (no sink),
+used for the internal demand topic whose messages were admitted once already, skips and counts them. Either way the
+worker keeps running and logs ``topic[partition]@offset``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from streams.records import AnyEvent, DeadLetter, InvalidEvent, parse_event
+from perfusion.contracts.records import AnyEvent, DeadLetter, InvalidEvent, parse_event
 
 log = logging.getLogger(__name__)
 

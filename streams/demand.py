@@ -1,14 +1,14 @@
 """Net orders per design and the production trigger: "sell it before you make it".
 
-Per design, net orders are units ordered less units returned (a return counts only against an order that was
-counted, and never more than that order's quantity). Orders, returns and the design's own
-:class:`~streams.records.DesignCreated` (which carries the threshold) are applied in event-time order, ties broken
-by event_id, once the partition's watermark (the largest event time seen less ``allowed_lateness_s``) has passed
-them; so any arrival order within the lateness, and any duplication (dedupe by event_id), gives the same result.
-A design fires when its net orders have reached its threshold at some point of event time (the peak counts, a
-later return does not undo a decision). A design without a known threshold waits for its DesignCreated, or uses
-``default_threshold`` when that is set. An event that arrives behind the watermark is applied at once and counted
-as ``late``: demand is never dropped.
+Per design, net orders are units ordered less units returned (a return counts only against an order that was counted,
+and never more than that order's quantity). Orders, returns and the design's own
+:class:`~perfusion.contracts.records.DesignCreated` (which carries the threshold) are applied in event-time order, ties
+broken by event_id, once the partition's watermark (the largest event time seen less ``allowed_lateness_s``) has passed
+them; so any arrival order within the lateness, and any duplication (dedupe by event_id), gives the same result. A
+design fires when its net orders have reached its threshold at some point of event time (the peak counts, a later return
+does not undo a decision). A design without a known threshold waits for its DesignCreated, or uses ``default_threshold``
+when that is set. An event that arrives behind the watermark is applied at once and counted as ``late``: demand is never
+dropped.
 
 "Exactly once" here means: the state says a design fired at most once, and no crash loses a ProductionOrder.
 Firing stores the order in the design's state (``fired = "emitting"``) before the caller sends it; the caller
@@ -29,8 +29,8 @@ from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from perfusion.contracts.records import AnyEvent, DesignCreated, Order, ProductionOrder, Return
 from perfusion.errors import ConfigError
-from streams.records import AnyEvent, DesignCreated, Order, ProductionOrder, Return
 
 DemandEvent = DesignCreated | Order | Return
 

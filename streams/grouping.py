@@ -1,16 +1,16 @@
 """Attribution windows in event time: one impression plus what followed it becomes one graded group sample.
 
-An :class:`~streams.records.Impression` opens a group. Clicks, orders, returns and selections that name its
+An :class:`~perfusion.contracts.records.Impression` opens a group. Clicks, orders, returns and selections that name its
 ``impression_id`` and carry an event time within ``window_s`` of the impression are attributed to it. The group
 closes once the partition's watermark (the largest event time seen on the partition less ``allowed_lateness_s``)
-has passed ``impression.ts + window_s``; closing emits one :class:`~streams.records.GroupSample` whose
+has passed ``impression.ts + window_s``; closing emits one :class:`~perfusion.contracts.records.GroupSample` whose
 ``sample_id`` is the impression's event_id.
 
 Policy, so that every impression ends as exactly one sample or one counted drop:
 
 - an impression seen again while its group is open or remembered as closed is a duplicate: counted, no output;
 - an impression whose window the watermark has already passed arrives too late to be attributed fairly: it ends
-  as a :class:`~streams.records.GroupDrop` with reason ``late_impression``;
+  as a :class:`~perfusion.contracts.records.GroupDrop` with reason ``late_impression``;
 - a follow-up for an impression not seen yet is buffered; the buffer expires (each event counted as
   ``orphan_follow_up``) once no impression that could own it can still arrive in time;
 - a follow-up for a closed group is counted as ``late_follow_up``; one stamped after its group's window is counted
@@ -44,8 +44,7 @@ from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from perfusion.errors import ConfigError
-from streams.records import (
+from perfusion.contracts.records import (
     GRADE_CLICK,
     GRADE_NONE,
     GRADE_ORDER,
@@ -60,6 +59,7 @@ from streams.records import (
     Return,
     Select,
 )
+from perfusion.errors import ConfigError
 
 FollowUp = Click | Order | Return | Select
 

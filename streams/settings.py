@@ -4,7 +4,7 @@ Every field has a default that runs the loop on this machine. A field whose meta
 be set from the environment (:meth:`StreamSettings.from_env`) and from a ``perfusion worker --flag`` of the same
 name (:data:`OPERATOR_FIELDS`); nothing else in ``streams/`` reads the environment. The agents' own settings
 (:class:`~streams.grouping.GroupingSettings`, :class:`~streams.demand.DemandSettings`,
-:class:`~streams.agents.training.TrainingTriggerSettings`) are derived from the ``group_*``, ``demand_*`` and
+:class:`~streams.training_trigger.TrainingTriggerSettings`) are derived from the ``group_*``, ``demand_*`` and
 ``train_*`` fields by :meth:`StreamSettings.grouping`, :meth:`StreamSettings.demand` and
 :meth:`StreamSettings.training_trigger`, which also validate them.
 """
@@ -22,9 +22,9 @@ from perfusion.errors import ConfigError
 from perfusion.paths import state_dir
 
 if TYPE_CHECKING:
-    from streams.agents.training import TrainingTriggerSettings
     from streams.demand import DemandSettings
     from streams.grouping import GroupingSettings
+    from streams.training_trigger import TrainingTriggerSettings
 
 _Settings = TypeVar("_Settings")
 _TOPIC_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9._-]*$")
@@ -221,7 +221,7 @@ class StreamSettings:
         """The broker address: this setting, else the project's running broker."""
         if self.bootstrap_servers:
             return self.bootstrap_servers
-        from perfusion.infra.kafka_broker import bootstrap_servers
+        from perfusion.server_files import kafka_bootstrap_servers as bootstrap_servers
 
         return bootstrap_servers()
 
@@ -255,7 +255,7 @@ class StreamSettings:
 
     def training_trigger(self) -> TrainingTriggerSettings:
         """When the training trigger asks for an update (N samples or T seconds)."""
-        from streams.agents.training import TrainingTriggerSettings
+        from streams.training_trigger import TrainingTriggerSettings
 
         return _build(
             "train_",

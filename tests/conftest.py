@@ -3,7 +3,7 @@
 ``kafka_bootstrap`` gives ``host:port`` of a real broker, from the first of:
 1. ``KAFKA_BOOTSTRAP_SERVERS`` when set (an external broker; nothing is started or stopped);
 2. testcontainers' ``KafkaContainer`` when a Docker engine answers;
-3. the project's own broker (``perfusion.infra.kafka_broker``) in a temporary state folder.
+3. the project's own broker (``harness.infra.kafka_broker``) in a temporary state folder.
 A broker that cannot start fails the tests that need it; it never skips them. Any test that uses the fixture is
 marked ``integration`` automatically.
 """
@@ -57,8 +57,8 @@ def _kafka_container_bootstrap() -> Generator[str, None, None]:
 
 
 def _project_broker_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Generator[str, None, None]:
+    from harness.infra.kafka_broker import KafkaBroker, KafkaBrokerConfig
     from perfusion.errors import PerfusionError
-    from perfusion.infra.kafka_broker import KafkaBroker, KafkaBrokerConfig
 
     broker = KafkaBroker(KafkaBrokerConfig(state_dir=tmp_path_factory.mktemp("kafka")))
     atexit.register(broker.stop)  # also on an interrupted session; stop() is idempotent

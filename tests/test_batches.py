@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from perfusion.attributes import DESCRIPTOR_DIM
-from streams.records import GradedCandidate, GroupSample
+from perfusion.contracts.records import GradedCandidate, GroupSample
 from trainer.batches import BatchError, collate_groups, pixels_to_tensor
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from perfusion.bench import BENCHMARK_MODULES, median_seconds
-from perfusion.bench.objective import ObjectiveBenchConfig, run_objective_benchmark, summary
-from perfusion.cli import main
+from ops.bench import BENCHMARK_MODULES, median_seconds
+from ops.bench.objective import ObjectiveBenchConfig, run_objective_benchmark, summary
+from ops.cli import main
 from perfusion.errors import ConfigError
 
 TINY_FLAGS = [
@@ -92,7 +92,7 @@ def test_median_seconds_counts_only_timed_repeats() -> None:
 def test_registry_and_parser_need_no_torch() -> None:
     assert "objective" in BENCHMARK_MODULES
     probe = (
-        "import argparse, sys; from perfusion.commands import bench; "
+        "import argparse, sys; from ops.commands import bench; "
         "bench.register(argparse.ArgumentParser().add_subparsers()); print('torch' in sys.modules)"
     )
     result = subprocess.run(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from perfusion.bench.serve import ServeBenchConfig, quantile, run_serve_benchmark, summary
+from ops.bench.serve import ServeBenchConfig, quantile, run_serve_benchmark, summary
 from perfusion.errors import ConfigError
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from perfusion.bench import write_report
-from perfusion.bench.streams import StreamBenchConfig, run_stream_benchmark, summary
+from ops.bench import write_report
+from ops.bench.streams import StreamBenchConfig, run_stream_benchmark, summary
 from perfusion.errors import ConfigError
 
 

@@ -12,10 +12,10 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 
+from harness.infra import kafka_broker
+from harness.infra.kafka_broker import KafkaBroker, KafkaBrokerConfig, bootstrap_servers, new_cluster_id
 from perfusion.errors import ConfigError, InfrastructureError
-from perfusion.infra import kafka_broker
-from perfusion.infra.kafka_broker import KafkaBroker, KafkaBrokerConfig, bootstrap_servers, new_cluster_id
-from perfusion.infra.process import is_owned_process, process_command_line
+from perfusion.server_files import is_owned_process, process_command_line
 
 MESSAGES = [(f"user-{index % 2}".encode(), f"event-{index}".encode()) for index in range(5)]
 

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from perfusion.cli import COMMAND_MODULES, build_parser, main
+from ops.cli import COMMAND_MODULES, build_parser, main
 
 
 def test_help_lists_every_subcommand():
@@ -14,7 +14,7 @@ def test_help_lists_every_subcommand():
 
 def test_building_the_parser_imports_no_heavy_library():
     code = (
-        "import sys; from perfusion.cli import build_parser; build_parser(); "
+        "import sys; from ops.cli import build_parser; build_parser(); "
         "heavy = [m for m in ('torch', 'faust', 'feast', 'diffusers', 'transformers') if m in sys.modules]; "
         "print(','.join(heavy))"
     )

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from perfusion.infra.kafka_broker import KAFKA_VERSION
+from harness.infra.kafka_broker import KAFKA_VERSION
 from perfusion.paths import REPO_ROOT
 
 COMPOSE_FILE = REPO_ROOT / "compose.yaml"
@@ -116,4 +116,4 @@ def test_dockerfile_installs_the_lock_and_the_console_script() -> None:
     assert "pip install -r requirements.lock" in text
     assert "pip install --no-deps -e ." in text
     assert (REPO_ROOT / "requirements.lock").exists()
-    assert Path(REPO_ROOT / "pyproject.toml").read_text().count('perfusion = "perfusion.cli:main"') == 1
+    assert Path(REPO_ROOT / "pyproject.toml").read_text().count('perfusion = "ops.cli:main"') == 1

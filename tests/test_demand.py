@@ -9,9 +9,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from perfusion.contracts.records import AnyEvent, Click, DesignCreated, Order, ProductionOrder, Return
 from perfusion.errors import ConfigError
 from streams.demand import DemandCounter, DemandSettings, batch_production_orders
-from streams.records import AnyEvent, Click, DesignCreated, Order, ProductionOrder, Return
 from streams.settings import StreamSettings
 
 T0 = 1_700_000_000.0

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perfusion.cli import build_parser
-from perfusion.demo.client import histogram_mean
-from perfusion.demo.loop import (
+from harness.processes import ProcessExited, ProcessSupervisor
+from ops.cli import build_parser
+from ops.demo.client import histogram_mean
+from ops.demo.loop import (
     LoopOutcome,
     LoopSettings,
     RoundReport,
@@ -22,18 +23,15 @@ from perfusion.demo.loop import (
     format_summary,
     goals_met,
 )
-from perfusion.demo.observer import LoopObserver, ObservedLoop
-from perfusion.demo.processes import ProcessExited, ProcessSupervisor
-from perfusion.demo.shoppers import (
+from ops.demo.observer import LoopObserver, ObservedLoop
+from ops.demo.shoppers import (
     ShopperAction,
     ShopperBehaviour,
     action_events,
     choose_actions,
     merchant_choice,
 )
-from perfusion.errors import ConfigError
-from perfusion.service.schemas import DesignStatusResponse
-from streams.records import (
+from perfusion.contracts.records import (
     Click,
     GradedCandidate,
     GroupSample,
@@ -43,7 +41,9 @@ from streams.records import (
     Return,
     parse_event,
 )
-from streams.topics import TopicNames
+from perfusion.contracts.topics import TopicNames
+from perfusion.errors import ConfigError
+from service.schemas import DesignStatusResponse
 
 IMAGES = ["img-0", "img-1", "img-2", "img-3"]
 
@@ -210,7 +210,7 @@ def test_loop_settings_validate_and_build_command_lines_the_cli_accepts():
     settings = LoopSettings()
     parser = build_parser()
     for arguments in (settings.worker_arguments(), settings.trainer_arguments(), settings.service_arguments(8123)):
-        assert arguments[:2] == ["-m", "perfusion"]
+        assert arguments[:2] == ["-m", "ops"]
         parsed = parser.parse_args(arguments[2:])
         assert callable(parsed.handler)
     worker = parser.parse_args(settings.worker_arguments()[2:])

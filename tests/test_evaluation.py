@@ -143,7 +143,7 @@ def test_config_refuses_unknown_arms_and_a_missing_baseline() -> None:
 def test_quick_eval_runs_every_arm_and_computes_every_metric(
     kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from perfusion.cli import main
+    from ops.cli import main
 
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
     monkeypatch.setenv("PERFUSION_STATE_DIR", str(tmp_path / "state"))
@@ -190,8 +190,8 @@ def test_quick_eval_runs_every_arm_and_computes_every_metric(
 
 
 def test_reproduction_command_names_every_setting_given() -> None:
-    from perfusion.cli import build_parser
-    from perfusion.commands.eval import command_line
+    from ops.cli import build_parser
+    from ops.commands.eval import command_line
 
     args = build_parser().parse_args(["eval", "--quick", "--arms", "base", "perfusion", "--out", "/tmp/x"])
     assert command_line(args) == "perfusion eval --quick --arms base perfusion"
@@ -215,7 +215,7 @@ def test_reproduction_command_names_every_setting_given() -> None:
 
 
 def test_missing_notes_file_is_refused_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from perfusion.cli import main
+    from ops.cli import main
 
     assert main(["eval", "--quick", "--notes", str(tmp_path / "absent.md"), "--out", str(tmp_path / "out")]) == 2
     assert "--notes" in capsys.readouterr().err

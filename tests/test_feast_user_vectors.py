@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from perfusion.attributes import Attributes
+from perfusion.contracts.records import GradedCandidate, GroupSample
 from perfusion.image_store import catalog_image_id
 from perfusion.user_features import user_vector
-from streams.records import GradedCandidate, GroupSample
 from tests.test_trainer_integration import FEATURED_USER, IMPRESSION_TS, push_features
 from trainer.loop import FeastUserVectors
 
@@ -35,7 +35,7 @@ def sample(sample_id: str, user_id: str, ts: float) -> GroupSample:
 def test_samples_sharing_a_user_and_impression_time_each_get_that_users_features(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from streams.feature_push import apply_feature_repo, open_feature_store
+    from perfusion.feature_store import apply_feature_repo, open_feature_store
 
     monkeypatch.setenv("PERFUSION_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("PERFUSION_FEAST_DIR", str(tmp_path / "state" / "feast"))

@@ -11,15 +11,15 @@ import pytest
 
 from perfusion.attributes import DESCRIPTOR_DIM
 from perfusion.errors import ConfigError
+from perfusion.feature_store import FeaturePusher, redis_connection_string
 from perfusion.paths import FEATURE_REPO_DIR
-from streams.agents.preferences import PREFERENCE_FEATURES, PreferenceUpdater, UserPreferenceState, feature_row
-from streams.feature_push import FeaturePusher, redis_connection_string
+from streams.preferences import PREFERENCE_FEATURES, PreferenceUpdater, UserPreferenceState, feature_row
 from streams.settings import StreamSettings
 
 
 @pytest.fixture(scope="module")
 def applied_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FeaturePusher]:
-    from streams.feature_push import apply_feature_repo
+    from perfusion.feature_store import apply_feature_repo
 
     state = tmp_path_factory.mktemp("state")
     with pytest.MonkeyPatch.context() as patch:
@@ -48,7 +48,7 @@ def test_feature_view_fields_are_the_agents_features(applied_store: FeaturePushe
 def test_pushed_micro_batch_reads_back_online_and_offline(applied_store: FeaturePusher) -> None:
     import pandas as pd
 
-    from streams.feature_push import read_online_features
+    from perfusion.feature_store import read_online_features
 
     updater = PreferenceUpdater(StreamSettings(bootstrap_servers="localhost:9"))
     rows = []
@@ -68,7 +68,7 @@ def test_pushed_micro_batch_reads_back_online_and_offline(applied_store: Feature
     assert online[1]["last_active_ts"] == 1_700_000_002.0
     assert online[2]["last_active_ts"] is None
 
-    from streams.feature_push import merged_history
+    from perfusion.feature_store import merged_history
 
     with merged_history(applied_store.store):
         history = pd.read_parquet(applied_store.store.get_feature_view("user_preferences").batch_source.path)
@@ -77,7 +77,7 @@ def test_pushed_micro_batch_reads_back_online_and_offline(applied_store: Feature
 
 
 def test_profile_push_round_trips(applied_store: FeaturePusher) -> None:
-    from streams.feature_push import USER_PROFILE_PUSH
+    from perfusion.feature_store import USER_PROFILE_PUSH
 
     stamp = datetime.fromtimestamp(1_700_000_000.0, tz=UTC)
     applied_store.push(USER_PROFILE_PUSH, [{"user_id": "p1", "age_group": 3, "region": 1, "event_timestamp": stamp}])
@@ -90,7 +90,7 @@ def test_profile_push_round_trips(applied_store: FeaturePusher) -> None:
 def test_pushes_leave_pending_parts_that_a_read_merges_into_the_history_once(applied_store: FeaturePusher) -> None:
     import pandas as pd
 
-    from streams.feature_push import USER_PROFILE_PUSH, merged_history, pending_parts_folder
+    from perfusion.feature_store import USER_PROFILE_PUSH, merged_history, pending_parts_folder
 
     history_file = Path(applied_store.store.get_feature_view("user_profile").batch_source.path)
     with merged_history(applied_store.store):  # whatever earlier tests pushed
@@ -113,7 +113,7 @@ def test_pushes_leave_pending_parts_that_a_read_merges_into_the_history_once(app
 def test_a_pusher_merges_pending_parts_itself_once_in_a_while(applied_store: FeaturePusher) -> None:
     import pandas as pd
 
-    from streams.feature_push import USER_PROFILE_PUSH, FeaturePusher, pending_parts_folder
+    from perfusion.feature_store import USER_PROFILE_PUSH, FeaturePusher, pending_parts_folder
 
     history_file = Path(applied_store.store.get_feature_view("user_profile").batch_source.path)
     eager = FeaturePusher(applied_store.store, merge_every_s=0.0)
@@ -139,7 +139,7 @@ def test_redis_connection_string_from_url() -> None:
 def test_redis_yaml_selects_the_redis_online_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from feast.repo_config import load_repo_config
 
-    from streams.feature_push import prepare_environment
+    from perfusion.feature_store import prepare_environment
 
     monkeypatch.setenv("PERFUSION_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("PERFUSION_FEAST_DIR", "")

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from perfusion.attributes import DESCRIPTOR_DIM
+from perfusion.contracts.records import GradedCandidate, GroupSample
 from perfusion.models.base import BaseModelConfig, build_train_scheduler, build_unet
 from perfusion.text_encoder import TextEncoder
 from perfusion.user_features import USER_DIM
-from streams.records import GradedCandidate, GroupSample
 from trainer.batches import GroupBatch, collate_groups
 from trainer.gate import belongs_to_heldout, draw_images, evaluate_reward_model, run_gate
 from trainer.settings import TrainerSettings

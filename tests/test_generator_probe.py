@@ -68,7 +68,7 @@ def test_probe_refuses_arms_without_a_generator_update() -> None:
 
 @pytest.mark.slow
 def test_probe_trains_each_arm_and_scores_every_segment(tmp_path: Path) -> None:
-    from perfusion.cli import main
+    from ops.cli import main
 
     out = tmp_path / "probe"
     argv = ["eval", "--probe", "--arms", "perfusion", "pairwise_dpo", "--users", "4", "--probe-groups", "2"]

@@ -10,9 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from perfusion.attributes import DESCRIPTOR_DIM
-from perfusion.errors import ConfigError
-from streams.grouping import GroupBuilder, GroupingSettings, GroupOutput, batch_group_outputs, idle_watermark
-from streams.records import (
+from perfusion.contracts.records import (
     GRADE_CLICK,
     GRADE_NONE,
     GRADE_ORDER,
@@ -27,6 +25,8 @@ from streams.records import (
     Return,
     Select,
 )
+from perfusion.errors import ConfigError
+from streams.grouping import GroupBuilder, GroupingSettings, GroupOutput, batch_group_outputs, idle_watermark
 from streams.settings import StreamSettings
 
 T0 = 1_700_000_000.0

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from perfusion.demo.loop import LoopSettings, run_loop
-from perfusion.demo.shoppers import reference_images
+from ops.demo.loop import LoopSettings, run_loop
+from ops.demo.shoppers import reference_images
 from simulator.ground_truth import PixelPreferencePanel
 
 # Small and quick: one design, few shoppers, few denoising and training steps; the loop stops once both goals are met.

@@ -13,11 +13,11 @@ from perfusion.checkpoints import ModelStore
 from perfusion.models.adaptive import AdaptiveConfig, AdaptiveNetwork
 from perfusion.models.attribute_classifier import AttributeClassifier, AttributeClassifierConfig
 from perfusion.models.base import QUICK_CONFIG, build_unet
-from perfusion.service.generator import ADAPTIVE_COMPONENT, PersonalizedGenerator, VersionRefused
-from perfusion.service.metrics import ServiceMetrics
-from perfusion.service.model_watcher import ModelWatcher
 from perfusion.text_encoder import TextEncoder
 from perfusion.user_features import USER_DIM
+from service.generator import ADAPTIVE_COMPONENT, PersonalizedGenerator, VersionRefused
+from service.metrics import ServiceMetrics
+from service.model_watcher import ModelWatcher
 
 ADAPTIVE_CONFIG = AdaptiveConfig(condition_hidden=16, condition_channels=4)
 ZERO_INIT_PARTS = ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 
 from perfusion.attributes import DESCRIPTOR_DIM, Attributes
+from perfusion.contracts.records import AnyEvent, Candidate, Click, DeadLetter, Impression, Order, Return, parse_event
 from simulator.traffic import TrafficConfig, TrafficSimulator, encode
 from streams.dead_letters import EventGate, MessagePosition
-from streams.records import AnyEvent, Candidate, Click, DeadLetter, Impression, Order, Return, parse_event
 from streams.settings import StreamSettings
 
-from streams.agents.preferences import (  # isort: skip
+from streams.preferences import (  # isort: skip
     PREFERENCE_FEATURES,
     PreferenceUpdater,
     UserPreferenceState,

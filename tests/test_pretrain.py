@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ops.cli import main
 from perfusion.catalog import all_attributes, split_catalog
 from perfusion.checkpoints import load_component
-from perfusion.cli import main
 from perfusion.models.attribute_classifier import build_attribute_classifier
 from perfusion.models.base import QUICK_CONFIG, build_unet, load_pretrained_unet
 from perfusion.sampling import BaseGenerator

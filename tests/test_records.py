@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from perfusion.attributes import DESCRIPTOR_DIM, Attributes
-from streams.records import (
+from perfusion.contracts.records import (
     MAX_CLOCK_SKEW_S,
     Click,
     DeadLetter,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.infra.redis_server import RedisServer, RedisServerConfig, redis_url
 from perfusion.errors import InfrastructureError
-from perfusion.infra.process import process_command_line
-from perfusion.infra.redis_server import RedisServer, RedisServerConfig, redis_url
+from perfusion.server_files import process_command_line
 
 
 @pytest.mark.integration

@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 
 from perfusion.attributes import DESCRIPTOR_DIM
+from perfusion.contracts.records import GradedCandidate, GroupSample
 from perfusion.errors import ConfigError
-from streams.records import GradedCandidate, GroupSample
 from trainer.replay_buffer import ReplayBuffer
 
 

@@ -22,7 +22,7 @@ def test_settings_refuse_bad_values_with_the_field() -> None:
 
 @pytest.mark.slow
 def test_a_tiny_run_trains_and_scores_every_reward_model(tmp_path: Path) -> None:
-    from perfusion.cli import main
+    from ops.cli import main
 
     out = tmp_path / "probe"
     argv = ["eval", "--reward-probe", "--users", "4", "--probe-groups", "2", "--steps", "2", "--rm-steps", "3"]
@@ -45,7 +45,7 @@ def test_a_tiny_run_trains_and_scores_every_reward_model(tmp_path: Path) -> None
 
 
 def test_probe_and_reward_probe_are_separate_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from perfusion.cli import main
+    from ops.cli import main
 
     assert main(["eval", "--probe", "--reward-probe", "--out", str(tmp_path)]) == 2
     assert "pass one of them" in capsys.readouterr().err

@@ -22,17 +22,17 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from perfusion.attributes import DESCRIPTOR_DIM
+from perfusion.contracts.records import Event, Impression
 from perfusion.image_store import ImageStore
 from perfusion.models.adaptive import AdaptiveConfig, AdaptiveNetwork
 from perfusion.models.attribute_classifier import AttributeClassifier, AttributeClassifierConfig
 from perfusion.models.base import QUICK_CONFIG, build_unet
-from perfusion.service.app import create_app
-from perfusion.service.designs import DesignRegistry
-from perfusion.service.events import EventSinkUnavailable
-from perfusion.service.features import FeastFeatureReader, FeatureStoreUnavailable
-from perfusion.service.generator import PersonalizedGenerator
 from perfusion.text_encoder import TextEncoder
-from streams.records import Event, Impression
+from service.app import create_app
+from service.designs import DesignRegistry
+from service.events import EventSinkUnavailable
+from service.features import FeastFeatureReader, FeatureStoreUnavailable
+from service.generator import PersonalizedGenerator
 
 EVENTS_TOPIC = "test.perfusion.events"
 PRODUCTION_TOPIC = "test.perfusion.production-orders"
@@ -84,7 +84,7 @@ def text_encoder() -> TextEncoder:
 @pytest.fixture(scope="module")
 def feature_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A real Feast store (sqlite online) applied in a temp dir, with a cold user and a known user."""
-    from streams.feature_push import FeaturePusher, apply_feature_repo
+    from perfusion.feature_store import FeaturePusher, apply_feature_repo
 
     feast_dir = tmp_path_factory.mktemp("feast")
     with pytest.MonkeyPatch.context() as patch:

@@ -14,18 +14,18 @@ import torch
 from fastapi.testclient import TestClient
 from kafka import KafkaConsumer
 
+from perfusion.contracts.records import parse_event
+from perfusion.contracts.topics import TopicNames, ensure_topics
 from perfusion.image_store import ImageStore
 from perfusion.models.adaptive import AdaptiveConfig, AdaptiveNetwork
 from perfusion.models.attribute_classifier import AttributeClassifier, AttributeClassifierConfig
 from perfusion.models.base import QUICK_CONFIG, build_unet
-from perfusion.service.app import create_app
-from perfusion.service.designs import DemandFollower, DesignRegistry
-from perfusion.service.events import KafkaEventSink
-from perfusion.service.features import FeastFeatureReader
-from perfusion.service.generator import PersonalizedGenerator
 from perfusion.text_encoder import TextEncoder
-from streams.records import parse_event
-from streams.topics import TopicNames, ensure_topics
+from service.app import create_app
+from service.designs import DemandFollower, DesignRegistry
+from service.events import KafkaEventSink
+from service.features import FeastFeatureReader
+from service.generator import PersonalizedGenerator
 
 
 def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0) -> list[tuple[bytes, Any]]:
@@ -45,7 +45,7 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.
 def test_design_candidates_and_events_reach_kafka(
     kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from streams.feature_push import apply_feature_repo, open_feature_store
+    from perfusion.feature_store import apply_feature_repo, open_feature_store
 
     topics = TopicNames.for_prefix(topic_prefix)
     ensure_topics(kafka_bootstrap, topics, partitions=2)

@@ -25,10 +25,7 @@ import pytest
 from test_worker_integration import read_dead_letters
 
 from perfusion.attributes import DESCRIPTOR_DIM
-from streams.dead_letters import original_bytes
-from streams.demand import batch_production_orders
-from streams.grouping import batch_group_outputs
-from streams.records import (
+from perfusion.contracts.records import (
     AnyEvent,
     Candidate,
     Click,
@@ -38,8 +35,11 @@ from streams.records import (
     Return,
     Select,
 )
+from perfusion.contracts.topics import TopicNames
+from streams.dead_letters import original_bytes
+from streams.demand import batch_production_orders
+from streams.grouping import batch_group_outputs
 from streams.settings import StreamSettings
-from streams.topics import TopicNames
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
@@ -75,7 +75,7 @@ OUTPUT_TIMEOUT_S = 120.0
 @pytest.fixture(scope="module")
 def feast_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A Feast repo applied once for the module's workers (their preference agent pushes to it)."""
-    from streams.feature_push import apply_feature_repo
+    from perfusion.feature_store import apply_feature_repo
 
     path = tmp_path_factory.mktemp("feast")
     saved = {name: os.environ.get(name) for name in ("PERFUSION_FEAST_DIR", "PERFUSION_ONLINE_STORE")}
@@ -93,7 +93,7 @@ def feast_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 class Worker:
-    """`python -m perfusion worker` in a subprocess, with its own state folder (Faust data) and log."""
+    """`python -m ops worker` in a subprocess, with its own state folder (Faust data) and log."""
 
     def __init__(self, bootstrap: str, prefix: str, feast_dir: Path, state_dir: Path, log_path: Path) -> None:
         self.log_path = log_path
@@ -109,7 +109,7 @@ class Worker:
             "PERFUSION_ONLINE_STORE": "sqlite",
         }
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "perfusion", "worker", *WORKER_FLAGS, "--loglevel", "warning"],
+            [sys.executable, "-m", "ops", "worker", *WORKER_FLAGS, "--loglevel", "warning"],
             cwd=REPO_ROOT, env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT,
         )  # fmt: skip
 
@@ -297,7 +297,7 @@ def start_worker(
 
 def create_topics(bootstrap: str, prefix: str) -> TopicNames:
     """The loop's topics, created before anything produces (a producer would auto-create one partition)."""
-    from streams.topics import ensure_topics
+    from perfusion.contracts.topics import ensure_topics
 
     names = TopicNames.for_prefix(prefix)
     ensure_topics(bootstrap, names, PARTITIONS)

@@ -12,13 +12,13 @@ import pytest
 
 from perfusion.attributes import COLOURS, Attributes
 from perfusion.checkpoints import ModelStore, save_component
+from perfusion.contracts.records import GradedCandidate, GroupSample, ModelUpdated, TrainRequest
+from perfusion.contracts.topics import TopicNames, ensure_topics
 from perfusion.image_store import catalog_image_id
 from perfusion.models.base import BaseModelConfig, build_unet, unet_component_config
 from perfusion.models.reward import PerFusionRM, RewardModelConfig
 from perfusion.text_encoder import TextEncoder
 from perfusion.user_features import USER_VECTOR_SLICES
-from streams.records import GradedCandidate, GroupSample, ModelUpdated, TrainRequest
-from streams.topics import TopicNames, ensure_topics
 from trainer.gate import belongs_to_heldout
 from trainer.loop import Trainer, build_trainer
 from trainer.reward_pretrain import save_reward_towers
@@ -43,7 +43,7 @@ def trainer_settings(
 ) -> Iterator[TrainerSettings]:
     import torch
 
-    from streams.feature_push import apply_feature_repo
+    from perfusion.feature_store import apply_feature_repo
 
     monkeypatch.setenv("PERFUSION_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("PERFUSION_FEAST_DIR", str(tmp_path / "state" / "feast"))
@@ -126,7 +126,7 @@ def produce(settings: TrainerSettings, samples: list[GroupSample], request_id: s
 def push_features(preference: list[float], event_ts: float) -> None:
     from datetime import UTC, datetime
 
-    from streams.feature_push import FeaturePusher
+    from perfusion.feature_store import FeaturePusher
 
     counts = {
         f"{kind}_{window}": 3

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from perfusion.attributes import DESCRIPTOR_DIM
+from perfusion.contracts.records import GradedCandidate, GroupSample, TrainRequest
 from perfusion.errors import ConfigError
-from streams.agents.training import TrainingTrigger, TrainingTriggerSettings, read_routed_sample, routed_sample
-from streams.records import GradedCandidate, GroupSample, TrainRequest
 from streams.settings import StreamSettings
+from streams.training_trigger import TrainingTrigger, TrainingTriggerSettings, read_routed_sample, routed_sample
 
 SETTINGS = TrainingTriggerSettings(samples_per_request=3, max_wait_s=60.0, tick_s=1.0)
 
@@ -135,8 +135,8 @@ def test_settings_reject_zero_samples() -> None:
 def test_stream_settings_carry_n_t_and_tick_and_worker_flags_win_over_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from perfusion.cli import build_parser
-    from perfusion.commands.worker import settings_from_args
+    from ops.cli import build_parser
+    from ops.commands.worker import settings_from_args
 
     monkeypatch.setenv("PERFUSION_TRAIN_SAMPLES", "50")
     monkeypatch.setenv("PERFUSION_TRAIN_MAX_WAIT_S", "9")

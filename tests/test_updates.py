@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from perfusion.attributes import DESCRIPTOR_DIM
+from perfusion.contracts.records import GradedCandidate, GroupSample
 from perfusion.models.base import BaseModelConfig, build_train_scheduler, build_unet
 from perfusion.text_encoder import TextEncoder
 from perfusion.user_features import USER_DIM
-from streams.records import GradedCandidate, GroupSample
 from trainer.batches import GroupBatch, collate_groups
 from trainer.settings import TrainerSettings
 from trainer.updates import (
@@ -180,7 +180,7 @@ def test_without_the_adaptive_network_the_version_holds_a_fine_tuned_unet() -> N
 
 
 def test_the_cli_offers_exactly_the_arms_and_objectives_of_the_settings() -> None:
-    from perfusion.commands.train import ARM_NAMES, OBJECTIVE_NAMES
+    from ops.commands.train import ARM_NAMES, OBJECTIVE_NAMES
     from trainer.settings import ARMS, OBJECTIVES
 
     assert tuple(ARMS) == ARM_NAMES

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 from test_preferences_agent import assert_features_close, reference_features
 
+from perfusion.contracts.records import DeadLetter
+from perfusion.contracts.topics import TopicNames, ensure_topics
 from perfusion.paths import REPO_ROOT
 from simulator.traffic import TrafficConfig, TrafficSimulator, encode, produce_events
 from streams.dead_letters import original_bytes
-from streams.records import DeadLetter
 from streams.settings import StreamSettings
-from streams.topics import TopicNames, ensure_topics
 
 WAIT_S = 240.0
 VALID_CLICK = {
@@ -57,13 +57,13 @@ def worker_env(
 
 @pytest.fixture
 def running_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    from streams.feature_push import apply_feature_repo
+    from perfusion.feature_store import apply_feature_repo
 
     apply_feature_repo()  # before the worker starts: it opens the Feast store before consuming
     log_path = tmp_path / "worker.log"
     with log_path.open("wb") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "perfusion", "worker"], cwd=REPO_ROOT, env=worker_env, stdout=log, stderr=log
+            [sys.executable, "-m", "ops", "worker"], cwd=REPO_ROOT, env=worker_env, stdout=log, stderr=log
         )
     try:
         yield worker
@@ -92,7 +92,7 @@ def read_dead_letters(bootstrap: str, topic: str, expected: int, deadline: float
 
 
 def online_features(user_ids: list[str]) -> dict[str, dict[str, Any]]:
-    from streams.feature_push import open_feature_store, read_online_features
+    from perfusion.feature_store import open_feature_store, read_online_features
 
     rows = read_online_features(open_feature_store(), "user_preferences", user_ids)
     return {row["user_id"]: row for row in rows}

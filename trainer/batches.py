@@ -18,8 +18,8 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
+from perfusion.contracts.records import GroupSample
 from perfusion.errors import PerfusionError
-from streams.records import GroupSample
 
 
 class BatchError(PerfusionError):

@@ -34,12 +34,12 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import ValidationError
 
+from perfusion.contracts.records import GroupSample, ModelUpdated, TrainRequest
+from perfusion.contracts.topics import TopicNames
 from perfusion.errors import InfrastructureError, PerfusionError
+from perfusion.feature_store import merged_history
 from perfusion.image_store import ImageStore, UnknownImage
 from perfusion.user_features import USER_FEATURE_REFS, user_vector
-from streams.feature_push import merged_history
-from streams.records import GroupSample, ModelUpdated, TrainRequest
-from streams.topics import TopicNames
 from trainer.batches import GroupBatch, collate_groups
 from trainer.gate import GateDecision, belongs_to_heldout, run_gate
 from trainer.replay_buffer import BufferedSample, ReplayBuffer
@@ -434,7 +434,7 @@ def build_trainer(
     if version is not None:
         load_version_into(models, store, version, settings)
     if user_vectors is None:
-        from streams.feature_push import open_feature_store
+        from perfusion.feature_store import open_feature_store
 
         user_vectors = FeastUserVectors(open_feature_store())
     return Trainer(

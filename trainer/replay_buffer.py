@@ -21,8 +21,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from perfusion.contracts.records import GroupSample
 from perfusion.errors import ConfigError
-from streams.records import GroupSample
 
 
 @dataclass(frozen=True)

@@ -247,7 +247,7 @@ class TrainerSettings:
     def resolved_bootstrap_servers(self) -> str:
         if self.bootstrap_servers:
             return self.bootstrap_servers
-        from perfusion.infra.kafka_broker import bootstrap_servers
+        from perfusion.server_files import kafka_bootstrap_servers as bootstrap_servers
 
         return bootstrap_servers()
 

@@ -25,10 +25,10 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
+from perfusion.contracts.records import DesignCreated, Order, ProductionOrder, Return
 from streams.continuity import OffsetContinuity
 from streams.dead_letters import EventGate, MessagePosition
 from streams.demand import DemandCounter, is_demand_event
-from streams.records import DesignCreated, Order, ProductionOrder, Return
 from streams.table_store import (
     JsonTableStore,
     flush_changelogs,
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from faust.types import AgentT, StreamT, TopicT
 
     from streams.agents.events import AdmittedEvent
-    from streams.app import AgentContext
+    from streams.context import AgentContext
 
 log = logging.getLogger(__name__)
 

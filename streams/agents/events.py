@@ -22,15 +22,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
+from perfusion.contracts.records import AnyEvent
 from streams.continuity import OffsetContinuity
 from streams.dead_letters import EventGate, MessagePosition
-from streams.records import AnyEvent
 
 if TYPE_CHECKING:
     from faust.streams import Stream
     from faust.types import AgentT, StreamT
 
-    from streams.app import AgentContext
+    from streams.context import AgentContext
 
 EVENT_STAGE_MODULES: tuple[str, ...] = (
     "streams.agents.preferences",

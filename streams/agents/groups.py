@@ -15,13 +15,13 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from perfusion.contracts.records import GroupSample
 from streams.grouping import GroupBuilder, GroupOutput, idle_watermark
-from streams.records import GroupSample
 from streams.table_store import JsonTableStore, flush_changelogs, forget_on_rebalance, raw_table, send_and_wait
 
 if TYPE_CHECKING:
     from streams.agents.events import AdmittedEvent
-    from streams.app import AgentContext
+    from streams.context import AgentContext
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,344 @@
+"""The generator service's costs on this machine, measured through its HTTP API in process (the app
+``perfusion serve`` builds, from the same real components: base checkpoint, Feast online store, Kafka event sink,
+model store with its watcher), on a fresh state folder:
+
+- ``candidates``: wall time of ``POST /designs/{id}/candidates`` with K candidates, for a user Feast knows nothing
+  about (``base``: the frozen base U-Net alone) and for a user with features (the adaptive network on top), run
+  alternately so that load on the machine hits both alike; the ratio personalized / base (target <= 1.6);
+- ``publish_to_serve``: a new version published to the model store (atomic LATEST switch, as the trainer does)
+  and announced on Kafka with ModelUpdated, while a client sends candidate requests back to back: seconds until
+  the generator swapped it in (``swap``, target < 1 s median) and until the first response stamped with it
+  (``first_response``, which also waits for the request in flight); requests that failed during swaps;
+- ``feast_read``: every online read of the user's features inside the request path, p50 / p99 / max, with the
+  service's own ``perfusion_feast_read_seconds`` and ``perfusion_generation_seconds`` histograms beside them.
+
+Needs a Kafka broker (KAFKA_BOOTSTRAP_SERVERS or ``perfusion broker up``). Heavy imports happen inside
+:func:`run_serve_benchmark` (this module is imported to build the CLI parser).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from perfusion.errors import ConfigError
+
+if TYPE_CHECKING:
+    from service.features import FeatureReader
+
+HELP = "time K candidates base vs personalized, publish -> served on the new version, and Feast reads in the request"
+
+PERSONALIZED_USER = "bench-shopper-with-profile"
+UNKNOWN_USER = "bench-shopper-unknown"
+TARGET_RATIO = 1.6
+TARGET_SWAP_MEDIAN_S = 1.0
+
+
+@dataclass(frozen=True)
+class ServeBenchConfig:
+    """What to measure; the defaults are ``perfusion serve``'s sampling settings."""
+
+    k: int = field(default=4, metadata={"help": "candidates per request"})
+    steps: int = field(default=20, metadata={"help": "denoising steps per candidate group"})
+    guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance scale"})
+    repeats: int = field(default=8, metadata={"help": "timed requests per arm (base, personalized)"})
+    warmup: int = field(default=1, metadata={"help": "untimed requests per arm first"})
+    publishes: int = field(default=5, metadata={"help": "versions published while requests run"})
+    poll: float = field(default=0.25, metadata={"help": "seconds between the watcher's checks of LATEST"})
+    base: Path | None = field(default=None, metadata={"help": "base checkpoint folder (default: assets/base)"})
+    seed: int = field(default=0, metadata={"help": "noise seed of every request"})
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= 16:
+            raise ConfigError(f"k must be between 1 and 16, got {self.k}")
+        if self.steps < 1 or self.repeats < 1 or self.warmup < 0 or self.publishes < 1 or self.poll <= 0:
+            raise ConfigError(
+                "steps, repeats and publishes must be >= 1, warmup >= 0 and poll > 0, got "
+                f"{self.steps}, {self.repeats}, {self.publishes}, {self.warmup} and {self.poll}"
+            )
+
+
+class TimedFeatureReader:
+    """Delegates to the real reader and keeps each read's wall time in seconds."""
+
+    def __init__(self, reader: FeatureReader) -> None:
+        self.reader = reader
+        self.seconds: list[float] = []
+        self._lock = threading.Lock()
+
+    def read(self, user_id: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            return self.reader.read(user_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            with self._lock:
+                self.seconds.append(elapsed)
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of ``values`` with linear interpolation; NaN when empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def describe(values: list[float]) -> dict[str, Any]:
+    return {
+        "median": statistics.median(values) if values else float("nan"),
+        "p90": quantile(values, 0.9),
+        "max": max(values) if values else float("nan"),
+        "samples": values,
+    }
+
+
+def _publish_version(store: Any, unet: Any, seed: int) -> str:
+    """Publish an adaptive network with small random zero-conv weights (a distinct version) and return its name."""
+    import torch
+
+    from perfusion.models.adaptive import AdaptiveConfig, AdaptiveNetwork
+    from service.generator import ADAPTIVE_COMPONENT
+
+    torch.manual_seed(seed)
+    network = AdaptiveNetwork(unet, AdaptiveConfig())
+    with torch.no_grad():
+        for name, parameter in network.named_parameters():
+            if "zero" in name:  # ControlNet's zero convolutions: make the version's output differ from the base
+                parameter.add_(torch.randn_like(parameter) * 1e-3)
+    return str(
+        store.publish({ADAPTIVE_COMPONENT: (network, network.config.to_dict())}, {"bench": "serve", "seed": seed})
+    )
+
+
+def run_serve_benchmark(config: ServeBenchConfig, bootstrap_servers: str | None = None) -> dict[str, Any]:
+    """Measure the three costs on a fresh state folder; see the module docstring."""
+    import torch
+    from fastapi.testclient import TestClient
+    from kafka import KafkaProducer
+
+    from ops.demo.client import histogram_mean
+    from ops.demo.loop import environment, push_profiles
+    from perfusion.checkpoints import ModelStore
+    from perfusion.contracts.topics import TopicNames, ensure_topics
+    from perfusion.feature_store import apply_feature_repo, open_feature_store
+    from perfusion.image_store import ImageStore
+    from perfusion.sampling import BASE_CHECKPOINT_DIR, base_text_encoder
+    from service.app import create_app
+    from service.designs import DesignRegistry
+    from service.events import KafkaEventSink
+    from service.features import FeastFeatureReader
+    from service.generator import load_serving_generator
+    from service.metrics import ServiceMetrics
+    from service.model_watcher import ModelWatcher
+    from streams.settings import StreamSettings
+
+    base_folder = config.base or BASE_CHECKPOINT_DIR
+    bootstrap = bootstrap_servers or StreamSettings.from_env().resolved_bootstrap_servers()
+    topics = TopicNames.for_prefix(f"bench-serve-{int(time.time())}.")
+    ensure_topics(bootstrap, topics, 1)
+    with tempfile.TemporaryDirectory(prefix="perfusion-bench-serve-") as tmp:
+        state = Path(tmp)
+        with environment({"PERFUSION_STATE_DIR": str(state), "PERFUSION_FEAST_DIR": str(state / "feast")}):
+            apply_feature_repo()
+            push_profiles(_OneProfile(), [PERSONALIZED_USER])
+            store = ModelStore(state / "models")
+            text_encoder = base_text_encoder(base_folder)
+            generator = load_serving_generator(
+                base_folder, store.root, text_encoder, num_steps=config.steps, guidance_scale=config.guidance
+            )
+            _publish_version(store, generator.unet, seed=config.seed)
+            metrics = ServiceMetrics()
+            watcher = ModelWatcher(
+                store, generator, metrics, config.poll, bootstrap_servers=bootstrap, updates_topic=topics.model_updates
+            )
+            watcher.check_now()  # serve the first published version from the start
+            reader = TimedFeatureReader(FeastFeatureReader(open_feature_store()))
+            sink = KafkaEventSink(bootstrap, topics.events)
+            designs = DesignRegistry(state / "service" / "designs.sqlite")
+            app = create_app(
+                generator=generator,
+                event_sink=sink,
+                feature_reader=reader,
+                designs=designs,
+                images=ImageStore(state / "images"),
+                events_topic=topics.events,
+                production_topic=topics.production_orders,
+                metrics=metrics,
+                background=(watcher,),
+            )
+            producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+            try:
+                with TestClient(app) as client:
+                    report = _measure(config, client, generator, store, producer, topics.model_updates, reader)
+                    metrics_text = client.get("/metrics").text
+            finally:
+                producer.close()
+                sink.close()
+                designs.close()
+    feast_mean, feast_count = histogram_mean(metrics_text, "perfusion_feast_read_seconds")
+    generation_mean, generation_count = histogram_mean(metrics_text, "perfusion_generation_seconds")
+    report.update(
+        benchmark="serve",
+        config={**asdict(config), "base": str(base_folder)},
+        device="cpu",
+        torch_threads=torch.get_num_threads(),
+        service_metrics={
+            "perfusion_feast_read_seconds": {"mean": feast_mean, "count": feast_count},
+            "perfusion_generation_seconds": {"mean": generation_mean, "count": generation_count},
+        },
+    )
+    return report
+
+
+class _OneProfile:
+    """The profile pushed for the personalized user (features of a shop's sign-up form)."""
+
+    def profile(self, user_id: str) -> dict[str, int]:
+        return {"age_group": 2, "region": 1}
+
+    def user_ids(self) -> list[str]:
+        return [PERSONALIZED_USER]
+
+    def utilities(self, user_id: str, images: Any) -> Any:
+        raise ConfigError("the serve benchmark has no shoppers who judge images")
+
+
+def _measure(
+    config: ServeBenchConfig,
+    client: Any,
+    generator: Any,
+    store: Any,
+    producer: Any,
+    updates_topic: str,
+    reader: TimedFeatureReader,
+) -> dict[str, Any]:
+    from perfusion.contracts.records import ModelUpdated
+
+    created = client.post("/designs", json={"merchant_id": "bench", "prompt": "a red dress", "order_threshold": 99})
+    created.raise_for_status()
+    path = f"/designs/{created.json()['design_id']}/candidates"
+    failures: list[str] = []
+
+    def request(user_id: str) -> tuple[float, str, str]:
+        started = time.perf_counter()
+        response = client.post(path, json={"user_id": user_id, "k": config.k, "seed": config.seed})
+        elapsed = time.perf_counter() - started
+        if response.status_code != 200:
+            failures.append(f"{response.status_code}: {response.text[:200]}")
+            return elapsed, "", ""
+        body = response.json()
+        return elapsed, body["model_version"], body["personalization"]
+
+    latencies: dict[str, list[float]] = {"base": [], "personalized": []}
+    kinds: dict[str, set[str]] = {"base": set(), "personalized": set()}
+    for round_index in range(config.warmup + config.repeats):
+        for arm, user in (("base", UNKNOWN_USER), ("personalized", PERSONALIZED_USER)):
+            elapsed, _, kind = request(user)
+            kinds[arm].add(kind)
+            if round_index >= config.warmup:
+                latencies[arm].append(elapsed)
+
+    swaps: list[float] = []
+    first_responses: list[float] = []
+    completed: list[tuple[float, str]] = []  # (perf_counter at completion, version) of background requests
+    stop = threading.Event()
+
+    def tracked_request() -> None:
+        while not stop.is_set():
+            _, version, _ = request(PERSONALIZED_USER)
+            completed.append((time.perf_counter(), version))
+
+    background = threading.Thread(target=tracked_request, name="bench-requests", daemon=True)
+    background.start()
+    try:
+        for index in range(config.publishes):
+            version = _publish_version(store, generator.unet, seed=config.seed + 1 + index)
+            published = time.perf_counter()
+            event = ModelUpdated(version=version, path=str(store.path(version)), ts=time.time())
+            producer.send(updates_topic, key=version.encode(), value=event.to_bytes()).get(timeout=10)
+            while generator.model_version != version:
+                time.sleep(0.002)
+            swaps.append(time.perf_counter() - published)
+            deadline = time.monotonic() + 600.0
+            while not any(v == version and t > published for t, v in completed):
+                if time.monotonic() > deadline or not background.is_alive():
+                    raise ConfigError(f"no request was served on {version} within 600 s; see the service's log")
+                time.sleep(0.005)
+            first_responses.append(min(t for t, v in completed if v == version and t > published) - published)
+    finally:
+        stop.set()
+        background.join(timeout=600)
+
+    base_median = statistics.median(latencies["base"])
+    personalized_median = statistics.median(latencies["personalized"])
+    return {
+        "candidates_latency_seconds": {arm: describe(values) for arm, values in latencies.items()},
+        "personalization_kinds": {arm: sorted(values) for arm, values in kinds.items()},
+        "personalized_over_base": personalized_median / base_median,
+        "target_personalized_over_base": TARGET_RATIO,
+        "publish_to_serve_seconds": {"swap": describe(swaps), "first_response": describe(first_responses)},
+        "target_swap_median_seconds": TARGET_SWAP_MEDIAN_S,
+        "feast_read_seconds": {
+            "p50": quantile(reader.seconds, 0.5),
+            "p99": quantile(reader.seconds, 0.99),
+            "max": max(reader.seconds),
+            "count": len(reader.seconds),
+        },
+        "failed_requests": failures,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ServeBenchConfig()
+    for name in ("k", "steps", "repeats", "warmup", "publishes", "seed"):
+        help_text = ServeBenchConfig.__dataclass_fields__[name].metadata["help"]
+        parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name), help=help_text)
+    for name in ("guidance", "poll"):
+        help_text = ServeBenchConfig.__dataclass_fields__[name].metadata["help"]
+        parser.add_argument(f"--{name}", type=float, default=getattr(defaults, name), help=help_text)
+    parser.add_argument("--base", type=Path, default=None, help="base checkpoint folder (default: assets/base)")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    config = ServeBenchConfig(
+        k=args.k,
+        steps=args.steps,
+        guidance=args.guidance,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        publishes=args.publishes,
+        poll=args.poll,
+        base=args.base,
+        seed=args.seed,
+    )
+    return run_serve_benchmark(config)
+
+
+def summary(report: dict[str, Any]) -> str:
+    latency, publish = report["candidates_latency_seconds"], report["publish_to_serve_seconds"]
+    feast, config = report["feast_read_seconds"], report["config"]
+    return "\n".join(
+        [
+            f"serve benchmark: K={config['k']}, {config['steps']} steps, guidance {config['guidance']}, "
+            f"{report['torch_threads']} torch threads on {report['device']}",
+            f"  candidates  base {latency['base']['median'] * 1000:8.1f} ms, personalized "
+            f"{latency['personalized']['median'] * 1000:8.1f} ms (median); ratio "
+            f"{report['personalized_over_base']:.2f} (target <= {report['target_personalized_over_base']})",
+            f"  publish ->  swapped in {publish['swap']['median'] * 1000:.1f} ms (median, target < "
+            f"{report['target_swap_median_seconds'] * 1000:.0f} ms), first response on it "
+            f"{publish['first_response']['median'] * 1000:.1f} ms (median)",
+            f"  Feast read  p50 {feast['p50'] * 1000:.2f} ms, p99 {feast['p99'] * 1000:.2f} ms over "
+            f"{feast['count']} requests",
+            f"  failed requests: {len(report['failed_requests'])}",
+        ]
+    )

@@ -1,0 +1,41 @@
+"""Users' online features as a table for the terminal (``perfusion features show`` and the demo)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def format_feature_table(rows: list[dict[str, Any]]) -> str:
+    """One line per user: counts as impressions/clicks/orders/returns per window, rates, top preferences."""
+    from datetime import UTC, datetime
+
+    from perfusion.attributes import ATTRIBUTE_KINDS, descriptor_blocks
+
+    header = (
+        f"{'user':<12} {'last active (UTC)':<20} {'imp 1h/1d/all':>14} {'clk 1h/1d/all':>14} {'ord 1h/1d/all':>14} "
+        f"{'ret all':>7} {'ctr':>6} {'cvr':>6}  strongest preferences"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        if row.get("last_active_ts") is None:
+            lines.append(f"{row['user_id']:<12} (no features yet)")
+            continue
+        active = datetime.fromtimestamp(row["last_active_ts"], tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+        blocks = descriptor_blocks(list(row["preference"]))
+        liked = []
+        for kind, values in ATTRIBUTE_KINDS.items():
+            weights = blocks[kind]
+            best = max(range(len(values)), key=weights.__getitem__)
+            if weights[best] > 0:
+                liked.append(f"{values[best]} {weights[best]:.2f}")
+
+        lines.append(
+            f"{row['user_id']:<12} {active:<20} {_windows(row, 'impressions'):>14} {_windows(row, 'clicks'):>14} "
+            f"{_windows(row, 'orders'):>14} {row['returns_total']:>7} {row['ctr']:>6.3f} {row['cvr']:>6.3f}  "
+            f"{', '.join(liked) or '-'}"
+        )
+    return "\n".join(lines)
+
+
+def _windows(row: dict[str, Any], kind: str) -> str:
+    return f"{row[f'{kind}_1h']}/{row[f'{kind}_1d']}/{row[f'{kind}_total']}"

@@ -1,5 +1,0 @@
-import sys
-
-from perfusion.cli import main
-
-sys.exit(main())

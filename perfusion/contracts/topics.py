@@ -1,0 +1,86 @@
+"""Every Kafka topic of the loop, named in one place.
+
+Inbound events of all kinds share ``perfusion.events``, keyed by ``user_id`` so that one user's events stay ordered
+in one partition. Outbound records have one topic each, keyed so that a replay overwrites rather than duplicates
+(group samples and group drops by impression id, production orders by design id, training requests by request id).
+
+Names take a ``topic_prefix`` (the settings' ``topic_prefix``; tests use a unique prefix per test).
+:func:`ensure_topics` creates them with kafka-python's admin client before anything produces, so a producer never
+auto-creates a one-partition topic.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+
+from perfusion.errors import InfrastructureError
+
+log = logging.getLogger(__name__)
+
+EVENTS = "perfusion.events"
+DEAD_LETTERS = "perfusion.dlq"
+GROUP_SAMPLES = "perfusion.group-samples"
+GROUP_DROPS = "perfusion.group-drops"
+PRODUCTION_ORDERS = "perfusion.production-orders"
+TRAIN_REQUESTS = "perfusion.train-requests"
+MODEL_UPDATES = "perfusion.model-updates"
+
+
+@dataclass(frozen=True)
+class TopicNames:
+    """The prefixed name of each topic."""
+
+    events: str
+    dead_letters: str
+    group_samples: str
+    group_drops: str
+    production_orders: str
+    train_requests: str
+    model_updates: str
+
+    @classmethod
+    def for_prefix(cls, prefix: str) -> TopicNames:
+        return cls(
+            events=prefix + EVENTS,
+            dead_letters=prefix + DEAD_LETTERS,
+            group_samples=prefix + GROUP_SAMPLES,
+            group_drops=prefix + GROUP_DROPS,
+            production_orders=prefix + PRODUCTION_ORDERS,
+            train_requests=prefix + TRAIN_REQUESTS,
+            model_updates=prefix + MODEL_UPDATES,
+        )
+
+    def all(self) -> list[str]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+
+def ensure_topics(bootstrap_servers: str, names: TopicNames, partitions: int) -> list[str]:
+    """Create the topics that do not exist yet; returns the names created. Existing topics are left as they are."""
+    from kafka.admin import KafkaAdminClient
+    from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="perfusion-topics")
+    except KafkaError as exc:
+        raise InfrastructureError(
+            f"cannot reach Kafka at {bootstrap_servers!r} ({exc}); start it with `perfusion broker up` "
+            "or set KAFKA_BOOTSTRAP_SERVERS"
+        ) from exc
+    try:
+        existing = set(admin.list_topics())
+        missing = [name for name in names.all() if name not in existing]
+        created: list[str] = []
+        for name in missing:
+            try:
+                admin.create_topics(
+                    {name: {"num_partitions": partitions, "replication_factor": 1}}, wait_for_metadata=True
+                )
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass  # another process created it between list and create
+        if created:
+            log.info("created topics %s with %d partitions", ", ".join(created), partitions)
+        return created
+    finally:
+        admin.close()

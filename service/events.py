@@ -1,0 +1,77 @@
+"""Where the service sends the events it produces or accepts: Kafka's ``perfusion.events``, keyed by user id.
+
+:class:`KafkaEventSink` waits for the broker's acknowledgement of every event before the request answers, so an
+event is either on the topic or the request fails with 503 (:class:`EventSinkUnavailable`): nothing is dropped
+silently. The app takes any :class:`EventSink`, so unit tests can pass a sink that records what it was given.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Protocol
+
+from perfusion.contracts.records import Event
+from perfusion.errors import InfrastructureError
+
+if TYPE_CHECKING:
+    from kafka import KafkaProducer
+
+logger = logging.getLogger(__name__)
+
+
+class EventSinkUnavailable(InfrastructureError):
+    """The event could not be delivered; the caller should retry later (HTTP 503)."""
+
+
+class EventSink(Protocol):
+    def send(self, event: Event) -> None:
+        """Deliver one event durably or raise :class:`EventSinkUnavailable`."""
+
+    def close(self) -> None: ...
+
+
+class KafkaEventSink:
+    """A kafka-python producer that sends each event synchronously (acks=all) to one topic, keyed by user id."""
+
+    def __init__(self, bootstrap_servers: str, topic: str, timeout_s: float = 5.0) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.topic = topic
+        self.timeout_s = timeout_s
+        self._producer: KafkaProducer | None = None
+        self._lock = threading.Lock()
+
+    def _connected(self) -> KafkaProducer:
+        # Connect lazily, so a service started before the broker answers 503 until the broker is up.
+        with self._lock:
+            if self._producer is None:
+                from kafka import KafkaProducer
+
+                self._producer = KafkaProducer(
+                    bootstrap_servers=self.bootstrap_servers,
+                    acks="all",
+                    linger_ms=0,
+                    max_block_ms=int(self.timeout_s * 1000),
+                    request_timeout_ms=int(self.timeout_s * 1000),
+                    client_id="perfusion-service",
+                )
+            return self._producer
+
+    def send(self, event: Event) -> None:
+        from kafka.errors import KafkaError
+
+        try:
+            future = self._connected().send(self.topic, key=event.user_id.encode(), value=event.to_bytes())
+            future.get(timeout=self.timeout_s)
+        except KafkaError as exc:
+            raise EventSinkUnavailable(
+                f"Kafka at {self.bootstrap_servers} did not accept {type(event).__name__} {event.event_id} "
+                f"on {self.topic} ({type(exc).__name__}: {exc}); start the broker with `perfusion broker up` "
+                "and retry"
+            ) from exc
+
+    def close(self) -> None:
+        with self._lock:
+            if self._producer is not None:
+                self._producer.close(timeout=self.timeout_s)
+                self._producer = None

@@ -1,0 +1,85 @@
+"""Online read of one user's features from Feast, inside the candidates request path.
+
+:class:`FeastFeatureReader` wraps ``FeatureStore.get_online_features`` for one entity row and returns the values by
+feature name (``None`` where the store holds nothing for the user). Any failure of the store becomes
+:class:`FeatureStoreUnavailable`, which the app answers with 503: a request is never served as if the user were
+unknown because the store was down.
+
+:func:`user_condition` turns the values into the generator's condition: the user vector u with its kind of
+personalization, or no vector at all for a user Feast knows nothing about (the base model serves them).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from perfusion.errors import InfrastructureError
+from perfusion.user_features import USER_FEATURE_REFS, USER_VECTOR_SLICES, user_vector
+from service.schemas import Personalization
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+logger = logging.getLogger(__name__)
+
+USER_ENTITY_KEY = "user_id"
+
+
+class FeatureStoreUnavailable(InfrastructureError):
+    """The online store could not be read; the caller should retry later (HTTP 503)."""
+
+
+class FeatureReader(Protocol):
+    def read(self, user_id: str) -> dict[str, Any]:
+        """Feature name -> value (None where missing) for one user, or raise :class:`FeatureStoreUnavailable`."""
+
+
+class FeastFeatureReader:
+    """Reads ``feature_refs`` ("view:feature") for one user from a Feast store's online store."""
+
+    def __init__(
+        self, store: FeatureStore, feature_refs: Sequence[str] = USER_FEATURE_REFS, entity_key: str = USER_ENTITY_KEY
+    ) -> None:
+        if not feature_refs:
+            raise ValueError("feature_refs must name at least one 'view:feature'")
+        self.store = store
+        self.feature_refs = list(feature_refs)
+        self.entity_key = entity_key
+        # Feast returns columns by feature name (without the view) unless full_feature_names is asked for.
+        self.feature_names = [ref.split(":", 1)[1] for ref in self.feature_refs]
+
+    def read(self, user_id: str) -> dict[str, Any]:
+        try:
+            response = self.store.get_online_features(
+                features=self.feature_refs, entity_rows=[{self.entity_key: user_id}]
+            ).to_dict()
+        except Exception as exc:  # Feast raises many unrelated types (sqlite, redis, registry, protobuf)
+            raise FeatureStoreUnavailable(
+                f"Feast online read of user {user_id!r} failed ({type(exc).__name__}: {exc}); check the store "
+                "with `perfusion features apply` and retry"
+            ) from exc
+        return {name: response[name][0] if response.get(name) else None for name in self.feature_names}
+
+
+def user_condition(
+    features: Mapping[str, Any], now: float | None = None
+) -> tuple[Personalization, NDArray[np.float32] | None]:
+    """How to condition generation for a user with these feature values.
+
+    - ``personalized``: preference features exist; u from all features.
+    - ``cold_start``: only profile features exist; u from the profile (behaviour blocks neutral).
+    - ``base``: nothing is known; no u, and the generator runs the base model without the adaptive network.
+    """
+    vector = user_vector(features, as_of=time.time() if now is None else now)
+    preferences_present, profile_present = vector[USER_VECTOR_SLICES["present"]]
+    if preferences_present:
+        return "personalized", vector
+    if profile_present:
+        return "cold_start", vector
+    return "base", None

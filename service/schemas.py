@@ -1,0 +1,98 @@
+"""Request and response bodies of the generator service's HTTP API.
+
+Requests forbid unknown fields, so a misspelt field is an error that names it rather than a silently ignored value.
+Limits match the Kafka records they become (``perfusion.contracts.records``): prompts of 1..300 characters, ids of
+1..128, K of 1..16.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from perfusion.contracts.records import MAX_K
+
+MAX_PROMPT_CHARS = 300
+
+Identifier = Annotated[str, Field(min_length=1, max_length=128)]
+Personalization = Literal["personalized", "cold_start", "base"]
+
+
+class RequestBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CreateDesign(RequestBody):
+    merchant_id: Identifier = Field(description="the merchant who owns the design")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="the text design, e.g. 'a red dress'")
+    order_threshold: int = Field(ge=1, le=1_000_000, description="net orders at which production starts")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_words(cls, prompt: str) -> str:
+        stripped = " ".join(prompt.split())
+        if not stripped:
+            raise ValueError("prompt must contain words, not only whitespace; describe the item, e.g. 'a red dress'")
+        return stripped
+
+
+class DesignCreatedResponse(BaseModel):
+    design_id: str
+    merchant_id: str
+    prompt: str
+    order_threshold: int
+
+
+class CandidatesRequest(RequestBody):
+    user_id: Identifier = Field(description="the viewer; their Feast features personalize the group")
+    k: int = Field(default=4, ge=1, le=MAX_K, description=f"number of candidate images, 1..{MAX_K}")
+    seed: int | None = Field(
+        default=None, ge=0, lt=2**63, description="noise seed; the same seed, user and version give the same images"
+    )
+
+
+class CandidateOut(BaseModel):
+    image_id: str
+    url: str
+    position: int
+    descriptor: list[float]
+
+
+class CandidatesResponse(BaseModel):
+    impression_id: str
+    design_id: str
+    user_id: str
+    model_version: str
+    personalization: Personalization = Field(
+        description="personalized (preference features), cold_start (profile features only) or base (no features)"
+    )
+    seed: int
+    candidates: list[CandidateOut]
+
+
+class EventAccepted(BaseModel):
+    event_id: str
+    kind: str
+    topic: str
+
+
+class DesignStatusResponse(BaseModel):
+    design_id: str
+    merchant_id: str
+    prompt: str
+    order_threshold: int
+    net_orders: int
+    production_triggered: bool
+    production_ts: float | None
+    demand_source: str = Field(description="where net_orders and production_triggered come from")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model_version: str
+    uptime_s: float
+
+
+class ErrorResponse(BaseModel):
+    detail: str
