@@ -4,10 +4,10 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 CACHE_DIR ?= $(HOME)/.cache/perfusion
-LOCK := requirements.lock
-# The virtualenv lives outside the clone, keyed by the lock file, so a second clone or a second `make test`
+LOCKS := requirements.lock requirements-dev.lock
+# The virtualenv lives outside the clone, keyed by both lock files (runtime and development), so a second clone or a second `make test`
 # on the same machine reuses it instead of reinstalling torch.
-VENV := $(CACHE_DIR)/venv-$(shell sha256sum $(LOCK) | cut -c1-16)
+VENV := $(CACHE_DIR)/venv-$(shell cat $(LOCKS) | sha256sum | cut -c1-16)
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -23,14 +23,14 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-# No prerequisite on purpose: the folder's name already holds the lock file's hash, and a fresh clone's lock file
-# is always newer than a cached virtualenv, which would otherwise be rebuilt every time.
+# No prerequisite on purpose: the folder's name already holds the lock files' hash, and a fresh clone's lock files
+# are always newer than a cached virtualenv, which would otherwise be rebuilt every time.
 $(VENV)/.installed:
-	@echo "==> creating virtualenv $(VENV) from $(LOCK)"
+	@echo "==> creating virtualenv $(VENV) from $(LOCKS)"
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r $(LOCK)
+	$(BIN)/pip install --quiet -r requirements.lock -r requirements-dev.lock
 	touch $@
 
 setup: $(VENV)/.installed  ## install Python packages (cached) and the Kafka broker's jars
@@ -51,6 +51,7 @@ lint: setup  ## ruff and mypy on the package code
 	$(BIN)/ruff check perfusion streams trainer service harness simulator ops features tests
 	$(BIN)/ruff format --check perfusion streams trainer service harness simulator ops features tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 broker-up: setup  ## start the project's Kafka broker in the background
 	$(BIN)/perfusion broker up

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_preferences_agent import assert_features_close, reference_features
 
 from perfusion.contracts.records import DeadLetter
 from perfusion.contracts.topics import TopicNames, ensure_topics
@@ -23,6 +22,7 @@ from perfusion.paths import REPO_ROOT
 from simulator.traffic import TrafficConfig, TrafficSimulator, encode, produce_events
 from streams.dead_letters import original_bytes
 from streams.settings import StreamSettings
+from tests.streams.test_preferences_agent import assert_features_close, reference_features
 
 WAIT_S = 240.0
 VALID_CLICK = {

@@ -10,9 +10,10 @@ import torch
 
 from perfusion.attributes import DESCRIPTOR_DIM
 from perfusion.contracts.records import GradedCandidate, GroupSample
-from perfusion.models.base import BaseModelConfig, build_train_scheduler, build_unet
+from perfusion.models.base import build_train_scheduler, build_unet
 from perfusion.text_encoder import TextEncoder
 from perfusion.user_features import USER_DIM
+from tests.fixtures import TINY_BASE
 from trainer.batches import GroupBatch, collate_groups
 from trainer.settings import TrainerSettings
 from trainer.updates import (
@@ -23,15 +24,6 @@ from trainer.updates import (
     noised_inputs,
     run_update,
 )
-
-TINY_BASE = BaseModelConfig(
-    sample_size=8, block_out_channels=(16, 32), layers_per_block=1, attention_heads=2, norm_num_groups=8
-)
-
-
-@pytest.fixture(scope="module")
-def text_encoder() -> TextEncoder:
-    return TextEncoder()
 
 
 def tiny_models(settings: TrainerSettings) -> TrainingModels:

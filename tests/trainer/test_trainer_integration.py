@@ -4,6 +4,7 @@ crash between publish and commit neither lose nor double-train samples."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,18 +16,17 @@ from perfusion.checkpoints import ModelStore, save_component
 from perfusion.contracts.records import GradedCandidate, GroupSample, ModelUpdated, TrainRequest
 from perfusion.contracts.topics import TopicNames, ensure_topics
 from perfusion.image_store import catalog_image_id
-from perfusion.models.base import BaseModelConfig, build_unet, unet_component_config
+from perfusion.models.base import build_unet, unet_component_config
 from perfusion.models.reward import PerFusionRM, RewardModelConfig
 from perfusion.text_encoder import TextEncoder
 from perfusion.user_features import USER_VECTOR_SLICES
+from tests import fixtures
 from trainer.gate import belongs_to_heldout
 from trainer.loop import Trainer, build_trainer
 from trainer.reward_pretrain import save_reward_towers
 from trainer.settings import TrainerSettings
 
-TINY_BASE = BaseModelConfig(
-    sample_size=16, block_out_channels=(16, 32), layers_per_block=1, attention_heads=2, norm_num_groups=8
-)
+TINY_BASE = dataclasses.replace(fixtures.TINY_BASE, sample_size=16)
 IMPRESSION_TS = 1_750_000_000.0
 FEATURED_USER = "shopper-featured"
 HELDOUT_FRACTION = 0.3

@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_worker_integration import read_dead_letters
 
 from perfusion.attributes import DESCRIPTOR_DIM
 from perfusion.contracts.records import (
@@ -40,8 +39,9 @@ from streams.dead_letters import original_bytes
 from streams.demand import batch_production_orders
 from streams.grouping import batch_group_outputs
 from streams.settings import StreamSettings
+from tests.streams.test_worker_integration import read_dead_letters
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 4
 WINDOW_S = 20.0
 LATENESS_S = 5.0

@@ -171,7 +171,7 @@ def test_fixture_fails_rather_than_skips_when_the_broker_cannot_start(
     monkeypatch.setenv("PERFUSION_CACHE_DIR", str(broken_cache))
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
     monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
-    pytester.makeconftest(Path(__file__).with_name("conftest.py").read_text())
+    pytester.makeconftest(Path(__file__).parents[1].joinpath("fixtures.py").read_text())
     pytester.makepyfile(test_needs_kafka="def test_needs_kafka(kafka_bootstrap):\n    assert kafka_bootstrap\n")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(errors=1)

@@ -16,7 +16,7 @@ from perfusion.models.attribute_classifier import build_attribute_classifier
 from perfusion.models.base import QUICK_CONFIG, build_unet, load_pretrained_unet
 from perfusion.sampling import BaseGenerator
 from perfusion.text_encoder import CaptionStates
-from tests.test_base_model import tiny_stable_diffusion_folder
+from tests.perfusion.test_base_model import tiny_stable_diffusion_folder
 from trainer.attribute_classifier import ClassifierTrainingConfig, augment, classifier_loss
 from trainer.pretrain import EMA, PretrainConfig, learning_rate_at, train_unet
 from trainer.reward_pretrain import has_reward_towers

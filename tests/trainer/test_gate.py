@@ -10,22 +10,14 @@ import torch
 
 from perfusion.attributes import DESCRIPTOR_DIM
 from perfusion.contracts.records import GradedCandidate, GroupSample
-from perfusion.models.base import BaseModelConfig, build_train_scheduler, build_unet
+from perfusion.models.base import build_train_scheduler, build_unet
 from perfusion.text_encoder import TextEncoder
 from perfusion.user_features import USER_DIM
+from tests.fixtures import TINY_BASE
 from trainer.batches import GroupBatch, collate_groups
 from trainer.gate import belongs_to_heldout, draw_images, evaluate_reward_model, run_gate
 from trainer.settings import TrainerSettings
 from trainer.updates import TrainingModels, build_training_models, run_update
-
-TINY_BASE = BaseModelConfig(
-    sample_size=8, block_out_channels=(16, 32), layers_per_block=1, attention_heads=2, norm_num_groups=8
-)
-
-
-@pytest.fixture(scope="module")
-def text_encoder() -> TextEncoder:
-    return TextEncoder()
 
 
 def tiny_models(settings: TrainerSettings) -> TrainingModels:

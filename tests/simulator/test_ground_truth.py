@@ -9,7 +9,7 @@ import pytest
 from perfusion.attributes import COLOURS
 from simulator.ground_truth import PIXEL_FEATURE_NAMES, PixelPreferencePanel, pixel_features
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BACKGROUND = (240, 240, 240)
 
 

@@ -25,11 +25,6 @@ USER = np.linspace(0.0, 1.0, USER_DIM, dtype=np.float32)
 PROMPT = "a blue dotted dress"
 
 
-@pytest.fixture(scope="module")
-def text_encoder() -> TextEncoder:
-    return TextEncoder()
-
-
 def trained_like_adaptive(unet: torch.nn.Module, seed: int) -> AdaptiveNetwork:
     """An adaptive network as a trainer might publish it: zero convolutions moved away from zero."""
     adaptive = AdaptiveNetwork(unet, ADAPTIVE_CONFIG)  # type: ignore[arg-type]

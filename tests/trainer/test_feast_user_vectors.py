@@ -11,7 +11,7 @@ from perfusion.attributes import Attributes
 from perfusion.contracts.records import GradedCandidate, GroupSample
 from perfusion.image_store import catalog_image_id
 from perfusion.user_features import user_vector
-from tests.test_trainer_integration import FEATURED_USER, IMPRESSION_TS, push_features
+from tests.trainer.test_trainer_integration import FEATURED_USER, IMPRESSION_TS, push_features
 from trainer.loop import FeastUserVectors
 
 

@@ -96,6 +96,6 @@ def test_registry_and_parser_need_no_torch() -> None:
         "bench.register(argparse.ArgumentParser().add_subparsers()); print('torch' in sys.modules)"
     )
     result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2]
     )
     assert result.stdout.strip() == "False"

@@ -77,11 +77,6 @@ def tiny_generator(text_encoder: TextEncoder) -> PersonalizedGenerator:
 
 
 @pytest.fixture(scope="module")
-def text_encoder() -> TextEncoder:
-    return TextEncoder()
-
-
-@pytest.fixture(scope="module")
 def feature_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A real Feast store (sqlite online) applied in a temp dir, with a cold user and a known user."""
     from perfusion.feature_store import FeaturePusher, apply_feature_repo
