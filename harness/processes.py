@@ -7,7 +7,6 @@ own while the loop still needs it is reported with the tail of its log.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -133,22 +132,3 @@ class ProcessSupervisor:
             stopped.append(supervised.name)
         self.processes = []
         return stopped
-
-
-def subprocess_environment(state_dir: Path, bootstrap: str, topic_prefix: str, partitions: int) -> dict[str, str]:
-    """The environment every loop process shares: one state folder, one broker, one topic prefix."""
-    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    return {
-        **os.environ,
-        "PYTHONPATH": python_path,
-        "PERFUSION_STATE_DIR": str(state_dir),
-        "PERFUSION_FEAST_DIR": str(state_dir / "feast"),
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "PERFUSION_TOPIC_PREFIX": topic_prefix,
-        "PERFUSION_PARTITIONS": str(partitions),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "FEAST_USAGE": "False",
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-        "PYTHONUNBUFFERED": "1",
-    }

@@ -24,9 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +34,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from harness.loop import LoopPlace, cli_arguments, loop_process, process_environment
 from perfusion.attributes import ATTRIBUTE_KINDS
 from perfusion.errors import ConfigError, InfrastructureError
 from perfusion.paths import REPO_ROOT
@@ -292,51 +291,33 @@ def design_owner(population: Population, prompt: str) -> str:
 # ------------------------------------------------------------------------------------------- one arm's loop
 
 
-@contextlib.contextmanager
-def arm_environment(arm_dir: Path, bootstrap: str, topic_prefix: str) -> Iterator[dict[str, str]]:
-    """Point this process's Feast and state at the arm's folder (restored afterwards); yields the worker's env."""
-    variables = {
-        "PERFUSION_STATE_DIR": str(arm_dir / "state"),
-        "PERFUSION_FEAST_DIR": str(arm_dir / "state" / "feast"),
-        "PERFUSION_ONLINE_STORE": "sqlite",
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "PERFUSION_TOPIC_PREFIX": topic_prefix,
-        "FEAST_USAGE": "False",
-    }
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+# What this process itself reads of an arm's place: Feast's folder and store, the broker and the topic prefix.
+ARM_VARIABLES = (
+    "PERFUSION_STATE_DIR",
+    "PERFUSION_FEAST_DIR",
+    "PERFUSION_ONLINE_STORE",
+    "KAFKA_BOOTSTRAP_SERVERS",
+    "PERFUSION_TOPIC_PREFIX",
+    "FEAST_USAGE",
+)
 
 
 @contextlib.contextmanager
-def stream_worker(env: dict[str, str], topic_prefix: str, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+def arm_environment(arm_dir: Path, bootstrap: str, topic_prefix: str) -> Iterator[LoopPlace]:
+    """Point this process's Feast and state at the arm's folder (restored afterwards); yields the arm's place, from
+    which the worker gets the same environment."""
+    place = LoopPlace(bootstrap, state_dir=arm_dir / "state", topic_prefix=topic_prefix, online_store="sqlite")
+    environment = place.environment({})
+    with process_environment({name: environment[name] for name in ARM_VARIABLES}):
+        yield place
+
+
+@contextlib.contextmanager
+def stream_worker(place: LoopPlace, log_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
     """``perfusion worker`` for one arm (one partition, so one watermark), stopped with SIGTERM afterwards."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log_file:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "ops", "worker", "--partitions", "1", "--topic-prefix", topic_prefix],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log_file,
-            stderr=log_file,
-        )
-    try:
-        yield worker
-    finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+    arguments = cli_arguments("worker", "--partitions", "1", "--topic-prefix", place.topic_prefix)
+    with loop_process(place, "worker", arguments, log_dir, stop_grace_s=60.0) as supervised:
+        yield supervised.process
 
 
 class ArmGenerator:
@@ -497,8 +478,7 @@ def run_arm(
     topics = TopicNames.for_prefix(topic_prefix)
     marketplace = Marketplace(panel, BehaviourConfig())
     traffic = TrafficSimulator(TrafficConfig(seed=config.seed, model_version="base"))
-    log_path = arm_dir / "worker.log"
-    with arm_environment(arm_dir, bootstrap, topic_prefix) as env:
+    with arm_environment(arm_dir, bootstrap, topic_prefix) as place:
         apply_feature_repo()
         ensure_topics(bootstrap, topics, partitions=1)
         push_profiles(panel, population.train_users + population.cold_users, origin - 86_400.0)
@@ -526,7 +506,7 @@ def run_arm(
         recorded_vectors = ImpressionTimeUserVectors()
         trainer = build_trainer(settings, text_encoder=text_encoder, user_vectors=recorded_vectors)
         live_groups = 0
-        with stream_worker(env, topic_prefix, log_path) as worker:
+        with stream_worker(place, arm_dir) as worker:
             for round_index in range(config.rounds + 1):
                 version = generator.follow_latest()
                 run.versions.append(version)
@@ -609,7 +589,7 @@ def run_arm(
                     last_event_ts,
                     worker,
                     config.wait_s,
-                    log_path,
+                    arm_dir / "worker.log",
                 )
                 summary = trainer.run(once=True)
                 run.refusals = len(summary.refusals)

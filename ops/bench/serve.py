@@ -127,7 +127,8 @@ def run_serve_benchmark(config: ServeBenchConfig, bootstrap_servers: str | None 
     from kafka import KafkaProducer
 
     from ops.demo.client import histogram_mean
-    from ops.demo.loop import environment, push_profiles
+    from harness.loop import process_environment
+    from ops.demo.loop import push_profiles
     from perfusion.checkpoints import ModelStore
     from perfusion.contracts.topics import TopicNames, ensure_topics
     from perfusion.feature_store import apply_feature_repo, open_feature_store
@@ -148,7 +149,7 @@ def run_serve_benchmark(config: ServeBenchConfig, bootstrap_servers: str | None 
     ensure_topics(bootstrap, topics, 1)
     with tempfile.TemporaryDirectory(prefix="perfusion-bench-serve-") as tmp:
         state = Path(tmp)
-        with environment({"PERFUSION_STATE_DIR": str(state), "PERFUSION_FEAST_DIR": str(state / "feast")}):
+        with process_environment({"PERFUSION_STATE_DIR": str(state), "PERFUSION_FEAST_DIR": str(state / "feast")}):
             apply_feature_repo()
             push_profiles(_OneProfile(), [PERSONALIZED_USER])
             store = ModelStore(state / "models")

@@ -32,13 +32,11 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -145,10 +143,13 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def run_stream_benchmark(config: StreamBenchConfig) -> dict[str, Any]:
+    from harness.loop import LoopPlace, cli_arguments, loop_process, running_broker
     from perfusion.contracts.topics import TopicNames, ensure_topics
 
-    bootstrap = _broker()
-    with tempfile.TemporaryDirectory(prefix="perfusion-bench-streams-") as scratch:
+    with (
+        running_broker(keep_running=True) as bootstrap,
+        tempfile.TemporaryDirectory(prefix="perfusion-bench-streams-") as scratch,
+    ):
         feast_dir = Path(scratch) / "feast"
         _apply_feast(feast_dir)
         prefix = f"bench-{uuid.uuid4().hex[:8]}."
@@ -159,7 +160,10 @@ def run_stream_benchmark(config: StreamBenchConfig) -> dict[str, Any]:
         ceiling = asyncio.run(
             _raw_consumer_rate(bootstrap, names.events, config.partitions, config.events, config.timeout_s)
         )
-        with _worker_process(bootstrap, prefix, config, Path(scratch)) as worker:
+        place = LoopPlace(bootstrap, state_dir=Path(scratch) / "state", topic_prefix=prefix, feast_dir=feast_dir)
+        worker_arguments = cli_arguments("worker", f"--partitions={config.partitions}", "--loglevel=warning")
+        with loop_process(place, "worker", worker_arguments, log_dir=Path(scratch)) as supervised:
+            worker = supervised.process
             throughput = _worker_rate(bootstrap, f"{prefix}perfusion-worker", names.events, config, worker)
             freshness = _freshness(bootstrap, names.events, f"{prefix}perfusion-worker", config, worker)
         stage_costs = _stage_costs(events[: min(len(events), 5000)], feast_dir)
@@ -189,20 +193,6 @@ def run_stream_benchmark(config: StreamBenchConfig) -> dict[str, Any]:
 
 def _target(target: str, measured: float | None, met: bool) -> dict[str, Any]:
     return {"target": target, "measured": None if measured is None else round(measured, 4), "met": bool(met)}
-
-
-def _broker() -> str:
-    """KAFKA_BOOTSTRAP_SERVERS, else the project's broker, started when it is down (and left running, as after
-    `perfusion broker up`: other commands may be using it by the time the benchmark ends)."""
-    configured = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
-    if configured:
-        return configured
-    from harness.infra.kafka_broker import KafkaBroker, KafkaBrokerConfig
-
-    status = KafkaBroker(KafkaBrokerConfig()).start()
-    if status.address is None:
-        raise InfrastructureError("the project's Kafka broker runs but has not written its address; retry")
-    return status.address
 
 
 def _apply_feast(feast_dir: Path) -> None:
@@ -252,35 +242,6 @@ async def _raw_consumer_rate(
     if received < expected:
         raise InfrastructureError(f"the raw consumer read {received} of {expected} events in {timeout_s} s")
     return {"events": received, "seconds": elapsed, "events_per_s": received / elapsed}
-
-
-@contextmanager
-def _worker_process(
-    bootstrap: str, prefix: str, config: StreamBenchConfig, scratch: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    log_path = scratch / "worker.log"
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO_ROOT),
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "PERFUSION_TOPIC_PREFIX": prefix,
-        "PERFUSION_STATE_DIR": str(scratch / "state"),
-        "HF_HUB_OFFLINE": "1",
-    }
-    command = [sys.executable, "-m", "ops", "worker", f"--partitions={config.partitions}", "--loglevel=warning"]
-    with log_path.open("wb") as log:
-        worker = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        yield worker
-    finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-        if worker.returncode not in (0, -15):
-            print(log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
 
 
 def _committed(admin: Any, group_id: str, topic: str) -> int:

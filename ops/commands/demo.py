@@ -11,12 +11,8 @@ started here is stopped at the end, also on Ctrl-C and on errors.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import os
 import shutil
-import time
-from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -70,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
     shutil.rmtree(run_dir, ignore_errors=True)  # each demo starts from the base model and empty stores
     run_dir.mkdir(parents=True)
     try:
-        with _broker() as bootstrap:
+        from harness.loop import running_broker
+
+        with running_broker(announce=_step) as bootstrap:
             _step(f"Kafka at {bootstrap}")
             run_loop(settings, panel, bootstrap, run_dir)
     except KeyboardInterrupt:
@@ -81,30 +79,3 @@ def run(args: argparse.Namespace) -> int:
 
 def _step(message: str) -> None:
     print(f"==> {message}", flush=True)
-
-
-@contextlib.contextmanager
-def _broker() -> Iterator[str]:
-    """The broker's address; starts the project's broker when none is configured, and stops it afterwards."""
-    configured = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
-    if configured:
-        yield configured
-        return
-    from harness.infra.kafka_broker import KafkaBroker
-
-    broker = KafkaBroker()
-    was_running = broker.status().running
-    started = time.monotonic()
-    address = broker.start().address
-    if address is None:
-        from perfusion.errors import InfrastructureError
-
-        raise InfrastructureError(f"the Kafka broker in {broker.state_dir} started without an address")
-    if not was_running:
-        _step(f"started Kafka in {time.monotonic() - started:.1f} s")
-    try:
-        yield address
-    finally:
-        if not was_running:
-            broker.stop()
-            _step("stopped Kafka")

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         return run_probe(args)
     if args.reward_probe:
         return run_reward_probe(args)
-    from ops.commands.demo import _broker
+    from harness.loop import running_broker
     from simulator.evaluation import EvaluationConfig, run_evaluation
     from simulator.report import write_report
 
@@ -137,7 +137,10 @@ def run(args: argparse.Namespace) -> int:
     values = {key: value for key, value in overrides.items() if value is not None}
     config = EvaluationConfig.quick(**values) if args.quick else EvaluationConfig(**values)
     command = command_line(args)
-    with _broker() as bootstrap, tempfile.TemporaryDirectory(prefix="perfusion-eval-") as scratch:
+    with (
+        running_broker(announce=lambda message: print(f"==> {message}", flush=True)) as bootstrap,
+        tempfile.TemporaryDirectory(prefix="perfusion-eval-") as scratch,
+    ):
         work_dir = args.work_dir or Path(scratch)
         result = run_evaluation(config, bootstrap, work_dir)
     markdown = write_report(result, args.out, command, markdown_path=args.docs, notes_path=args.notes)

@@ -16,13 +16,12 @@ the tests hand a :class:`simulator.ground_truth.PixelPreferencePanel` in).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from harness.loop import cli_arguments
 from ops.demo.shoppers import (
     ShopperBehaviour,
     action_events,
@@ -112,9 +112,7 @@ class LoopSettings:
 
     def worker_arguments(self) -> list[str]:
         """``perfusion worker`` with windows short enough that a group closes seconds after its impression."""
-        return [
-            "-m",
-            "ops",
+        return cli_arguments(
             "worker",
             f"--group-window-s={self.window_s}",
             f"--group-allowed-lateness-s={self.lateness_s}",
@@ -122,21 +120,19 @@ class LoopSettings:
             f"--train-samples-per-request={self.samples_per_request}",
             f"--train-max-wait-s={self.max_wait_s}",
             "--train-tick-s=1",
-        ]
+        )
 
     def trainer_arguments(self) -> list[str]:
-        return [
-            "-m",
-            "ops",
+        return cli_arguments(
             "train",
             f"--reward-steps={self.reward_steps}",
             f"--diffusion-steps={self.diffusion_steps}",
             f"--groups-per-batch={self.groups_per_batch}",
             f"--seed={self.seed}",
-        ]
+        )
 
     def service_arguments(self, port: int) -> list[str]:
-        return ["-m", "ops", "serve", f"--port={port}", f"--steps={self.sampling_steps}", "--poll=0.25"]
+        return cli_arguments("serve", f"--port={port}", f"--steps={self.sampling_steps}", "--poll=0.25")
 
 
 @dataclass
@@ -256,21 +252,6 @@ def format_summary(outcome: LoopOutcome) -> str:
     )
 
 
-@contextlib.contextmanager
-def environment(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for this process, and restore them afterwards."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def push_profiles(panel: ShopperPanel, user_ids: Sequence[str]) -> None:
     """Each shopper's sign-up profile (age group, region) to Feast's user_profile view, online and offline."""
     from datetime import UTC, datetime
@@ -379,7 +360,8 @@ def run_loop(
 ) -> LoopOutcome:
     """Run the loop in ``run_dir`` (state, logs) against the broker at ``bootstrap``; see the module docstring."""
     from harness.infra.process import free_port
-    from harness.processes import ProcessSupervisor, subprocess_environment
+    from harness.loop import LoopPlace, process_environment
+    from harness.processes import ProcessSupervisor
     from ops.demo.client import ServiceClient
     from ops.demo.observer import LoopObserver
     from ops.feature_table import format_feature_table
@@ -389,11 +371,18 @@ def run_loop(
     started = time.monotonic()
     topic_prefix = f"demo-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}."
     names = TopicNames.for_prefix(topic_prefix)
-    env = subprocess_environment(run_dir, bootstrap, topic_prefix, settings.partitions)
+    place = LoopPlace(
+        bootstrap,
+        state_dir=run_dir,
+        topic_prefix=topic_prefix,
+        partitions=settings.partitions,
+        extra_environment={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+    )
+    env = place.environment()
     shoppers = panel.user_ids()
     merchants = [f"merchant-{index}" for index in range(len(settings.prompts))]
     local = {key: env[key] for key in ("PERFUSION_STATE_DIR", "PERFUSION_FEAST_DIR", "FEAST_USAGE")}
-    with environment(local):
+    with process_environment(local):
         applied = apply_feature_repo()
         emit(f"==> Feast repo applied in {applied.feast_dir}: {', '.join(applied.feature_views)}")
         ensure_topics(bootstrap, names, settings.partitions)

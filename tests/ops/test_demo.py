@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from harness.loop import CLI_MODULE, process_environment
 from harness.processes import ProcessExited, ProcessSupervisor
 from ops.cli import build_parser
 from ops.demo.client import histogram_mean
@@ -18,7 +19,6 @@ from ops.demo.loop import (
     LoopOutcome,
     LoopSettings,
     RoundReport,
-    environment,
     format_round,
     format_summary,
     goals_met,
@@ -210,7 +210,7 @@ def test_loop_settings_validate_and_build_command_lines_the_cli_accepts():
     settings = LoopSettings()
     parser = build_parser()
     for arguments in (settings.worker_arguments(), settings.trainer_arguments(), settings.service_arguments(8123)):
-        assert arguments[:2] == ["-m", "ops"]
+        assert arguments[:2] == ["-m", CLI_MODULE]
         parsed = parser.parse_args(arguments[2:])
         assert callable(parsed.handler)
     worker = parser.parse_args(settings.worker_arguments()[2:])
@@ -221,7 +221,7 @@ def test_loop_settings_validate_and_build_command_lines_the_cli_accepts():
 def test_environment_is_restored(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("PERFUSION_DEMO_TEST_SET", "before")
     monkeypatch.delenv("PERFUSION_DEMO_TEST_UNSET", raising=False)
-    with environment({"PERFUSION_DEMO_TEST_SET": "during", "PERFUSION_DEMO_TEST_UNSET": "during"}):
+    with process_environment({"PERFUSION_DEMO_TEST_SET": "during", "PERFUSION_DEMO_TEST_UNSET": "during"}):
         import os
 
         assert os.environ["PERFUSION_DEMO_TEST_SET"] == "during"
