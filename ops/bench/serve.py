@@ -126,8 +126,8 @@ def run_serve_benchmark(config: ServeBenchConfig, bootstrap_servers: str | None 
     from fastapi.testclient import TestClient
     from kafka import KafkaProducer
 
-    from ops.demo.client import histogram_mean
     from harness.loop import process_environment
+    from ops.demo.client import histogram_mean
     from ops.demo.loop import push_profiles
     from perfusion.checkpoints import ModelStore
     from perfusion.contracts.topics import TopicNames, ensure_topics
