@@ -116,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
     if args.reward_probe:
         return run_reward_probe(args)
     from harness.loop import running_broker
-    from simulator.evaluation import EvaluationConfig, run_evaluation
-    from simulator.report import write_report
+    from simulator.eval.arm import EvaluationConfig, run_evaluation
+    from simulator.eval.report import write_report
 
     overrides = {
         "rounds": args.rounds,
@@ -149,9 +149,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_probe(args: argparse.Namespace) -> int:
-    """``perfusion eval --probe``: simulator/generator_probe.py, no broker needed."""
-    from simulator.generator_probe import ProbeConfig, render_probe_markdown
-    from simulator.generator_probe import run_probe as probe
+    """``perfusion eval --probe``: simulator/probes/generator_probe.py, no broker needed."""
+    from simulator.probes.generator_probe import ProbeConfig, render_probe_markdown
+    from simulator.probes.generator_probe import run_probe as probe
 
     overrides = {
         "arms": tuple(args.arms) if args.arms else None,
@@ -184,9 +184,9 @@ def _write_probe(args: argparse.Namespace, name: str, result: dict[str, Any], ma
 
 
 def run_reward_probe(args: argparse.Namespace) -> int:
-    """``perfusion eval --reward-probe``: simulator/reward_probe.py, no broker needed."""
-    from simulator.reward_probe import RewardProbeConfig, render_reward_probe_markdown
-    from simulator.reward_probe import run_reward_probe as probe
+    """``perfusion eval --reward-probe``: simulator/probes/reward_probe.py, no broker needed."""
+    from simulator.probes.reward_probe import RewardProbeConfig, render_reward_probe_markdown
+    from simulator.probes.reward_probe import run_reward_probe as probe
 
     overrides = {
         "users": args.users,

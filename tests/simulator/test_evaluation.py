@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from perfusion.errors import ConfigError
-from simulator.evaluation import (
+from simulator.eval.arm import (
     BASELINE_ARM,
     COLD_START,
     LIVE,
@@ -223,7 +223,7 @@ def test_missing_notes_file_is_refused_before_the_run(tmp_path: Path, capsys: py
 
 
 def test_arms_run_one_per_two_cores_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
-    from simulator.evaluation import arms_at_once
+    from simulator.eval.arm import arms_at_once
 
     six_arms = EvaluationConfig()
     monkeypatch.setattr("os.cpu_count", lambda: 2)

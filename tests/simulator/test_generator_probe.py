@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from perfusion.errors import ConfigError
-from simulator.generator_probe import ProbeConfig, partner_from_another_segment, segment_separability
+from simulator.probes.generator_probe import ProbeConfig, partner_from_another_segment, segment_separability
 
 
 def _vectors(values: dict[str, list[float]]) -> dict[str, np.ndarray]:
@@ -109,8 +109,8 @@ class _RandomImages:
 
 
 def test_true_utility_labels_mark_each_groups_best_image_and_leave_u_to_the_clicks() -> None:
-    from simulator.generator_probe import log_base_groups
     from simulator.ground_truth import PixelPreferencePanel
+    from simulator.probes.generator_probe import log_base_groups
 
     panel = PixelPreferencePanel(n_users=4, seed=0)
     users = panel.user_ids()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from perfusion.errors import ConfigError
-from simulator.reward_probe import REWARD_PROBE_MODELS, RewardProbeConfig
+from simulator.probes.reward_probe import REWARD_PROBE_MODELS, RewardProbeConfig
 
 
 def test_settings_refuse_bad_values_with_the_field() -> None:

@@ -1,6 +1,6 @@
 """Offline probe of one generator update: trained on logged groups, whose images get better, and for whom?
 
-The live evaluation (:mod:`simulator.evaluation`) runs every arm through the whole loop, where an update sees a few
+The live evaluation (:mod:`simulator.eval.arm`) runs every arm through the whole loop, where an update sees a few
 dozen groups and its effect is hard to tell from noise. This probe isolates the update:
 
 1. Each training user sees ``groups_per_user`` groups of K candidates from the **base** model (the training prompts
@@ -38,7 +38,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from perfusion.errors import ConfigError
-from simulator.evaluation import TRAIN_PROMPTS, EvaluationConfig, arm_inputs, grades_of, interval
+from simulator.eval.arm import TRAIN_PROMPTS, EvaluationConfig, arm_inputs, grades_of, interval
 from simulator.marketplace import Marketplace
 
 if TYPE_CHECKING:
@@ -373,7 +373,7 @@ def _mean_with_interval(values: list[float], config: ProbeConfig) -> dict[str, A
 
 def render_probe_markdown(result: dict[str, Any], command: str) -> str:
     """The probe's table: utility difference overall and per segment, pixel movement, training accuracy."""
-    from simulator.report import markdown_table, signed_interval
+    from simulator.eval.report import markdown_table, signed_interval
 
     arms = result["arms"]
     segments = sorted({segment for values in arms.values() for segment in values["by_segment"]})
@@ -390,7 +390,7 @@ def render_probe_markdown(result: dict[str, Any], command: str) -> str:
         f"{config['k']}; one update of {config['diffusion_steps']} generator steps of {config['groups_per_batch']} "
         "groups per arm, with the trainer's code and the arm's learning rate; then the same prompts and seeds for "
         "every training user, trained generator against base. Values: mean true utility per image less base's, 95% "
-        "bootstrap interval over users (overall) or over the segment's users. See simulator/generator_probe.py.",
+        "bootstrap interval over users (overall) or over the segment's users. See simulator/probes/generator_probe.py.",
         "",
     ]
     header = ["arm", "all users", *segments, "own u over another segment's", "pixel shift", "train implicit accuracy"]

@@ -5,7 +5,7 @@ number with a wide interval. This probe asks the question with more data and few
 
 1. Each user sees ``train_groups`` base-model groups (the training prompts in turn) and then ``heldout_groups``
    more with new seeds (every prompt, held-out ones included); the simulated shopper grades them all. The user
-   vector u is what the shop knows after the training groups (:func:`simulator.generator_probe.log_base_groups`).
+   vector u is what the shop knows after the training groups (:func:`simulator.probes.generator_probe.log_base_groups`).
 2. Four reward models learn from the training groups with the trainer's own step
    (:func:`trainer.updates.reward_model_step`, the group-wise ranking loss): PerFusionRM and the same towers without
    plug-ins, each from random towers and from the catalog-pretrained ones (:mod:`trainer.reward_pretrain`).
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from perfusion.errors import ConfigError
-from simulator.evaluation import (
+from simulator.eval.arm import (
     HELDOUT_PROMPTS,
     TRAIN_PROMPTS,
     TRUE_UTILITY_CEILING,
@@ -39,7 +39,7 @@ from simulator.evaluation import (
     interval,
     reward_model_scores,
 )
-from simulator.generator_probe import PROBE_LABELS, LoggedGroups, ProbeConfig, log_base_groups, probe_inputs
+from simulator.probes.generator_probe import PROBE_LABELS, LoggedGroups, ProbeConfig, log_base_groups, probe_inputs
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def _group_pixels(logged: LoggedGroups, sample: Any) -> Any:
 
 
 def render_reward_probe_markdown(result: dict[str, Any], command: str) -> str:
-    from simulator.report import signed_interval
+    from simulator.eval.report import signed_interval
 
     config = result["config"]
     lines = [
@@ -180,7 +180,7 @@ def render_reward_probe_markdown(result: dict[str, Any], command: str) -> str:
         f"({result['train_groups']} groups), {config['heldout_groups']} new groups each to be scored on "
         f"({result['heldout_groups']}, {result['heldout_groups_with_both_classes']} with a positive and a negative); "
         f"K = {config['k']}; positives: {PROBE_LABELS[config['labels']]}; {config['steps']} steps of "
-        f"{config['groups_per_batch']} groups per model. See simulator/reward_probe.py.",
+        f"{config['groups_per_batch']} groups per model. See simulator/probes/reward_probe.py.",
         "",
         "| reward model | held-out GAUC | held-out MAP | training GAUC |",
         "| --- | --- | --- | --- |",
