@@ -95,21 +95,23 @@ class PretrainResult:
 
 
 class EMA(Generic[ModuleT]):
-    """Exponential moving average of a module's parameters, kept in a separate copy."""
+    """Exponential moving average of a module's parameters (diffusers' ``EMAModel``), kept as a module of its own
+    (``shadow``) that can be sampled from and saved like the live one."""
 
     def __init__(self, module: ModuleT, decay: float) -> None:
+        from diffusers.training_utils import EMAModel
+
         self.decay = decay
         self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
-        self.updates = 0
+        # Warm-up: the n-th update uses decay min(decay, (1 + n) / (10 + n)), so early averages are not dominated by
+        # the random initialisation. EMAModel counts from update_after_step + 1, hence -1: the first update already
+        # averages (2/11) instead of copying the live weights.
+        self._average = EMAModel(module.parameters(), decay=decay, update_after_step=-1, foreach=True)
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
-        self.updates += 1
-        # Warm-up: early averages must not be dominated by the random initialisation.
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        shadow = [p.data for p in self.shadow.parameters()]
-        live = [p.detach() for p in module.parameters()]
-        torch._foreach_lerp_(shadow, live, 1.0 - decay)
+        self._average.step(module.parameters())
+        self._average.copy_to(self.shadow.parameters())
 
 
 def learning_rate_at(step: int, config: PretrainConfig, elapsed_s: float = 0.0) -> float:
