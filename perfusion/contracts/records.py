@@ -5,12 +5,20 @@ way in by :func:`parse_event`; anything that fails goes to the dead-letter topic
 original bytes. Outbound records (group samples and drops, production orders, training requests, model
 updates) are pydantic models too, serialized as JSON with :meth:`to_bytes`.
 
-Every record carries ``schema_version``; a reader refuses versions it does not know.
+Every record carries ``schema_version``; a reader refuses versions it does not know (a JSON ``true`` is not the
+version 1). Numbers are finite: NaN and infinities are refused when a record is built, in code or from the wire.
+
+:func:`parse_event` reads untrusted bytes with bounds, so that no message can make it raise anything but
+:class:`InvalidEvent`: at most :data:`MAX_EVENT_BYTES` bytes, JSON nested at most :data:`MAX_JSON_DEPTH` levels
+(Python's decoder raises ``RecursionError`` on a few thousand), integers of at most :data:`MAX_INTEGER_DIGITS` digits
+(``int()`` raises ``ValueError`` beyond 4,300 digits, and no field needs more than a few).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 from typing import Annotated, Final, Literal
 
@@ -22,6 +30,12 @@ SCHEMA_VERSION: Final = 1
 # Events stamped further than this into the future (seconds, by the reader's clock) are rejected.
 MAX_CLOCK_SKEW_S = 300.0
 MAX_K = 16
+# The service refuses bodies over 64 KiB; an impression of MAX_K candidates is about 12 KB of JSON.
+MAX_EVENT_BYTES: Final = 64 * 1024
+# An event is an object of candidates (objects) of descriptors (arrays): depth 4. Some room for what may come.
+MAX_JSON_DEPTH: Final = 16
+# Event time in milliseconds has 13 digits; quantities and thresholds fewer.
+MAX_INTEGER_DIGITS: Final = 20
 
 # Graded labels of a group sample: order > click > none. A returned order is graded down to a click; a
 # merchant selection counts as a click-level positive.
@@ -35,9 +49,17 @@ NonEmptyId = Annotated[str, Field(min_length=1, max_length=128)]
 class Record(BaseModel):
     """Base of every record: frozen, unknown fields forbidden, JSON on the wire."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
     schema_version: Literal[1] = SCHEMA_VERSION
+
+    @field_validator("schema_version", mode="before")
+    @classmethod
+    def _version_is_an_integer(cls, version: object) -> object:
+        # Literal[1] takes True (True == 1 in Python); a version is a number, never a boolean.
+        if isinstance(version, bool):
+            raise ValueError(f"schema_version must be an integer, got {version!r}")
+        return version
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
@@ -161,21 +183,25 @@ _EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
 class InvalidEvent(ValueError):
     """Raised by :func:`parse_event`; ``reason`` is one line that says what is wrong and how to fix it."""
 
+    MAX_REASON_CHARS: Final = 1000
+
     def __init__(self, reason: str) -> None:
+        # One line, bounded: a reason quotes parts of the message (field names, values), which may hold anything.
+        reason = reason.replace("\r", "\\r").replace("\n", "\\n")
+        if len(reason) > self.MAX_REASON_CHARS:
+            reason = reason[: self.MAX_REASON_CHARS - 3] + "..."
         super().__init__(reason)
         self.reason = reason
 
 
 def parse_event(raw: bytes, now: float | None = None) -> AnyEvent:
-    """Decode and validate one inbound event, or raise :class:`InvalidEvent` with a one-line reason."""
-    try:
-        payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidEvent(f"not JSON: {exc}") from None
+    """Decode and validate one inbound event, or raise :class:`InvalidEvent` with a one-line reason; nothing else
+    escapes, whatever ``raw`` holds."""
+    payload = _bounded_json(raw)
     if not isinstance(payload, dict):
         raise InvalidEvent(f"an event must be a JSON object, got {type(payload).__name__}")
     version = payload.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise InvalidEvent(f"unknown schema_version {version!r}; this reader understands {SCHEMA_VERSION}")
     try:
         event = _EVENT_ADAPTER.validate_python(payload)
@@ -188,6 +214,68 @@ def parse_event(raw: bytes, now: float | None = None) -> AnyEvent:
             "send event time in seconds since the epoch"
         )
     return event
+
+
+# An impression of MAX_K candidates has 2 + 2 * MAX_K brackets; a message with more is looked at closely.
+_BRACKETS_OF_THE_LARGEST_EVENT = 2 + 2 * MAX_K
+# An escape pair, a quote or a bracket: all a scan of the nesting needs to see (escapes consumed whole, so an escaped
+# quote never ends a string). No backtracking: linear in the message.
+_NESTING_TOKEN = re.compile(rb'\\.|["\[\]{}]', re.DOTALL)
+
+
+def _nested_deeper_than(raw: bytes, limit: int) -> bool:
+    """Whether arrays and objects in ``raw`` nest deeper than ``limit``, brackets inside strings not counted."""
+    depth = 0
+    in_string = False
+    for match in _NESTING_TOKEN.finditer(raw):
+        token = match.group()
+        if token == b'"':
+            in_string = not in_string
+        elif in_string or len(token) == 2:
+            continue
+        elif token in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _bounded_json(raw: bytes) -> object:
+    """``json.loads`` within the bounds of :func:`parse_event`; every failure is an :class:`InvalidEvent`."""
+    if len(raw) > MAX_EVENT_BYTES:
+        raise InvalidEvent(f"event is {len(raw)} bytes, more than {MAX_EVENT_BYTES}; an event is a small JSON object")
+    if raw.count(b"[") + raw.count(b"{") > _BRACKETS_OF_THE_LARGEST_EVENT and _nested_deeper_than(raw, MAX_JSON_DEPTH):
+        raise InvalidEvent(f"JSON nested deeper than {MAX_JSON_DEPTH} levels; an event is an object of a few levels")
+    try:
+        return json.loads(raw, parse_int=_bounded_int, parse_float=_finite_float, parse_constant=_no_constant)
+    except InvalidEvent:
+        raise
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidEvent(f"not JSON: {exc}") from None
+    except RecursionError:  # not reached within the depth bound; kept so that no input can raise it
+        raise InvalidEvent("JSON nested too deeply to decode") from None
+    except ValueError as exc:  # likewise for the integer bound (Python's own limit is 4,300 digits)
+        raise InvalidEvent(f"not readable JSON: {exc}") from None
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INTEGER_DIGITS:
+        raise InvalidEvent(f"an integer of {digits} digits (more than {MAX_INTEGER_DIGITS}); no field needs one")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)  # a float of any length parses; too large gives inf, refused here
+    if not math.isfinite(value):
+        raise InvalidEvent(f"number {text[:40]} is out of range for a 64-bit float")
+    return value
+
+
+def _no_constant(text: str) -> float:
+    raise InvalidEvent(f"{text} is not a number JSON allows; every number of an event is finite")
 
 
 def validation_reason(exc: ValidationError, whole: str = "event") -> str:
@@ -204,7 +292,12 @@ def validation_reason(exc: ValidationError, whole: str = "event") -> str:
 
 
 class DeadLetter(Record):
-    """An inbound message that could not be used, with why and its original bytes (base64)."""
+    """An inbound message that could not be used: why, where it was read, and the message itself.
+
+    ``original_b64`` holds the original bytes (base64), or only their first bytes when the whole would not fit under
+    the producer's request limit (``truncated``); ``original_sha256`` and ``original_size`` always describe the
+    whole message, so that it can be found again and compared. ``key_b64`` and ``headers`` are the message's own.
+    """
 
     reason: str
     original_b64: str
@@ -212,6 +305,11 @@ class DeadLetter(Record):
     partition: int
     offset: int
     ts: float
+    original_size: int = 0
+    original_sha256: str = ""
+    truncated: bool = False
+    key_b64: str | None = None
+    headers: list[tuple[str, str]] = Field(default_factory=list, description="(name, value in base64) pairs")
 
 
 class GradedCandidate(Record):
@@ -237,14 +335,28 @@ class GroupSample(Record):
 
 
 class GroupDrop(Record):
-    """An impression that ends without a group sample, with the reason; keyed by ``sample_id`` downstream."""
+    """What ends without a group sample, with the reason.
+
+    ``late_impression``: an impression that came after its window had closed; ``sample_id`` is its event_id, and
+    it is keyed so downstream. ``orphan_follow_up``: follow-ups by ``user_id`` that named an impression ``sample_id``
+    which that user was never shown in time (a shared link, an impression that never came); ``impression_ts`` is
+    the earliest of those follow-ups and ``follow_ups`` how many there were. An orphan drop is keyed by
+    ``<sample_id>/<user_id>`` downstream, since the impression named may have a sample of its own.
+    """
 
     sample_id: NonEmptyId
     user_id: NonEmptyId
     design_id: NonEmptyId
-    reason: Literal["late_impression"]
+    reason: Literal["late_impression", "orphan_follow_up"]
     impression_ts: float
     watermark: float
+    follow_ups: int = Field(default=0, ge=0)
+
+    def key(self) -> bytes:
+        """The key of this drop on the drops topic."""
+        if self.reason == "orphan_follow_up":
+            return f"{self.sample_id}/{self.user_id}".encode()
+        return self.sample_id.encode()
 
 
 class ProductionOrder(Record):

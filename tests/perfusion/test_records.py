@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from perfusion.attributes import DESCRIPTOR_DIM, Attributes
 from perfusion.contracts.records import (
     MAX_CLOCK_SKEW_S,
+    MAX_EVENT_BYTES,
+    Candidate,
     Click,
     DeadLetter,
     DesignCreated,
@@ -162,6 +164,76 @@ def test_arbitrary_bytes_either_parse_or_raise_invalid_event(raw: bytes) -> None
         parse_event(raw, now=NOW)
     except InvalidEvent as exc:
         assert exc.reason and "\n" not in exc.reason
+
+
+def test_json_nested_thousands_of_levels_deep_is_rejected_not_a_recursion_error() -> None:
+    deep = b'{"kind": "click", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with pytest.raises(InvalidEvent, match="nested deeper than 16 levels"):
+        parse_event(deep, now=NOW)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    prompt = "[[[[{{{{" * 30 + '\\"]]'  # brackets, an escaped backslash and a quote inside the prompt
+    payload = {**VALID["design"], "prompt": prompt}
+    assert parse_event(encode(payload), now=NOW).prompt == prompt  # type: ignore[union-attr]
+
+
+def test_an_integer_of_5000_digits_is_rejected_not_a_value_error() -> None:
+    raw = encode(VALID["order"]).replace(b'"quantity": 2', b'"quantity": ' + b"7" * 5000)
+    with pytest.raises(InvalidEvent, match="integer of 5000 digits"):
+        parse_event(raw, now=NOW)
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity", b"1e999"])
+def test_non_finite_numbers_are_rejected_at_parsing(constant: bytes) -> None:
+    raw = encode(VALID["click"]).replace(f'"ts": {NOW}'.encode(), b'"ts": ' + constant)
+    with pytest.raises(InvalidEvent, match=r"not a number JSON allows|out of range"):
+        parse_event(raw, now=NOW)
+
+
+def test_records_built_in_code_refuse_nan_and_infinite_values() -> None:
+    with pytest.raises(ValueError, match="finite number"):
+        Candidate(image_id="a", position=0, descriptor=[float("nan")] * DESCRIPTOR_DIM)
+    with pytest.raises(ValueError, match="finite number"):
+        Click(event_id="c", ts=float("inf"), user_id="u", impression_id="i", design_id="d", image_id="a")
+
+
+def test_a_boolean_is_not_a_schema_version() -> None:
+    with pytest.raises(InvalidEvent, match="schema_version True"):
+        parse_event(encode({**VALID["click"], "schema_version": True}), now=NOW)
+    with pytest.raises(ValueError, match="schema_version must be an integer"):
+        Click.model_validate({**VALID["click"], "schema_version": True})
+
+
+def test_a_message_over_the_size_limit_is_rejected_before_decoding() -> None:
+    raw = encode({**VALID["click"], "padding": "x" * MAX_EVENT_BYTES})
+    with pytest.raises(InvalidEvent, match=f"more than {MAX_EVENT_BYTES}"):
+        parse_event(raw, now=NOW)
+
+
+def test_the_largest_valid_impression_fits_every_bound() -> None:
+    candidates = [{**candidate(k), "image_id": "i" * 120 + str(k)} for k in range(16)]
+    payload = {**VALID["impression"], "prompt": "p" * 300, "candidates": candidates}
+    assert len(parse_event(encode(payload), now=NOW).candidates) == 16  # type: ignore[union-attr]
+
+
+hostile_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(kind=st.sampled_from(sorted(VALID)), field=st.text(max_size=12), value=hostile_json)
+def test_any_json_value_in_any_field_parses_or_raises_invalid_event(kind: str, field: str, value: object) -> None:
+    payload = {**VALID[kind], (field or "ts"): value}
+    try:
+        event = parse_event(json.dumps(payload).encode(), now=NOW)
+    except InvalidEvent as exc:
+        assert exc.reason and "\n" not in exc.reason
+    else:
+        assert parse_event(event.to_bytes(), now=NOW) == event
 
 
 def test_dead_letter_is_a_frozen_record() -> None:
