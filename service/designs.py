@@ -3,15 +3,22 @@
 Designs are written by ``POST /designs``. Demand (net orders and whether production was triggered) is *not*
 computed by the service from its own requests: events also reach Kafka from other producers, and the stream
 worker's demand agent is the one authority that fires production exactly once. So the service follows the
-topics with :class:`DemandFollower`, a kafka-python consumer thread started by the service:
+topics with :class:`DemandFollower` (a :class:`~perfusion.follower.TopicFollower` started by the service):
 
-- ``perfusion.events``: every Order adds its quantity, every Return subtracts it; both are deduplicated by
-  event id, so a replayed topic does not count twice;
+- ``perfusion.events``: Orders and Returns, each kept once by event id, so a replayed topic does not count twice.
+  Net orders follow the worker's rule: a return counts only against an order that was counted, and never for more
+  than that order's quantity (returns of one order add up, then are capped at its quantity). A return that arrives
+  before its order waits for it; a return naming an order never seen takes nothing off.
 - ``perfusion.production-orders``: the demand agent's ProductionOrder marks the design as triggered.
 
 ``GET /designs/{id}`` therefore reports what the topics said up to the follower's position, which lags the
 events by the follower's poll interval (about a second). The follower keeps no consumer group: it reads both
-topics from the beginning at every start and relies on the event-id deduplication above.
+topics from the beginning at every start and relies on the event-id deduplication above. A record that cannot be
+used (malformed, hostile, of an unknown kind) is logged with topic[partition]@offset, counted, and skipped; the
+follower goes on with the next one, so one poison record never freezes the view.
+
+Net orders here are counted as records arrive, not in event time as the worker does; once both have read the
+same events, the figures agree.
 """
 
 from __future__ import annotations
@@ -26,9 +33,20 @@ from pathlib import Path
 
 from perfusion.contracts.records import InvalidEvent, Order, ProductionOrder, Return, parse_event
 from perfusion.errors import PerfusionError
+from perfusion.follower import FollowedRecord, TopicFollower
 from perfusion.paths import state_dir
 
 logger = logging.getLogger(__name__)
+
+# Units ordered less units returned, each order's returns capped at its quantity; returns naming an order that was
+# never counted find no row to join and take nothing off.
+_NET_ORDERS = """
+SELECT COALESCE(SUM(orders.quantity - MIN(orders.quantity, COALESCE(returned.units, 0))), 0)
+FROM orders
+LEFT JOIN (SELECT order_id, SUM(quantity) AS units FROM returns GROUP BY order_id) AS returned
+    ON returned.order_id = orders.order_id
+WHERE orders.design_id = ?
+"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS designs (
@@ -38,12 +56,21 @@ CREATE TABLE IF NOT EXISTS designs (
     order_threshold INTEGER NOT NULL,
     created_ts REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS demand (
-    event_id TEXT PRIMARY KEY,
+-- Files written before returns were capped kept signed quantities here; the follower rebuilds demand from the
+-- topics at every start, so the old table is dropped rather than migrated.
+DROP TABLE IF EXISTS demand;
+CREATE TABLE IF NOT EXISTS orders (
+    order_id TEXT PRIMARY KEY,  -- the Order's event_id
     design_id TEXT NOT NULL,
-    quantity INTEGER NOT NULL  -- positive for an order, negative for a return
+    quantity INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS demand_by_design ON demand (design_id);
+CREATE INDEX IF NOT EXISTS orders_by_design ON orders (design_id);
+CREATE TABLE IF NOT EXISTS returns (
+    return_id TEXT PRIMARY KEY,  -- the Return's event_id
+    order_id TEXT NOT NULL,
+    quantity INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS returns_by_order ON returns (order_id);
 CREATE TABLE IF NOT EXISTS production (
     design_id TEXT PRIMARY KEY,
     net_orders INTEGER NOT NULL,
@@ -129,11 +156,20 @@ class DesignRegistry:
             row = self._connection.execute("SELECT 1 FROM designs WHERE design_id = ?", (design_id,)).fetchone()
         return row is not None
 
-    def record_demand(self, event_id: str, design_id: str, quantity: int) -> bool:
-        """Count an order (quantity > 0) or a return (quantity < 0) once; False if ``event_id`` was seen before."""
+    def record_order(self, order: Order) -> bool:
+        """Count an order once; False if its event id was seen before."""
         with self._lock:
             cursor = self._connection.execute(
-                "INSERT OR IGNORE INTO demand VALUES (?, ?, ?)", (event_id, design_id, quantity)
+                "INSERT OR IGNORE INTO orders VALUES (?, ?, ?)", (order.event_id, order.design_id, order.quantity)
+            )
+        return cursor.rowcount == 1
+
+    def record_return(self, returned: Return) -> bool:
+        """Keep a return once (it takes units off its order's design, capped there); False if seen before."""
+        with self._lock:
+            cursor = self._connection.execute(
+                "INSERT OR IGNORE INTO returns VALUES (?, ?, ?)",
+                (returned.event_id, returned.order_id, returned.quantity),
             )
         return cursor.rowcount == 1
 
@@ -144,9 +180,7 @@ class DesignRegistry:
     def status(self, design_id: str) -> DemandStatus:
         design = self.get(design_id)
         with self._lock:
-            (net_orders,) = self._connection.execute(
-                "SELECT COALESCE(SUM(quantity), 0) FROM demand WHERE design_id = ?", (design_id,)
-            ).fetchone()
+            (net_orders,) = self._connection.execute(_NET_ORDERS, (design_id,)).fetchone()
             production = self._connection.execute(
                 "SELECT ts FROM production WHERE design_id = ?", (design_id,)
             ).fetchone()
@@ -170,23 +204,26 @@ class DemandFollower:
         poll_timeout_s: float = 0.5,
     ) -> None:
         self.registry = registry
-        self.bootstrap_servers = bootstrap_servers
         self.events_topic = events_topic
         self.production_topic = production_topic
-        self.poll_timeout_s = poll_timeout_s
-        self.errors = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="demand-follower", daemon=True)
+        self.follower = TopicFollower(
+            "demand-follower",
+            bootstrap_servers,
+            (events_topic, production_topic),
+            self._handle,
+            start_at="earliest",
+            poll_timeout_s=poll_timeout_s,
+        )
 
     def start(self) -> None:
-        self._thread.start()
+        self.follower.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout_s)
+        self.follower.stop(timeout_s)
 
     def apply(self, topic: str, value: bytes) -> None:
-        """Apply one message of either followed topic to the registry (unusable messages are logged, skipped)."""
+        """Apply one message of either followed topic to the registry; raises on a message it cannot use (the
+        follower logs, counts and skips it)."""
         if topic == self.production_topic:
             order = ProductionOrder.model_validate_json(value)
             self.registry.record_production(order.design_id, order.net_orders, order.ts)
@@ -197,46 +234,9 @@ class DemandFollower:
             logger.debug("demand follower skips an invalid event (the worker dead-letters it): %s", exc.reason)
             return
         if isinstance(event, Order):
-            self.registry.record_demand(event.event_id, event.design_id, event.quantity)
+            self.registry.record_order(event)
         elif isinstance(event, Return):
-            self.registry.record_demand(event.event_id, event.design_id, -event.quantity)
+            self.registry.record_return(event)
 
-    def _run(self) -> None:
-        from kafka import KafkaConsumer
-        from kafka.errors import KafkaError
-
-        consumer: KafkaConsumer | None = None
-        while not self._stop.is_set():
-            try:
-                if consumer is None:
-                    consumer = KafkaConsumer(
-                        self.events_topic,
-                        self.production_topic,
-                        bootstrap_servers=self.bootstrap_servers,
-                        group_id=None,
-                        auto_offset_reset="earliest",
-                        enable_auto_commit=False,
-                        client_id="perfusion-service-demand",
-                    )
-                batches = consumer.poll(timeout_ms=int(self.poll_timeout_s * 1000))
-                for partition, messages in batches.items():
-                    for message in messages:
-                        try:
-                            self.apply(partition.topic, message.value)
-                        except ValueError as exc:
-                            logger.warning(
-                                "demand follower skips %s[%d]@%d: %s",
-                                partition.topic,
-                                partition.partition,
-                                message.offset,
-                                exc,
-                            )
-            except KafkaError as exc:
-                self.errors += 1
-                logger.warning("demand follower lost Kafka at %s (%s); retrying in 1 s", self.bootstrap_servers, exc)
-                if consumer is not None:
-                    consumer.close()
-                    consumer = None
-                self._stop.wait(1.0)
-        if consumer is not None:
-            consumer.close()
+    def _handle(self, record: FollowedRecord) -> None:
+        self.apply(record.topic, record.value)
