@@ -126,3 +126,11 @@ class Marketplace:
         selected[np.argsort(-noisy)[:count]] = True
         nothing = np.zeros(k, dtype=bool)
         return GroupResponse(utilities, nothing, nothing.copy(), nothing.copy(), selected)
+
+
+def grades_of(response: GroupResponse) -> list[int]:
+    """The group builder's grades: order (not returned) 2, click or selection 1, else 0."""
+    kept_order = response.ordered & ~response.returned
+    return [
+        2 if kept_order[i] else 1 if (response.clicked[i] or response.selected[i]) else 0 for i in range(response.k)
+    ]

@@ -116,8 +116,9 @@ def run(args: argparse.Namespace) -> int:
     if args.reward_probe:
         return run_reward_probe(args)
     from harness.loop import running_broker
-    from simulator.eval.arm import EvaluationConfig, run_evaluation
+    from simulator.eval.config import EvaluationConfig
     from simulator.eval.report import write_report
+    from simulator.eval.runner import run_evaluation
 
     overrides = {
         "rounds": args.rounds,

@@ -1,6 +1,6 @@
 """What ``perfusion eval`` writes: results JSON, PNG plots and docs/results.md.
 
-- ``results.json``: the summary of :func:`simulator.eval.arm.summarize` (every metric with its 95% bootstrap
+- ``results.json``: the summary of :func:`simulator.eval.stats.summarize` (every metric with its 95% bootstrap
   interval over users and its lift over the base arm), the offline reward-model comparison, versions per arm,
   the configuration, the command and the wall time;
 - ``metrics_per_round.png``: each metric per round per arm, with intervals, one row per slice;
@@ -21,15 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from simulator.eval.arm import (
-    BASELINE_ARM,
-    METRICS,
-    RELATIVE_METRICS,
-    SLICES,
-    EvaluationConfig,
-    EvaluationResult,
-    arms_at_once,
-)
+from simulator.eval.config import BASELINE_ARM, EvaluationConfig
+from simulator.eval.plan import SLICES
+from simulator.eval.runner import EvaluationResult, arms_at_once
+from simulator.eval.stats import METRICS, RELATIVE_METRICS
 
 METRIC_LABELS = {
     "ctr": "CTR",

@@ -5,7 +5,7 @@ number with a wide interval. This probe asks the question with more data and few
 
 1. Each user sees ``train_groups`` base-model groups (the training prompts in turn) and then ``heldout_groups``
    more with new seeds (every prompt, held-out ones included); the simulated shopper grades them all. The user
-   vector u is what the shop knows after the training groups (:func:`simulator.probes.generator_probe.log_base_groups`).
+   vector u is what the shop knows after the training groups (:func:`simulator.probes.logged_groups.log_base_groups`).
 2. Four reward models learn from the training groups with the trainer's own step
    (:func:`trainer.updates.reward_model_step`, the group-wise ranking loss): PerFusionRM and the same towers without
    plug-ins, each from random towers and from the catalog-pretrained ones (:mod:`trainer.reward_pretrain`).
@@ -29,17 +29,12 @@ from typing import Any
 import numpy as np
 
 from perfusion.errors import ConfigError
-from simulator.eval.arm import (
-    HELDOUT_PROMPTS,
-    TRAIN_PROMPTS,
-    TRUE_UTILITY_CEILING,
-    EvaluationConfig,
-    bootstrap_gauc,
-    fit_reward_model,
-    interval,
-    reward_model_scores,
-)
-from simulator.probes.generator_probe import PROBE_LABELS, LoggedGroups, ProbeConfig, log_base_groups, probe_inputs
+from simulator.eval.config import EvaluationConfig
+from simulator.eval.plan import HELDOUT_PROMPTS, TRAIN_PROMPTS
+from simulator.eval.reward_models import TRUE_UTILITY_CEILING, fit_reward_model, reward_model_scores
+from simulator.eval.stats import bootstrap_gauc, interval
+from simulator.probes.generator_probe import ProbeConfig
+from simulator.probes.logged_groups import PROBE_LABELS, LoggedGroups, log_base_groups, probe_inputs
 
 log = logging.getLogger(__name__)
 

@@ -12,20 +12,14 @@ import numpy as np
 import pytest
 
 from perfusion.errors import ConfigError
-from simulator.eval.arm import (
-    BASELINE_ARM,
-    COLD_START,
-    LIVE,
+from simulator.eval.arm import ArmRun, Outcome
+from simulator.eval.config import BASELINE_ARM, EvaluationConfig
+from simulator.eval.plan import COLD_START, LIVE, SLICES, Population, plan_round
+from simulator.eval.stats import (
     METRICS,
-    SLICES,
-    ArmRun,
-    EvaluationConfig,
-    Outcome,
-    Population,
     bootstrap_gauc,
     generator_shift,
     metrics_of,
-    plan_round,
     summarize,
     user_totals,
     utility_by_segment,
@@ -223,7 +217,7 @@ def test_missing_notes_file_is_refused_before_the_run(tmp_path: Path, capsys: py
 
 
 def test_arms_run_one_per_two_cores_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
-    from simulator.eval.arm import arms_at_once
+    from simulator.eval.runner import arms_at_once
 
     six_arms = EvaluationConfig()
     monkeypatch.setattr("os.cpu_count", lambda: 2)

@@ -110,7 +110,7 @@ class _RandomImages:
 
 def test_true_utility_labels_mark_each_groups_best_image_and_leave_u_to_the_clicks() -> None:
     from simulator.ground_truth import PixelPreferencePanel
-    from simulator.probes.generator_probe import log_base_groups
+    from simulator.probes.logged_groups import log_base_groups
 
     panel = PixelPreferencePanel(n_users=4, seed=0)
     users = panel.user_ids()

@@ -9,8 +9,7 @@ import pytest
 from perfusion.attributes import COLOURS, DESCRIPTOR_DIM
 from perfusion.contracts.records import Click, GroupSample, Impression, Order, Return, Select
 from perfusion.errors import ConfigError
-from simulator.eval.arm import grades_of
-from simulator.marketplace import BehaviourConfig, GroupResponse, Marketplace
+from simulator.marketplace import BehaviourConfig, GroupResponse, Marketplace, grades_of
 from simulator.traffic import TrafficConfig, TrafficSimulator
 from streams.grouping import GroupingSettings, batch_group_outputs
 
