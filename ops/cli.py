@@ -32,12 +32,23 @@ COMMAND_MODULES = (
 )
 
 
+def installed_version() -> str:
+    """The installed distribution's version (pyproject.toml's ``version``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("perfusion")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed; `pip install -e .`)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="perfusion",
         description="PerFusion: a personalized 'sell it before you make it' loop on Kafka, Feast and diffusers.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(f"ops.commands.{name}").register(subparsers)
