@@ -11,17 +11,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-# Kept in step with trainer.settings.ARMS and OBJECTIVES (imported lazily to keep `perfusion --help` fast).
-ARM_NAMES = (
-    "base",
-    "sft",
-    "pairwise_dpo",
-    "group_without_adaptive",
-    "adaptive_with_pairwise_dpo",
-    "perfusion",
-    "perfusion_rm_without_plugins",
-)
-OBJECTIVE_NAMES = ("group", "pairwise_dpo", "sft", "none")
+from trainer.settings import ARMS, OBJECTIVES
+
+# The choices come from the trainer's settings themselves (a light module: no torch), never a second list.
+ARM_NAMES = tuple(ARMS)
+OBJECTIVE_NAMES = OBJECTIVES
 
 
 def register(subparsers: Any) -> None:
