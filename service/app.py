@@ -19,9 +19,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.routing import Match
@@ -38,12 +38,15 @@ from perfusion.contracts.records import (
     parse_event,
 )
 from perfusion.image_store import ImageStore, UnknownImage
+from service.body_limit import BodySizeLimit
 from service.designs import DesignRegistry, UnknownDesign
+from service.event_body import EventBodyRefused, check_event_body
 from service.events import EventSink, EventSinkUnavailable
 from service.features import FeatureReader, FeatureStoreUnavailable, user_condition
 from service.generator import CandidateGenerator
 from service.metrics import METRICS_CONTENT_TYPE, ServiceMetrics
 from service.schemas import (
+    MAX_ID_CHARS,
     CandidateOut,
     CandidatesRequest,
     CandidatesResponse,
@@ -60,7 +63,9 @@ logger = logging.getLogger(__name__)
 # The events a client may post; designs and impressions are produced by the service itself.
 ACCEPTED_EVENT_TYPES = (Click, Order, Return, Select)
 ACCEPTED_EVENT_KINDS = ", ".join(event_type.model_fields["kind"].default for event_type in ACCEPTED_EVENT_TYPES)
-MAX_EVENT_BYTES = 64 * 1024
+# Every request body (an event, a design, a candidates request) is a few hundred bytes; anything over this is
+# refused with 413 while it is being read.
+MAX_BODY_BYTES = 64 * 1024
 DEMAND_SOURCE = (
     "followed from Kafka: Order/Return events on {events_topic} (deduplicated by event_id) and ProductionOrder "
     "records on {production_topic} from the stream worker's demand agent"
@@ -116,6 +121,8 @@ def create_app(
         responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
     )
     app.state.metrics = service_metrics
+    # Added before the metrics middleware, which therefore wraps it and counts the 413s it answers.
+    app.add_middleware(BodySizeLimit, limit_bytes=MAX_BODY_BYTES)
     _install_metrics_middleware(app, service_metrics)
     _install_error_handlers(app, service_metrics)
 
@@ -215,17 +222,16 @@ def create_app(
         )
 
     @app.get("/images/{image_id}", name="image", response_class=Response)
-    def image(image_id: str) -> Response:
+    def image(image_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]) -> Response:
         return Response(content=images.png_bytes(image_id), media_type="image/png")
 
     @app.post("/events", response_model=EventAccepted, status_code=202)
     async def post_event(request: Request) -> EventAccepted:
-        raw = await request.body()
-        if len(raw) > MAX_EVENT_BYTES:
-            raise BadEvent(f"event body is {len(raw)} bytes, more than {MAX_EVENT_BYTES}; send one event per request")
+        raw = await request.body()  # at most MAX_BODY_BYTES: BodySizeLimit refused longer bodies while reading
         try:
+            check_event_body(raw)
             event = parse_event(raw)
-        except InvalidEvent as exc:
+        except (EventBodyRefused, InvalidEvent) as exc:
             raise BadEvent(exc.reason) from None
         if not isinstance(event, ACCEPTED_EVENT_TYPES):
             raise BadEvent(f"kind: {event.kind!r} is produced by the service; post one of {ACCEPTED_EVENT_KINDS}")

@@ -1,6 +1,7 @@
 """Request and response bodies of the generator service's HTTP API.
 
-Requests forbid unknown fields, so a misspelt field is an error that names it rather than a silently ignored value.
+Requests forbid unknown fields, so a misspelt field is an error that names it rather than a silently ignored value,
+and are strict about types, so ``true`` is not a number.
 Limits match the Kafka records they become (``perfusion.contracts.records``): prompts of 1..300 characters, ids of
 1..128, K of 1..16.
 """
@@ -14,13 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from perfusion.contracts.records import MAX_K
 
 MAX_PROMPT_CHARS = 300
+MAX_ID_CHARS = 128
 
-Identifier = Annotated[str, Field(min_length=1, max_length=128)]
+Identifier = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
 Personalization = Literal["personalized", "cold_start", "base"]
 
 
 class RequestBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a JSON boolean is not a number (Python's True == 1 would make ``"k": true`` a K of 1), nor a string
+    # a number.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class CreateDesign(RequestBody):
