@@ -15,6 +15,14 @@ at that moment would restore older state than its committed offsets imply.
 :func:`send_and_wait` is the first half of the agents' two-phase delivery: an output is confirmed in its table
 only after the broker acknowledged it.
 
+Every store of one table reads through the same table, so its decoded-value cache checks that the raw bytes it
+decoded are still the ones in the table (one identity comparison): a key that another partition's store rewrote
+or deleted is read as it is now, never from a stale cache. A broker that refuses a send or a changelog record is
+retried with backoff (:func:`streams.liveness.retry_until_done`): an outage delays a batch and loses nothing.
+
+A store can also undo: :meth:`JsonTableStore.rollback` puts back every key changed since the last
+:meth:`JsonTableStore.checkpoint`, so that an event a stage could not process leaves no half-made change behind.
+
 Faust is not imported here at runtime: the app is passed in.
 """
 
@@ -23,8 +31,10 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
+
+from streams.liveness import retry_until_done
 
 if TYPE_CHECKING:
     import faust
@@ -37,51 +47,79 @@ class JsonTableStore(MutableMapping[str, Any]):
 
     Reads see every key the worker holds; writes and deletes change the table at once and are logged to changelog
     ``partition`` by :meth:`flush_changelog`, once per key however often it changed. Decoded values are cached per
-    key: callers replace values, never mutate them in place.
+    key together with the bytes they came from: callers replace values, never mutate them in place.
     """
 
     def __init__(self, table: TableT, partition: int) -> None:
         self.table = table
         self.partition = partition
-        self._decoded: dict[str, Any] = {}
+        self._decoded: dict[str, tuple[bytes, Any]] = {}  # key -> (the raw bytes decoded, the value)
         self._unlogged: dict[bytes, None] = {}  # keys changed since the last flush, in order of first change
+        self._undo: dict[bytes, bytes | None] = {}  # raw value of each key before its first change since checkpoint
 
     def __getitem__(self, key: str) -> Any:
-        if key in self._decoded:
-            return self._decoded[key]
         raw = self.table.data[key.encode()]
+        cached = self._decoded.get(key)
+        if cached is not None and cached[0] is raw:
+            return cached[1]
         value = json.loads(raw)
-        self._decoded[key] = value
+        self._decoded[key] = (raw, value)
         return value
 
     def __setitem__(self, key: str, value: Any) -> None:
         encoded = key.encode()
-        self.table.data[encoded] = json.dumps(value, separators=(",", ":")).encode()
-        self._decoded[key] = value
+        self._remember_for_undo(encoded)
+        raw = json.dumps(value, separators=(",", ":")).encode()
+        self.table.data[encoded] = raw
+        self._decoded[key] = (raw, value)
         self._unlogged[encoded] = None
 
     def __delitem__(self, key: str) -> None:
         encoded = key.encode()
+        self._remember_for_undo(encoded)
         del self.table.data[encoded]
         self._decoded.pop(key, None)
         self._unlogged[encoded] = None
 
+    def _remember_for_undo(self, encoded: bytes) -> None:
+        if encoded not in self._undo:
+            self._undo[encoded] = self.table.data.get(encoded)
+
+    def checkpoint(self) -> None:
+        """Make the current values the ones :meth:`rollback` returns to."""
+        self._undo.clear()
+
+    def rollback(self) -> None:
+        """Put back every key changed since the last checkpoint (the changelog logs the restored values)."""
+        for encoded, raw in self._undo.items():
+            if raw is None:
+                self.table.data.pop(encoded, None)
+            else:
+                self.table.data[encoded] = raw
+            self._unlogged[encoded] = None
+        self._undo.clear()
+
     async def flush_changelog(self) -> int:
         """Log each key changed since the last flush with its current value (None, a tombstone, once deleted) and
-        wait until the broker has acknowledged all of them; returns how many."""
+        wait until the broker has acknowledged all of them; returns how many. On a failure the keys stay due for
+        the next flush."""
         keys, self._unlogged = self._unlogged, {}
         changelog = self.table.changelog_topic
-        pending = [
-            await changelog.send(
-                key=key,
-                value=self.table.data.get(key),
-                partition=self.partition,
-                key_serializer="raw",
-                value_serializer="raw",
-            )
-            for key in keys
-        ]
-        await asyncio.gather(*pending)
+        try:
+            pending = [
+                await changelog.send(
+                    key=key,
+                    value=self.table.data.get(key),
+                    partition=self.partition,
+                    key_serializer="raw",
+                    value_serializer="raw",
+                )
+                for key in keys
+            ]
+            await asyncio.gather(*pending)
+        except BaseException:
+            self._unlogged = {**keys, **self._unlogged}
+            raise
         return len(keys)
 
     def __iter__(self) -> Iterator[str]:
@@ -92,9 +130,18 @@ class JsonTableStore(MutableMapping[str, Any]):
 
 
 async def flush_changelogs(stores: Iterable[JsonTableStore]) -> int:
-    """:meth:`JsonTableStore.flush_changelog` on every store at once (one wait for the broker, not one per store);
-    returns how many keys were logged."""
-    return sum(await asyncio.gather(*(store.flush_changelog() for store in stores)))
+    """:meth:`JsonTableStore.flush_changelog` on every store at once (one wait for the broker, not one per store),
+    retried until the broker took every record; returns how many keys were logged. The stores' current values
+    become their checkpoint."""
+    stores = list(stores)
+
+    async def flush_all() -> int:
+        return sum(await asyncio.gather(*(store.flush_changelog() for store in stores)))
+
+    logged = await retry_until_done("changelog flush", flush_all)
+    for store in stores:
+        store.checkpoint()
+    return logged
 
 
 def raw_table(app: faust.App, name: str, partitions: int) -> TableT:
@@ -133,7 +180,20 @@ def forget_on_rebalance(app: faust.App, per_partition: MutableMapping[Any, Any])
     app.on_partitions_assigned.connect(forget)
 
 
-async def send_and_wait(sends: list[tuple[TopicT, bytes, bytes]]) -> None:
-    """Send every (topic, key, value) and wait until the broker has acknowledged all of them."""
-    pending = [await topic.send(key=key, value=value) for topic, key, value in sends]
-    await asyncio.gather(*pending)
+Send = tuple["TopicT", bytes, bytes] | tuple["TopicT", bytes, bytes, int]
+"""(topic, key, value) or (topic, key, value, partition): one record to send."""
+
+
+async def send_and_wait(sends: Sequence[Send]) -> None:
+    """Send every record and wait until the broker has acknowledged all of them; all of them again after a broker
+    error (downstream keys are deterministic, so a repeat is a duplicate under the same key)."""
+    if not sends:
+        return
+
+    async def send_all() -> None:
+        pending = []
+        for topic, key, value, *partition in sends:
+            pending.append(await topic.send(key=key, value=value, partition=partition[0] if partition else None))
+        await asyncio.gather(*pending)
+
+    await retry_until_done(f"sending {len(sends)} records", send_all)
