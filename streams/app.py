@@ -26,7 +26,9 @@ from perfusion.contracts.topics import ensure_topics
 from streams.agents import AGENT_MODULES
 from streams.agents.events import EVENT_STAGE_MODULES
 from streams.context import AgentContext, FeatureSink
+from streams.liveness import CrashHandler, exit_worker_process
 from streams.settings import StreamSettings
+from streams.table_store import send_and_wait
 from streams.topics import Topics, declare_topics
 
 if TYPE_CHECKING:
@@ -55,9 +57,10 @@ def create_app(
     feature_sink: FeatureSink | None = None,
     agent_modules: tuple[str, ...] = AGENT_MODULES,
     event_stage_modules: tuple[str, ...] = EVENT_STAGE_MODULES,
+    on_crash: CrashHandler = exit_worker_process,
 ) -> StreamApp:
     """Build the worker's Faust app. ``feature_sink`` defaults to a Feast pusher opened on first use; tests may
-    run fewer agents or event stages."""
+    run fewer agents or event stages, and handle a crashed agent otherwise than by ending the process."""
     data_dir = settings.resolved_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
     seek_uncommitted_partitions_to_beginning()
@@ -79,7 +82,8 @@ def create_app(
     topics = declare_topics(app, settings)
 
     async def send_dead_letter(key: bytes, letter: DeadLetter) -> None:
-        await topics.dead_letters.send(key=key, value=letter.to_bytes())
+        # Acknowledged by the broker before the batch that held the message can be acknowledged.
+        await send_and_wait([(topics.dead_letters, key, letter.to_bytes())])
 
     context = AgentContext(
         app=app,
@@ -88,6 +92,7 @@ def create_app(
         dead_letter_sink=send_dead_letter,
         feature_sink=feature_sink if feature_sink is not None else FeastSink(),
         event_stage_modules=event_stage_modules,
+        on_crash=on_crash,
     )
     agents = {name: importlib.import_module(name).register(context) for name in agent_modules}
     return StreamApp(app=app, topics=topics, settings=settings, agents=agents, feature_sink=context.feature_sink)

@@ -6,12 +6,14 @@ agents, never the other way round.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from streams.continuity import SkippedRecords, restart_worker_process
 from streams.dead_letters import DeadLetterSink
+from streams.liveness import CrashHandler, exit_worker_process
 from streams.settings import StreamSettings
 
 if TYPE_CHECKING:
@@ -26,8 +28,10 @@ FeatureSink = Callable[[list[dict[str, Any]]], Awaitable[None]]
 @dataclass(frozen=True)
 class AgentContext:
     """What an agent module's ``register`` (and an event stage module's ``stage``) gets: the app, its topics,
-    settings, the two effect sinks, the stage modules the events agent runs, and what to do when the consumer skipped
-    records (:mod:`streams.continuity`: restart the process)."""
+    settings, the two effect sinks, the stage modules the events agent runs, what to do when the consumer skipped
+    records (:mod:`streams.continuity`: restart the process) and when an agent or a timer crashed
+    (:mod:`streams.liveness`: end the process). ``event_state_lock`` is held by the events agent from folding a
+    batch to committing it, and by the timers that change the same stages' state."""
 
     app: faust.App
     topics: Topics
@@ -36,3 +40,5 @@ class AgentContext:
     feature_sink: FeatureSink
     event_stage_modules: tuple[str, ...]
     on_skipped_records: Callable[[SkippedRecords], NoReturn] = restart_worker_process
+    on_crash: CrashHandler = exit_worker_process
+    event_state_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

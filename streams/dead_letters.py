@@ -5,15 +5,21 @@ The events agent (:mod:`streams.agents.events`) passes each message of ``perfusi
 :class:`~perfusion.contracts.records.DeadLetter` with the reason and the original bytes. A *counting* gate (no sink),
 used for the internal demand topic whose messages were admitted once already, skips and counts them. Either way the
 worker keeps running and logs ``topic[partition]@offset``.
+
+The same letter carries an event that was valid but that a stage could not process (:func:`dead_letter` with the
+stage's exception as reason): whatever one message does, it ends in state or here, and the rest of its batch goes on.
+A dead letter stays under the producer's request limit (1 MiB by default): a message larger than
+:data:`MAX_ORIGINAL_BYTES` keeps only its first bytes, with the size and sha256 of the whole.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from perfusion.contracts.records import AnyEvent, DeadLetter, InvalidEvent, parse_event
@@ -40,16 +46,58 @@ class MessagePosition:
         return str(self).encode()
 
 
-def dead_letter(raw: bytes | None, reason: str, position: MessagePosition, now: float | None = None) -> DeadLetter:
-    """The dead letter of one unusable message; ``raw`` None (a tombstone) is kept as empty bytes."""
+MAX_ORIGINAL_BYTES = 256 * 1024  # 342 KiB once in base64, well under the producer's 1 MiB request limit
+MAX_KEY_BYTES = 1024
+MAX_HEADER_BYTES = 16 * 1024  # names and values of all headers together
+MAX_REASON_CHARS = 1000
+
+MessageHeaders = Mapping[str, bytes] | Iterable[tuple[str, bytes | None]] | None
+"""A message's headers as aiokafka or Faust give them: a mapping or (name, value) pairs."""
+
+
+def dead_letter(
+    raw: bytes | None,
+    reason: str,
+    position: MessagePosition,
+    now: float | None = None,
+    key: bytes | None = None,
+    headers: MessageHeaders = None,
+) -> DeadLetter:
+    """The dead letter of one unusable message; ``raw`` None (a tombstone) is kept as empty bytes. Every part is
+    bounded, so the letter itself can always be sent."""
+    original = raw or b""
+    excerpt = original[:MAX_ORIGINAL_BYTES]
     return DeadLetter(
-        reason=reason,
-        original_b64=base64.b64encode(raw or b"").decode("ascii"),
+        reason=reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "...",
+        original_b64=base64.b64encode(excerpt).decode("ascii"),
+        original_size=len(original),
+        original_sha256=hashlib.sha256(original).hexdigest(),
+        truncated=len(excerpt) < len(original),
+        key_b64=None if key is None else base64.b64encode(key[:MAX_KEY_BYTES]).decode("ascii"),
+        headers=_bounded_headers(headers),
         topic=position.topic,
         partition=position.partition,
         offset=position.offset,
         ts=time.time() if now is None else now,
     )
+
+
+def _bounded_headers(headers: MessageHeaders) -> list[tuple[str, str]]:
+    pairs = headers.items() if isinstance(headers, Mapping) else (headers or ())
+    kept: list[tuple[str, str]] = []
+    room = MAX_HEADER_BYTES
+    for name, value in pairs:
+        size = len(name) + len(value or b"")
+        if size > room:
+            break
+        room -= size
+        kept.append((str(name), base64.b64encode(value or b"").decode("ascii")))
+    return kept
+
+
+def failure_reason(stage: str, exc: BaseException) -> str:
+    """Why a valid event was dead-lettered: the stage that raised and what."""
+    return f"{stage} could not process the event: {type(exc).__name__}: {exc}".replace("\n", " ")
 
 
 def original_bytes(letter: DeadLetter) -> bytes:
@@ -77,7 +125,9 @@ class EventGate:
     def invalid_count(self) -> int:
         return sum(self.invalid_by_reason.values())
 
-    async def admit(self, raw: bytes | None, position: MessagePosition) -> AnyEvent | None:
+    async def admit(
+        self, raw: bytes | None, position: MessagePosition, key: bytes | None = None, headers: MessageHeaders = None
+    ) -> AnyEvent | None:
         """The validated event, or None after the invalid message has been dead-lettered or counted."""
         now = self._clock()
         if raw is None:
@@ -92,7 +142,8 @@ class EventGate:
             log.debug("skipping invalid event at %s: %s", position, reason)
             return None
         log.warning("dead-lettering invalid event at %s: %s", position, reason)
-        await self._sink(position.dead_letter_key(), dead_letter(raw, reason, position, now=now))
+        letter = dead_letter(raw, reason, position, now=now, key=key, headers=headers)
+        await self._sink(position.dead_letter_key(), letter)
         return None
 
 
@@ -101,6 +152,9 @@ def _parse(raw: bytes, now: float) -> ParseResult:
         return parse_event(raw, now=now)
     except InvalidEvent as exc:
         return exc
+    except Exception as exc:  # parse_event promises InvalidEvent only; a message must not crash the worker if not
+        log.exception("parse_event raised %s instead of InvalidEvent", type(exc).__name__)
+        return InvalidEvent(f"could not be parsed: {type(exc).__name__}: {exc}")
 
 
 def _reason_kind(reason: str) -> str:

@@ -10,6 +10,13 @@ does not undo a decision). A design without a known threshold waits for its Desi
 when that is set. An event that arrives behind the watermark is applied at once and counted as ``late``: demand is never
 dropped.
 
+A routed counter (events come from several source partitions, each reporting how far it has been read) follows the
+slowest source, with the group builder's idle rule: a source that has reported nothing new for ``idle_after_s``
+wall-clock seconds is taken to have moved on with the wall clock (:meth:`DemandCounter.advance_idle`), and one that
+has never reported stops holding the watermark back once the counter has waited that long. So an order that crosses
+a threshold fires about ``max(idle_after_s, allowed_lateness_s)`` seconds after traffic stops, whatever the other
+partitions do. The sources' progress is stored with the counter's state: a restarted counter resumes from it.
+
 "Exactly once" here means: the state says a design fired at most once, and no crash loses a ProductionOrder.
 Firing stores the order in the design's state (``fired = "emitting"``) before the caller sends it; the caller
 then calls :meth:`DemandCounter.confirm` (``fired = "done"``). A crash between the two makes the next owner of
@@ -17,15 +24,17 @@ the partition send the same record again, under the same key (design_id) with th
 keeps the first record per key (or a compacted topic) sees exactly one production order per design.
 
 State lives in a ``MutableMapping`` under ``d:<design_id>`` (counters, threshold, events not yet applied),
-``o:<order_id>`` (quantity, return ids seen, units returned) and ``w:<partition>``; values are JSON-compatible.
+``o:<order_id>`` (quantity, return ids seen, units returned), ``w:<partition>`` (the watermark) and ``s:<partition>``
+(the progress of each source partition); values are JSON-compatible.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+import time
 from collections import Counter
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,12 +58,21 @@ class DemandSettings:
         default=None,
         metadata={"help": "net orders that start production of a design whose DesignCreated was not seen; None = wait"},
     )
+    idle_after_s: float = field(
+        default=120.0,
+        metadata={
+            "help": "a source partition that reports no progress for this many wall-clock seconds is taken to move "
+            "on with the wall clock, so demand already routed is applied without other traffic (0 = never)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.allowed_lateness_s) and self.allowed_lateness_s >= 0.0):
             raise ConfigError(
                 f"allowed_lateness_s must be a finite number of seconds >= 0, got {self.allowed_lateness_s}"
             )
+        if not (math.isfinite(self.idle_after_s) and self.idle_after_s >= 0.0):
+            raise ConfigError(f"idle_after_s must be a finite number of seconds >= 0, got {self.idle_after_s}")
         if self.default_threshold is not None and self.default_threshold < 1:
             raise ConfigError(f"default_threshold must be at least 1 or None, got {self.default_threshold}")
 
@@ -75,6 +93,10 @@ def watermark_key(partition: int) -> str:
     return f"w:{partition}"
 
 
+def source_progress_key(partition: int) -> str:
+    return f"s:{partition}"
+
+
 def _new_design(partition: int) -> dict[str, Any]:
     return {"p": partition, "threshold": None, "net": 0, "peak": 0, "fired": None, "pending": [], "applied": []}
 
@@ -88,15 +110,25 @@ class DemandCounter:
         store: MutableMapping[str, Any],
         partition: int,
         source_partitions: int | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """``source_partitions`` None: the watermark follows the event times seen here. A number: events come
         routed from that many source partitions, each of which reports its progress with :meth:`observe_source`;
-        the watermark follows the slowest of them."""
+        the watermark follows the slowest of them (and :meth:`advance_idle` moves quiet ones on). ``clock`` gives
+        wall-clock seconds, for the idle rule."""
         self.settings = settings
         self.partition = partition
-        self._source_progress: list[float] | None = (
-            None if source_partitions is None else [-math.inf] * source_partitions
-        )
+        self._clock = clock
+        self._source_progress: list[float] | None = None
+        self._source_reported_at: list[float] = []  # wall-clock time each source last moved; not stored
+        if source_partitions is not None:
+            stored_progress = store.get(source_progress_key(partition))
+            self._source_progress = (
+                [-math.inf if value is None else float(value) for value in stored_progress]
+                if isinstance(stored_progress, list) and len(stored_progress) == source_partitions
+                else [-math.inf] * source_partitions
+            )
+            self._source_reported_at = [clock()] * source_partitions
         self.counts: Counter[str] = Counter()
         self._store = store
         self._due: list[tuple[float, str]] = []  # (earliest pending event time, design_id), lazily rebuilt
@@ -129,8 +161,35 @@ class DemandCounter:
         self._ensure_index()
         outputs, self._unconfirmed = self._unconfirmed, []
         progress = self._source_progress
-        progress[source_partition] = max(progress[source_partition], max_event_ts)
+        if max_event_ts > progress[source_partition]:
+            progress[source_partition] = max_event_ts
+            self._source_reported_at[source_partition] = self._clock()
+            # -inf (never reported) is stored as null: JSON has no infinities.
+            self._store[source_progress_key(self.partition)] = [v if math.isfinite(v) else None for v in progress]
         return outputs + self.advance(min(progress) - self.settings.allowed_lateness_s)
+
+    def advance_idle(self) -> list[ProductionOrder]:
+        """Apply the idle rule: each source quiet for ``idle_after_s`` counts as read up to its last progress plus
+        the time it has been quiet, and a source that never reported is left out once the counter has waited that
+        long. Returns the production orders this releases."""
+        if self._source_progress is None:
+            raise ValueError("advance_idle needs a counter built with source_partitions")
+        self._ensure_index()
+        outputs, self._unconfirmed = self._unconfirmed, []
+        idle_after_s = self.settings.idle_after_s
+        if idle_after_s <= 0.0:
+            return outputs
+        now = self._clock()
+        effective: list[float] = []
+        for progress, reported_at in zip(self._source_progress, self._source_reported_at, strict=True):
+            quiet_s = now - reported_at
+            if quiet_s < idle_after_s:
+                effective.append(progress)
+            elif math.isfinite(progress):
+                effective.append(progress + quiet_s)
+        if not effective:
+            return outputs
+        return outputs + self.advance(min(effective) - self.settings.allowed_lateness_s)
 
     def advance(self, watermark: float) -> list[ProductionOrder]:
         """Move the watermark forward (never back) and apply every pending event it has passed."""

@@ -132,6 +132,14 @@ class StreamSettings:
             "env": "PERFUSION_DEMAND_LATENESS_S",
         },
     )
+    demand_idle_after_s: float = field(
+        default=120.0,
+        metadata={
+            "help": "demand: a source partition without progress for this many wall-clock seconds moves on with the "
+            "wall clock, so an order that crosses a threshold fires without other traffic (0 = never)",
+            "env": "PERFUSION_DEMAND_IDLE_AFTER_S",
+        },
+    )
     demand_default_threshold: int | None = field(
         default=None,
         metadata={
@@ -249,7 +257,9 @@ class StreamSettings:
         return _build(
             "demand_",
             lambda: DemandSettings(
-                allowed_lateness_s=self.demand_allowed_lateness_s, default_threshold=self.demand_default_threshold
+                allowed_lateness_s=self.demand_allowed_lateness_s,
+                default_threshold=self.demand_default_threshold,
+                idle_after_s=self.demand_idle_after_s,
             ),
         )
 

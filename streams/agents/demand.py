@@ -11,7 +11,11 @@ Inbound events are keyed by user, but demand is counted per design, so it takes 
 2. the ``demand`` agent reads that topic, folds events into :class:`streams.demand.DemandCounter` (one per
    partition, state in a changelog-backed table keyed by design and order) and sends each ProductionOrder to
    ``perfusion.production-orders`` keyed by design_id, confirming it in the table only after the broker
-   acknowledged it.
+   acknowledged it. A timer applies the counter's idle rule to every partition this worker owns, so routed demand
+   fires without waiting for traffic on other partitions; the sources' progress lives in the table.
+
+Each message of the by-design topic is processed on its own terms: one that raises (an unreadable marker, a bug)
+has its changes to the table rolled back and goes to the dead-letter topic with the reason; the rest go on.
 
 A replay of the route (after a crash) forwards duplicates, which the counter drops by event_id. What "exactly once"
 means for production orders is stated in :mod:`streams.demand`.
@@ -27,8 +31,9 @@ from typing import TYPE_CHECKING, cast
 
 from perfusion.contracts.records import DesignCreated, Order, ProductionOrder, Return
 from streams.continuity import OffsetContinuity
-from streams.dead_letters import EventGate, MessagePosition
+from streams.dead_letters import EventGate, MessagePosition, dead_letter, failure_reason
 from streams.demand import DemandCounter, is_demand_event
+from streams.liveness import fail_worker_on_crash
 from streams.table_store import (
     JsonTableStore,
     flush_changelogs,
@@ -40,7 +45,7 @@ from streams.table_store import (
 
 if TYPE_CHECKING:
     from faust.streams import Stream
-    from faust.types import AgentT, StreamT, TopicT
+    from faust.types import AgentT, EventT, StreamT, TopicT
 
     from streams.agents.events import AdmittedEvent
     from streams.context import AgentContext
@@ -77,28 +82,35 @@ class DemandRouteStage:
     def __init__(self, context: AgentContext) -> None:
         self._by_design = _by_design_topic(context)
         self._partitions = context.settings.partitions
-        self._source_progress: dict[int, float] = {}  # source partition -> largest event time routed
+        self._source_progress: dict[int, float] = {}  # source partition -> largest event time routed (committed)
+        self._forwards: list[tuple[TopicT, bytes, bytes]] = []  # folded, not yet committed
+        self._folded_progress: dict[int, float] = {}
 
-    async def process(self, batch: Sequence[AdmittedEvent]) -> None:
-        forwards: list[tuple[TopicT, bytes, bytes]] = []
-        advanced: set[int] = set()
+    async def fold(self, batch: Sequence[AdmittedEvent]) -> None:
         for admitted in batch:
             event = admitted.event
-            if event.ts > self._source_progress.get(admitted.partition, float("-inf")):
-                self._source_progress[admitted.partition] = event.ts
-                advanced.add(admitted.partition)
+            routed = self._folded_progress.get(admitted.partition, self._source_progress.get(admitted.partition))
+            if routed is None or event.ts > routed:
+                self._folded_progress[admitted.partition] = event.ts
             if is_demand_event(event):
                 assert isinstance(event, DesignCreated | Order | Return)
-                forwards.append((self._by_design, event.design_id.encode(), admitted.raw))
-        if forwards:
-            await send_and_wait(forwards)
-        markers = [
-            await self._by_design.send(key=PROGRESS_KEY, value=progress_marker(source, self._source_progress[source]),
-                                       partition=target)
-            for source in sorted(advanced)
-            for target in range(self._partitions)
-        ]  # fmt: skip
-        await asyncio.gather(*markers)
+                self._forwards.append((self._by_design, event.design_id.encode(), admitted.raw))
+
+    async def commit(self) -> None:
+        forwards, advanced = self._forwards, self._folded_progress
+        self._forwards, self._folded_progress = [], {}
+        await send_and_wait(forwards)
+        self._source_progress.update(advanced)
+        await send_and_wait(
+            [
+                (self._by_design, PROGRESS_KEY, progress_marker(source, ts), target)
+                for source, ts in sorted(advanced.items())
+                for target in range(self._partitions)
+            ]
+        )
+
+    def discard(self) -> None:
+        self._forwards, self._folded_progress = [], {}
 
 
 def stage(context: AgentContext) -> DemandRouteStage:
@@ -106,7 +118,7 @@ def stage(context: AgentContext) -> DemandRouteStage:
 
 
 def register(context: AgentContext) -> AgentT:
-    """Declare the demand agent (reading the by-design topic) and its table on ``context.app``."""
+    """Declare the demand agent (reading the by-design topic), its table and idle timer on ``context.app``."""
     app, settings, topics = context.app, context.settings, context.topics
     demand = settings.demand()
     by_design = _by_design_topic(context)
@@ -114,38 +126,59 @@ def register(context: AgentContext) -> AgentT:
     demand_gate = EventGate(sink=None)
     counters: dict[int, tuple[DemandCounter, JsonTableStore]] = {}
     forget_on_rebalance(app, counters)
+    lock = asyncio.Lock()  # one batch or one idle tick at a time changes the counters
+
+    def counter_for(partition: int) -> tuple[DemandCounter, JsonTableStore]:
+        if partition not in counters:
+            store = JsonTableStore(table, partition)
+            counters[partition] = (
+                DemandCounter(demand, store, partition, source_partitions=settings.partitions),
+                store,
+            )
+        return counters[partition]
+
+    async def process_one(event: EventT) -> list[ProductionOrder] | None:
+        """Fold one message into its partition's counter; None when it was skipped."""
+        message = event.message
+        counter, _ = counter_for(message.partition)
+        if message.key == PROGRESS_KEY:
+            source, max_event_ts = read_progress_marker(event.value)
+            return counter.observe_source(source, max_event_ts)
+        position = MessagePosition(message.topic, message.partition, message.offset)
+        parsed = await demand_gate.admit(event.value, position)
+        return None if parsed is None else counter.process(parsed)
 
     by_design_continuity = OffsetContinuity.for_app(app)
 
     async def count(stream: StreamT[bytes]) -> None:
         async for batch in cast("Stream[bytes]", stream).take_events(BATCH_MAX, within=BATCH_WITHIN_S):
             by_design_continuity.check(batch, context.on_skipped_records)
-            touched: dict[int, JsonTableStore] = {}  # held here: a rebalance may clear ``counters`` meanwhile
-            emitted: list[tuple[DemandCounter, list[ProductionOrder]]] = []
-            for event in batch:
-                message = event.message
-                partition = message.partition
-                if partition not in counters:
-                    store = JsonTableStore(table, partition)
-                    counters[partition] = (
-                        DemandCounter(demand, store, partition, source_partitions=settings.partitions),
-                        store,
-                    )
-                counter, touched[partition] = counters[partition]
-                if message.key == PROGRESS_KEY:
-                    source, max_event_ts = read_progress_marker(event.value)
-                    orders = counter.observe_source(source, max_event_ts)
-                else:
-                    position = MessagePosition(message.topic, message.partition, message.offset)
-                    parsed = await demand_gate.admit(event.value, position)
-                    if parsed is None:
+            async with lock:
+                touched: dict[int, JsonTableStore] = {}  # held here: a rebalance may clear ``counters`` meanwhile
+                emitted: list[tuple[DemandCounter, list[ProductionOrder]]] = []
+                for event in batch:
+                    partition = event.message.partition
+                    counter, store = counter_for(partition)
+                    touched[partition] = store
+                    store.checkpoint()
+                    try:
+                        orders = await process_one(event)
+                    except Exception as exc:
+                        store.rollback()
+                        counters.pop(partition, None)  # its in-memory index may hold what was rolled back
+                        await dead_letter_message(event, failure_reason("the demand counter", exc))
                         continue
-                    orders = counter.process(parsed)
-                if orders:
-                    emitted.append((counter, orders))
-            if emitted:
+                    if orders:
+                        emitted.append((counter, orders))
                 await deliver(emitted)
-            await flush_changelogs(touched.values())
+                await flush_changelogs(touched.values())
+
+    async def dead_letter_message(event: EventT, reason: str) -> None:
+        message = event.message
+        position = MessagePosition(message.topic, message.partition, message.offset)
+        log.error("dead-lettering the message at %s: %s", position, reason)
+        letter = dead_letter(event.value, reason, position, key=message.key, headers=message.headers)
+        await context.dead_letter_sink(position.dead_letter_key(), letter)
 
     async def deliver(emitted: list[tuple[DemandCounter, list[ProductionOrder]]]) -> None:
         """Send the batch's production orders, wait for the broker, then confirm them in the counters' state."""
@@ -161,4 +194,23 @@ def register(context: AgentContext) -> AgentT:
             for order in orders:
                 log.info("production order for design %s at %d net orders", order.design_id, order.net_orders)
 
-    return app.agent(by_design, name="demand")(count)
+    async def advance_idle_partitions() -> None:
+        """The idle rule on every partition of the by-design topic this worker owns."""
+        topic_name = by_design.get_topic_name()
+        owned = sorted(tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic_name)
+        async with lock:
+            emitted: list[tuple[DemandCounter, list[ProductionOrder]]] = []
+            touched: list[JsonTableStore] = []
+            for partition in owned:
+                counter, store = counter_for(partition)
+                touched.append(store)
+                orders = counter.advance_idle()
+                if orders:
+                    emitted.append((counter, orders))
+            await deliver(emitted)
+            await flush_changelogs(touched)
+
+    if demand.idle_after_s > 0.0:
+        tick = fail_worker_on_crash("the demand idle timer", advance_idle_partitions, context.on_crash)
+        app.timer(interval=max(0.5, min(5.0, demand.idle_after_s / 4)))(tick)
+    return app.agent(by_design, name="demand")(fail_worker_on_crash("the demand agent", count, context.on_crash))

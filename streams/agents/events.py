@@ -6,10 +6,21 @@ samples (:mod:`streams.agents.groups`) and the routing of demand events by desig
 Three agents on the same topic would triple Faust's per-message work (delivery to each agent's stream, buffering,
 acknowledgement) and the parsing. So one agent takes a micro-batch, admits each message through the dead-letter
 gate (invalid ones go to ``perfusion.dlq`` with their reason and bytes), and hands the admitted events to each
-stage in turn. A stage finishes its effects (table writes, outputs acknowledged by the broker, changelog flushed,
-Feast push) before it returns; the batch's offsets are acknowledged only after every stage returned, so a crash
-replays the batch into at least the state it had. Before any of that, the batch's offsets are checked for a gap
-(:mod:`streams.continuity`): records the consumer skipped make the worker restart instead of being lost.
+stage in turn. Before any of that, the batch's offsets are checked for a gap (:mod:`streams.continuity`): records
+the consumer skipped make the worker restart instead of being lost.
+
+The error policy, one for every stage. A stage first *folds* the batch into state it can still take back, then
+*commits*: table writes, outputs acknowledged by the broker, changelog flushed, Feast push. If folding raises, no
+one event can be blamed yet: every stage *discards* what it folded, and the batch is folded again one event at a
+time, each committed on its own; an event that raises again is discarded from every stage and dead-lettered with
+the stage's exception as its reason, and the rest go on. So every event of a batch ends in state or in the
+dead-letter topic, and only then is the batch acknowledged. Committing raises only for what is not about the
+events (the broker, Feast): those effects are retried until they succeed (:mod:`streams.liveness`), and anything
+else that escapes ends the worker rather than let Faust skip the batch.
+
+An event whose Kafka key is not its ``user_id`` (no key, or a wrong one) would put a user's events on two
+partitions; it is not folded but sent again to ``perfusion.events`` under the right key, and folded when it comes
+round on its user's partition.
 
 A stage module exposes ``stage(context) -> EventStage``; :data:`EVENT_STAGE_MODULES` lists them in the order they
 run.
@@ -18,19 +29,25 @@ run.
 from __future__ import annotations
 
 import importlib
+import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
 from perfusion.contracts.records import AnyEvent
 from streams.continuity import OffsetContinuity
-from streams.dead_letters import EventGate, MessagePosition
+from streams.dead_letters import EventGate, MessageHeaders, MessagePosition, dead_letter, failure_reason
+from streams.liveness import fail_worker_on_crash
+from streams.table_store import send_and_wait
 
 if TYPE_CHECKING:
     from faust.streams import Stream
-    from faust.types import AgentT, StreamT
+    from faust.types import AgentT, EventT, StreamT, TopicT
 
     from streams.context import AgentContext
+
+log = logging.getLogger(__name__)
 
 EVENT_STAGE_MODULES: tuple[str, ...] = (
     "streams.agents.preferences",
@@ -49,17 +66,109 @@ class AdmittedEvent:
 
 
 class EventStage(Protocol):
-    """One computation over the inbound events of a micro-batch."""
+    """One computation over the inbound events of a micro-batch, in two steps: fold, then commit."""
 
-    async def process(self, batch: Sequence[AdmittedEvent]) -> None:
-        """Fold ``batch`` (in partition order as read) into state and finish every effect before returning."""
+    async def fold(self, batch: Sequence[AdmittedEvent]) -> None:
+        """Fold ``batch`` (in partition order as read) into state that :meth:`discard` can still take back; no
+        effect outside this process."""
+
+    async def commit(self) -> None:
+        """Finish every effect of what was folded since the last commit before returning."""
+
+    def discard(self) -> None:
+        """Take back everything folded since the last commit, as if it had never been folded."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadMessage:
+    """One message of a micro-batch as the agent read it."""
+
+    value: bytes | None
+    key: bytes | None
+    headers: MessageHeaders
+    position: MessagePosition
+
+
+class EventsAgent:
+    """The body of the events agent, apart from Faust's stream so that it can be driven in process."""
+
+    def __init__(self, context: AgentContext, stages: Sequence[tuple[str, EventStage]]) -> None:
+        self._context = context
+        self._stages = stages
+        self._gate = EventGate(sink=context.dead_letter_sink)
+        self.counts: Counter[str] = Counter()
+
+    async def process(self, messages: Sequence[ReadMessage]) -> None:
+        """Admit, fold and commit one micro-batch; returns once every message ended in state or in the DLQ."""
+        admitted: list[tuple[AdmittedEvent, ReadMessage]] = []
+        rekeyed: list[tuple[TopicT, bytes, bytes]] = []
+        for message in messages:
+            event = await self._gate.admit(message.value, message.position, message.key, message.headers)
+            if event is None:
+                self.counts["dead_letter"] += 1
+                continue
+            assert message.value is not None  # a tombstone is never an event
+            if message.key != event.user_id.encode():
+                log.warning(
+                    "event %s at %s has key %r, not its user_id %r: sent again under its user_id",
+                    event.event_id, message.position, message.key, event.user_id,
+                )  # fmt: skip
+                rekeyed.append((self._context.topics.events, event.user_id.encode(), message.value))
+                self.counts["rekeyed"] += 1
+                continue
+            admitted.append((AdmittedEvent(event, message.value, message.position.partition), message))
+        await send_and_wait(rekeyed)
+        async with self._context.event_state_lock:
+            try:
+                await self._fold([event for event, _ in admitted])
+            except Exception as exc:
+                log.warning(
+                    "a batch of %d events could not be folded (%s: %s); folding them one at a time",
+                    len(admitted), type(exc).__name__, exc,
+                )  # fmt: skip
+                self._discard()
+                await self._one_at_a_time(admitted)
+                return
+            await self._commit()
+            self.counts["folded"] += len(admitted)
+
+    async def _fold(self, batch: Sequence[AdmittedEvent]) -> None:
+        for _, event_stage in self._stages:
+            await event_stage.fold(batch)
+
+    async def _commit(self) -> None:
+        for _, event_stage in self._stages:
+            await event_stage.commit()
+
+    def _discard(self) -> None:
+        for _, event_stage in self._stages:
+            event_stage.discard()
+
+    async def _one_at_a_time(self, admitted: Sequence[tuple[AdmittedEvent, ReadMessage]]) -> None:
+        for event, message in admitted:
+            try:
+                for name, event_stage in self._stages:
+                    failing_stage = name
+                    await event_stage.fold([event])
+            except Exception as exc:
+                self._discard()
+                reason = failure_reason(failing_stage, exc)
+                log.error("dead-lettering event %s at %s: %s", event.event.event_id, message.position, reason)
+                letter = dead_letter(message.value, reason, message.position, key=message.key, headers=message.headers)
+                await self._context.dead_letter_sink(message.position.dead_letter_key(), letter)
+                self.counts["dead_letter"] += 1
+                continue
+            await self._commit()
+            self.counts["folded"] += 1
 
 
 def register(context: AgentContext) -> AgentT:
     """Declare the events agent, running the stages of ``context.event_stage_modules`` in order."""
     app, settings, topics = context.app, context.settings, context.topics
-    stages: list[EventStage] = [importlib.import_module(name).stage(context) for name in context.event_stage_modules]
-    gate = EventGate(sink=context.dead_letter_sink)
+    stages = [
+        (name.rsplit(".", 1)[-1], importlib.import_module(name).stage(context)) for name in context.event_stage_modules
+    ]
+    agent = EventsAgent(context, stages)
     continuity = OffsetContinuity.for_app(app)
 
     async def events(stream: StreamT[bytes]) -> None:
@@ -67,14 +176,16 @@ def register(context: AgentContext) -> AgentT:
             settings.push_batch_max, within=settings.push_batch_within_s
         ):
             continuity.check(batch, context.on_skipped_records)
-            admitted: list[AdmittedEvent] = []
-            for event in batch:
-                message = event.message
-                position = MessagePosition(message.topic, message.partition, message.offset)
-                parsed = await gate.admit(event.value, position)
-                if parsed is not None:
-                    admitted.append(AdmittedEvent(parsed, event.value, message.partition))
-            for event_stage in stages:
-                await event_stage.process(admitted)
+            await agent.process([read_message(event) for event in batch])
 
-    return app.agent(topics.events, name="events")(events)
+    return app.agent(topics.events, name="events")(fail_worker_on_crash("the events agent", events, context.on_crash))
+
+
+def read_message(event: EventT) -> ReadMessage:
+    message = event.message
+    return ReadMessage(
+        value=event.value,
+        key=message.key,
+        headers=message.headers,
+        position=MessagePosition(message.topic, message.partition, message.offset),
+    )

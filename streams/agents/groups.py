@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from perfusion.contracts.records import GroupSample
 from streams.grouping import GroupBuilder, GroupOutput, idle_watermark
+from streams.liveness import fail_worker_on_crash
 from streams.table_store import JsonTableStore, flush_changelogs, forget_on_rebalance, raw_table, send_and_wait
 
 if TYPE_CHECKING:
@@ -34,33 +35,41 @@ class GroupStage:
     def __init__(self, context: AgentContext) -> None:
         self._grouping = context.settings.grouping()
         self._topics = context.topics
+        self._lock = context.event_state_lock
         self._table = raw_table(context.app, TABLE_NAME, context.settings.partitions)
         self._builders: dict[int, tuple[GroupBuilder, JsonTableStore]] = {}
         forget_on_rebalance(context.app, self._builders)
         # partition -> (wall-clock time of its latest event, the watermark that event left)
         self._last_event: dict[int, tuple[float, float]] = {}
         forget_on_rebalance(context.app, self._last_event)
+        # Folded, not yet committed: held here, since a rebalance may clear the builders meanwhile.
+        self._touched: dict[int, JsonTableStore] = {}
+        self._emitted: list[tuple[GroupBuilder, list[GroupOutput]]] = []
+        self._progress: dict[int, tuple[float, float]] = {}
         if self._grouping.idle_after_s > 0.0:
-            context.app.timer(interval=max(1.0, self._grouping.idle_after_s / 4))(self.close_idle_partitions)
+            interval_s = max(1.0, self._grouping.idle_after_s / 4)
+            timer = fail_worker_on_crash("the group builder's idle timer", self.close_idle_partitions, context.on_crash)
+            context.app.timer(interval=interval_s)(timer)
 
     async def close_idle_partitions(self) -> None:
         """Move the watermark of every idle partition this worker owns with the wall clock; deliver what closes."""
-        now = time.time()
-        emitted: list[tuple[GroupBuilder, list[GroupOutput]]] = []
-        touched: list[JsonTableStore] = []
-        for partition, (wall_time, event_watermark) in list(self._last_event.items()):
-            watermark = idle_watermark(event_watermark, now - wall_time, self._grouping)
-            if watermark is None or partition not in self._builders:
-                continue
-            builder, store = self._builders[partition]
-            outputs = builder.advance(watermark)
-            touched.append(store)
-            if outputs:
-                log.info("partition %d idle for %.0f s: %d groups closed", partition, now - wall_time, len(outputs))
-                emitted.append((builder, outputs))
-        if emitted:
-            await self._deliver(emitted)
-        await flush_changelogs(touched)
+        async with self._lock:
+            now = time.time()
+            emitted: list[tuple[GroupBuilder, list[GroupOutput]]] = []
+            touched: list[JsonTableStore] = []
+            for partition, (wall_time, event_watermark) in list(self._last_event.items()):
+                watermark = idle_watermark(event_watermark, now - wall_time, self._grouping)
+                if watermark is None:
+                    continue
+                builder, store = self._builder_for(partition)
+                outputs = builder.advance(watermark)
+                touched.append(store)
+                if outputs:
+                    log.info("partition %d idle for %.0f s: %d groups closed", partition, now - wall_time, len(outputs))
+                    emitted.append((builder, outputs))
+            if emitted:
+                await self._deliver(emitted)
+            await flush_changelogs(touched)
 
     def _builder_for(self, partition: int) -> tuple[GroupBuilder, JsonTableStore]:
         if partition not in self._builders:
@@ -68,31 +77,42 @@ class GroupStage:
             self._builders[partition] = (GroupBuilder(self._grouping, store, partition), store)
         return self._builders[partition]
 
-    async def process(self, batch: Sequence[AdmittedEvent]) -> None:
-        touched: dict[int, JsonTableStore] = {}  # held here: a rebalance may clear the builders meanwhile
-        emitted: list[tuple[GroupBuilder, list[GroupOutput]]] = []
+    async def fold(self, batch: Sequence[AdmittedEvent]) -> None:
         now = time.time()
         for admitted in batch:
-            builder, touched[admitted.partition] = self._builder_for(admitted.partition)
+            builder, self._touched[admitted.partition] = self._builder_for(admitted.partition)
             outputs = builder.process(admitted.event)
             if outputs:
-                emitted.append((builder, outputs))
-            self._last_event[admitted.partition] = (now, builder.watermark)
+                self._emitted.append((builder, outputs))
+            self._progress[admitted.partition] = (now, builder.watermark)
+
+    async def commit(self) -> None:
+        touched, emitted, progress = self._touched, self._emitted, self._progress
+        self._touched, self._emitted, self._progress = {}, [], {}
         if emitted:
             await self._deliver(emitted)
         await flush_changelogs(touched.values())
+        self._last_event.update(progress)
+
+    def discard(self) -> None:
+        for store in self._touched.values():
+            store.rollback()
+        # The builders' in-memory index and watermark may hold what was rolled back: rebuilt from the table.
+        self._builders.clear()
+        self._touched, self._emitted, self._progress = {}, [], {}
 
     async def _deliver(self, emitted: list[tuple[GroupBuilder, list[GroupOutput]]]) -> None:
         """Send the batch's samples and drops, wait for the broker, then confirm them in the builders' state."""
         topics = self._topics
         await send_and_wait(
             [
-                (topics.group_samples if isinstance(output, GroupSample) else topics.group_drops,
-                 output.sample_id.encode(), output.to_bytes())
+                (topics.group_samples, output.sample_id.encode(), output.to_bytes())
+                if isinstance(output, GroupSample)
+                else (topics.group_drops, output.key(), output.to_bytes())
                 for _, outputs in emitted
                 for output in outputs
             ]
-        )  # fmt: skip
+        )
         for builder, outputs in emitted:
             builder.confirm(outputs)
 

@@ -6,7 +6,6 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pydantic import TypeAdapter
@@ -28,28 +27,43 @@ _DECODED_STATES_MAX = 50_000  # users whose decoded state the preference stage k
 _DESCRIPTORS_ADAPTER: TypeAdapter[dict[str, list[float]]] = TypeAdapter(dict[str, list[float]])
 
 
-@dataclass
-class TableImpressionMemory:
-    """Impression descriptors in a Faust table; writes go to the changelog partition of the event being processed
-    (the user's partition), since a micro-batch mixes partitions and Faust's current event is only the last one."""
+class StagedImpressionMemory:
+    """Impression descriptors in a Faust table, with the changes of the events folded since the last commit held
+    apart until :meth:`commit` (so that a discarded fold leaves the table as it was). Writes go to the changelog
+    partition of the event being processed (the user's partition, set in ``partition`` before each event), since a
+    micro-batch mixes partitions and Faust's current event is only the last one."""
 
-    table: TableT
-    partition: int
+    def __init__(self, table: TableT) -> None:
+        self.table = table
+        self.partition = 0
+        # impression id (bytes) -> (changelog partition, descriptors, or None once forgotten)
+        self._staged: dict[bytes, tuple[int, Mapping[str, list[float]] | None]] = {}
 
     def get(self, impression_id: str) -> Mapping[str, list[float]] | None:
-        raw = self.table.get(impression_id.encode())
+        key = impression_id.encode()
+        if key in self._staged:
+            return self._staged[key][1]
+        raw = self.table.get(key)
         return None if raw is None else _DESCRIPTORS_ADAPTER.validate_json(raw)
 
     def put(self, impression_id: str, descriptors: Mapping[str, list[float]]) -> None:
-        put_in_partition(
-            self.table, self.partition, impression_id.encode(), _DESCRIPTORS_ADAPTER.dump_json(dict(descriptors))
-        )
+        self._staged[impression_id.encode()] = (self.partition, dict(descriptors))
 
     def forget(self, impression_id: str) -> None:
-        key = impression_id.encode()
-        if key in self.table:
-            del self.table.data[key]
-            self.table.send_changelog(self.partition, key, None, value_serializer="raw")
+        self._staged[impression_id.encode()] = (self.partition, None)
+
+    def commit(self) -> None:
+        """Write the staged changes to the table and its changelog."""
+        staged, self._staged = self._staged, {}
+        for key, (partition, descriptors) in staged.items():
+            if descriptors is not None:
+                put_in_partition(self.table, partition, key, _DESCRIPTORS_ADAPTER.dump_json(dict(descriptors)))
+            elif key in self.table:
+                del self.table.data[key]
+                self.table.send_changelog(partition, key, None, value_serializer="raw")
+
+    def discard(self) -> None:
+        self._staged.clear()
 
 
 def put_in_partition(table: TableT, partition: int, key: bytes, value: bytes) -> None:
@@ -68,28 +82,43 @@ class PreferenceStage:
         self._user_states = app.Table(
             "preference-users", key_type=bytes, value_type=bytes, partitions=settings.partitions
         )
-        self._impressions = app.Table(
-            "preference-impressions", key_type=bytes, value_type=bytes, partitions=settings.partitions
+        self._memory = StagedImpressionMemory(
+            app.Table("preference-impressions", key_type=bytes, value_type=bytes, partitions=settings.partitions)
         )
         self._updater = PreferenceUpdater(settings)
         self._push_features = context.feature_sink
-        # Decoded states of recently seen users, the same values as in the table (a state is written to the table
-        # after every batch that changed it). Decoding a state's JSON for every batch a user appears in cost more
-        # than the update itself. Cleared when partitions move and when a batch fails half-way.
+        # Decoded states of recently seen users, the same values as in the table once committed (a state is written
+        # to the table by every commit after a fold that changed it). Decoding a state's JSON for every batch a user
+        # appears in cost more than the update itself. Cleared when partitions move and when a fold is discarded
+        # (states are changed in place).
         self._decoded: OrderedDict[str, UserPreferenceState] = OrderedDict()
         forget_on_rebalance(app, self._decoded)
+        self._touched: dict[str, tuple[UserPreferenceState, int]] = {}  # folded, not yet committed
 
-    async def process(self, batch: Sequence[AdmittedEvent]) -> None:
-        try:
-            touched = await self._fold(batch)
-            rows = [feature_row(user_id, self._updater.features(state)) for user_id, (state, _) in touched.items()]
-            for user_id, (state, partition) in touched.items():
-                put_in_partition(self._user_states, partition, user_id.encode(), state.to_bytes())
-            if rows:
-                await self._push_features(rows)
-        except BaseException:
-            self._decoded.clear()  # states may have been changed in place without reaching the table
-            raise
+    async def fold(self, batch: Sequence[AdmittedEvent]) -> None:
+        touched = self._touched
+        for index, admitted in enumerate(batch, start=1):
+            event = admitted.event
+            state = touched[event.user_id][0] if event.user_id in touched else self._state(event.user_id)
+            self._memory.partition = admitted.partition
+            if self._updater.apply(state, event, self._memory):
+                touched[event.user_id] = (state, admitted.partition)
+            if index % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # let the consumer and producer run during a long batch
+
+    async def commit(self) -> None:
+        touched, self._touched = self._touched, {}
+        self._memory.commit()
+        rows = [feature_row(user_id, self._updater.features(state)) for user_id, (state, _) in touched.items()]
+        for user_id, (state, partition) in touched.items():
+            put_in_partition(self._user_states, partition, user_id.encode(), state.to_bytes())
+        if rows:
+            await self._push_features(rows)
+
+    def discard(self) -> None:
+        self._touched = {}
+        self._memory.discard()
+        self._decoded.clear()  # states may have been changed in place by the discarded fold
 
     def _state(self, user_id: str) -> UserPreferenceState:
         state = self._decoded.get(user_id)
@@ -102,18 +131,6 @@ class PreferenceStage:
         while len(self._decoded) > _DECODED_STATES_MAX:
             self._decoded.popitem(last=False)
         return state
-
-    async def _fold(self, batch: Sequence[AdmittedEvent]) -> dict[str, tuple[UserPreferenceState, int]]:
-        """Apply a micro-batch; returns the changed users' states with the partition their events came from."""
-        touched: dict[str, tuple[UserPreferenceState, int]] = {}
-        for index, admitted in enumerate(batch, start=1):
-            event = admitted.event
-            state = touched[event.user_id][0] if event.user_id in touched else self._state(event.user_id)
-            if self._updater.apply(state, event, TableImpressionMemory(self._impressions, admitted.partition)):
-                touched[event.user_id] = (state, admitted.partition)
-            if index % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)  # let the consumer and producer run during a long batch
-        return touched
 
 
 def stage(context: AgentContext) -> PreferenceStage:

@@ -17,7 +17,8 @@ from pydantic import ValidationError
 
 from perfusion.contracts.records import GroupSample, TrainRequest, validation_reason
 from streams.continuity import OffsetContinuity
-from streams.dead_letters import MessagePosition, dead_letter
+from streams.dead_letters import MessagePosition, dead_letter, failure_reason
+from streams.liveness import fail_worker_on_crash
 from streams.table_store import (
     JsonTableStore,
     flush_changelogs,
@@ -92,11 +93,15 @@ def register(context: AgentContext) -> AgentT:
                 message = event.message
                 try:
                     sample = GroupSample.model_validate_json(event.value or b"")
+                    reason = None
                 except ValidationError as exc:
-                    position = MessagePosition(message.topic, message.partition, message.offset)
                     reason = "not a group sample: " + validation_reason(exc, whole="record")
+                except Exception as exc:  # anything else about this one record: it is dead-lettered the same way
+                    reason = failure_reason("the training route", exc)
+                if reason is not None:
+                    position = MessagePosition(message.topic, message.partition, message.offset)
                     log.warning("dead-lettering an unreadable group sample at %s: %s", position, reason)
-                    letter = dead_letter(event.value, reason, position)
+                    letter = dead_letter(event.value, reason, position, key=message.key, headers=message.headers)
                     await context.dead_letter_sink(position.dead_letter_key(), letter)
                     continue
                 forwards.append((by_version, sample.model_version.encode(), routed_sample(sample)))
@@ -111,14 +116,27 @@ def register(context: AgentContext) -> AgentT:
             emitted: list[tuple[TrainingTrigger, list[TrainRequest]]] = []
             touched: dict[int, JsonTableStore] = {}  # held here: a rebalance may clear ``triggers`` meanwhile
             for event in batch:
-                sample_id, model_version = read_routed_sample(event.value)
-                trigger, touched[event.message.partition] = trigger_for(event.message.partition)
-                requests = trigger.on_sample(sample_id, model_version)
+                partition = event.message.partition
+                trigger, store = trigger_for(partition)
+                touched[partition] = store
+                store.checkpoint()
+                try:
+                    sample_id, model_version = read_routed_sample(event.value)
+                    requests = trigger.on_sample(sample_id, model_version)
+                except Exception as exc:
+                    store.rollback()
+                    triggers.pop(partition, None)  # its in-memory index may hold what was rolled back
+                    message = event.message
+                    position = MessagePosition(message.topic, message.partition, message.offset)
+                    reason = failure_reason("the training trigger", exc)
+                    log.error("dead-lettering the message at %s: %s", position, reason)
+                    letter = dead_letter(event.value, reason, position, key=message.key, headers=message.headers)
+                    await context.dead_letter_sink(position.dead_letter_key(), letter)
+                    continue
                 if requests:
                     emitted.append((trigger, requests))
             await deliver(emitted, touched.values())
 
-    @app.timer(interval=trigger_settings.tick_s)
     async def tick() -> None:
         active = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == by_version.get_topic_name()}
         for partition in sorted(active):
@@ -126,5 +144,12 @@ def register(context: AgentContext) -> AgentT:
             requests = trigger.on_tick()
             await deliver([(trigger, requests)] if requests else [], [store])
 
-    app.agent(topics.group_samples, name="train-trigger-route")(route)
-    return app.agent(by_version, name="train-trigger")(count)
+    app.timer(interval=trigger_settings.tick_s)(
+        fail_worker_on_crash("the training trigger's timer", tick, context.on_crash)
+    )
+    app.agent(topics.group_samples, name="train-trigger-route")(
+        fail_worker_on_crash("the training route", route, context.on_crash)
+    )
+    return app.agent(by_version, name="train-trigger")(
+        fail_worker_on_crash("the training trigger", count, context.on_crash)
+    )

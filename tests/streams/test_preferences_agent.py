@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -277,6 +277,21 @@ def test_counting_gate_skips_without_dead_lettering() -> None:
 # ----------------------------------------------------------------------------------------- Faust, in-process
 
 
+class Crashes(list[tuple[str, BaseException]]):
+    """Agents' crashes, recorded and raised again (the worker would end its process)."""
+
+    def append_and_raise(self, task: str, exc: BaseException) -> NoReturn:
+        self.append((task, exc))
+        raise exc
+
+
+def acknowledged() -> asyncio.Future[None]:
+    """What a send returns once the broker has acknowledged it."""
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    future.set_result(None)
+    return future
+
+
 def test_agent_in_process_pushes_features_dedupes_and_dead_letters(tmp_path: Path) -> None:
     from streams.app import create_app
 
@@ -290,17 +305,20 @@ def test_agent_in_process_pushes_features_dedupes_and_dead_letters(tmp_path: Pat
     settings = StreamSettings(
         bootstrap_servers="localhost:9", topic_prefix="inproc.", data_dir=tmp_path, push_batch_within_s=0.05
     )
+    crashed = Crashes()
     # The events agent with the preference stage alone: the other stages would send to a broker.
     stream_app = create_app(
         settings,
         feature_sink=feature_sink,
         agent_modules=("streams.agents.events",),
         event_stage_modules=("streams.agents.preferences",),
+        on_crash=crashed.append_and_raise,
     )
 
-    async def send_to_dead_letters(key: bytes | None = None, value: bytes | None = None, **_: Any) -> None:
+    async def send_to_dead_letters(key: bytes | None = None, value: bytes | None = None, **_: Any) -> asyncio.Future:
         assert value is not None
         letters.append(DeadLetter.model_validate_json(value))
+        return acknowledged()
 
     stream_app.topics.dead_letters.send = send_to_dead_letters  # type: ignore[method-assign]
     malformed = [b"{not json", json.dumps({"kind": "click", "event_id": "x"}).encode()]
@@ -317,6 +335,7 @@ def test_agent_in_process_pushes_features_dedupes_and_dead_letters(tmp_path: Pat
             await asyncio.sleep(0.5)
 
     asyncio.run(drive())
+    assert crashed == []
     latest = {row["user_id"]: row for row in pushed}
     expected = reference_features(events, settings)
     assert set(latest) == set(expected)
