@@ -1,7 +1,9 @@
 """Attribution windows in event time: one impression plus what followed it becomes one graded group sample.
 
-An :class:`~perfusion.contracts.records.Impression` opens a group. Clicks, orders, returns and selections that name its
-``impression_id`` and carry an event time within ``window_s`` of the impression are attributed to it. The group
+An :class:`~perfusion.contracts.records.Impression` opens a group. Clicks, orders, returns and selections by the user
+who was shown it that name its ``impression_id`` and carry an event time within ``window_s`` of the impression are
+attributed to it (a follow-up by anyone else, such as a friend who opened a shared link, is not that viewer's
+choice: it waits as an orphan and ends as a counted drop). The group
 closes once the partition's watermark (the largest event time seen on the partition less ``allowed_lateness_s``)
 has passed ``impression.ts + window_s``; closing emits one :class:`~perfusion.contracts.records.GroupSample` whose
 ``sample_id`` is the impression's event_id.
@@ -11,8 +13,12 @@ Policy, so that every impression ends as exactly one sample or one counted drop:
 - an impression seen again while its group is open or remembered as closed is a duplicate: counted, no output;
 - an impression whose window the watermark has already passed arrives too late to be attributed fairly: it ends
   as a :class:`~perfusion.contracts.records.GroupDrop` with reason ``late_impression``;
-- a follow-up for an impression not seen yet is buffered; the buffer expires (each event counted as
-  ``orphan_follow_up``) once no impression that could own it can still arrive in time;
+- a follow-up for an impression not seen yet (by its user) is buffered, at most ``max_pending_follow_ups`` per
+  impression and ``max_pending_impressions`` impressions per partition (beyond that it is counted as
+  ``orphan_overflow``); the buffer expires once no impression that could own it can still arrive in time, as one
+  :class:`~perfusion.contracts.records.GroupDrop` with reason ``orphan_follow_up`` (each event counted too);
+- a group whose stored state cannot be read back is counted as ``unreadable_group`` and forgotten, so that one bad
+  state never stops the partition;
 - a follow-up for a closed group is counted as ``late_follow_up``; one stamped after its group's window is counted
   as ``outside_window``; one seen twice (same event_id) as ``duplicate_follow_up``; none of these change a sample;
 - a worker that stops leaves open groups in the store; the next owner of the partition resumes them;
@@ -31,13 +37,17 @@ order: an order whose quantity was not fully returned grades its image ``GRADE_O
 fully returned order grades it ``GRADE_CLICK``; anything else stays ``GRADE_NONE``.
 
 State lives in a ``MutableMapping`` (a changelog-backed Faust table in the worker, a dict in tests) under keys
-``i:<impression_id>`` and ``w:<partition>``; values are JSON-compatible so that a restarted worker reads back exactly
-what it wrote. One :class:`GroupBuilder` serves one partition; its due-time index is rebuilt from the store.
+``i:<partition>:<viewer>:<impression_id>`` (:func:`impression_key`) and ``w:<partition>``; values are JSON-compatible
+so that a restarted worker reads back exactly what it wrote. Every key names the partition that owns it: builders of
+different partitions share a store (one table) but never a key, so no event, however keyed, makes one partition read
+or change another's group. One :class:`GroupBuilder` serves one partition; its due-time index is rebuilt from the
+store.
 """
 
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 from collections import Counter
 from collections.abc import Iterable, MutableMapping
@@ -60,6 +70,8 @@ from perfusion.contracts.records import (
     Select,
 )
 from perfusion.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 FollowUp = Click | Order | Return | Select
 
@@ -97,7 +109,18 @@ class GroupingSettings:
         },
     )
 
+    max_pending_follow_ups: int = field(
+        default=64, metadata={"help": "follow-ups buffered per impression not seen yet; more are counted and dropped"}
+    )
+    max_pending_impressions: int = field(
+        default=100_000,
+        metadata={"help": "impressions not seen yet with buffered follow-ups, per partition; more are dropped"},
+    )
+
     def __post_init__(self) -> None:
+        for name in ("max_pending_follow_ups", "max_pending_impressions"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("window_s", "allowed_lateness_s", "closed_retention_s", "idle_after_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0.0):
@@ -118,8 +141,14 @@ def idle_watermark(event_watermark: float, idle_s: float, settings: GroupingSett
     return event_watermark + idle_s
 
 
-def impression_key(impression_id: str) -> str:
-    return f"i:{impression_id}"
+def impression_key(partition: int, user_id: str, impression_id: str) -> str:
+    """The key of one viewer's group of one impression on one partition (the user id's length keeps the key
+    unambiguous whatever the ids hold)."""
+    return f"{partition_prefix(partition)}{len(user_id)}:{user_id}:{impression_id}"
+
+
+def partition_prefix(partition: int) -> str:
+    return f"i:{partition}:"
 
 
 def watermark_key(partition: int) -> str:
@@ -137,6 +166,7 @@ class GroupBuilder:
         self._due: list[tuple[float, str]] = []  # (due event time, impression_id), lazily rebuilt
         self._indexed = False
         self._unconfirmed: list[GroupOutput] = []
+        self._pending_impressions = 0  # keys in PENDING status, counted when the index is built
         stored = store.get(watermark_key(partition))
         self._watermark = float(stored) if stored is not None else -math.inf
 
@@ -165,18 +195,19 @@ class GroupBuilder:
             return outputs
         self._watermark = watermark
         while self._due and self._due[0][0] < watermark:
-            due, impression_id = heapq.heappop(self._due)
-            key = impression_key(impression_id)
+            due, key = heapq.heappop(self._due)
             state = self._store.get(key)
             if state is None or state["due"] != due:
                 continue  # superseded index entry
-            if state["status"] == OPEN:
-                outputs.append(self._close(impression_id, state))
-            elif state["status"] == PENDING:
-                self.counts["orphan_follow_up"] += _follow_up_count(state)
-                del self._store[key]
-            elif state["status"] == CLOSED:
-                del self._store[key]
+            try:
+                if state["status"] == OPEN:
+                    outputs.append(self._close(key, state))
+                elif state["status"] == PENDING:
+                    outputs.append(self._expire_orphans(key, state))
+                elif state["status"] == CLOSED:
+                    del self._store[key]
+            except (KeyError, TypeError, ValueError) as exc:  # ValidationError is a ValueError
+                self._forget_unreadable(key, exc)
         # Stored at every advance (the agents' store logs a key once per batch): a restarted builder must resume
         # from the watermark its committed events left, or it may decide "late" differently than before the crash.
         self._store[watermark_key(self.partition)] = watermark
@@ -186,10 +217,16 @@ class GroupBuilder:
         self._ensure_index()
         return sum(1 for _, state in self._own_states() if state["status"] == OPEN)
 
+    def _forget_unreadable(self, key: str, exc: Exception) -> None:
+        log.error("partition %d: group state %s cannot be read (%s: %s); forgotten", self.partition, key,
+                  type(exc).__name__, exc)  # fmt: skip
+        self.counts["unreadable_group"] += 1
+        self._store.pop(key, None)
+
     # ------------------------------------------------------------------------------------------------ events
 
     def _on_impression(self, impression: Impression) -> list[GroupOutput]:
-        key = impression_key(impression.event_id)
+        key = impression_key(self.partition, impression.user_id, impression.event_id)
         state = self._store.get(key)
         if state is not None and state["status"] in (OPEN, CLOSING, CLOSED):
             self.counts["duplicate_impression"] += 1
@@ -197,6 +234,8 @@ class GroupBuilder:
         close_at = impression.ts + self.settings.window_s
         if close_at < self._watermark:
             self.counts["late_impression"] += 1
+            if state is not None:  # PENDING: its follow-ups were by this viewer; they go with the drop
+                self._pending_impressions -= 1
             drop = GroupDrop(
                 sample_id=impression.event_id,
                 user_id=impression.user_id,
@@ -207,6 +246,8 @@ class GroupBuilder:
             )
             return [self._hold_output(key, close_at, drop)]
         follow_ups = state["follow_ups"] if state is not None else _empty_follow_ups()
+        if state is not None:  # PENDING: its follow-ups are this group's now
+            self._pending_impressions -= 1
         self._put(
             key,
             {
@@ -220,7 +261,7 @@ class GroupBuilder:
         return []
 
     def _on_follow_up(self, event: FollowUp) -> None:
-        key = impression_key(event.impression_id)
+        key = impression_key(self.partition, event.user_id, event.impression_id)
         state = self._store.get(key)
         if state is not None and state["status"] in (CLOSING, CLOSED):
             self.counts["late_follow_up"] += 1
@@ -229,11 +270,28 @@ class GroupBuilder:
             self.counts["outside_window"] += 1
             return
         if state is None:
-            state = {"p": self.partition, "status": PENDING, "due": math.inf, "follow_ups": _empty_follow_ups()}
+            if self._pending_impressions >= self.settings.max_pending_impressions:
+                self.counts["orphan_overflow"] += 1
+                return
+            self._pending_impressions += 1
+            state = {
+                "p": self.partition,
+                "status": PENDING,
+                "due": math.inf,
+                "follow_ups": _empty_follow_ups(),
+                "orphan": {
+                    "impression_id": event.impression_id,
+                    "user_id": event.user_id,
+                    "design_id": event.design_id,
+                },
+            }
         kind, payload = _follow_up_entry(event)
         entries = state["follow_ups"][kind]
         if event.event_id in entries:
             self.counts["duplicate_follow_up"] += 1
+            return
+        if state["status"] == PENDING and _follow_up_count(state) >= self.settings.max_pending_follow_ups:
+            self.counts["orphan_overflow"] += 1
             return
         follow_ups = {**state["follow_ups"], kind: {**entries, event.event_id: [event.ts, *payload]}}
         due = state["due"]
@@ -242,15 +300,32 @@ class GroupBuilder:
             due = min(due, event.ts + self.settings.window_s)
         self._put(key, {**state, "due": due, "follow_ups": follow_ups})
 
+    def _expire_orphans(self, key: str, state: dict[str, Any]) -> GroupOutput:
+        """The follow-ups of an impression that never came, as one counted drop."""
+        self._pending_impressions -= 1
+        follow_ups = _follow_up_count(state)
+        self.counts["orphan_follow_up"] += follow_ups
+        orphan = state["orphan"]
+        drop = GroupDrop(
+            sample_id=orphan["impression_id"],
+            user_id=orphan["user_id"],
+            design_id=orphan["design_id"],
+            reason="orphan_follow_up",
+            impression_ts=min(entry[0] for entries in state["follow_ups"].values() for entry in entries.values()),
+            watermark=self._watermark,
+            follow_ups=follow_ups,
+        )
+        return self._hold_output(key, float(state["due"]), drop)
+
     # ------------------------------------------------------------------------------------------------ closing
 
-    def _close(self, impression_id: str, state: dict[str, Any]) -> GroupOutput:
+    def _close(self, key: str, state: dict[str, Any]) -> GroupOutput:
         impression = Impression.model_validate(state["impression"], strict=False)
         close_at = float(state["due"])
         sample = group_sample(impression, state["follow_ups"], close_at)
         self.counts["outside_window"] += _follow_up_count(state) - _follow_up_count(state, until=close_at)
         self.counts["sample"] += 1
-        return self._hold_output(impression_key(impression_id), close_at, sample)
+        return self._hold_output(key, close_at, sample)
 
     def _hold_output(self, key: str, close_at: float, output: GroupOutput) -> GroupOutput:
         kind = "sample" if isinstance(output, GroupSample) else "drop"
@@ -265,7 +340,7 @@ class GroupBuilder:
     def confirm(self, outputs: Iterable[GroupOutput]) -> None:
         """Record that ``outputs`` were delivered: their groups shrink to closed markers kept for the retention."""
         for output in outputs:
-            key = impression_key(output.sample_id)
+            key = impression_key(self.partition, output.user_id, output.sample_id)
             state = self._store.get(key)
             if state is not None and state["status"] == CLOSING:
                 self._put(key, {"p": self.partition, "status": CLOSED, "due": state["due"]})
@@ -273,13 +348,19 @@ class GroupBuilder:
     def _put(self, key: str, state: dict[str, Any]) -> None:
         self._store[key] = state
         if math.isfinite(state["due"]):
-            heapq.heappush(self._due, (state["due"], key[2:]))
+            heapq.heappush(self._due, (state["due"], key))
 
     # ------------------------------------------------------------------------------------------------ index
 
     def _own_states(self) -> Iterable[tuple[str, dict[str, Any]]]:
-        for key, state in list(self._store.items()):
-            if key.startswith("i:") and state.get("p") == self.partition:
+        prefix = partition_prefix(self.partition)
+        for key in [key for key in self._store if key.startswith(prefix)]:
+            try:
+                state = self._store[key]
+            except (KeyError, ValueError) as exc:
+                self._forget_unreadable(key, exc)
+                continue
+            if isinstance(state, dict) and state.get("p") == self.partition:
                 yield key, state
 
     def _take_unconfirmed(self) -> list[GroupOutput]:
@@ -291,14 +372,19 @@ class GroupBuilder:
         if self._indexed:
             return
         self._due = []
+        self._pending_impressions = 0
         unconfirmed: list[GroupOutput] = []
-        for key, state in self._own_states():
-            if state["status"] == CLOSING:
-                kind, payload = state["output"]
-                record_type = GroupSample if kind == "sample" else GroupDrop
-                unconfirmed.append(record_type.model_validate(payload, strict=False))
-            elif math.isfinite(state["due"]):
-                self._due.append((state["due"], key[2:]))
+        for key, state in list(self._own_states()):
+            try:
+                if state["status"] == CLOSING:
+                    kind, payload = state["output"]
+                    record_type = GroupSample if kind == "sample" else GroupDrop
+                    unconfirmed.append(record_type.model_validate(payload, strict=False))
+                elif math.isfinite(state["due"]):
+                    self._due.append((float(state["due"]), key))
+                self._pending_impressions += state["status"] == PENDING
+            except (KeyError, TypeError, ValueError) as exc:
+                self._forget_unreadable(key, exc)
         heapq.heapify(self._due)
         self._unconfirmed = unconfirmed
         self._indexed = True
@@ -369,20 +455,22 @@ def group_sample(impression: Impression, follow_ups: dict[str, dict[str, list[An
 
 def batch_group_outputs(events: Iterable[AnyEvent], settings: GroupingSettings) -> dict[str, GroupOutput]:
     """Reference computation from a raw event log, by event time and without a watermark: every distinct
-    impression's sample, keyed by sample_id. Equals what the stream builder emits for any arrival order within
-    the allowed lateness."""
+    impression's sample, keyed by sample_id, from its viewer's follow-ups. Equals what the stream builder emits for
+    any arrival order within the allowed lateness."""
     impressions: dict[str, Impression] = {}
-    follow_ups: dict[str, dict[str, dict[str, list[Any]]]] = {}
+    follow_ups: dict[tuple[str, str], dict[str, dict[str, list[Any]]]] = {}
     for event in events:
         if isinstance(event, Impression):
             impressions.setdefault(event.event_id, event)
         elif isinstance(event, Click | Order | Return | Select):
             kind, payload = _follow_up_entry(event)
-            per_kind = follow_ups.setdefault(event.impression_id, _empty_follow_ups())[kind]
+            per_kind = follow_ups.setdefault((event.user_id, event.impression_id), _empty_follow_ups())[kind]
             per_kind.setdefault(event.event_id, [event.ts, *payload])
     return {
         impression_id: group_sample(
-            impression, follow_ups.get(impression_id, _empty_follow_ups()), impression.ts + settings.window_s
+            impression,
+            follow_ups.get((impression.user_id, impression_id), _empty_follow_ups()),
+            impression.ts + settings.window_s,
         )
         for impression_id, impression in impressions.items()
     }

@@ -154,11 +154,81 @@ def test_click_before_its_impression_is_buffered_not_lost() -> None:
     assert builder.counts["orphan_follow_up"] == 0
 
 
-def test_follow_up_whose_impression_never_comes_expires_as_orphan() -> None:
-    outputs, builder = run([click("c1", T0, "ghost", 0), clock(T0 + WINDOW + LATENESS + 1)])
-    assert outputs == []
-    assert builder.counts["orphan_follow_up"] == 1
+def test_follow_up_whose_impression_never_comes_expires_as_one_orphan_drop() -> None:
+    outputs, builder = run([click("c1", T0, "ghost", 0), click("c2", T0 + 3, "ghost", 1), clock(T0 + 500)])
+    assert outputs == [
+        GroupDrop(
+            sample_id="ghost", user_id="u1", design_id="d1", reason="orphan_follow_up", impression_ts=T0,
+            watermark=T0 + 500 - LATENESS, follow_ups=2,
+        )
+    ]  # fmt: skip
+    assert outputs[0].key() == b"ghost/u1"
+    assert builder.counts["orphan_follow_up"] == 2
     assert builder.open_groups() == 0
+
+
+def shared_click(event_id: str, ts: float, impression_id: str, image: int, user: str) -> Click:
+    return click(event_id, ts, impression_id, image).model_copy(update={"user_id": user})
+
+
+def test_a_click_by_another_user_on_a_shared_impression_leaves_one_sample_and_one_orphan_drop() -> None:
+    outputs, _ = run([impression("imp1", T0), shared_click("c1", T0 + 5, "imp1", 1, user="friend"), clock(T0 + 500)])
+    samples = [output for output in outputs if isinstance(output, GroupSample)]
+    drops = [output for output in outputs if isinstance(output, GroupDrop)]
+    assert [sample.sample_id for sample in samples] == ["imp1"]
+    assert grades(samples[0]) == [GRADE_NONE, GRADE_NONE, GRADE_NONE]  # the friend's click is not the viewer's
+    assert [(drop.sample_id, drop.user_id, drop.reason) for drop in drops] == [("imp1", "friend", "orphan_follow_up")]
+
+
+def test_orphan_clicks_on_one_impression_from_two_partitions_are_two_drops_and_no_crash() -> None:
+    store: dict = {}  # one table for both partitions, as in the worker
+    left, right = GroupBuilder(SETTINGS, store, partition=0), GroupBuilder(SETTINGS, store, partition=1)
+    assert left.process(shared_click("c1", T0, "ghost", 0, user="a")) == []
+    assert right.process(shared_click("c2", T0 + 1, "ghost", 0, user="b")) == []
+    left_drops, right_drops = left.process(clock(T0 + 500)), right.process(clock(T0 + 500))
+    left.confirm(left_drops)
+    right.confirm(right_drops)
+    assert [(d.user_id, d.reason) for d in left_drops + right_drops] == [
+        ("a", "orphan_follow_up"),
+        ("b", "orphan_follow_up"),
+    ]
+    assert left.process(clock(T0 + 2000)) == [] and right.process(clock(T0 + 2000)) == []
+
+
+def test_one_impression_on_two_partitions_gives_each_partition_its_own_group() -> None:
+    store: dict = {}
+    left, right = GroupBuilder(SETTINGS, store, partition=0), GroupBuilder(SETTINGS, store, partition=1)
+    left.process(impression("imp1", T0))
+    right.process(impression("imp1", T0))  # the same event read from a second partition (a producer's mistake)
+    right.process(click("c1", T0 + 1, "imp1", 2))
+    [from_left], [from_right] = left.process(clock(T0 + 500)), right.process(clock(T0 + 500))
+    assert grades(from_left) == [GRADE_NONE] * 3 and grades(from_right) == [GRADE_NONE, GRADE_NONE, GRADE_CLICK]
+
+
+def test_the_orphan_buffer_is_bounded_per_impression_and_per_partition() -> None:
+    bounded = GroupingSettings(
+        window_s=WINDOW, allowed_lateness_s=LATENESS, max_pending_follow_ups=2, max_pending_impressions=2
+    )
+    builder = GroupBuilder(bounded, {}, partition=0)
+    for n in range(4):
+        builder.process(click(f"c{n}", T0 + n, "ghost", 0))
+    for name in ("other-1", "other-2"):
+        builder.process(click(f"c-{name}", T0, name, 0))
+    assert builder.counts["orphan_overflow"] == 3  # two clicks past the first impression's two, one third impression
+    drops = builder.process(clock(T0 + 500))
+    assert sorted((drop.sample_id, drop.follow_ups) for drop in drops) == [("ghost", 2), ("other-1", 1)]
+
+
+def test_a_group_whose_state_cannot_be_read_is_counted_and_forgotten() -> None:
+    store: dict = {}
+    builder = GroupBuilder(SETTINGS, store, partition=0)
+    builder.process(impression("imp1", T0))
+    builder.process(impression("imp2", T0))
+    [key] = [key for key in store if key.endswith(":imp1")]
+    store[key] = {**store[key], "impression": {"candidates": "not a list"}}
+    outputs = builder.process(clock(T0 + 500))
+    assert [output.sample_id for output in outputs] == ["imp2"]
+    assert builder.counts["unreadable_group"] == 1 and key not in store
 
 
 def test_late_impression_is_one_counted_drop_and_late_follow_up_is_counted() -> None:
@@ -202,7 +272,7 @@ def test_a_restarted_builder_judges_lateness_by_the_watermark_its_predecessor_re
     assert [type(output) for output in outputs] == [GroupDrop]
 
 
-def test_builders_of_two_partitions_share_a_store_without_touching_each_other() -> None:
+def test_builders_of_two_partitions_share_a_store_without_sharing_a_key() -> None:
     store: dict = {}
     left, right = GroupBuilder(SETTINGS, store, partition=0), GroupBuilder(SETTINGS, store, partition=1)
     left.process(impression("a", T0))
