@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final, Literal
 
 import numpy as np
 
@@ -10,8 +11,12 @@ from perfusion.attributes import ATTRIBUTE_KINDS
 from simulator.eval.config import EvaluationConfig
 from simulator.ground_truth import PixelPreferencePanel
 
-LIVE, HELDOUT_PROMPT, COLD_START, MERCHANT = "live", "heldout_prompt", "cold_start", "merchant"
-SLICES: tuple[str, ...] = (LIVE, HELDOUT_PROMPT, COLD_START)
+LIVE: Final = "live"  # training users on training prompts, the showings whose events reach Kafka
+HELDOUT_PROMPT: Final = "heldout_prompt"  # training users on prompts never trained on
+COLD_START: Final = "cold_start"  # users with a profile and no behaviour
+MERCHANT: Final = "merchant"  # a merchant selecting among the candidates of their design; not measured
+SliceName = Literal["live", "heldout_prompt", "cold_start"]
+SLICES: tuple[SliceName, ...] = (LIVE, HELDOUT_PROMPT, COLD_START)  # the measured slices
 GARMENTS = ATTRIBUTE_KINDS["garment"]
 TRAIN_PROMPTS: tuple[str, ...] = tuple(f"a {garment}" for garment in GARMENTS[:4])
 HELDOUT_PROMPTS: tuple[str, ...] = tuple(f"a {garment}" for garment in GARMENTS[4:])

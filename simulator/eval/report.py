@@ -1,8 +1,8 @@
 """What ``perfusion eval`` writes: results JSON, PNG plots and docs/results.md.
 
-- ``results.json``: the summary of :func:`simulator.eval.stats.summarize` (every metric with its 95% bootstrap
-  interval over users and its lift over the base arm), the offline reward-model comparison, versions per arm,
-  the configuration, the command and the wall time;
+- ``results.json``: :class:`simulator.eval.results.EvaluationResults` (every metric with its 95% bootstrap
+  interval over users and its lift over the base arm, the offline reward-model comparison, versions per arm,
+  the configuration, the command and the wall time), whose schema is ``docs/schemas/results.schema.json``;
 - ``metrics_per_round.png``: each metric per round per arm, with intervals, one row per slice;
 - ``reward_models.png``: GAUC and MAP of PerFusionRM and of the same towers without plug-ins;
 - ``segment_grid.png``: the same prompt generated for users of different segments, base against PerFusion;
@@ -11,10 +11,9 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 
 from simulator.eval.config import BASELINE_ARM, EvaluationConfig
 from simulator.eval.plan import SLICES
+from simulator.eval.results import Estimate, EvaluationResults, MetricEstimate
 from simulator.eval.runner import EvaluationResult, arms_at_once
 from simulator.eval.stats import METRICS, RELATIVE_METRICS
 
@@ -45,8 +45,8 @@ def write_report(
     """Write the JSON, the plots and the markdown (with ``notes_path``'s hand-written analysis appended as it is,
     so a rerun keeps it); returns the markdown's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {**result.summary, "command": command, "wall_seconds": result.wall_seconds}
-    (out_dir / "results.json").write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
+    results = EvaluationResults.of(result.summary, command, result.wall_seconds)
+    (out_dir / "results.json").write_text(results.to_json())
     plot_metrics(result, out_dir / "metrics_per_round.png")
     plot_reward_models(result, out_dir / "reward_models.png")
     plot_segment_grid(result, out_dir / "segment_grid.png")
@@ -77,16 +77,17 @@ def _pyplot() -> Any:
 
 def plot_metrics(result: EvaluationResult, path: Path) -> None:
     plt = _pyplot()
-    metrics = result.summary["metrics"]
+    metrics = result.summary.metrics
     figure, axes = plt.subplots(len(SLICES), len(METRICS), figsize=(4 * len(METRICS), 3 * len(SLICES)), squeeze=False)
     rounds = sorted(int(r) for r in metrics[SLICES[0]])
     for row, slice_name in enumerate(SLICES):
         for column, metric in enumerate(METRICS):
             axis = axes[row][column]
             for offset, arm in enumerate(result.arms):
-                values = [metrics[slice_name][str(r)][arm][metric]["value"] for r in rounds]
-                lows = [metrics[slice_name][str(r)][arm][metric]["ci95"][0] for r in rounds]
-                highs = [metrics[slice_name][str(r)][arm][metric]["ci95"][1] for r in rounds]
+                estimates = [getattr(metrics[slice_name][str(r)][arm], metric) for r in rounds]
+                values = [estimate.value for estimate in estimates]
+                lows = [estimate.ci95[0] for estimate in estimates]
+                highs = [estimate.ci95[1] for estimate in estimates]
                 xs = np.array(rounds, dtype=float) + 0.04 * (offset - len(result.arms) / 2)
                 errors = np.abs(np.array([np.subtract(values, lows), np.subtract(highs, values)]))
                 axis.errorbar(xs, values, yerr=errors, marker="o", capsize=2, label=arm)
@@ -101,12 +102,17 @@ def plot_metrics(result: EvaluationResult, path: Path) -> None:
 
 def plot_reward_models(result: EvaluationResult, path: Path) -> None:
     plt = _pyplot()
-    models = result.summary["reward_models"]
+    models = result.summary.reward_models
     names = list(models)
     figure, axis = plt.subplots(figsize=(5, 3.2))
     width = 0.35
     for offset, metric in enumerate(("gauc", "map")):
-        axis.bar(np.arange(len(names)) + offset * width, [models[name][metric] for name in names], width, label=metric)
+        axis.bar(
+            np.arange(len(names)) + offset * width,
+            [getattr(models[name], metric) for name in names],
+            width,
+            label=metric,
+        )
     axis.set_xticks(np.arange(len(names)) + width / 2, names)
     axis.set_ylim(0.0, 1.0)
     axis.set_title("reward models on held-out groups")
@@ -145,8 +151,8 @@ def plot_segment_grid(result: EvaluationResult, path: Path) -> None:
     plt.close(figure)
 
 
-def _format(entry: dict[str, Any], percent: bool = False) -> str:
-    value, (low, high) = entry["value"], entry["ci95"]
+def _format(entry: Estimate, percent: bool = False) -> str:
+    value, (low, high) = entry.value, entry.ci95
     if any(math.isnan(x) for x in (value, low, high)):
         return "n/a"
     if percent:
@@ -156,7 +162,7 @@ def _format(entry: dict[str, Any], percent: bool = False) -> str:
 
 def render_markdown(result: EvaluationResult, command: str, plots_dir: str) -> str:
     config = result.config
-    metrics = result.summary["metrics"]
+    metrics = result.summary.metrics
     final = str(config.rounds)
     lines = [
         "# Closed-loop evaluation results",
@@ -176,10 +182,12 @@ def render_markdown(result: EvaluationResult, command: str, plots_dir: str) -> s
         entries = metrics[slice_name][final]
         header = ["arm", *(METRIC_LABELS[m] for m in METRICS)]
         lines += [f"## Round {final} (after the last update), {slice_name.replace('_', ' ')}", ""]
-        lines += markdown_table(header, ([arm, *(_format(entries[arm][m]) for m in METRICS)] for arm in result.arms))
+        lines += markdown_table(
+            header, ([arm, *(_format(getattr(entries[arm], m)) for m in METRICS)] for arm in result.arms)
+        )
         lines += ["", "Lift over base (rates: relative change; utility: difference), 95% CI:", ""]
         lifts = [
-            [arm, *(_format(entries[arm][m]["lift_vs_base"], percent=m in RELATIVE_METRICS) for m in METRICS)]
+            [arm, *(_format(_lift(getattr(entries[arm], m)), percent=m in RELATIVE_METRICS) for m in METRICS)]
             for arm in result.arms
             if arm != BASELINE_ARM
         ]
@@ -194,10 +202,10 @@ def render_markdown(result: EvaluationResult, command: str, plots_dir: str) -> s
         "| arm | all showings | live | held-out prompt | cold start |",
         "| --- | --- | --- | --- | --- |",
         *(
-            f"| {arm} | {shift['mean_abs_pixel_diff']:.2f} | {shift.get('live_mean_abs_pixel_diff', math.nan):.2f} | "
-            f"{shift.get('heldout_prompt_mean_abs_pixel_diff', math.nan):.2f} | "
-            f"{shift.get('cold_start_mean_abs_pixel_diff', math.nan):.2f} |"
-            for arm, shift in result.summary.get("generator_shift_vs_base", {}).items()
+            f"| {arm} | {shift.mean_abs_pixel_diff:.2f} | {_or_nan(shift.live_mean_abs_pixel_diff):.2f} | "
+            f"{_or_nan(shift.heldout_prompt_mean_abs_pixel_diff):.2f} | "
+            f"{_or_nan(shift.cold_start_mean_abs_pixel_diff):.2f} |"
+            for arm, shift in result.summary.generator_shift_vs_base.items()
         ),
         "",
         *_segment_lines(result),
@@ -206,14 +214,14 @@ def render_markdown(result: EvaluationResult, command: str, plots_dir: str) -> s
         "| model | GAUC [95% CI over groups] | MAP | train groups | held-out groups |",
     ]
     lines.append("| --- | --- | --- | --- | --- |")
-    models = result.summary["reward_models"]
-    for name, values in models.items():
-        low, high = values.get("gauc_ci95", [float("nan"), float("nan")])
+    models = result.summary.reward_models
+    for name, scores in models.items():
+        low, high = scores.gauc_ci95
         lines.append(
-            f"| {name} | {values['gauc']:.3f} [{low:.3f}, {high:.3f}] | {values['map']:.3f} | "
-            f"{int(values['train_groups'])} | {int(values['heldout_groups'])} |"
+            f"| {name} | {scores.gauc:.3f} [{low:.3f}, {high:.3f}] | {scores.map:.3f} | "
+            f"{int(scores.train_groups)} | {int(scores.heldout_groups)} |"
         )
-    lift = models.get("perfusion_rm", {}).get("gauc_lift_vs_without_plugins")
+    lift = models["perfusion_rm"].gauc_lift_vs_without_plugins if "perfusion_rm" in models else None
     if lift is not None:
         lines += [
             "",
@@ -230,8 +238,8 @@ def render_markdown(result: EvaluationResult, command: str, plots_dir: str) -> s
         "",
     ]
     lines += ["## Arms", "", "| arm | published versions | gate refusals | seconds |", "| --- | --- | --- | --- |"]
-    for arm, info in result.summary["arms"].items():
-        lines.append(f"| {arm} | {', '.join(info['versions'])} | {info['gate_refusals']} | {info['seconds']:.0f} |")
+    for arm, history in result.summary.arms.items():
+        lines.append(f"| {arm} | {', '.join(history.versions)} | {history.gate_refusals} | {history.seconds:.0f} |")
     lines += [
         "",
         "## Plots",
@@ -260,14 +268,25 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list
     ]
 
 
-def signed_interval(entry: dict[str, Any]) -> str:
-    """``{"value": v, "ci95": [low, high]}`` as "+v [+low, +high]" (differences, so the sign always shows)."""
-    low, high = entry["ci95"]
-    return f"{entry['value']:+.3f} [{low:+.3f}, {high:+.3f}]"
+def signed_interval(entry: Estimate | Mapping[str, Any]) -> str:
+    """An estimate (or ``{"value": v, "ci95": [low, high]}``) as "+v [+low, +high]": differences, so the sign always
+    shows."""
+    value, (low, high) = (entry.value, entry.ci95) if isinstance(entry, Estimate) else (entry["value"], entry["ci95"])
+    return f"{value:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def _lift(estimate: MetricEstimate) -> Estimate:
+    if estimate.lift_vs_base is None:
+        raise ValueError("an arm other than base has no lift over base; the summary was built without the base arm")
+    return estimate.lift_vs_base
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 def _segment_lines(result: EvaluationResult) -> list[str]:
-    by_segment: dict[str, dict[str, Any]] = result.summary.get("utility_vs_base_by_segment", {})
+    by_segment = result.summary.utility_vs_base_by_segment
     if not by_segment:
         return []
     segments = sorted({segment for values in by_segment.values() for segment in values})

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from simulator.eval.arm import ArmRun, run_arm
 from simulator.eval.config import BASELINE_ARM, EvaluationConfig
 from simulator.eval.plan import ROUND_SPAN_S, TRAIN_PROMPTS, Population, build_panel
+from simulator.eval.results import EvaluationSummary
 from simulator.eval.reward_models import compare_reward_models
 from simulator.eval.stats import generator_shift, summarize, utility_by_segment
 from simulator.ground_truth import PixelPreferencePanel
@@ -21,11 +22,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvaluationResult:
+    """What :func:`run_evaluation` returns: the validated numbers, and what only the report's plots read (each arm's
+    images, the users' segments), which stay in this process and out of ``results.json``."""
+
     config: EvaluationConfig
     arms: dict[str, ArmRun]
     segments: dict[str, str]  # user -> segment (for the image grid)
     grid_prompt: str
-    summary: dict[str, Any]
+    summary: EvaluationSummary
     wall_seconds: float
 
 
@@ -83,20 +87,22 @@ def run_evaluation(config: EvaluationConfig, bootstrap: str, work_dir: Path) -> 
             runs[arm] = run_arm(arm, config, panel, population, bootstrap, work_dir, text_encoder, origin, grid_prompt)
     for arm, run in runs.items():
         log.info("arm %s: done in %.0f s, versions %s", arm, run.seconds, run.versions)
-    summary = {
-        "metrics": summarize(runs, config, population),
-        "reward_models": compare_reward_models(
-            runs["perfusion" if "perfusion" in runs else BASELINE_ARM].reward_examples, config, text_encoder
-        ),
-        "generator_shift_vs_base": generator_shift(runs),
-        "utility_vs_base_by_segment": utility_by_segment(
-            runs, config, population.train_users, {user: panel.segment(user) for user in population.train_users}
-        ),
-        "arms": {
-            arm: {"versions": run.versions, "gate_refusals": run.refusals, "seconds": run.seconds}
-            for arm, run in runs.items()
-        },
-        "config": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()},
-    }
+    summary = EvaluationSummary.model_validate(
+        {
+            "metrics": summarize(runs, config, population),
+            "reward_models": compare_reward_models(
+                runs["perfusion" if "perfusion" in runs else BASELINE_ARM].reward_examples, config, text_encoder
+            ),
+            "generator_shift_vs_base": generator_shift(runs),
+            "utility_vs_base_by_segment": utility_by_segment(
+                runs, config, population.train_users, {user: panel.segment(user) for user in population.train_users}
+            ),
+            "arms": {
+                arm: {"versions": run.versions, "gate_refusals": run.refusals, "seconds": run.seconds}
+                for arm, run in runs.items()
+            },
+            "config": config,
+        }
+    )
     segments = {user: panel.segment(user) for user in population.train_users + population.cold_users}
     return EvaluationResult(config, runs, segments, grid_prompt, summary, time.monotonic() - started)

@@ -15,6 +15,7 @@ from perfusion.errors import ConfigError
 from simulator.eval.arm import ArmRun, Outcome
 from simulator.eval.config import BASELINE_ARM, EvaluationConfig
 from simulator.eval.plan import COLD_START, LIVE, SLICES, Population, plan_round
+from simulator.eval.results import EvaluationResults
 from simulator.eval.stats import (
     METRICS,
     bootstrap_gauc,
@@ -160,6 +161,8 @@ def test_quick_eval_runs_every_arm_and_computes_every_metric(
     ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
+    # The file is what the records say, to the byte (docs/schemas/results.schema.json is their schema).
+    assert EvaluationResults.read(out / "results.json").to_json() == (out / "results.json").read_text()
     config = EvaluationConfig.quick(arms=arms)
     assert set(results["arms"]) == set(config.arms)
     for arm, info in results["arms"].items():
