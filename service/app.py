@@ -5,10 +5,13 @@ store, metrics, background followers), so tests build the app from real small co
 builds it from the real ones. Errors map to status codes in one place (:func:`_install_error_handlers`):
 
 - bad input (validation, unknown design or image, malformed event): 4xx whose ``detail`` names the field and the fix;
-- Kafka or Feast unavailable: 503 whose ``detail`` gives the reason; the request's effects are not kept.
+  no input, however hostile, gives a 5xx (:mod:`service.event_body`); a body over the limit is 413;
+- Kafka or Feast unavailable: 503 whose ``detail`` gives the reason; the request's effects are not kept;
+- generation pool full: 503 with ``Retry-After`` (:mod:`service.generation_pool`).
 
-Generation runs in plain ``def`` endpoints, so FastAPI runs it in its thread pool and the event loop stays free
-for ``/healthz`` and ``/metrics`` while the CPU samples.
+Candidate generation runs on a bounded pool of its own (a fixed number of worker threads, a bounded queue), and
+``/healthz`` and ``/metrics`` are ``async`` endpoints that never wait on a thread, so they answer under any
+generation load. Request bodies are limited while they stream in (:mod:`service.body_limit`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from service.designs import DesignRegistry, UnknownDesign
 from service.event_body import EventBodyRefused, check_event_body
 from service.events import EventSink, EventSinkUnavailable
 from service.features import FeatureReader, FeatureStoreUnavailable, user_condition
+from service.generation_pool import GenerationBusy, GenerationPool, GenerationPoolSettings
 from service.generator import CandidateGenerator
 from service.metrics import METRICS_CONTENT_TYPE, ServiceMetrics
 from service.schemas import (
@@ -56,6 +60,7 @@ from service.schemas import (
     ErrorResponse,
     EventAccepted,
     Health,
+    Personalization,
 )
 
 logger = logging.getLogger(__name__)
@@ -97,9 +102,12 @@ def create_app(
     production_topic: str,
     metrics: ServiceMetrics | None = None,
     background: Sequence[BackgroundTask] = (),
+    generation: GenerationPoolSettings | None = None,
 ) -> FastAPI:
-    """The service's app; ``background`` tasks are started and stopped with the app's lifespan."""
+    """The service's app; ``background`` tasks are started and stopped with the app's lifespan, and candidate
+    generation runs on a pool of ``generation`` (default :class:`GenerationPoolSettings`)."""
     service_metrics = metrics if metrics is not None else ServiceMetrics()
+    pool = GenerationPool(generation)
     service_metrics.set_model_version(generator.model_version)
     started = time.monotonic()
     demand_source = DEMAND_SOURCE.format(events_topic=events_topic, production_topic=production_topic)
@@ -170,8 +178,9 @@ def create_app(
             demand_source=demand_source,
         )
 
-    @app.post("/designs/{design_id}/candidates", response_model=CandidatesResponse)
-    def candidates(design_id: str, body: CandidatesRequest, request: Request) -> CandidatesResponse:
+    def generate_impression(design_id: str, body: CandidatesRequest) -> tuple[Impression, Personalization, int]:
+        """The blocking part of a candidates request, run on the generation pool: read the user's features,
+        generate, store the images and produce the Impression. Returns it with the personalization and the seed."""
         design = designs.get(design_id)
         read_started = time.perf_counter()
         try:
@@ -203,11 +212,16 @@ def create_app(
         )
         produce(impression)
         service_metrics.candidates.labels(personalization=personalization).inc(body.k)
+        return impression, personalization, seed
+
+    @app.post("/designs/{design_id}/candidates", response_model=CandidatesResponse)
+    async def candidates(design_id: str, body: CandidatesRequest, request: Request) -> CandidatesResponse:
+        impression, personalization, seed = await pool.run(lambda: generate_impression(design_id, body))
         return CandidatesResponse(
             impression_id=impression.event_id,
-            design_id=design.design_id,
-            user_id=body.user_id,
-            model_version=group.model_version,
+            design_id=impression.design_id,
+            user_id=impression.user_id,
+            model_version=impression.model_version,
             personalization=personalization,
             seed=seed,
             candidates=[
@@ -243,13 +257,15 @@ def create_app(
         await run_in_threadpool(produce, event)
         return EventAccepted(event_id=event.event_id, kind=event.kind, topic=events_topic)
 
+    # Both async: they run on the event loop itself, so no thread pool, however busy, can hold them up.
     @app.get("/healthz", response_model=Health)
-    def healthz() -> Health:
+    async def healthz() -> Health:
         return Health(status="ok", model_version=generator.model_version, uptime_s=time.monotonic() - started)
 
     @app.get("/metrics", response_class=Response)
-    def prometheus_metrics() -> Response:
+    async def prometheus_metrics() -> Response:
         service_metrics.set_model_version(generator.model_version)
+        service_metrics.generation_admitted.set(pool.admitted)
         return Response(content=service_metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     return app
@@ -319,6 +335,13 @@ def _install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
     async def kafka_unavailable(_: Request, exc: EventSinkUnavailable) -> JSONResponse:
         logger.warning("answering 503: %s", exc)
         return error(503, f"Kafka unavailable: {exc}")
+
+    @app.exception_handler(GenerationBusy)
+    async def generation_busy(_: Request, exc: GenerationBusy) -> JSONResponse:
+        metrics.generation_refused.inc()
+        response = error(503, f"generation busy: {exc}")
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
 
     @app.exception_handler(FeatureStoreUnavailable)
     async def feast_unavailable(_: Request, exc: FeatureStoreUnavailable) -> JSONResponse:

@@ -8,6 +8,8 @@ What is exported at ``GET /metrics``:
 - ``perfusion_kafka_errors_total{operation}``, ``perfusion_feast_errors_total``
 - ``perfusion_feast_read_seconds`` (the online read inside the candidates request path)
 - ``perfusion_generation_seconds{personalization}`` and ``perfusion_candidates_total{personalization}``
+- ``perfusion_generation_admitted`` (requests on the generation pool now) and ``perfusion_generation_refused_total``
+  (503s because it was full)
 """
 
 from __future__ import annotations
@@ -82,6 +84,16 @@ class ServiceMetrics:
             "perfusion_candidates",
             "Candidate images served, by personalization (personalized, cold_start, base)",
             ["personalization"],
+            registry=self.registry,
+        )
+        self.generation_admitted = Gauge(
+            "perfusion_generation_admitted",
+            "Candidate requests on the generation pool now, generating or waiting for a worker",
+            registry=self.registry,
+        )
+        self.generation_refused = Counter(
+            "perfusion_generation_refused",
+            "Candidate requests answered 503 because the generation pool was full",
             registry=self.registry,
         )
         self._current_version: str | None = None
