@@ -8,6 +8,10 @@ For each new version the watcher verifies it in the store (checksums, every comp
 generator to load it off to the side and swap it in between requests. A version that fails either step is
 refused: the reason is logged and counted in ``perfusion_model_reloads_refused_total``, the current version keeps
 serving, and the refused version is not retried until LATEST names another one.
+
+ModelUpdated records are read by a :class:`~perfusion.follower.TopicFollower` from the topic's end: a malformed
+record is logged and skipped, a lost broker is retried with backoff and counted in
+``perfusion_kafka_errors_total{operation="consume_model_updates"}``; meanwhile the poll of LATEST goes on.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import threading
 from pathlib import Path
 from typing import Protocol
 
+from perfusion.contracts.records import ModelUpdated
 from perfusion.errors import PerfusionError
+from perfusion.follower import FollowedRecord, TopicFollower
 from service.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
@@ -65,6 +71,7 @@ class ModelWatcher:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.updates_follower: TopicFollower | None = None
 
     def check_now(self) -> str | None:
         """Load LATEST if it is new; returns the version loaded, or None if nothing changed or it was refused."""
@@ -102,14 +109,26 @@ class ModelWatcher:
 
     def start(self) -> None:
         self._threads = [threading.Thread(target=self._poll_loop, name="model-watcher", daemon=True)]
-        if self.bootstrap_servers and self.updates_topic:
-            self._threads.append(threading.Thread(target=self._follow_updates, name="model-updates", daemon=True))
         for thread in self._threads:
             thread.start()
+        if self.bootstrap_servers and self.updates_topic:
+            # Only updates from now on matter: LATEST is checked at every poll anyway, so a missed update (the
+            # broker away, a malformed record) only delays the reload to the next poll.
+            self.updates_follower = TopicFollower(
+                "model-updates",
+                self.bootstrap_servers,
+                [self.updates_topic],
+                self._on_update,
+                start_at="latest",
+                on_broker_error=lambda _: self.metrics.kafka_errors.labels(operation="consume_model_updates").inc(),
+            )
+            self.updates_follower.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
         self._wake.set()
+        if self.updates_follower is not None:
+            self.updates_follower.stop(timeout_s)
         for thread in self._threads:
             thread.join(timeout_s)
 
@@ -119,40 +138,7 @@ class ModelWatcher:
             self._wake.wait(self.poll_interval_s)
             self._wake.clear()
 
-    def _follow_updates(self) -> None:
-        from kafka import KafkaConsumer
-        from kafka.errors import KafkaError
-
-        from perfusion.contracts.records import ModelUpdated
-
-        consumer: KafkaConsumer | None = None
-        while not self._stop.is_set():
-            try:
-                if consumer is None:
-                    # Only updates from now on matter: LATEST is checked at every poll anyway.
-                    consumer = KafkaConsumer(
-                        self.updates_topic,
-                        bootstrap_servers=self.bootstrap_servers,
-                        group_id=None,
-                        auto_offset_reset="latest",
-                        enable_auto_commit=False,
-                        client_id="perfusion-service-models",
-                    )
-                for messages in consumer.poll(timeout_ms=500).values():
-                    for message in messages:
-                        try:
-                            update = ModelUpdated.model_validate_json(message.value)
-                        except ValueError as exc:
-                            logger.warning("ignoring a malformed ModelUpdated at offset %d: %s", message.offset, exc)
-                            continue
-                        logger.info("ModelUpdated %s received; checking LATEST", update.version)
-                        self.wake()
-            except KafkaError as exc:
-                self.metrics.kafka_errors.labels(operation="consume_model_updates").inc()
-                logger.warning("model-updates follower lost Kafka (%s); polling LATEST only, retrying in 2 s", exc)
-                if consumer is not None:
-                    consumer.close()
-                    consumer = None
-                self._stop.wait(2.0)
-        if consumer is not None:
-            consumer.close()
+    def _on_update(self, record: FollowedRecord) -> None:
+        update = ModelUpdated.model_validate_json(record.value)  # a malformed one is logged and skipped
+        logger.info("ModelUpdated %s received; checking LATEST", update.version)
+        self.wake()

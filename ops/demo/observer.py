@@ -1,21 +1,19 @@
 """What the loop writes back to Kafka, read by the demo to show it: group samples, training requests, published
 model versions (ModelUpdated) and production orders.
 
-:class:`LoopObserver` follows the four topics from their beginning on a daemon thread (kafka-python, no consumer
-group, nothing committed) and keeps counts and the records worth printing; :meth:`LoopObserver.snapshot` copies
-them for the caller.
+:class:`LoopObserver` follows the four topics from their beginning with a :class:`~perfusion.follower.TopicFollower`
+(no consumer group, nothing committed; a record it cannot read is logged with its offset and skipped) and keeps
+counts and the records worth printing; :meth:`LoopObserver.snapshot` copies them for the caller.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 from dataclasses import dataclass, field
 
 from perfusion.contracts.records import GroupSample, ModelUpdated, ProductionOrder, TrainRequest
 from perfusion.contracts.topics import TopicNames
-
-log = logging.getLogger(__name__)
+from perfusion.follower import FollowedRecord, TopicFollower
 
 
 @dataclass
@@ -53,15 +51,22 @@ class LoopObserver:
         self.poll_timeout_s = poll_timeout_s
         self._observed = ObservedLoop()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="loop-observer", daemon=True)
+        self.follower = TopicFollower(
+            "loop-observer",
+            bootstrap_servers,
+            (topics.group_samples, topics.train_requests, topics.model_updates, topics.production_orders),
+            self._handle,
+            start_at="earliest",
+            poll_timeout_s=poll_timeout_s,
+            # The worker creates its topics after the observer starts: look for new partitions every 2 s.
+            consumer_options={"metadata_max_age_ms": 2000},
+        )
 
     def start(self) -> None:
-        self._thread.start()
+        self.follower.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout_s)
+        self.follower.stop(timeout_s)
 
     def snapshot(self) -> ObservedLoop:
         with self._lock:
@@ -82,41 +87,5 @@ class LoopObserver:
             elif topic == self.topics.production_orders:
                 observed.production_orders.append(ProductionOrder.model_validate_json(value))
 
-    def _run(self) -> None:
-        from kafka import KafkaConsumer
-        from kafka.errors import KafkaError
-
-        topics = (
-            self.topics.group_samples,
-            self.topics.train_requests,
-            self.topics.model_updates,
-            self.topics.production_orders,
-        )
-        consumer: KafkaConsumer | None = None
-        while not self._stop.is_set():
-            try:
-                if consumer is None:
-                    consumer = KafkaConsumer(
-                        *topics,
-                        bootstrap_servers=self.bootstrap_servers,
-                        group_id=None,
-                        auto_offset_reset="earliest",
-                        enable_auto_commit=False,
-                        client_id="perfusion-demo-observer",
-                        metadata_max_age_ms=2000,
-                    )
-                for partition, messages in consumer.poll(timeout_ms=int(self.poll_timeout_s * 1000)).items():
-                    for message in messages:
-                        try:
-                            self.apply(partition.topic, message.value)
-                        except ValueError as exc:
-                            log.warning("observer skips %s[%d]@%d: %s", partition.topic, partition.partition,
-                                        message.offset, exc)  # fmt: skip
-            except KafkaError as exc:
-                log.warning("observer lost Kafka at %s (%s); retrying in 1 s", self.bootstrap_servers, exc)
-                if consumer is not None:
-                    consumer.close()
-                    consumer = None
-                self._stop.wait(1.0)
-        if consumer is not None:
-            consumer.close()
+    def _handle(self, record: FollowedRecord) -> None:
+        self.apply(record.topic, record.value)

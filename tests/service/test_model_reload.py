@@ -189,3 +189,43 @@ def test_watcher_thread_picks_up_a_publish(text_encoder: TextEncoder, store: Mod
         assert generator.model_version == version
     finally:
         watcher.stop()
+
+
+def test_a_model_update_wakes_the_watcher_past_a_malformed_record(
+    text_encoder: TextEncoder, store: ModelStore, kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    from kafka import KafkaProducer
+
+    from perfusion.contracts.records import ModelUpdated
+    from perfusion.contracts.topics import TopicNames, ensure_topics
+
+    topics = TopicNames.for_prefix(topic_prefix)
+    ensure_topics(kafka_bootstrap, topics, partitions=1)
+    generator = build_generator(text_encoder)
+    # Polls LATEST once at start and then only when woken: the reload below can only come from the update record.
+    watcher = ModelWatcher(
+        store,
+        generator,
+        ServiceMetrics(),
+        poll_interval_s=3600,
+        bootstrap_servers=kafka_bootstrap,
+        updates_topic=topics.model_updates,
+    )
+    watcher.start()
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    try:
+        assert watcher.updates_follower is not None and watcher.updates_follower.wait_positioned(30)
+        version = publish(store, trained_like_adaptive(generator.unet, seed=18))
+        update = ModelUpdated(version=version, path=str(store.path(version)), ts=1.0)
+        producer.send(topics.model_updates, value=b'{"version": ' + b"[" * 20_000 + b"]" * 20_000 + b"}")
+        producer.send(topics.model_updates, value=update.to_bytes())
+        producer.flush(timeout=10)
+        for _ in range(600):
+            if generator.model_version == version:
+                break
+            threading.Event().wait(0.05)
+        assert generator.model_version == version
+        assert watcher.updates_follower.counts().failed == 1
+    finally:
+        producer.close()
+        watcher.stop()
