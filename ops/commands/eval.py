@@ -1,4 +1,9 @@
-"""``perfusion eval``: the closed-loop evaluation of every arm against the simulated marketplace (issue 7)."""
+"""``perfusion eval MODE``: the closed-loop evaluation of every arm against the simulated marketplace (``loop``) and
+the offline probes of one generator update (``probe``) and of the reward models (``reward-probe``).
+
+Every option of a mode except the output folders changes the numbers, so each one given reaches the reproduction
+command the reports print (:func:`command_line`).
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,26 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# Options that only say where the outputs go; every other option is part of the reproduction command.
+OUTPUT_OPTIONS = frozenset({"help", "out", "docs", "notes", "work_dir"})
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "eval",
+        help="evaluate the arms: the live loop with 95%% CIs, or offline probes of one update",
+        description="loop: every arm through rounds of the live loop; probe: one generator update per arm on "
+        "logged groups; reward-probe: reward models trained on logged groups. Each writes JSON and markdown.",
+    )
+    modes = parser.add_subparsers(dest="mode", metavar="MODE", required=True)
+    _register_loop(modes)
+    _register_probe(modes)
+    _register_reward_probe(modes)
+
+
+def _register_loop(modes: Any) -> None:
+    parser = modes.add_parser(
+        "loop",
         help="run every arm through rounds of the live loop and report CTR, conversion, returns with 95%% CIs",
         description="Per arm: its own topic prefix, Feast store, stream worker and trainer; generated groups, "
         "simulated shoppers and merchants judging the pixels, events on Kafka, updates, publishes. Writes "
@@ -27,70 +48,96 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--impressions", type=int, default=None, help="live impressions per user per round")
     parser.add_argument("--steps", type=int, default=None, help="DDIM sampling steps")
     parser.add_argument("--arms", nargs="+", default=None, help="arms to run (default: all six)")
-    parser.add_argument("--generator-steps", type=int, default=None, help="generator steps per trainer update")
-    parser.add_argument("--adaptive-lr", type=float, default=None, help="learning rate of the adaptive network")
-    parser.add_argument("--unet-lr", type=float, default=None, help="learning rate of the fine-tuned U-Net arms")
+    _add_generator_options(parser)
     parser.add_argument("--gate-tolerance", type=float, default=None, help="trainer's generator gate, in RM stds")
-    parser.add_argument(
-        "--probe",
-        action="store_true",
-        help="instead of the loop: one generator update per arm on logged base-model groups, scored per segment",
-    )
-    parser.add_argument("--probe-groups", type=int, default=None, help="with --probe: logged groups per user")
-    parser.add_argument(
-        "--probe-labels",
-        default=None,
-        help="with --probe: 'clicks' trains on clicks and orders (default); 'true-utility', a diagnostic upper "
-        "bound, on each group's best image by the simulator's true utility",
-    )
-    parser.add_argument(
-        "--reward-probe",
-        action="store_true",
-        help="instead of the loop: reward models (with and without plug-ins, pretrained and random towers) trained "
-        "on logged base-model groups (--probe-groups per user) and scored on new groups of the same users",
-    )
-    parser.add_argument("--rm-steps", type=int, default=None, help="with --reward-probe: steps of each reward model")
-    parser.add_argument("--seed", type=int, default=None, help="seed of users, plan and draws")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    _add_run_options(parser)
     parser.add_argument(
         "--parallel", type=int, default=None, help="arms run at once, one process each (default: one per two CPU cores)"
     )
-    parser.add_argument("--out", type=Path, default=Path("docs/results"), help="folder for JSON and plots")
-    parser.add_argument("--docs", type=Path, default=None, help="also write the markdown here (docs/results.md)")
+    _add_output_options(parser, "docs/results.md")
     parser.add_argument(
         "--notes", type=Path, default=None, help="append this hand-written analysis to the markdown (kept on reruns)"
     )
     parser.add_argument("--work-dir", type=Path, default=None, help="per-arm state (default: a temporary folder)")
-    parser.set_defaults(handler=run)
+    _set_handler(parser, "loop", run)
 
 
-FLAGS = {
-    "quick": "--quick",
-    "probe": "--probe",
-    "reward_probe": "--reward-probe",
-    "probe_groups": "--probe-groups",
-    "probe_labels": "--probe-labels",
-    "rm_steps": "--rm-steps",
-    "rounds": "--rounds",
-    "users": "--users",
-    "cold_users": "--cold-users",
-    "impressions": "--impressions",
-    "steps": "--steps",
-    "arms": "--arms",
-    "generator_steps": "--generator-steps",
-    "adaptive_lr": "--adaptive-lr",
-    "unet_lr": "--unet-lr",
-    "gate_tolerance": "--gate-tolerance",
-    "seed": "--seed",
-    "threads": "--threads",
-    "parallel": "--parallel",
-}
+def _register_probe(modes: Any) -> None:
+    parser = modes.add_parser(
+        "probe",
+        help="one generator update per arm on logged base-model groups, scored per shopper segment (no broker)",
+        description="Logs base-model groups graded by the simulated shoppers, trains each arm's generator once on "
+        "them with the trainer's code, and scores trained against base per segment, with a personalisation check. "
+        "Writes probe.json and probe.md (or --docs).",
+    )
+    _add_logged_group_options(parser)
+    parser.add_argument("--users", type=int, default=None, help="training users")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM sampling steps")
+    parser.add_argument("--arms", nargs="+", default=None, help="arms whose update is probed (default: the four)")
+    _add_generator_options(parser)
+    _add_run_options(parser)
+    _add_output_options(parser, "docs/generator-probe.md")
+    _set_handler(parser, "probe", run_probe)
+
+
+def _register_reward_probe(modes: Any) -> None:
+    parser = modes.add_parser(
+        "reward-probe",
+        help="reward models (with and without plug-ins, pretrained and random towers) trained on logged groups "
+        "and scored on new groups of the same users (no broker)",
+        description="Logs --probe-groups base-model groups per user to learn from and new ones to score on, trains "
+        "four reward models with the trainer's step, and reports held-out GAUC and MAP with paired differences. "
+        "Writes reward_probe.json and reward_probe.md (or --docs).",
+    )
+    _add_logged_group_options(parser)
+    parser.add_argument("--rm-steps", type=int, default=None, help="steps of each reward model")
+    parser.add_argument("--users", type=int, default=None, help="shoppers")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM sampling steps")
+    _add_run_options(parser)
+    _add_output_options(parser, "docs/reward-probe.md")
+    _set_handler(parser, "reward-probe", run_reward_probe)
+
+
+def _add_logged_group_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--probe-groups", type=int, default=None, help="logged groups per user")
+    parser.add_argument(
+        "--probe-labels",
+        default=None,
+        help="'clicks' trains on clicks and orders (default); 'true-utility', a diagnostic upper bound, on each "
+        "group's best image by the simulator's true utility",
+    )
+
+
+def _add_generator_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--generator-steps", type=int, default=None, help="generator steps per trainer update")
+    parser.add_argument("--adaptive-lr", type=float, default=None, help="learning rate of the adaptive network")
+    parser.add_argument("--unet-lr", type=float, default=None, help="learning rate of the fine-tuned U-Net arms")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=None, help="seed of users, plan and draws")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+
+
+def _add_output_options(parser: argparse.ArgumentParser, docs_example: str) -> None:
+    parser.add_argument("--out", type=Path, default=Path("docs/results"), help="folder for JSON and plots")
+    parser.add_argument("--docs", type=Path, default=None, help=f"also write the markdown here ({docs_example})")
+
+
+def _set_handler(parser: argparse.ArgumentParser, mode: str, handler: Any) -> None:
+    """The mode's handler, and its options that reach the reproduction command, in the order they were added."""
+    reproduced = tuple(
+        (action.dest, action.option_strings[0])
+        for action in parser._actions
+        if action.option_strings and action.dest not in OUTPUT_OPTIONS
+    )
+    parser.set_defaults(handler=handler, reproduced_mode=mode, reproduced_options=reproduced)
 
 
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run's numbers (output folders left out)."""
-    parts = ["perfusion", "eval"]
-    for name, flag in FLAGS.items():
+    parts = ["perfusion", "eval", args.reproduced_mode]
+    for name, flag in args.reproduced_options:
         value = getattr(args, name)
         if value is True:
             parts.append(flag)
@@ -102,19 +149,12 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``perfusion eval loop``: simulator/eval/, on the project's broker (or KAFKA_BOOTSTRAP_SERVERS)."""
     if args.notes is not None and not args.notes.is_file():
         from perfusion.errors import ConfigError
 
         # Checked before the run, not after it: a full evaluation takes most of an hour.
         raise ConfigError(f"--notes {args.notes} is not a file; write the analysis there first or leave --notes out")
-    if args.probe and args.reward_probe:
-        from perfusion.errors import ConfigError
-
-        raise ConfigError("--probe and --reward-probe are two separate runs; pass one of them")
-    if args.probe:
-        return run_probe(args)
-    if args.reward_probe:
-        return run_reward_probe(args)
     from harness.loop import running_broker
     from simulator.eval.config import EvaluationConfig
     from simulator.eval.report import write_report
@@ -150,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_probe(args: argparse.Namespace) -> int:
-    """``perfusion eval --probe``: simulator/probes/generator_probe.py, no broker needed."""
+    """``perfusion eval probe``: simulator/probes/generator_probe.py, no broker needed."""
     from simulator.probes.generator_probe import ProbeConfig, render_probe_markdown
     from simulator.probes.generator_probe import run_probe as probe
 
@@ -185,7 +225,7 @@ def _write_probe(args: argparse.Namespace, name: str, result: dict[str, Any], ma
 
 
 def run_reward_probe(args: argparse.Namespace) -> int:
-    """``perfusion eval --reward-probe``: simulator/probes/reward_probe.py, no broker needed."""
+    """``perfusion eval reward-probe``: simulator/probes/reward_probe.py, no broker needed."""
     from simulator.probes.reward_probe import RewardProbeConfig, render_reward_probe_markdown
     from simulator.probes.reward_probe import run_reward_probe as probe
 

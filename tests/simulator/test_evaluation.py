@@ -144,11 +144,12 @@ def test_quick_eval_runs_every_arm_and_computes_every_metric(
     monkeypatch.setenv("PERFUSION_STATE_DIR", str(tmp_path / "state"))
     out = tmp_path / "results"
     # One arm per generator code path (none, fine-tuned U-Net, adaptive network) keeps the test within minutes;
-    # `perfusion eval --quick` without --arms runs all six.
+    # `perfusion eval loop --quick` without --arms runs all six.
     arms = ("base", "group_without_adaptive", "perfusion")
     # Two arms at a time, each in a process of its own (the --parallel path).
     argv = [
         "eval",
+        "loop",
         "--quick",
         "--arms",
         *arms,
@@ -182,31 +183,35 @@ def test_quick_eval_runs_every_arm_and_computes_every_metric(
     assert set(results["utility_vs_base_by_segment"]) == set(config.arms) - {BASELINE_ARM}
     for plot in ("metrics_per_round.png", "reward_models.png", "segment_grid.png"):
         assert (out / plot).stat().st_size > 0
-    assert "Reproduce: `perfusion eval --quick" in (out / "results.md").read_text()
+    assert "Reproduce: `perfusion eval loop --quick" in (out / "results.md").read_text()
     assert np.isfinite(results["wall_seconds"])
 
 
-def test_reproduction_command_names_every_setting_given() -> None:
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(action.choices for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+
+
+@pytest.mark.parametrize("mode", ["loop", "probe", "reward-probe"])
+def test_reproduction_command_names_every_setting_given(mode: str) -> None:
     from ops.cli import build_parser
     from ops.commands.eval import command_line
 
-    args = build_parser().parse_args(["eval", "--quick", "--arms", "base", "perfusion", "--out", "/tmp/x"])
-    assert command_line(args) == "perfusion eval --quick --arms base perfusion"
+    args = build_parser().parse_args(["eval", "loop", "--quick", "--arms", "base", "perfusion", "--out", "/tmp/x"])
+    assert command_line(args) == "perfusion eval loop --quick --arms base perfusion"
     # Every option but the output folders changes the numbers, so every one must reach the command.
     parser = build_parser()
-    eval_parser = next(
-        action.choices["eval"] for action in parser._actions if isinstance(action, argparse._SubParsersAction)
-    )
+    mode_parser = _subcommands(_subcommands(parser)["eval"])[mode]
     settings = [
         action
-        for action in eval_parser._actions
+        for action in mode_parser._actions
         if action.option_strings and action.dest not in {"help", "out", "docs", "notes", "work_dir"}
     ]
-    argv = ["eval"]
+    argv = ["eval", mode]
     for action in settings:
         flag = action.option_strings[0]
         argv += [flag] if action.nargs == 0 else [flag, "base"] if action.dest == "arms" else [flag, "3"]
     command = command_line(parser.parse_args(argv))
+    assert command.startswith(f"perfusion eval {mode} ")
     for action in settings:
         assert action.option_strings[0] in command.split(), action.option_strings[0]
 
@@ -214,7 +219,9 @@ def test_reproduction_command_names_every_setting_given() -> None:
 def test_missing_notes_file_is_refused_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from ops.cli import main
 
-    assert main(["eval", "--quick", "--notes", str(tmp_path / "absent.md"), "--out", str(tmp_path / "out")]) == 2
+    assert (
+        main(["eval", "loop", "--quick", "--notes", str(tmp_path / "absent.md"), "--out", str(tmp_path / "out")]) == 2
+    )
     assert "--notes" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

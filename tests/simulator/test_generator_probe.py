@@ -71,7 +71,7 @@ def test_probe_trains_each_arm_and_scores_every_segment(tmp_path: Path) -> None:
     from ops.cli import main
 
     out = tmp_path / "probe"
-    argv = ["eval", "--probe", "--arms", "perfusion", "pairwise_dpo", "--users", "4", "--probe-groups", "2"]
+    argv = ["eval", "probe", "--arms", "perfusion", "pairwise_dpo", "--users", "4", "--probe-groups", "2"]
     # A large U-Net learning rate, so that two steps visibly move the fine-tuned copy's images.
     argv += ["--steps", "3", "--generator-steps", "2", "--unet-lr", "1e-2", "--out", str(out)]
     assert main(argv) == 0
@@ -93,7 +93,7 @@ def test_probe_trains_each_arm_and_scores_every_segment(tmp_path: Path) -> None:
     # The update reaches the images the probe scores (trained generator, not base, draws them).
     assert result["arms"]["pairwise_dpo"]["mean_abs_pixel_diff"] > 0.0
     markdown = (out / "probe.md").read_text()
-    assert "Reproduce: `perfusion eval --probe" in markdown and "| pairwise_dpo |" in markdown
+    assert "Reproduce: `perfusion eval probe" in markdown and "| pairwise_dpo |" in markdown
     assert "What u tells apart" in markdown
 
 

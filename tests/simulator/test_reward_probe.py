@@ -25,7 +25,7 @@ def test_a_tiny_run_trains_and_scores_every_reward_model(tmp_path: Path) -> None
     from ops.cli import main
 
     out = tmp_path / "probe"
-    argv = ["eval", "--reward-probe", "--users", "4", "--probe-groups", "2", "--steps", "2", "--rm-steps", "3"]
+    argv = ["eval", "reward-probe", "--users", "4", "--probe-groups", "2", "--steps", "2", "--rm-steps", "3"]
     assert main([*argv, "--out", str(out)]) == 0
     result = json.loads((out / "reward_probe.json").read_text())
     # 4 users x 2 training groups; held-out: the default 8 new groups each.
@@ -39,13 +39,19 @@ def test_a_tiny_run_trains_and_scores_every_reward_model(tmp_path: Path) -> None
     assert set(result["paired_gauc_differences"]) == {
         "plugins_pretrained", "plugins_scratch", "pretraining_with_plugins", "pretraining_without_plugins"
     }  # fmt: skip
-    assert result["command"].startswith("perfusion eval --reward-probe")
+    assert result["command"].startswith("perfusion eval reward-probe")
     markdown = (out / "reward_probe.md").read_text()
-    assert "| perfusion_rm_pretrained |" in markdown and "Reproduce: `perfusion eval --reward-probe" in markdown
+    assert "| perfusion_rm_pretrained |" in markdown and "Reproduce: `perfusion eval reward-probe" in markdown
 
 
 def test_probe_and_reward_probe_are_separate_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from ops.cli import main
 
-    assert main(["eval", "--probe", "--reward-probe", "--out", str(tmp_path)]) == 2
-    assert "pass one of them" in capsys.readouterr().err
+    # Each mode is a subcommand of its own, so one run is one mode; naming none is refused before anything runs.
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "--out", str(tmp_path / "out")])
+    assert exited.value.code == 2
+    assert "MODE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "probe", "reward-probe", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
