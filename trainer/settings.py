@@ -1,6 +1,6 @@
 """Frozen, validated configuration of the incremental trainer, passed explicitly to the loop, the update and the gate.
 
-Two choices make the evaluation's arms (issue 7) one code path:
+Two choices make the evaluation's arms one code path:
 
 - ``objective``: the diffusion objective (``group`` = PerFusion's Plackett-Luce over P and N, ``pairwise_dpo`` =
   Diffusion-DPO on every (p, n) pair, ``sft`` = denoising loss on positives, ``none`` = leave the generator as
@@ -10,20 +10,20 @@ Two choices make the evaluation's arms (issue 7) one code path:
 
 :data:`ARMS` names each arm's pair of choices; :meth:`TrainerSettings.for_arm` builds its settings. Every other
 field has a default that keeps one update on the CPU within seconds to a minute. :meth:`TrainerSettings.from_env`
-reads the values an operator changes (broker address, topic prefix) from the environment; nothing else in
-``trainer/`` reads it.
+reads the environment (``KAFKA_BOOTSTRAP_SERVERS``, ``PERFUSION_TOPIC_PREFIX`` and ``PERFUSION_<FIELD>`` for any
+other field, :mod:`perfusion.settings`); nothing else in ``trainer/`` reads it.
 """
 
 from __future__ import annotations
 
-import os
-import re
-from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field, model_validator
+
 from perfusion.errors import ConfigError
 from perfusion.paths import ASSETS_DIR, state_dir
+from perfusion.settings import TOPIC_PREFIX_PATTERN, Settings
 
 Objective = Literal["group", "pairwise_dpo", "sft", "none"]
 OBJECTIVES: tuple[str, ...] = ("group", "pairwise_dpo", "sft", "none")
@@ -39,160 +39,125 @@ ARMS: dict[str, tuple[Objective, bool, bool]] = {
     "perfusion_rm_without_plugins": ("group", True, False),
 }
 
-_TOPIC_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9._-]*$")
 
-
-@dataclass(frozen=True)
-class TrainerSettings:
+class TrainerSettings(Settings):
     """Configuration of ``perfusion train``: where it reads and writes, what it trains, how much, and the gate."""
 
     # --- where
-    bootstrap_servers: str = field(
+    bootstrap_servers: str = Field(
         default="",
-        metadata={"help": "Kafka bootstrap address host:port; empty = KAFKA_BOOTSTRAP_SERVERS or the project's broker"},
+        validation_alias="KAFKA_BOOTSTRAP_SERVERS",
+        description="Kafka bootstrap address host:port; empty = KAFKA_BOOTSTRAP_SERVERS or the project's broker",
     )
-    topic_prefix: str = field(
-        default="", metadata={"help": "prepended to every topic and to the consumer group (tests use a unique one)"}
+    topic_prefix: str = Field(
+        default="",
+        pattern=TOPIC_PREFIX_PATTERN,
+        description="prepended to every topic and to the consumer group (tests use a unique one)",
     )
-    consumer_group: str = field(
-        default="perfusion-trainer", metadata={"help": "Kafka consumer group whose offsets the trainer commits"}
+    consumer_group: str = Field(
+        default="perfusion-trainer", description="Kafka consumer group whose offsets the trainer commits"
     )
-    model_root: Path | None = field(
-        default=None, metadata={"help": "folder of published model versions; None = <state dir>/models"}
+    model_root: Path | None = Field(
+        default=None, description="folder of published model versions; None = <state dir>/models"
     )
-    base_checkpoint: Path | None = field(
-        default=None, metadata={"help": "folder of the pretrained base model; None = assets/base"}
+    base_checkpoint: Path | None = Field(
+        default=None, description="folder of the pretrained base model; None = assets/base"
     )
-    image_root: Path | None = field(
-        default=None, metadata={"help": "folder of generated images; None = <state dir>/images"}
-    )
-    feature_repo: Path | None = field(
-        default=None, metadata={"help": "Feast feature repo; None = the project's features/ (as the worker uses it)"}
+    image_root: Path | None = Field(default=None, description="folder of generated images; None = <state dir>/images")
+    feature_repo: Path | None = Field(
+        default=None, description="Feast feature repo; None = the project's features/ (as the worker uses it)"
     )
     # --- what
-    objective: Objective = field(
-        default="group", metadata={"help": f"diffusion objective, one of {', '.join(OBJECTIVES)}"}
-    )
-    use_adaptive_network: bool = field(
+    objective: Objective = Field(default="group", description=f"diffusion objective, one of {', '.join(OBJECTIVES)}")
+    use_adaptive_network: bool = Field(
         default=True,
-        metadata={"help": "train the user-conditioned adaptive network; False = fine-tune the U-Net, no user input"},
+        description="train the user-conditioned adaptive network; False = fine-tune the U-Net, no user input",
     )
-    personalized_reward_model: bool = field(
-        default=True, metadata={"help": "PerFusionRM with feature-crossing plug-ins; False = the same towers without"}
+    personalized_reward_model: bool = Field(
+        default=True, description="PerFusionRM with feature-crossing plug-ins; False = the same towers without"
     )
-    pretrained_reward_towers: bool = field(
+    pretrained_reward_towers: bool = Field(
         default=True,
-        metadata={
-            "help": "a new PerFusionRM starts from the catalog-pretrained towers of the base checkpoint "
-            "(reward_towers/, trainer.reward_pretrain), as the paper's starts from CLIP; False = random towers"
-        },
+        description="a new PerFusionRM starts from the catalog-pretrained towers of the base checkpoint "
+        "(reward_towers/, trainer.reward_pretrain), as the paper's starts from CLIP; False = random towers",
     )
     # --- how much
-    reward_steps: int = field(default=40, metadata={"help": "optimizer steps on the reward model per update"})
-    diffusion_steps: int = field(default=6, metadata={"help": "optimizer steps on the generator per update"})
-    groups_per_batch: int = field(default=8, metadata={"help": "impressions (groups of K candidates) per step"})
-    reward_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the reward model"})
-    adaptive_learning_rate: float = field(
+    reward_steps: int = Field(
+        default=40, ge=0, le=100_000, description="optimizer steps on the reward model per update"
+    )
+    diffusion_steps: int = Field(default=6, ge=0, le=100_000, description="optimizer steps on the generator per update")
+    groups_per_batch: int = Field(default=8, ge=1, le=1024, description="impressions (groups of K candidates) per step")
+    reward_learning_rate: float = Field(default=1e-3, gt=0, description="AdamW learning rate of the reward model")
+    adaptive_learning_rate: float = Field(
         default=1e-3,
-        metadata={
-            "help": "AdamW learning rate of the adaptive network; higher than the U-Net's because its residuals "
-            "start at exactly 0 and must grow within the few steps of one update (see docs/results.md)"
-        },
+        gt=0,
+        description="AdamW learning rate of the adaptive network; higher than the U-Net's because its residuals "
+        "start at exactly 0 and must grow within the few steps of one update (see docs/results.md)",
     )
-    unet_learning_rate: float = field(
-        default=1e-4, metadata={"help": "AdamW learning rate of the fine-tuned U-Net copy (arms without the network)"}
+    unet_learning_rate: float = Field(
+        default=1e-4, gt=0, description="AdamW learning rate of the fine-tuned U-Net copy (arms without the network)"
     )
-    beta: float = field(
+    beta: float = Field(
         default=2000.0,
-        metadata={
-            "help": "inverse temperature of the implicit reward -beta * (policy_err - ref_err); errors are "
-            "per-pixel means, so differences are ~1e-3 and beta ~1e3 makes rewards of order one"
-        },
+        gt=0,
+        description="inverse temperature of the implicit reward -beta * (policy_err - ref_err); errors are "
+        "per-pixel means, so differences are ~1e-3 and beta ~1e3 makes rewards of order one",
     )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm for both models"})
-    seed: int = field(default=0, metadata={"help": "seed of batch sampling, noise and timesteps"})
+    max_grad_norm: float = Field(default=1.0, gt=0, description="gradient clipping norm for both models")
+    seed: int = Field(default=0, description="seed of batch sampling, noise and timesteps")
     # --- the replay buffer
-    buffer_capacity: int = field(default=4096, metadata={"help": "most group samples kept for replay"})
-    recency_half_life: float = field(
+    buffer_capacity: int = Field(default=4096, ge=1, description="most group samples kept for replay")
+    recency_half_life: float = Field(
         default=512.0,
-        metadata={"help": "a buffered sample's sampling weight halves after this many newer samples arrive"},
+        gt=0,
+        description="a buffered sample's sampling weight halves after this many newer samples arrive",
     )
-    dedupe_window: int = field(
+    dedupe_window: int = Field(
         default=50_000,
-        metadata={"help": "how many trained sample ids are remembered (and stored in each manifest) against replays"},
+        ge=1,
+        description="how many trained sample ids are remembered (and stored in each manifest) against replays",
     )
-    min_new_samples: int = field(
-        default=1, metadata={"help": "an update runs only when at least this many new samples arrived since the last"}
+    min_new_samples: int = Field(
+        default=1, ge=1, description="an update runs only when at least this many new samples arrived since the last"
     )
     # --- the gate
-    heldout_fraction: float = field(
-        default=0.1, metadata={"help": "share of samples (chosen by a hash of sample_id) held out for the gate"}
-    )
-    heldout_capacity: int = field(default=256, metadata={"help": "most held-out samples kept (newest win)"})
-    gate_tolerance: float = field(
-        default=0.02,
-        metadata={
-            "help": "publish unless the candidate RM's held-out GAUC is below the serving RM's by more than this"
-        },
-    )
-    gate_generator_tolerance: float = field(
+    heldout_fraction: float = Field(
         default=0.1,
-        metadata={
-            "help": "publish unless the candidate generator's mean RM score on held-out prompts and users is "
-            "below the serving generator's by more than this many standard deviations of the RM's held-out scores"
-        },
+        ge=0.0,
+        lt=1.0,
+        description="share of samples (chosen by a hash of sample_id) held out for the gate",
     )
-    gate_generation_steps: int = field(
-        default=8, metadata={"help": "DDIM steps when the gate draws images from the candidate and serving generators"}
+    heldout_capacity: int = Field(default=256, ge=1, description="most held-out samples kept (newest win)")
+    gate_tolerance: float = Field(
+        default=0.02,
+        ge=0.0,
+        description="publish unless the candidate RM's held-out GAUC is below the serving RM's by more than this",
     )
-    gate_max_groups: int = field(default=16, metadata={"help": "held-out groups whose prompt and user the gate draws"})
+    gate_generator_tolerance: float = Field(
+        default=0.1,
+        ge=0.0,
+        description="publish unless the candidate generator's mean RM score on held-out prompts and users is "
+        "below the serving generator's by more than this many standard deviations of the RM's held-out scores",
+    )
+    gate_generation_steps: int = Field(
+        default=8,
+        ge=1,
+        le=1000,
+        description="DDIM steps when the gate draws images from the candidate and serving generators",
+    )
+    gate_max_groups: int = Field(default=16, ge=1, description="held-out groups whose prompt and user the gate draws")
     # --- the loop
-    poll_timeout_ms: int = field(default=500, metadata={"help": "how long one Kafka poll waits for records"})
-    publish_timeout_s: float = field(default=10.0, metadata={"help": "how long to wait for the ModelUpdated ack"})
+    poll_timeout_ms: int = Field(default=500, ge=1, description="how long one Kafka poll waits for records")
+    publish_timeout_s: float = Field(default=10.0, gt=0, description="how long to wait for the ModelUpdated ack")
 
-    def __post_init__(self) -> None:
-        if not _TOPIC_PREFIX_PATTERN.match(self.topic_prefix):
-            raise ConfigError(
-                f"topic_prefix may hold only letters, digits, '.', '_' and '-'; got {self.topic_prefix!r}"
+    @model_validator(mode="after")
+    def _replays_are_remembered(self) -> TrainerSettings:
+        if self.dedupe_window < self.buffer_capacity:
+            raise ValueError(
+                f"dedupe_window ({self.dedupe_window}) must be at least buffer_capacity ({self.buffer_capacity}), "
+                "or a buffered sample could be forgotten and trained twice"
             )
-        _require(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        for name in ("reward_steps", "diffusion_steps"):
-            value = getattr(self, name)
-            _require(0 <= value <= 100_000, f"{name} must be between 0 and 100000, got {value}")
-        _require(
-            1 <= self.groups_per_batch <= 1024, f"groups_per_batch must be in 1..1024, got {self.groups_per_batch}"
-        )
-        for name in (
-            "reward_learning_rate",
-            "adaptive_learning_rate",
-            "unet_learning_rate",
-            "beta",
-            "max_grad_norm",
-            "recency_half_life",
-        ):
-            value = getattr(self, name)
-            _require(value > 0, f"{name} must be positive, got {value}")
-        _require(self.buffer_capacity >= 1, f"buffer_capacity must be at least 1, got {self.buffer_capacity}")
-        _require(
-            self.dedupe_window >= self.buffer_capacity,
-            f"dedupe_window ({self.dedupe_window}) must be at least buffer_capacity ({self.buffer_capacity}), "
-            "or a buffered sample could be forgotten and trained twice",
-        )
-        _require(self.min_new_samples >= 1, f"min_new_samples must be at least 1, got {self.min_new_samples}")
-        _require(0.0 <= self.heldout_fraction < 1.0, f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
-        _require(self.heldout_capacity >= 1, f"heldout_capacity must be at least 1, got {self.heldout_capacity}")
-        _require(self.gate_tolerance >= 0.0, f"gate_tolerance must be >= 0, got {self.gate_tolerance}")
-        _require(
-            self.gate_generator_tolerance >= 0.0,
-            f"gate_generator_tolerance must be >= 0, got {self.gate_generator_tolerance}",
-        )
-        _require(
-            1 <= self.gate_generation_steps <= 1000,
-            f"gate_generation_steps must be in 1..1000, got {self.gate_generation_steps}",
-        )
-        _require(self.gate_max_groups >= 1, f"gate_max_groups must be at least 1, got {self.gate_max_groups}")
-        _require(self.poll_timeout_ms >= 1, f"poll_timeout_ms must be at least 1, got {self.poll_timeout_ms}")
-        _require(self.publish_timeout_s > 0, f"publish_timeout_s must be positive, got {self.publish_timeout_s}")
+        return self
 
     @classmethod
     def for_arm(cls, arm: str, **overrides: Any) -> TrainerSettings:
@@ -205,26 +170,8 @@ class TrainerSettings:
             "use_adaptive_network": use_adaptive_network,
             "personalized_reward_model": personalized_reward_model,
         }
-        values.update(overrides)
-        return cls.from_env(**values)
-
-    @classmethod
-    def from_env(cls, **overrides: Any) -> TrainerSettings:
-        """Settings from KAFKA_BOOTSTRAP_SERVERS and PERFUSION_TOPIC_PREFIX, then ``overrides`` (None = unset)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ConfigError(f"unknown trainer settings {unknown}; known: {sorted(known)}")
-        values: dict[str, Any] = {}
-        if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-            values["bootstrap_servers"] = os.environ["KAFKA_BOOTSTRAP_SERVERS"]
-        if os.environ.get("PERFUSION_TOPIC_PREFIX"):
-            values["topic_prefix"] = os.environ["PERFUSION_TOPIC_PREFIX"]
         values.update({key: value for key, value in overrides.items() if value is not None})
-        return cls(**values)
-
-    def with_overrides(self, **overrides: Any) -> TrainerSettings:
-        return replace(self, **overrides)
+        return cls.from_env(**values)
 
     @property
     def generator_learning_rate(self) -> float:
@@ -259,8 +206,3 @@ class TrainerSettings:
 
     def resolved_image_root(self) -> Path:
         return self.image_root if self.image_root is not None else state_dir() / "images"
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)

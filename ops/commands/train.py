@@ -8,14 +8,16 @@ and whether the adaptive network is trained); single flags override it.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from trainer.settings import ARMS, OBJECTIVES
+from perfusion.settings import add_flags, flag_overrides
+from trainer.settings import ARMS, OBJECTIVES, TrainerSettings
 
 # The choices come from the trainer's settings themselves (a light module: no torch), never a second list.
 ARM_NAMES = tuple(ARMS)
 OBJECTIVE_NAMES = OBJECTIVES
+# What --arm chooses (and --objective, --adaptive-network override): not flags of their own.
+ARM_FIELDS = ("objective", "use_adaptive_network", "personalized_reward_model")
 
 
 def register(subparsers: Any) -> None:
@@ -36,33 +38,20 @@ def register(subparsers: Any) -> None:
         default=None,
         help="override the arm: train the adaptive network (or, with --no-adaptive-network, fine-tune the U-Net)",
     )
-    parser.add_argument("--reward-steps", type=int, default=None, help="reward-model steps per update")
-    parser.add_argument("--diffusion-steps", type=int, default=None, help="generator steps per update")
-    parser.add_argument("--groups-per-batch", type=int, default=None, help="impressions per step")
-    parser.add_argument("--seed", type=int, default=None, help="seed of sampling, noise and timesteps")
-    parser.add_argument("--topic-prefix", default=None, help="topic and consumer-group prefix (as the worker's)")
-    parser.add_argument("--bootstrap-servers", default=None, help="Kafka host:port (default: the project's broker)")
-    parser.add_argument("--model-root", type=Path, default=None, help="published versions (default <state>/models)")
-    parser.add_argument("--base-checkpoint", type=Path, default=None, help="base model folder (default assets/base)")
+    # Every other setting of the trainer gets a flag of its own name, generated from the field (help, variable,
+    # default): --reward-steps, --topic-prefix, --base-checkpoint, ...
+    add_flags(parser, TrainerSettings, exclude=ARM_FIELDS)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from trainer.loop import build_trainer, describe_summary
-    from trainer.settings import TrainerSettings
 
     settings = TrainerSettings.for_arm(
         args.arm,
         objective=args.objective,
         use_adaptive_network=args.adaptive_network,
-        reward_steps=args.reward_steps,
-        diffusion_steps=args.diffusion_steps,
-        groups_per_batch=args.groups_per_batch,
-        seed=args.seed,
-        topic_prefix=args.topic_prefix,
-        bootstrap_servers=args.bootstrap_servers,
-        model_root=args.model_root,
-        base_checkpoint=args.base_checkpoint,
+        **flag_overrides(args, TrainerSettings),
     )
     trainer = build_trainer(settings)
     print(f"trainer: serving {trainer.serving_version or 'the base model'}; arm {settings.arm_description}")

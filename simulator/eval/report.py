@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -310,7 +309,7 @@ def _segment_lines(result: EvaluationResult) -> list[str]:
 def _generator_learning_rates(config: EvaluationConfig) -> str:
     from trainer.settings import TrainerSettings
 
-    defaults = {f.name: f.default for f in fields(TrainerSettings)}
+    defaults = {name: info.default for name, info in TrainerSettings.model_fields.items()}
     rates = []
     for name, label in (("adaptive_learning_rate", "adaptive network"), ("unet_learning_rate", "fine-tuned U-Net")):
         value = getattr(config, name)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -168,7 +166,7 @@ def test_without_the_adaptive_network_the_version_holds_a_fine_tuned_unet() -> N
     assert models.adaptive_network is None and models.finetuned_unet is not None
     assert models.finetuned_unet is not models.base_unet
     assert set(models.components()) == {"reward_model", "unet"}
-    assert dataclasses.asdict(TrainerSettings.for_arm("group_without_adaptive"))["use_adaptive_network"] is False
+    assert TrainerSettings.for_arm("group_without_adaptive").model_dump()["use_adaptive_network"] is False
 
 
 def test_the_cli_offers_exactly_the_arms_and_objectives_of_the_settings() -> None:

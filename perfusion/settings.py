@@ -1,0 +1,279 @@
+"""Settings of the loop's processes, from one place: frozen pydantic models with a description and bounds on every
+field, read from code, from the environment (pydantic-settings) and from command-line flags generated from the
+fields.
+
+- :class:`Settings` is the base: frozen, unknown keys refused, every default validated. Building one in code reads
+  only its arguments; :meth:`Settings.from_env` adds the environment. A field's variable is derived from its name:
+  ``PERFUSION_<FIELD>``, and ``PERFUSION_<SECTION>__<FIELD>`` for a field of a nested section (a field whose type is
+  itself a :class:`Settings`); a field may name another with ``validation_alias`` (``KAFKA_BOOTSTRAP_SERVERS``).
+- Invalid values raise :class:`~perfusion.errors.ConfigError` with one sentence per problem, naming the field, the
+  bound and the value ("partitions must be between 1 and 1024, got 0").
+- :func:`add_flags` gives an argparse parser one ``--section-field`` flag per field (help from the description, the
+  variable and the default); :func:`flag_overrides` reads them back as overrides of :meth:`Settings.from_env`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Self
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from perfusion.errors import ConfigError
+
+ENV_PREFIX = "PERFUSION_"
+TOPIC_PREFIX_PATTERN = r"^[A-Za-z0-9._-]*$"
+"""What a topic prefix may hold: it becomes part of topic, table and consumer-group names."""
+SECTION_DELIMITER = "__"
+
+
+class Settings(BaseSettings):
+    """Frozen, validated settings; see the module docstring."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        validate_default=True,
+        populate_by_name=True,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=SECTION_DELIMITER,
+        case_sensitive=False,
+        env_ignore_empty=True,
+    )
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(type(self), exc)) from None
+
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _name_the_section(cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        """A nested section raises its own ConfigError (its __init__ runs inside this one's validation); name the
+        section in it, so that the message says ``group.window_s`` and not only ``window_s``."""
+        try:
+            return handler(value)
+        except ConfigError as exc:
+            section = info.field_name
+            field = cls.model_fields[section] if section is not None else None
+            nested = field.annotation if field is not None else None
+            message = str(exc)
+            first_word = message.split(" ", 1)[0]
+            if isinstance(nested, type) and issubclass(nested, BaseModel) and first_word in nested.model_fields:
+                raise ConfigError(f"{section}.{message}") from None
+            raise ConfigError(f"{section}: {message}") from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Settings built in code read only their arguments: a test, or one evaluation arm of several in a process,
+        # is never changed by a variable meant for another process. The environment is read by from_env alone.
+        return (init_settings,)
+
+    @classmethod
+    def environment_values(cls) -> dict[str, Any]:
+        """What the environment sets of these settings (nested sections as dicts), not yet validated."""
+        return dict(EnvSettingsSource(cls)())
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Self:
+        """Settings from the environment, then ``overrides`` (a None override leaves the field as it was; a dict
+        override of a section updates only the fields it names)."""
+        unknown = sorted(set(overrides) - set(cls.model_fields))
+        if unknown:
+            raise ConfigError(f"unknown {_kind(cls)} settings {unknown}; known: {sorted(cls.model_fields)}")
+        values = cls.environment_values()
+        for name, value in overrides.items():
+            if value is None:
+                continue
+            if isinstance(value, Mapping) and isinstance(values.get(name), Mapping):
+                values[name] = {**values[name], **{key: item for key, item in value.items() if item is not None}}
+            else:
+                values[name] = value
+        return cls(**values)
+
+    def with_overrides(self, **overrides: Any) -> Self:
+        """A copy with ``overrides`` applied and validated again (``model_copy`` would not validate them)."""
+        unknown = sorted(set(overrides) - set(type(self).model_fields))
+        if unknown:
+            raise ConfigError(
+                f"unknown {_kind(type(self))} settings {unknown}; known: {sorted(type(self).model_fields)}"
+            )
+        values = {name: getattr(self, name) for name in type(self).model_fields}
+        return type(self)(**{**values, **overrides})
+
+
+def _kind(settings_cls: type[BaseModel]) -> str:
+    """ "stream" for StreamSettings, "trainer" for TrainerSettings: the word error messages use."""
+    return settings_cls.__name__.removesuffix("Settings").lower() or "the"
+
+
+def env_variable(settings_cls: type[Settings], path: Sequence[str]) -> str:
+    """The environment variable of the field at ``path`` (section names, then the field's name)."""
+    first = settings_cls.model_fields[path[0]]
+    alias = first.validation_alias
+    if len(path) == 1 and isinstance(alias, AliasChoices):
+        return str(alias.choices[-1])
+    if len(path) == 1 and isinstance(alias, str):
+        return alias
+    return ENV_PREFIX + SECTION_DELIMITER.join(path).upper()
+
+
+# ------------------------------------------------------------------------------------------------ error messages
+
+
+def _field_at(settings_cls: type[BaseModel], location: Sequence[int | str]) -> tuple[str, FieldInfo | None]:
+    """The field a validation error's location names (through nested sections), and its dotted name."""
+    model: type[BaseModel] | None = settings_cls
+    info: FieldInfo | None = None
+    names: list[str] = []
+    for part in location:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            names.append(str(part))
+            info = None
+            continue
+        info = model.model_fields[part]
+        names.append(part)
+        annotation = info.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return ".".join(names), info
+
+
+def _bounds(info: FieldInfo | None) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for constraint in info.metadata if info is not None else ():
+        for name in ("gt", "ge", "lt", "le"):
+            value = getattr(constraint, name, None)
+            if value is not None:
+                found[name] = value
+    return found
+
+
+def _bound_sentence(name: str, bounds: Mapping[str, Any], value: Any) -> str:
+    low = bounds.get("ge", bounds.get("gt"))
+    high = bounds.get("le", bounds.get("lt"))
+    if "ge" in bounds and "le" in bounds:
+        return f"{name} must be between {bounds['ge']} and {bounds['le']}, got {value}"
+    if low is not None and high is not None:
+        opening = "[" if "ge" in bounds else "("
+        closing = "]" if "le" in bounds else ")"
+        return f"{name} must be in {opening}{low}, {high}{closing}, got {value}"
+    if bounds.get("gt") == 0:
+        return f"{name} must be positive, got {value}"
+    if "ge" in bounds:
+        return f"{name} must be at least {bounds['ge']}, got {value}"
+    if "gt" in bounds:
+        return f"{name} must be above {bounds['gt']}, got {value}"
+    if "le" in bounds:
+        return f"{name} must be at most {bounds['le']}, got {value}"
+    return f"{name} must be below {bounds['lt']}, got {value}"
+
+
+def describe_validation_error(settings_cls: type[BaseModel], error: ValidationError) -> str:
+    """One sentence per problem, naming the field, what it must be and what it got."""
+    sentences: list[str] = []
+    unknown: list[str] = []
+    for problem in error.errors(include_url=False):
+        name, info = _field_at(settings_cls, problem["loc"])
+        kind = problem["type"]
+        value = problem.get("input")
+        if kind == "extra_forbidden":
+            unknown.append(name)
+        elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+            sentences.append(_bound_sentence(name, _bounds(info), value))
+        elif kind == "value_error":
+            sentences.append(str(problem["msg"]).removeprefix("Value error, "))
+        else:
+            sentences.append(f"{name}: {problem['msg']}, got {value!r}" if name else str(problem["msg"]))
+    if unknown:
+        known = sorted(settings_cls.model_fields)
+        sentences.insert(0, f"unknown {_kind(settings_cls)} settings {unknown}; known: {known}")
+    return "; ".join(sentences)
+
+
+# ---------------------------------------------------------------------------------------------------------- flags
+
+
+def flag_fields(
+    settings_cls: type[Settings], sections: Sequence[str] = ()
+) -> Iterator[tuple[tuple[str, ...], FieldInfo]]:
+    """(path, field) of every leaf field, sections first expanded into their fields."""
+    for name, info in settings_cls.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, Settings):
+            yield from (((name, *path), leaf) for path, leaf in flag_fields(annotation))
+        else:
+            yield (name,), info
+
+
+def flag_name(path: Sequence[str]) -> str:
+    return "--" + "-".join(path).replace("_", "-")
+
+
+def add_flags(
+    parser: argparse.ArgumentParser,
+    settings_cls: type[Settings],
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+) -> None:
+    """One flag per field of ``settings_cls``, default None (not given); ``include`` / ``exclude`` name top-level
+    fields or sections."""
+    for path, info in flag_fields(settings_cls):
+        if (include is not None and path[0] not in include) or path[0] in exclude:
+            continue
+        default = info.get_default(call_default_factory=True)
+        shown_default = "unset" if default in ("", None) else default
+        parser.add_argument(
+            flag_name(path),
+            dest="__".join(path),
+            default=None,
+            metavar="_".join(path).upper(),
+            help=f"{info.description} (env {env_variable(settings_cls, path)}; default {shown_default})",
+        )
+
+
+def flag_overrides(args: argparse.Namespace, settings_cls: type[Settings]) -> dict[str, Any]:
+    """The flags of :func:`add_flags` that were given, each checked against its field's type, as overrides (nested
+    sections as dicts) for :meth:`Settings.from_env`."""
+    overrides: dict[str, Any] = {}
+    for path, info in flag_fields(settings_cls):
+        raw = getattr(args, "__".join(path), None)  # absent for excluded fields
+        if raw is None:
+            continue
+        value = _flag_value(flag_name(path), raw, info)
+        target = overrides
+        for section in path[:-1]:
+            target = target.setdefault(section, {})
+        target[path[-1]] = value
+    return overrides
+
+
+def _flag_value(flag: str, raw: str, info: FieldInfo) -> Any:
+    text = raw.strip()
+    annotation = info.annotation
+    if text.lower() in ("", "none") and not info.is_required() and info.get_default() is None:
+        return None
+    try:
+        return TypeAdapter(Any if annotation is None else annotation).validate_strings(text)
+    except ValidationError:
+        number = annotation in (int, float) or str(annotation) in ("int | None", "float | None")
+        kind = "a whole number" if "int" in str(annotation) else "a number" if number else f"a {annotation}"
+        raise ConfigError(f"{flag} must be {kind}, got {raw!r}") from None
