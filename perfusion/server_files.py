@@ -74,29 +74,30 @@ def running_server_address(server_dir: Path, address_file: str) -> str | None:
 
 def kafka_bootstrap_servers() -> str:
     """``KAFKA_BOOTSTRAP_SERVERS`` when set, else the address of the project's running broker."""
-    configured = os.environ.get(KAFKA_BOOTSTRAP_ENV, "").strip()
-    if configured:
-        return configured
-    address = running_server_address(kafka_state_dir(), KAFKA_ADDRESS_FILE)
-    if address is not None:
-        return address
-    raise InfrastructureError(
-        f"no Kafka broker: {KAFKA_BOOTSTRAP_ENV} is not set and the project's broker in {kafka_state_dir()} is "
-        "not running; run `perfusion broker up` or set KAFKA_BOOTSTRAP_SERVERS=host:port"
+    return _configured_or_running(
+        KAFKA_BOOTSTRAP_ENV, kafka_state_dir(), KAFKA_ADDRESS_FILE, "Kafka broker", "broker", "host:port"
     )
 
 
 def redis_url() -> str:
     """``REDIS_URL`` when set, else the URL of the project's running Redis server."""
-    configured = os.environ.get(REDIS_URL_ENV, "").strip()
+    return _configured_or_running(
+        REDIS_URL_ENV, redis_state_dir(), REDIS_ADDRESS_FILE, "Redis", "redis", "redis://host:port/0"
+    )
+
+
+def _configured_or_running(
+    variable: str, server_dir: Path, address_file: str, server: str, command: str, example: str
+) -> str:
+    configured = os.environ.get(variable, "").strip()
     if configured:
         return configured
-    address = running_server_address(redis_state_dir(), REDIS_ADDRESS_FILE)
+    address = running_server_address(server_dir, address_file)
     if address is not None:
         return address
     raise InfrastructureError(
-        f"no Redis: {REDIS_URL_ENV} is not set and the project's Redis in {redis_state_dir()} is not "
-        "running; run `perfusion redis up` or set REDIS_URL=redis://host:port/0"
+        f"no {server}: {variable} is not set and the project's {server} in {server_dir} is not running; run "
+        f"`perfusion {command} up` or set {variable}={example}"
     )
 
 
