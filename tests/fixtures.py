@@ -15,12 +15,20 @@ import atexit
 import os
 import re
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from perfusion.models.base import BaseModelConfig
 from perfusion.text_encoder import TextEncoder
+
+if TYPE_CHECKING:
+    from trainer.batches import GroupBatch
+    from trainer.settings import TrainerSettings
+    from trainer.updates import TrainingModels
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -113,3 +121,53 @@ TINY_BASE = BaseModelConfig(
 def text_encoder() -> TextEncoder:
     """The MiniLM text encoder at its default length, loaded once per session (it takes about a second)."""
     return TextEncoder()
+
+
+def tiny_training_models(settings: TrainerSettings) -> TrainingModels:
+    """The reward model and generator of ``settings`` around a fresh :data:`TINY_BASE` U-Net (seed 0)."""
+    import torch
+
+    from perfusion.models.base import build_train_scheduler, build_unet
+    from trainer.updates import build_training_models
+
+    torch.manual_seed(0)
+    return build_training_models(build_unet(TINY_BASE), TINY_BASE, build_train_scheduler(TINY_BASE), settings)
+
+
+def tiny_group_batch(
+    num_groups: int,
+    seed: int,
+    grades_of: Callable[[int], list[int]],
+    pixels_of: Callable[[np.random.Generator, int], NDArray[np.uint8]],
+    prompt_of: Callable[[int], str] = lambda group: "a red t-shirt",
+) -> GroupBatch:
+    """``num_groups`` groups of 8x8 images for :data:`TINY_BASE`: group g has candidates graded ``grades_of(g)``,
+    the image of a candidate of grade q is ``pixels_of(rng, q)``, and each user vector is uniform in [0, 1)."""
+    from perfusion.attributes import DESCRIPTOR_DIM
+    from perfusion.contracts.records import GradedCandidate, GroupSample
+    from perfusion.user_features import USER_DIM
+    from trainer.batches import collate_groups
+
+    rng = np.random.default_rng(seed)
+    samples, vectors, pixels = [], [], {}
+    for group in range(num_groups):
+        candidates = []
+        for position, grade in enumerate(grades_of(group)):
+            image_id = f"g{group}-p{position}"
+            pixels[image_id] = pixels_of(rng, grade)
+            candidates.append(
+                GradedCandidate(image_id=image_id, position=position, descriptor=[0.0] * DESCRIPTOR_DIM, grade=grade)
+            )
+        samples.append(
+            GroupSample(
+                sample_id=f"s{group}",
+                user_id=f"u{group}",
+                design_id="d",
+                prompt=prompt_of(group),
+                model_version="base",
+                impression_ts=1_700_000_000.0,
+                candidates=candidates,
+            )
+        )
+        vectors.append(rng.random(USER_DIM).tolist())
+    return collate_groups(samples, vectors, pixels)

@@ -7,50 +7,25 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from numpy.typing import NDArray
 
-from perfusion.attributes import DESCRIPTOR_DIM
-from perfusion.contracts.records import GradedCandidate, GroupSample
-from perfusion.models.base import build_train_scheduler, build_unet
 from perfusion.text_encoder import TextEncoder
 from perfusion.user_features import USER_DIM
-from tests.fixtures import TINY_BASE
-from trainer.batches import GroupBatch, collate_groups
+from tests.fixtures import tiny_group_batch, tiny_training_models
+from trainer.batches import GroupBatch
 from trainer.gate import belongs_to_heldout, draw_images, evaluate_reward_model, run_gate
 from trainer.settings import TrainerSettings
-from trainer.updates import TrainingModels, build_training_models, run_update
-
-
-def tiny_models(settings: TrainerSettings) -> TrainingModels:
-    torch.manual_seed(0)
-    return build_training_models(build_unet(TINY_BASE), TINY_BASE, build_train_scheduler(TINY_BASE), settings)
+from trainer.updates import run_update
 
 
 def heldout_batch(num_groups: int = 6) -> GroupBatch:
     """Positives are bright images, negatives dark ones: a ranking an RM learns in a few steps."""
-    rng = np.random.default_rng(1)
-    samples, vectors, pixels = [], [], {}
-    for group in range(num_groups):
-        candidates = []
-        for position, grade in enumerate([1, 0, 0, 2] if group % 2 else [0, 1, 0]):
-            image_id = f"g{group}-p{position}"
-            low, high = (150, 256) if grade else (0, 100)
-            pixels[image_id] = rng.integers(low, high, size=(8, 8, 3), dtype=np.uint8)
-            candidates.append(
-                GradedCandidate(image_id=image_id, position=position, descriptor=[0.0] * DESCRIPTOR_DIM, grade=grade)
-            )
-        samples.append(
-            GroupSample(
-                sample_id=f"s{group}",
-                user_id=f"u{group}",
-                design_id="d",
-                prompt="a red t-shirt",
-                model_version="base",
-                impression_ts=1_700_000_000.0,
-                candidates=candidates,
-            )
-        )
-        vectors.append(rng.random(USER_DIM).tolist())
-    return collate_groups(samples, vectors, pixels)
+
+    def pixels_of(rng: np.random.Generator, grade: int) -> NDArray[np.uint8]:
+        low, high = (150, 256) if grade else (0, 100)
+        return rng.integers(low, high, size=(8, 8, 3), dtype=np.uint8)
+
+    return tiny_group_batch(num_groups, 1, lambda group: [1, 0, 0, 2] if group % 2 else [0, 1, 0], pixels_of)
 
 
 def gate_settings(**overrides: object) -> TrainerSettings:
@@ -78,7 +53,7 @@ def test_heldout_split_is_stable_and_has_the_requested_share() -> None:
 
 def test_without_heldout_groups_the_candidate_is_published_with_the_reason(text_encoder: TextEncoder) -> None:
     settings = gate_settings(objective="none")
-    models = tiny_models(settings)
+    models = tiny_training_models(settings)
     decision = run_gate(models.candidate(), models, text_encoder, None, settings)
     assert decision.publish
     assert "no held-out groups" in decision.reasons[0]
@@ -87,7 +62,7 @@ def test_without_heldout_groups_the_candidate_is_published_with_the_reason(text_
 def test_a_reward_model_that_ranks_worse_is_refused(text_encoder: TextEncoder) -> None:
     settings = gate_settings(objective="none", gate_tolerance=0.05)
     batch = heldout_batch()
-    serving = tiny_models(settings)
+    serving = tiny_training_models(settings)
     run_update(serving, text_encoder, lambda: batch, settings, show_progress=False)
     candidate = serving.candidate()
     inverted = dataclasses.replace(batch, labels=(batch.labels == 0).long())
@@ -108,7 +83,7 @@ def test_a_reward_model_that_ranks_worse_is_refused(text_encoder: TextEncoder) -
 
 def test_generators_are_compared_on_the_same_noise_and_an_unchanged_one_passes(text_encoder: TextEncoder) -> None:
     settings = gate_settings(gate_generator_tolerance=0.0)
-    serving = tiny_models(settings)
+    serving = tiny_training_models(settings)
     decision = run_gate(serving.candidate(), serving, text_encoder, heldout_batch(), settings)
     assert decision.publish
     assert decision.metrics["generator_rm_score"] == decision.metrics["serving_generator_rm_score"]
@@ -118,7 +93,7 @@ def test_generators_are_compared_on_the_same_noise_and_an_unchanged_one_passes(t
 
 def test_generator_decision_follows_the_scores_at_zero_tolerance(text_encoder: TextEncoder) -> None:
     settings = gate_settings(gate_generator_tolerance=0.0)
-    serving = tiny_models(settings)
+    serving = tiny_training_models(settings)
     candidate = serving.candidate()
     assert candidate.adaptive_network is not None
     with torch.no_grad():  # move the zero convolutions so that the candidate draws different images
@@ -133,7 +108,7 @@ def test_generator_decision_follows_the_scores_at_zero_tolerance(text_encoder: T
 
 
 def test_draw_images_is_deterministic_in_the_noise_and_bounded(text_encoder: TextEncoder) -> None:
-    models = tiny_models(gate_settings())
+    models = tiny_training_models(gate_settings())
     states, _ = text_encoder.encode(["a red t-shirt", "a blue dress"])
     users = torch.rand(2, USER_DIM)
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))

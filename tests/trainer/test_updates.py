@@ -6,17 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from perfusion.attributes import DESCRIPTOR_DIM
-from perfusion.contracts.records import GradedCandidate, GroupSample
-from perfusion.models.base import build_train_scheduler, build_unet
 from perfusion.text_encoder import TextEncoder
-from perfusion.user_features import USER_DIM
-from tests.fixtures import TINY_BASE
-from trainer.batches import GroupBatch, collate_groups
+from tests.fixtures import tiny_group_batch, tiny_training_models
+from trainer.batches import GroupBatch
 from trainer.settings import TrainerSettings
 from trainer.updates import (
-    TrainingModels,
-    build_training_models,
     denoising_errors,
     encode_prompts,
     noised_inputs,
@@ -24,37 +18,14 @@ from trainer.updates import (
 )
 
 
-def tiny_models(settings: TrainerSettings) -> TrainingModels:
-    torch.manual_seed(0)
-    base_unet = build_unet(TINY_BASE)
-    return build_training_models(base_unet, TINY_BASE, build_train_scheduler(TINY_BASE), settings)
-
-
 def tiny_batch(num_groups: int = 4, seed: int = 0) -> GroupBatch:
-    rng = np.random.default_rng(seed)
-    samples, vectors, pixels = [], [], {}
-    for group in range(num_groups):
-        grades = [2, 0, 1, 0] if group % 2 == 0 else [0, 1, 0]
-        candidates = []
-        for position, grade in enumerate(grades):
-            image_id = f"g{group}-p{position}"
-            pixels[image_id] = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
-            candidates.append(
-                GradedCandidate(image_id=image_id, position=position, descriptor=[0.0] * DESCRIPTOR_DIM, grade=grade)
-            )
-        samples.append(
-            GroupSample(
-                sample_id=f"s{group}",
-                user_id=f"u{group}",
-                design_id="d",
-                prompt=["a red t-shirt", "a navy striped dress"][group % 2],
-                model_version="base",
-                impression_ts=1_700_000_000.0,
-                candidates=candidates,
-            )
-        )
-        vectors.append(rng.random(USER_DIM).tolist())
-    return collate_groups(samples, vectors, pixels)
+    return tiny_group_batch(
+        num_groups,
+        seed,
+        lambda group: [2, 0, 1, 0] if group % 2 == 0 else [0, 1, 0],
+        lambda rng, grade: rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8),
+        lambda group: ["a red t-shirt", "a navy striped dress"][group % 2],
+    )
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -81,7 +52,7 @@ def test_update_changes_trainable_parameters_and_no_frozen_one(
     text_encoder: TextEncoder, objective: str, use_adaptive_network: bool
 ) -> None:
     settings = small_settings(objective=objective, use_adaptive_network=use_adaptive_network)
-    models = tiny_models(settings)
+    models = tiny_training_models(settings)
     trainable = models.generator
     assert trainable is not None
     base_before = snapshot(models.base_unet)
@@ -103,7 +74,7 @@ def test_update_changes_trainable_parameters_and_no_frozen_one(
 
 def test_objective_none_trains_only_the_reward_model(text_encoder: TextEncoder) -> None:
     settings = small_settings(objective="none")
-    models = tiny_models(settings)
+    models = tiny_training_models(settings)
     assert models.generator is None
     base_before = snapshot(models.base_unet)
     reward_before = snapshot(models.reward_model)
@@ -116,7 +87,7 @@ def test_objective_none_trains_only_the_reward_model(text_encoder: TextEncoder) 
 
 def test_reward_model_learns_to_rank_a_fixed_batch(text_encoder: TextEncoder) -> None:
     settings = small_settings(objective="none", reward_steps=20, reward_learning_rate=3e-3)
-    models = tiny_models(settings)
+    models = tiny_training_models(settings)
     batch = tiny_batch()
     report_first = run_update(
         models, text_encoder, lambda: batch, small_settings(objective="none", reward_steps=1), show_progress=False
@@ -127,7 +98,7 @@ def test_reward_model_learns_to_rank_a_fixed_batch(text_encoder: TextEncoder) ->
 
 def test_a_fresh_adaptive_network_has_the_reference_errors(text_encoder: TextEncoder) -> None:
     # Zero-initialised, the policy equals the reference; equal errors show both saw the same x_t and t.
-    models = tiny_models(small_settings())
+    models = tiny_training_models(small_settings())
     batch = tiny_batch()
     text_states, _ = encode_prompts(text_encoder, batch)
     policy_err, reference_err = denoising_errors(models, batch, text_states, torch.Generator().manual_seed(3))
@@ -136,7 +107,7 @@ def test_a_fresh_adaptive_network_has_the_reference_errors(text_encoder: TextEnc
 
 
 def test_candidates_of_one_impression_share_noise_and_timestep() -> None:
-    models = tiny_models(small_settings())
+    models = tiny_training_models(small_settings())
     batch = tiny_batch()
     x_t, noise, timesteps = noised_inputs(models, batch, torch.Generator().manual_seed(0))
     assert x_t.shape == batch.images.shape
@@ -149,7 +120,7 @@ def test_candidates_of_one_impression_share_noise_and_timestep() -> None:
 
 def test_candidate_copy_trains_without_touching_the_serving_version(text_encoder: TextEncoder) -> None:
     settings = small_settings()
-    serving = tiny_models(settings)
+    serving = tiny_training_models(settings)
     serving_reward = snapshot(serving.reward_model)
     assert serving.adaptive_network is not None
     serving_adaptive = snapshot(serving.adaptive_network)
@@ -162,7 +133,7 @@ def test_candidate_copy_trains_without_touching_the_serving_version(text_encoder
 
 
 def test_without_the_adaptive_network_the_version_holds_a_fine_tuned_unet() -> None:
-    models = tiny_models(small_settings(use_adaptive_network=False))
+    models = tiny_training_models(small_settings(use_adaptive_network=False))
     assert models.adaptive_network is None and models.finetuned_unet is not None
     assert models.finetuned_unet is not models.base_unet
     assert set(models.components()) == {"reward_model", "unet"}
