@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Protocol, runtime_checkable
 
 from fastapi import FastAPI, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -40,6 +40,7 @@ from perfusion.contracts.records import (
     Select,
     parse_event,
 )
+from perfusion.follower import TopicFollower
 from perfusion.image_store import ImageStore, UnknownImage
 from service.body_limit import BodySizeLimit
 from service.designs import DesignRegistry, UnknownDesign
@@ -85,6 +86,13 @@ class BackgroundTask(Protocol):
     def stop(self, timeout_s: float = 5.0) -> None: ...
 
 
+@runtime_checkable
+class FollowsTopics(Protocol):
+    """A background task that reads Kafka through topic followers, whose counts ``/metrics`` exports."""
+
+    def topic_followers(self) -> list[TopicFollower]: ...
+
+
 class BadEvent(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -108,6 +116,8 @@ def create_app(
     generation runs on a pool of ``generation`` (default :class:`GenerationPoolSettings`)."""
     service_metrics = metrics if metrics is not None else ServiceMetrics()
     pool = GenerationPool(generation)
+    following = [task for task in background if isinstance(task, FollowsTopics)]
+    service_metrics.follow_counts_of(lambda: [follower for task in following for follower in task.topic_followers()])
     service_metrics.set_model_version(generator.model_version)
     started = time.monotonic()
     demand_source = DEMAND_SOURCE.format(events_topic=events_topic, production_topic=production_topic)

@@ -221,6 +221,9 @@ class DemandFollower:
     def stop(self, timeout_s: float = 5.0) -> None:
         self.follower.stop(timeout_s)
 
+    def topic_followers(self) -> list[TopicFollower]:
+        return [self.follower]
+
     def apply(self, topic: str, value: bytes) -> None:
         """Apply one message of either followed topic to the registry; raises on a message it cannot use (the
         follower logs, counts and skips it)."""

@@ -10,11 +10,20 @@ What is exported at ``GET /metrics``:
 - ``perfusion_generation_seconds{personalization}`` and ``perfusion_candidates_total{personalization}``
 - ``perfusion_generation_admitted`` (requests on the generation pool now) and ``perfusion_generation_refused_total``
   (503s because it was full)
+- ``perfusion_follower_records_handled_total{follower}``, ``perfusion_follower_records_failed_total{follower}``
+  (records skipped as unusable) and ``perfusion_follower_broker_errors_total{follower}``, for the background tasks
+  that follow topics (demand follower, model updates)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from perfusion.follower import TopicFollower
 
 # Seconds. Generation on the CPU takes 0.1-10 s; Feast and Kafka calls take well under 10 ms.
 _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -104,6 +113,38 @@ class ServiceMetrics:
         self.model_version.labels(version=version).set(1)
         self._current_version = version
 
+    def follow_counts_of(self, followers: Callable[[], Iterable[TopicFollower]]) -> None:
+        """Export the counts of the topic followers that ``followers()`` names at each scrape (a follower may be
+        built only when its task starts)."""
+        self.registry.register(_FollowerCollector(followers))
+
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format."""
         return generate_latest(self.registry)
+
+
+class _FollowerCollector(Collector):
+    """``perfusion_follower_records_{handled,failed}_total{follower}`` and
+    ``perfusion_follower_broker_errors_total{follower}``, read from the followers when scraped."""
+
+    def __init__(self, followers: Callable[[], Iterable[TopicFollower]]) -> None:
+        self.followers = followers
+
+    def collect(self) -> Iterator[Metric]:
+        handled = CounterMetricFamily(
+            "perfusion_follower_records_handled", "Records a topic follower applied", labels=["follower"]
+        )
+        failed = CounterMetricFamily(
+            "perfusion_follower_records_failed",
+            "Records a topic follower could not decode or apply, logged with topic[partition]@offset and skipped",
+            labels=["follower"],
+        )
+        broker_errors = CounterMetricFamily(
+            "perfusion_follower_broker_errors", "Kafka errors a topic follower reconnected after", labels=["follower"]
+        )
+        for follower in self.followers():
+            counts = follower.counts()
+            handled.add_metric([follower.name], counts.handled)
+            failed.add_metric([follower.name], counts.failed)
+            broker_errors.add_metric([follower.name], counts.broker_errors)
+        yield from (handled, failed, broker_errors)

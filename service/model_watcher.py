@@ -132,6 +132,9 @@ class ModelWatcher:
         for thread in self._threads:
             thread.join(timeout_s)
 
+    def topic_followers(self) -> list[TopicFollower]:
+        return [] if self.updates_follower is None else [self.updates_follower]
+
     def _poll_loop(self) -> None:
         while not self._stop.is_set():
             self.check_now()

@@ -17,7 +17,9 @@ from kafka import KafkaProducer
 
 from perfusion.contracts.records import DesignCreated, Order, ProductionOrder, Return
 from perfusion.contracts.topics import TopicNames, ensure_topics
+from service.app import FollowsTopics
 from service.designs import DemandFollower, DesignRegistry
+from service.metrics import ServiceMetrics
 from streams.demand import DemandCounter, DemandSettings
 
 NOW = 1_700_000_000.0
@@ -191,6 +193,15 @@ def test_follower_survives_poison_and_counts_the_orders_after_it(
         follower.stop()
     # The nine orders after the poison; the inflated order is returned in full and no more.
     assert registry.status(design.design_id).net_orders == 9
+    # What it skipped is visible in the service's metrics.
+    assert isinstance(follower, FollowsTopics)
+    metrics = ServiceMetrics()
+    metrics.follow_counts_of(follower.topic_followers)
+    exported = metrics.render().decode()
+    # (How many of the four poisons count as failed depends on whether parse_event refuses them or raises.)
+    counts = follower.follower.counts()
+    assert f'perfusion_follower_records_failed_total{{follower="demand-follower"}} {float(counts.failed)}' in exported
+    assert f'perfusion_follower_records_handled_total{{follower="demand-follower"}} {float(counts.handled)}' in exported
 
     # A new follower reads from the beginning again (as the service does at every start) and gets past the poison.
     rebuilt = DesignRegistry(tmp_path / "rebuilt.sqlite")
