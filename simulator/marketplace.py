@@ -83,11 +83,17 @@ def _normal_cdf(values: NDArray[np.float64]) -> NDArray[np.float64]:
 
 
 class Marketplace:
-    """Viewers of a panel acting on groups of images."""
+    """Viewers of a panel acting on groups of images. Without a panel it still turns utilities into actions
+    (:meth:`response_to_utilities`), for a caller that scores images itself, as the demo does."""
 
-    def __init__(self, panel: PreferencePanel, behaviour: BehaviourConfig | None = None) -> None:
+    def __init__(self, panel: PreferencePanel | None, behaviour: BehaviourConfig | None = None) -> None:
         self.panel = panel
         self.behaviour = behaviour or BehaviourConfig()
+
+    def _utilities(self, user_id: str, images: NDArray[np.uint8]) -> NDArray[np.float64]:
+        if self.panel is None:
+            raise ConfigError("this marketplace has no panel to score images; give one, or use response_to_utilities")
+        return np.asarray(self.panel.utilities(user_id, images), dtype=np.float64)
 
     def position_bias(self, k: int) -> NDArray[np.float64]:
         """(K,) probability that slot p is looked at, relative to slot 0."""
@@ -107,10 +113,16 @@ class Marketplace:
 
     def shopper_response(self, user_id: str, images: NDArray[np.uint8], rng: np.random.Generator) -> GroupResponse:
         """A shopper's clicks, orders and returns on (K, H, W, 3) uint8 images shown in slots 0..K-1."""
-        utilities = np.asarray(self.panel.utilities(user_id, images), dtype=np.float64)
-        k = utilities.shape[0]
+        utilities = self._utilities(user_id, images)
         # Draw all uniforms up front, a fixed number per slot, so arms with different images consume the same stream.
-        draws = rng.random((3, k))
+        return self.response_to_utilities(utilities, rng.random((3, utilities.shape[0])))
+
+    def response_to_utilities(self, utilities: NDArray[np.float64], draws: NDArray[np.float64]) -> GroupResponse:
+        """Clicks, orders and returns on images of these (K,) utilities in slots 0..K-1, given (3, K) uniforms in
+        [0, 1): row 0 decides the clicks, row 1 the orders of clicked images, row 2 the returns of ordered ones."""
+        k = utilities.shape[0]
+        if draws.shape != (3, k):
+            raise ConfigError(f"draws must be (3, {k}) uniforms for {k} utilities, got {draws.shape}")
         clicked = draws[0] < self.click_probabilities(utilities)
         ordered = clicked & (draws[1] < self.order_probabilities(utilities))
         returned = ordered & (draws[2] < self.return_probabilities(utilities))
@@ -118,7 +130,7 @@ class Marketplace:
 
     def merchant_selection(self, user_id: str, images: NDArray[np.uint8], rng: np.random.Generator) -> GroupResponse:
         """A merchant's selection among the K candidates of their own design."""
-        utilities = np.asarray(self.panel.utilities(user_id, images), dtype=np.float64)
+        utilities = self._utilities(user_id, images)
         k = utilities.shape[0]
         noisy = utilities + rng.normal(0.0, self.behaviour.selection_noise_sd, size=k)
         count = int(rng.integers(1, min(self.behaviour.max_selected, k) + 1))

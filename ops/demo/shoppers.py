@@ -1,10 +1,12 @@
 """Simulated shoppers and merchants of the demo: they judge the generated PIXELS with hidden tastes.
 
 Each shopper is a user of :class:`simulator.ground_truth.PixelPreferencePanel`: a segment's taste plus individual
-variation over what an image shows (colours, brightness, texture, shape). Shown a group of K images, a shopper
-clicks each with a probability that grows with its utility and falls with its position, orders some of what they
-clicked, and returns some orders (more often the ones that suited them less). A merchant selects the candidate of
-their design that the panel as a whole likes best (what would sell).
+variation over what an image shows (colours, brightness, texture, shape). Shown a group of K images, a shopper acts
+as the evaluation's shoppers do (:class:`simulator.marketplace.Marketplace`): clicks each with a probability that
+grows with its utility and falls with its position, orders some of what they clicked, and returns some orders (more
+often the ones that suited them less). The demo's shoppers are keener than the evaluation's
+(:class:`ShopperBehaviour`), so that a few rounds reach production. A merchant selects the candidate of their design
+that the panel as a whole likes best (what would sell).
 
 :func:`choose_actions` and :func:`merchant_choice` are pure given their random source, so they are tested without
 a service; :func:`action_events` turns actions into the event records posted to ``POST /events``.
@@ -18,13 +20,15 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from statistics import NormalDist
+from typing import Literal, cast
 
 import numpy as np
 from numpy.typing import NDArray
 
 from perfusion.contracts.records import Click, Order, Return, Select
 from perfusion.errors import ConfigError
+from simulator.marketplace import BehaviourConfig, Marketplace
 
 ActionKind = Literal["click", "order", "return"]
 
@@ -38,6 +42,24 @@ class ShopperBehaviour:
     order_rate: float = field(default=0.6, metadata={"help": "order probability after a click, at utility 0"})
     return_rate: float = field(default=0.3, metadata={"help": "return probability of an order, at utility 0"})
 
+    def marketplace_behaviour(self) -> BehaviourConfig:
+        """The same shopper in the marketplace's terms: logits of the rates at utility 0, ``sharpness`` as the slope,
+        slot p seen with weight 1 / sqrt(1 + p). The marketplace's return model is a normal CDF of the utility's
+        shortfall; its expectation and spread are set so that at utility 0 it has this ``return_rate`` and the
+        slope of a logistic return model of this ``sharpness``."""
+        shortfall = NormalDist().inv_cdf(self.return_rate)
+        slope = self.sharpness * self.return_rate * (1.0 - self.return_rate)
+        delivery_sd = NormalDist().pdf(shortfall) / slope if slope > 0 else 1e9
+        return BehaviourConfig(
+            click_bias=_logit(self.click_rate),
+            click_slope=self.sharpness,
+            position_decay=0.5,
+            order_bias=_logit(self.order_rate),
+            order_slope=self.sharpness,
+            expectation=shortfall * delivery_sd,
+            delivery_sd=delivery_sd,
+        )
+
     def __post_init__(self) -> None:
         for name in ("click_rate", "order_rate", "return_rate"):
             value = getattr(self, name)
@@ -47,17 +69,15 @@ class ShopperBehaviour:
             raise ConfigError(f"sharpness must be >= 0, got {self.sharpness}")
 
 
+def _logit(rate: float) -> float:
+    return math.log(rate / (1.0 - rate))
+
+
 @dataclass(frozen=True)
 class ShopperAction:
     kind: ActionKind
     image_id: str
     utility: float
-
-
-def _shifted(rate: float, shift: float) -> float:
-    """``rate`` moved by ``shift`` on the logit scale."""
-    logit = math.log(rate / (1.0 - rate)) + shift
-    return 1.0 / (1.0 + math.exp(-logit))
 
 
 def choose_actions(
@@ -66,17 +86,18 @@ def choose_actions(
     """What one shopper does with one group, in position order: a click, maybe an order, maybe its return."""
     if len(utilities) != len(image_ids):
         raise ConfigError(f"got {len(utilities)} utilities for {len(image_ids)} images; give one per image")
+    values = np.asarray(utilities, dtype=np.float64)
+    draws = np.array([[rng.random() for _ in image_ids] for _ in range(3)], dtype=np.float64)
+    response = Marketplace(None, behaviour.marketplace_behaviour()).response_to_utilities(values, draws)
     actions: list[ShopperAction] = []
     for position, (utility, image_id) in enumerate(zip(utilities, image_ids, strict=True)):
-        position_bias = 1.0 / math.sqrt(1.0 + position)
-        if rng.random() >= position_bias * _shifted(behaviour.click_rate, behaviour.sharpness * utility):
-            continue
-        actions.append(ShopperAction("click", image_id, utility))
-        if rng.random() >= _shifted(behaviour.order_rate, behaviour.sharpness * utility):
-            continue
-        actions.append(ShopperAction("order", image_id, utility))
-        if rng.random() < _shifted(behaviour.return_rate, -behaviour.sharpness * utility):
-            actions.append(ShopperAction("return", image_id, utility))
+        for kind, happened in (
+            ("click", response.clicked),
+            ("order", response.ordered),
+            ("return", response.returned),
+        ):
+            if happened[position]:
+                actions.append(ShopperAction(cast(ActionKind, kind), image_id, utility))
     return actions
 
 

@@ -7,16 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from perfusion.errors import ConfigError
-from perfusion.paths import REPO_ROOT
+from perfusion.paths import ASSETS_DIR
+from trainer.settings import ARMS
 
-EVALUATION_ARMS: tuple[str, ...] = (
-    "base",
-    "sft",
-    "pairwise_dpo",
-    "group_without_adaptive",
-    "adaptive_with_pairwise_dpo",
-    "perfusion",
-)
+# Every arm of the trainer's but the one that differs only in its reward model (PerFusionRM without plug-ins): the
+# offline reward-model comparison measures that one on the same groups, without a loop of its own.
+EVALUATION_ARMS: tuple[str, ...] = tuple(arm for arm in ARMS if arm != "perfusion_rm_without_plugins")
 BASELINE_ARM = "base"
 
 
@@ -69,7 +65,7 @@ class EvaluationConfig:
         },
     )
     wait_s: float = field(default=300.0, metadata={"help": "longest wait for the worker's samples and features"})
-    base_checkpoint: Path = field(default=REPO_ROOT / "assets" / "base", metadata={"help": "the base model"})
+    base_checkpoint: Path = field(default=ASSETS_DIR / "base", metadata={"help": "the base model"})
 
     def __post_init__(self) -> None:
         from trainer.settings import ARMS

@@ -258,3 +258,15 @@ def test_histogram_mean_reads_prometheus_text():
     assert histogram_mean(text, "perfusion_feast_read_seconds") == (pytest.approx(0.005), 4)
     assert histogram_mean(text, "perfusion_generation_seconds") == (pytest.approx(2.0), 4)
     assert np.isnan(histogram_mean(text, "perfusion_missing_seconds")[0])
+
+
+def test_the_demo_shoppers_rates_at_utility_zero_are_the_marketplaces() -> None:
+    from simulator.marketplace import Marketplace
+
+    market = Marketplace(
+        None, ShopperBehaviour(click_rate=0.7, order_rate=0.6, return_rate=0.3).marketplace_behaviour()
+    )
+    zero = np.zeros(2)
+    assert market.click_probabilities(zero) == pytest.approx([0.7, 0.7 / np.sqrt(2.0)])
+    assert market.order_probabilities(zero) == pytest.approx([0.6, 0.6])
+    assert market.return_probabilities(zero) == pytest.approx([0.3, 0.3])

@@ -123,3 +123,16 @@ def test_selection_becomes_one_select_event() -> None:
     response = GroupResponse(np.zeros(2), nothing, nothing, nothing, np.array([False, True]))
     (select,) = traffic.response_events(impression, response)
     assert isinstance(select, Select) and select.image_ids == ["gen-b"]
+
+
+def test_response_to_utilities_follows_its_uniforms_and_needs_a_panel_only_to_score_images() -> None:
+    market = Marketplace(None)
+    utilities = np.array([1.0, 0.0, -1.0])
+    everything = market.response_to_utilities(utilities, np.zeros((3, 3)))
+    assert everything.clicked.all() and everything.ordered.all() and everything.returned.all()
+    nothing = market.response_to_utilities(utilities, np.full((3, 3), 1.0 - 1e-12))
+    assert not (nothing.clicked.any() or nothing.ordered.any() or nothing.returned.any())
+    with pytest.raises(ConfigError, match=r"draws must be \(3, 3\)"):
+        market.response_to_utilities(utilities, np.zeros((2, 3)))
+    with pytest.raises(ConfigError, match="no panel"):
+        market.shopper_response("u", np.zeros((3, 4, 4, 3), dtype=np.uint8), np.random.default_rng(0))
