@@ -134,7 +134,8 @@ def env_variable(settings_cls: type[Settings], path: Sequence[str]) -> str:
         return str(alias.choices[-1])
     if len(path) == 1 and isinstance(alias, str):
         return alias
-    return ENV_PREFIX + SECTION_DELIMITER.join(path).upper()
+    prefix = str(settings_cls.model_config.get("env_prefix", ENV_PREFIX))
+    return prefix + SECTION_DELIMITER.join(path).upper()
 
 
 # ------------------------------------------------------------------------------------------------ error messages

@@ -14,31 +14,24 @@ import asyncio
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TypeVar
 
-from perfusion.errors import ConfigError, InfrastructureError
+from pydantic import Field
+
+from perfusion.errors import InfrastructureError
+from perfusion.settings import Settings
 
 Result = TypeVar("Result")
 
 
-@dataclass(frozen=True)
-class GenerationPoolSettings:
+class GenerationPoolSettings(Settings):
     """How much generation the service runs and holds at once."""
 
-    workers: int = field(
-        default=2, metadata={"help": "threads that generate at the same time (each uses torch's intra-op threads)"}
+    workers: int = Field(
+        default=2, ge=1, description="threads that generate at the same time (each uses torch's intra-op threads)"
     )
-    queue: int = field(default=16, metadata={"help": "candidate requests that may wait for a worker; more get 503"})
-    retry_after_s: int = field(default=2, metadata={"help": "Retry-After of a 503 answered when the pool is full"})
-
-    def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ConfigError(f"workers must be at least 1, got {self.workers}")
-        if self.queue < 0:
-            raise ConfigError(f"queue must be 0 or more, got {self.queue}")
-        if self.retry_after_s < 1:
-            raise ConfigError(f"retry_after_s must be at least 1 second, got {self.retry_after_s}")
+    queue: int = Field(default=16, ge=0, description="candidate requests that may wait for a worker; more get 503")
+    retry_after_s: int = Field(default=2, ge=1, description="Retry-After of a 503 answered when the pool is full")
 
 
 class GenerationBusy(InfrastructureError):

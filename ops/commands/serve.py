@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
+
+from perfusion.settings import add_flags, flag_overrides
+from service.settings import ServiceSettings
 
 
 def register(subparsers: Any) -> None:
@@ -15,15 +17,8 @@ def register(subparsers: Any) -> None:
         "GET /designs/{id}, /healthz and /metrics. Events go to Kafka, user features come from Feast online, and "
         "new model versions are loaded in place as the trainer publishes them.",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument("--base", type=Path, default=None, help="base checkpoint folder (default: assets/base)")
-    parser.add_argument(
-        "--models", type=Path, default=None, help="model store with published versions (default: <state>/models)"
-    )
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps per candidate group")
-    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
-    parser.add_argument("--poll", type=float, default=0.25, help="seconds between checks of the store's LATEST")
+    # One flag per field of the service's settings (--port, --steps, --generation-workers, ...), with its variable.
+    add_flags(parser, ServiceSettings)
     parser.set_defaults(handler=run)
 
 
@@ -45,16 +40,17 @@ def run(args: argparse.Namespace) -> int:
     from service.model_watcher import ModelWatcher
     from streams.settings import StreamSettings
 
+    service = ServiceSettings.from_env(**flag_overrides(args, ServiceSettings))
     settings = StreamSettings.from_env()
     bootstrap = settings.resolved_bootstrap_servers()
     topics = TopicNames.for_prefix(settings.topic_prefix)
     ensure_topics(bootstrap, topics, settings.partitions)
 
-    base_folder = args.base or BASE_CHECKPOINT_DIR
-    store_root = args.models or state_dir() / "models"
+    base_folder = service.base or BASE_CHECKPOINT_DIR
+    store_root = service.models or state_dir() / "models"
     text_encoder = base_text_encoder(base_folder)
     generator = load_serving_generator(
-        base_folder, store_root, text_encoder, num_steps=args.steps, guidance_scale=args.guidance
+        base_folder, store_root, text_encoder, num_steps=service.steps, guidance_scale=service.guidance
     )
     metrics = ServiceMetrics()
     designs = DesignRegistry.default()
@@ -62,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         ModelStore(store_root),
         generator,
         metrics,
-        poll_interval_s=args.poll,
+        poll_interval_s=service.poll,
         bootstrap_servers=bootstrap,
         updates_topic=topics.model_updates,
     )
@@ -78,10 +74,13 @@ def run(args: argparse.Namespace) -> int:
         production_topic=topics.production_orders,
         metrics=metrics,
         background=(watcher, follower),
+        generation=service.generation,
     )
-    print(f"serving model version {generator.model_version} on http://{args.host}:{args.port} (Kafka {bootstrap})")
+    print(
+        f"serving model version {generator.model_version} on http://{service.host}:{service.port} (Kafka {bootstrap})"
+    )
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        uvicorn.run(app, host=service.host, port=service.port, log_level="info")
     finally:
         event_sink.close()
         designs.close()
