@@ -244,7 +244,7 @@ def add_flags(
         shown_default = "unset" if default in ("", None) else default
         parser.add_argument(
             flag_name(path),
-            dest="__".join(path),
+            dest="_".join(path),
             default=None,
             metavar="_".join(path).upper(),
             help=f"{info.description} (env {env_variable(settings_cls, path)}; default {shown_default})",
@@ -256,7 +256,7 @@ def flag_overrides(args: argparse.Namespace, settings_cls: type[Settings]) -> di
     sections as dicts) for :meth:`Settings.from_env`."""
     overrides: dict[str, Any] = {}
     for path, info in flag_fields(settings_cls):
-        raw = getattr(args, "__".join(path), None)  # absent for excluded fields
+        raw = getattr(args, "_".join(path), None)  # absent for excluded fields
         if raw is None:
             continue
         value = _flag_value(flag_name(path), raw, info)
