@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -95,7 +95,9 @@ def feast_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 class Worker:
     """`python -m ops worker` in a subprocess, with its own state folder (Faust data) and log."""
 
-    def __init__(self, bootstrap: str, prefix: str, feast_dir: Path, state_dir: Path, log_path: Path) -> None:
+    def __init__(
+        self, bootstrap: str, prefix: str, feast_dir: Path, state_dir: Path, log_path: Path, flags: Sequence[str] = ()
+    ) -> None:
         self.log_path = log_path
         env = {
             **os.environ,
@@ -109,7 +111,7 @@ class Worker:
             "PERFUSION_ONLINE_STORE": "sqlite",
         }
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "ops", "worker", *WORKER_FLAGS, "--loglevel", "warning"],
+            [sys.executable, "-m", "ops", "worker", *WORKER_FLAGS, "--loglevel", "warning", *flags],
             cwd=REPO_ROOT, env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT,
         )  # fmt: skip
 
@@ -288,9 +290,15 @@ def workers(tmp_path: Path) -> Iterator[list[Worker]]:
 
 
 def start_worker(
-    workers: list[Worker], bootstrap: str, prefix: str, feast_dir: Path, tmp_path: Path, name: str
+    workers: list[Worker],
+    bootstrap: str,
+    prefix: str,
+    feast_dir: Path,
+    tmp_path: Path,
+    name: str,
+    flags: Sequence[str] = (),
 ) -> Worker:
-    worker = Worker(bootstrap, prefix, feast_dir, tmp_path / name, tmp_path / f"{name}.log")
+    worker = Worker(bootstrap, prefix, feast_dir, tmp_path / name, tmp_path / f"{name}.log", flags)
     workers.append(worker)
     return worker
 
