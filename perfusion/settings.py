@@ -90,8 +90,22 @@ class Settings(BaseSettings):
 
     @classmethod
     def environment_values(cls) -> dict[str, Any]:
-        """What the environment sets of these settings (nested sections as dicts), not yet validated."""
-        return dict(EnvSettingsSource(cls)())
+        """What the environment sets of these settings (nested sections as dicts), each value read as its field's
+        type; a value that is not raises a ConfigError naming the variable."""
+        raw = dict(EnvSettingsSource(cls)())
+        values: dict[str, Any] = {}
+        for path, info in flag_fields(cls):
+            found: Any = raw
+            for part in path:
+                found = found.get(part) if isinstance(found, Mapping) else None
+            if found is None and len(path) == 1:  # an aliased field comes back under its variable's name
+                found = raw.get(env_variable(cls, path))
+            if isinstance(found, str):
+                target = values
+                for section in path[:-1]:
+                    target = target.setdefault(section, {})
+                target[path[-1]] = _text_value(env_variable(cls, path), found, info)
+        return values
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Self:
@@ -259,7 +273,7 @@ def flag_overrides(args: argparse.Namespace, settings_cls: type[Settings]) -> di
         raw = getattr(args, "_".join(path), None)  # absent for excluded fields
         if raw is None:
             continue
-        value = _flag_value(flag_name(path), raw, info)
+        value = _text_value(flag_name(path), raw, info)
         target = overrides
         for section in path[:-1]:
             target = target.setdefault(section, {})
@@ -267,7 +281,8 @@ def flag_overrides(args: argparse.Namespace, settings_cls: type[Settings]) -> di
     return overrides
 
 
-def _flag_value(flag: str, raw: str, info: FieldInfo) -> Any:
+def _text_value(source: str, raw: str, info: FieldInfo) -> Any:
+    """``raw`` (a flag's or a variable's text, ``source`` names which) as a value of the field ``info``."""
     text = raw.strip()
     annotation = info.annotation
     if text.lower() in ("", "none") and not info.is_required() and info.get_default() is None:
@@ -277,4 +292,4 @@ def _flag_value(flag: str, raw: str, info: FieldInfo) -> Any:
     except ValidationError:
         number = annotation in (int, float) or str(annotation) in ("int | None", "float | None")
         kind = "a whole number" if "int" in str(annotation) else "a number" if number else f"a {annotation}"
-        raise ConfigError(f"{flag} must be {kind}, got {raw!r}") from None
+        raise ConfigError(f"{source} must be {kind}, got {raw!r}") from None

@@ -35,11 +35,12 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, MutableMapping
-from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import Field
+
 from perfusion.contracts.records import AnyEvent, DesignCreated, Order, ProductionOrder, Return
-from perfusion.errors import ConfigError
+from perfusion.settings import Settings
 
 DemandEvent = DesignCreated | Order | Return
 
@@ -47,34 +48,27 @@ _EMITTING = "emitting"
 _DONE = "done"
 
 
-@dataclass(frozen=True)
-class DemandSettings:
+class DemandSettings(Settings):
     """How demand is counted per design."""
 
-    allowed_lateness_s: float = field(
-        default=60.0, metadata={"help": "the watermark trails the largest event time seen by this many seconds"}
+    allowed_lateness_s: float = Field(
+        default=60.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="the watermark trails the largest event time seen by this many seconds",
     )
-    default_threshold: int | None = field(
+    default_threshold: int | None = Field(
         default=None,
-        metadata={"help": "net orders that start production of a design whose DesignCreated was not seen; None = wait"},
+        ge=1,
+        description="net orders that start production of a design whose DesignCreated was not seen; None = wait",
     )
-    idle_after_s: float = field(
+    idle_after_s: float = Field(
         default=120.0,
-        metadata={
-            "help": "a source partition that reports no progress for this many wall-clock seconds is taken to move "
-            "on with the wall clock, so demand already routed is applied without other traffic (0 = never)"
-        },
+        ge=0.0,
+        allow_inf_nan=False,
+        description="a source partition that reports no progress for this many wall-clock seconds is taken to move "
+        "on with the wall clock, so demand already routed is applied without other traffic (0 = never)",
     )
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.allowed_lateness_s) and self.allowed_lateness_s >= 0.0):
-            raise ConfigError(
-                f"allowed_lateness_s must be a finite number of seconds >= 0, got {self.allowed_lateness_s}"
-            )
-        if not (math.isfinite(self.idle_after_s) and self.idle_after_s >= 0.0):
-            raise ConfigError(f"idle_after_s must be a finite number of seconds >= 0, got {self.idle_after_s}")
-        if self.default_threshold is not None and self.default_threshold < 1:
-            raise ConfigError(f"default_threshold must be at least 1 or None, got {self.default_threshold}")
 
 
 def is_demand_event(event: AnyEvent) -> bool:

@@ -51,8 +51,9 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Iterable, MutableMapping
-from dataclasses import dataclass, field
 from typing import Any
+
+from pydantic import Field
 
 from perfusion.contracts.records import (
     GRADE_CLICK,
@@ -69,7 +70,7 @@ from perfusion.contracts.records import (
     Return,
     Select,
 )
-from perfusion.errors import ConfigError
+from perfusion.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -87,46 +88,43 @@ _RETURNS = "returns"
 _SELECTS = "selects"
 
 
-@dataclass(frozen=True)
-class GroupingSettings:
+class GroupingSettings(Settings):
     """Attribution window of the group builder, in event-time seconds."""
 
-    window_s: float = field(
-        default=1800.0, metadata={"help": "follow-ups within this many seconds after an impression are attributed"}
+    window_s: float = Field(
+        default=1800.0,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="follow-ups within this many seconds after an impression are attributed",
     )
-    allowed_lateness_s: float = field(
-        default=60.0, metadata={"help": "the watermark trails the largest event time seen by this many seconds"}
+    allowed_lateness_s: float = Field(
+        default=60.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="the watermark trails the largest event time seen by this many seconds",
     )
-    closed_retention_s: float = field(
+    closed_retention_s: float = Field(
         default=3600.0,
-        metadata={"help": "a closed group is remembered this long (event time) to recognise replays and late events"},
+        ge=0.0,
+        allow_inf_nan=False,
+        description="a closed group is remembered this long (event time) to recognise replays and late events",
     )
-    idle_after_s: float = field(
+    idle_after_s: float = Field(
         default=120.0,
-        metadata={
-            "help": "a partition without events for this many wall-clock seconds is idle: its watermark moves on "
-            "with the wall clock, so its open groups still close (0 = never)"
-        },
+        ge=0.0,
+        allow_inf_nan=False,
+        description="a partition without events for this many wall-clock seconds is idle: its watermark moves on "
+        "with the wall clock, so its open groups still close (0 = never)",
     )
 
-    max_pending_follow_ups: int = field(
-        default=64, metadata={"help": "follow-ups buffered per impression not seen yet; more are counted and dropped"}
+    max_pending_follow_ups: int = Field(
+        default=64, ge=1, description="follow-ups buffered per impression not seen yet; more are counted and dropped"
     )
-    max_pending_impressions: int = field(
+    max_pending_impressions: int = Field(
         default=100_000,
-        metadata={"help": "impressions not seen yet with buffered follow-ups, per partition; more are dropped"},
+        ge=1,
+        description="impressions not seen yet with buffered follow-ups, per partition; more are dropped",
     )
-
-    def __post_init__(self) -> None:
-        for name in ("max_pending_follow_ups", "max_pending_impressions"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("window_s", "allowed_lateness_s", "closed_retention_s", "idle_after_s"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0.0):
-                raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value}")
-        if self.window_s <= 0.0:
-            raise ConfigError(f"window_s must be positive, got {self.window_s}; e.g. 1800 for 30 minutes")
 
 
 GroupOutput = GroupSample | GroupDrop

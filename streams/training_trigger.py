@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import Field
+
 from perfusion.contracts.records import GroupSample, TrainRequest
-from perfusion.errors import ConfigError
+from perfusion.settings import Settings
 
 if TYPE_CHECKING:
     pass
@@ -34,30 +34,26 @@ TABLE_NAME = "train-trigger"
 BY_VERSION_SUFFIX = "-train-trigger-by-version"
 
 
-@dataclass(frozen=True)
-class TrainingTriggerSettings:
+class TrainingTriggerSettings(Settings):
     """When the trigger asks for a training update."""
 
-    samples_per_request: int = field(default=256, metadata={"help": "new group samples that make a request due"})
-    max_wait_s: float = field(
-        default=300.0, metadata={"help": "seconds (wall clock) a pending sample waits at most before a request"}
+    samples_per_request: int = Field(default=256, ge=1, description="new group samples that make a request due")
+    max_wait_s: float = Field(
+        default=300.0,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="seconds (wall clock) a pending sample waits at most before a request",
     )
-    tick_s: float = field(default=1.0, metadata={"help": "how often the timeout is checked without new samples"})
-    dedupe_retention_s: float = field(
+    tick_s: float = Field(
+        default=1.0, gt=0.0, allow_inf_nan=False, description="how often the timeout is checked without new samples"
+    )
+    dedupe_retention_s: float = Field(
         default=86_400.0,
-        metadata={
-            "help": "seconds (wall clock) a counted sample id is remembered to drop repeats; the group builder "
-            "repeats a sample only right after a crash, so a day is ample"
-        },
+        gt=0.0,
+        allow_inf_nan=False,
+        description="seconds (wall clock) a counted sample id is remembered to drop repeats; the group builder "
+        "repeats a sample only right after a crash, so a day is ample",
     )
-
-    def __post_init__(self) -> None:
-        if self.samples_per_request < 1:
-            raise ConfigError(f"samples_per_request must be at least 1, got {self.samples_per_request}")
-        for name in ("max_wait_s", "tick_s", "dedupe_retention_s"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0.0):
-                raise ConfigError(f"{name} must be a positive number of seconds, got {value}")
 
 
 def version_key(model_version: str) -> str:

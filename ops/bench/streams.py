@@ -470,9 +470,9 @@ def _stage_costs(events: list[AnyEvent], feast_dir: Path) -> dict[str, Any]:
             states[event.user_id] = state.to_bytes()
 
     timed("preference_update_and_state_json", preferences, len(parsed))
-    builder = GroupBuilder(settings.grouping(), _JsonDictStore(), partition=0)
+    builder = GroupBuilder(settings.group, _JsonDictStore(), partition=0)
     timed("group_builder", lambda: [builder.process(event) for event in parsed], len(parsed))
-    counter = DemandCounter(settings.demand(), _JsonDictStore(), partition=0)
+    counter = DemandCounter(settings.demand, _JsonDictStore(), partition=0)
     timed("demand_counter", lambda: [counter.process(event) for event in parsed], len(parsed))
     rows = [feature_row(user, updater.features(UserPreferenceState.from_bytes(raw))) for user, raw in states.items()]
     pusher = FeaturePusher.open()

@@ -1,8 +1,8 @@
 """``perfusion worker``: the Faust stream worker with every agent of ``streams.agents.AGENT_MODULES``.
 
-Each operator setting of :class:`streams.settings.StreamSettings` (a field whose metadata names an environment
-variable) gets a flag of the same name, e.g. ``--group-window-s`` for ``group_window_s``; a flag wins over the
-environment variable, which wins over the default.
+Every field of :class:`streams.settings.StreamSettings` has a flag generated from it (``--partitions``,
+``--group-window-s`` for the ``group`` section's ``window_s``, ...); a flag wins over the environment variable
+(``PERFUSION_PARTITIONS``, ``PERFUSION_GROUP__WINDOW_S``), which wins over the default.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from streams.settings import OPERATOR_FIELDS
+from perfusion.settings import add_flags, flag_overrides
+from streams.settings import StreamSettings
 
 
 def register(subparsers: Any) -> None:
@@ -22,29 +23,14 @@ def register(subparsers: Any) -> None:
         "trigger) and writes their outputs to Kafka. Start more workers with the same topic prefix to share "
         "partitions. Stop with Ctrl-C or SIGTERM.",
     )
-    for settings_field in OPERATOR_FIELDS:
-        parser.add_argument(
-            "--" + settings_field.name.replace("_", "-"),
-            dest=settings_field.name,
-            default=None,
-            metavar=settings_field.name.upper(),
-            help=f"{settings_field.metadata['help']} (env {settings_field.metadata['env']}; "
-            f"default {settings_field.default if settings_field.default not in ('', None) else 'unset'})",
-        )
+    add_flags(parser, StreamSettings)
     parser.add_argument("--loglevel", default="info", choices=("debug", "info", "warning", "error"))
     parser.set_defaults(handler=run)
 
 
-def settings_from_args(args: argparse.Namespace) -> Any:
+def settings_from_args(args: argparse.Namespace) -> StreamSettings:
     """StreamSettings from the environment, then from the flags given."""
-    from streams.settings import StreamSettings, parse_field_value
-
-    overrides = {
-        settings_field.name: parse_field_value(settings_field, raw, source="--" + settings_field.name.replace("_", "-"))
-        for settings_field in OPERATOR_FIELDS
-        if (raw := getattr(args, settings_field.name)) is not None
-    }
-    return StreamSettings.from_env(**overrides)
+    return StreamSettings.from_env(**flag_overrides(args, StreamSettings))
 
 
 def run(args: argparse.Namespace) -> int:

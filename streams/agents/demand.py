@@ -120,7 +120,7 @@ def stage(context: AgentContext) -> DemandRouteStage:
 def register(context: AgentContext) -> AgentT:
     """Declare the demand agent (reading the by-design topic), its table and idle timer on ``context.app``."""
     app, settings, topics = context.app, context.settings, context.topics
-    demand = settings.demand()
+    demand = settings.demand
     by_design = _by_design_topic(context)
     table = raw_table(app, TABLE_NAME, settings.partitions)
     demand_gate = EventGate(sink=None)

@@ -33,7 +33,7 @@ class GroupStage:
     """The group-builder stage of the events agent: one :class:`GroupBuilder` per partition over the table."""
 
     def __init__(self, context: AgentContext) -> None:
-        self._grouping = context.settings.grouping()
+        self._grouping = context.settings.group
         self._topics = context.topics
         self._lock = context.event_state_lock
         self._table = raw_table(context.app, TABLE_NAME, context.settings.partitions)

@@ -56,7 +56,7 @@ def register(context: AgentContext) -> AgentT:
     """Declare the training trigger's route and counting agents, its table, internal topic and timer on
     ``context.app``; returns the counting agent."""
     app, settings, topics = context.app, context.settings, context.topics
-    trigger_settings = settings.training_trigger()
+    trigger_settings = settings.train
     by_version = internal_topic(app, by_version_topic_name(settings.group_id), settings.partitions)
     table = raw_table(app, TABLE_NAME, settings.partitions)
     triggers: dict[int, tuple[TrainingTrigger, JsonTableStore]] = {}

@@ -135,14 +135,14 @@ def test_settings_reject_a_zero_default_threshold() -> None:
 def test_stream_settings_carry_demand_settings_and_read_them_from_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("PERFUSION_DEMAND_LATENESS_S", "7.5")
-    monkeypatch.setenv("PERFUSION_DEMAND_DEFAULT_THRESHOLD", "3")
+    monkeypatch.setenv("PERFUSION_DEMAND__ALLOWED_LATENESS_S", "7.5")
+    monkeypatch.setenv("PERFUSION_DEMAND__DEFAULT_THRESHOLD", "3")
     settings = StreamSettings.from_env()
-    assert settings.demand() == DemandSettings(allowed_lateness_s=7.5, default_threshold=3)
-    monkeypatch.setenv("PERFUSION_DEMAND_DEFAULT_THRESHOLD", "none")
-    assert StreamSettings.from_env().demand().default_threshold is None
-    monkeypatch.setenv("PERFUSION_DEMAND_DEFAULT_THRESHOLD", "three")
-    with pytest.raises(ConfigError, match="PERFUSION_DEMAND_DEFAULT_THRESHOLD must be a whole number, got 'three'"):
+    assert settings.demand == DemandSettings(allowed_lateness_s=7.5, default_threshold=3)
+    monkeypatch.setenv("PERFUSION_DEMAND__DEFAULT_THRESHOLD", "none")
+    assert StreamSettings.from_env().demand.default_threshold is None
+    monkeypatch.setenv("PERFUSION_DEMAND__DEFAULT_THRESHOLD", "three")
+    with pytest.raises(ConfigError, match="PERFUSION_DEMAND__DEFAULT_THRESHOLD must be a whole number, got 'three'"):
         StreamSettings.from_env()
 
 

@@ -287,10 +287,10 @@ def test_settings_reject_a_zero_window() -> None:
 
 
 def test_stream_settings_carry_the_attribution_window_and_refuse_a_bad_one() -> None:
-    settings = StreamSettings(group_window_s=20.0, group_allowed_lateness_s=5.0, group_closed_retention_s=600.0)
-    assert settings.grouping() == GroupingSettings(window_s=20.0, allowed_lateness_s=5.0, closed_retention_s=600.0)
-    with pytest.raises(ConfigError, match=r"window_s must be positive, got 0.0.*stream settings group_"):
-        StreamSettings(group_window_s=0.0)
+    settings = StreamSettings(group={"window_s": 20.0, "allowed_lateness_s": 5.0, "closed_retention_s": 600.0})
+    assert settings.group == GroupingSettings(window_s=20.0, allowed_lateness_s=5.0, closed_retention_s=600.0)
+    with pytest.raises(ConfigError, match=r"group\.window_s must be positive, got 0.0"):
+        StreamSettings(group={"window_s": 0.0})
 
 
 # ------------------------------------------------------------------------------------------ property-based

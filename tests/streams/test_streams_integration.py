@@ -36,9 +36,10 @@ from perfusion.contracts.records import (
 )
 from perfusion.contracts.topics import TopicNames
 from streams.dead_letters import original_bytes
-from streams.demand import batch_production_orders
-from streams.grouping import batch_group_outputs
+from streams.demand import DemandSettings, batch_production_orders
+from streams.grouping import GroupingSettings, batch_group_outputs
 from streams.settings import StreamSettings
+from streams.training_trigger import TrainingTriggerSettings
 from tests.streams.test_worker_integration import read_dead_letters
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -49,19 +50,19 @@ SAMPLES_PER_REQUEST = 10
 SETTINGS = StreamSettings(
     partitions=PARTITIONS,
     session_timeout_s=10.0,
-    group_window_s=WINDOW_S,
-    group_allowed_lateness_s=LATENESS_S,
-    group_closed_retention_s=600.0,
-    demand_allowed_lateness_s=LATENESS_S,
-    train_samples_per_request=SAMPLES_PER_REQUEST,
-    train_max_wait_s=2.0,
-    train_tick_s=0.5,
+    group=GroupingSettings(window_s=WINDOW_S, allowed_lateness_s=LATENESS_S, closed_retention_s=600.0),
+    demand=DemandSettings(allowed_lateness_s=LATENESS_S),
+    train=TrainingTriggerSettings(samples_per_request=SAMPLES_PER_REQUEST, max_wait_s=2.0, tick_s=0.5),
 )
 WORKER_FLAGS = [
-    f"--{name.replace('_', '-')}={getattr(SETTINGS, name)}"
-    for name in (
-        "partitions", "session_timeout_s", "group_window_s", "group_allowed_lateness_s", "group_closed_retention_s",
-        "demand_allowed_lateness_s", "train_samples_per_request", "train_max_wait_s", "train_tick_s",
+    f"--{'-'.join(path).replace('_', '-')}={value}"
+    for path, value in (
+        (("partitions",), SETTINGS.partitions),
+        (("session_timeout_s",), SETTINGS.session_timeout_s),
+        *((("group", name), getattr(SETTINGS.group, name)) for name in ("window_s", "allowed_lateness_s",
+                                                                         "closed_retention_s")),
+        (("demand", "allowed_lateness_s"), SETTINGS.demand.allowed_lateness_s),
+        *((("train", name), getattr(SETTINGS.train, name)) for name in ("samples_per_request", "max_wait_s", "tick_s")),
     )
 ]  # fmt: skip
 IMPRESSIONS = 80
@@ -313,8 +314,8 @@ def create_topics(bootstrap: str, prefix: str) -> TopicNames:
 
 
 def expected_results(log: list[AnyEvent]) -> tuple[dict[str, dict], dict[str, dict]]:
-    samples = {key: json.loads(s.to_bytes()) for key, s in batch_group_outputs(log, SETTINGS.grouping()).items()}
-    orders = {key: json.loads(o.to_bytes()) for key, o in batch_production_orders(log, SETTINGS.demand()).items()}
+    samples = {key: json.loads(s.to_bytes()) for key, s in batch_group_outputs(log, SETTINGS.group).items()}
+    orders = {key: json.loads(o.to_bytes()) for key, o in batch_production_orders(log, SETTINGS.demand).items()}
     return samples, orders
 
 

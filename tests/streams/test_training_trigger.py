@@ -138,12 +138,12 @@ def test_stream_settings_carry_n_t_and_tick_and_worker_flags_win_over_the_enviro
     from ops.cli import build_parser
     from ops.commands.worker import settings_from_args
 
-    monkeypatch.setenv("PERFUSION_TRAIN_SAMPLES", "50")
-    monkeypatch.setenv("PERFUSION_TRAIN_MAX_WAIT_S", "9")
+    monkeypatch.setenv("PERFUSION_TRAIN__SAMPLES_PER_REQUEST", "50")
+    monkeypatch.setenv("PERFUSION_TRAIN__MAX_WAIT_S", "9")
     args = build_parser().parse_args(["worker", "--train-samples-per-request", "10", "--train-tick-s", "0.5"])
     settings = settings_from_args(args)
-    assert settings.training_trigger() == TrainingTriggerSettings(samples_per_request=10, max_wait_s=9.0, tick_s=0.5)
+    assert settings.train == TrainingTriggerSettings(samples_per_request=10, max_wait_s=9.0, tick_s=0.5)
     with pytest.raises(ConfigError, match="--train-tick-s must be a number, got 'soon'"):
         settings_from_args(build_parser().parse_args(["worker", "--train-tick-s", "soon"]))
     with pytest.raises(ConfigError, match="samples_per_request must be at least 1, got 0"):
-        StreamSettings(train_samples_per_request=0)
+        StreamSettings(train={"samples_per_request": 0})
