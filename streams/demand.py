@@ -11,11 +11,14 @@ when that is set. An event that arrives behind the watermark is applied at once 
 dropped.
 
 A routed counter (events come from several source partitions, each reporting how far it has been read) follows the
-slowest source, with the group builder's idle rule: a source that has reported nothing new for ``idle_after_s``
-wall-clock seconds is taken to have moved on with the wall clock (:meth:`DemandCounter.advance_idle`), and one that
-has never reported stops holding the watermark back once the counter has waited that long. So an order that crosses
-a threshold fires about ``max(idle_after_s, allowed_lateness_s)`` seconds after traffic stops, whatever the other
-partitions do. The sources' progress is stored with the counter's state: a restarted counter resumes from it.
+furthest-read source: an event is applied once the loop has read ``allowed_lateness_s`` of event time past it
+anywhere, so production never waits for traffic on unrelated partitions. With the group builder's idle rule, a
+source that has reported nothing new for ``idle_after_s`` wall-clock seconds is taken to have moved on with the wall
+clock (:meth:`DemandCounter.advance_idle`), so an order that crosses a threshold with no traffic after it fires about
+``max(idle_after_s, allowed_lateness_s)`` seconds later. An event of a source read more slowly than the others
+arrives behind the watermark and is applied at once (counted ``late``), never dropped: net orders are sums, and a
+design fires on its peak, so the order in which two users' orders are applied does not change whether it fires. The
+sources' progress is stored with the counter's state: a restarted counter resumes from it.
 
 "Exactly once" here means: the state says a design fired at most once, and no crash loses a ProductionOrder.
 Firing stores the order in the design's state (``fired = "emitting"``) before the caller sends it; the caller
@@ -108,7 +111,7 @@ class DemandCounter:
     ) -> None:
         """``source_partitions`` None: the watermark follows the event times seen here. A number: events come
         routed from that many source partitions, each of which reports its progress with :meth:`observe_source`;
-        the watermark follows the slowest of them (and :meth:`advance_idle` moves quiet ones on). ``clock`` gives
+        the watermark follows the furthest-read of them (and :meth:`advance_idle` moves quiet ones on). ``clock`` gives
         wall-clock seconds, for the idle rule."""
         self.settings = settings
         self.partition = partition
@@ -149,7 +152,8 @@ class DemandCounter:
         return outputs
 
     def observe_source(self, source_partition: int, max_event_ts: float) -> list[ProductionOrder]:
-        """A source partition has been read up to ``max_event_ts``: the watermark may advance."""
+        """A source partition has been read up to ``max_event_ts``: the watermark may advance (it follows the
+        furthest-read source)."""
         if self._source_progress is None:
             raise ValueError("observe_source needs a counter built with source_partitions")
         self._ensure_index()
@@ -160,7 +164,7 @@ class DemandCounter:
             self._source_reported_at[source_partition] = self._clock()
             # -inf (never reported) is stored as null: JSON has no infinities.
             self._store[source_progress_key(self.partition)] = [v if math.isfinite(v) else None for v in progress]
-        return outputs + self.advance(min(progress) - self.settings.allowed_lateness_s)
+        return outputs + self.advance(max(progress) - self.settings.allowed_lateness_s)
 
     def advance_idle(self) -> list[ProductionOrder]:
         """Apply the idle rule: each source quiet for ``idle_after_s`` counts as read up to its last progress plus
@@ -183,7 +187,7 @@ class DemandCounter:
                 effective.append(progress + quiet_s)
         if not effective:
             return outputs
-        return outputs + self.advance(min(effective) - self.settings.allowed_lateness_s)
+        return outputs + self.advance(max(effective) - self.settings.allowed_lateness_s)
 
     def advance(self, watermark: float) -> list[ProductionOrder]:
         """Move the watermark forward (never back) and apply every pending event it has passed."""

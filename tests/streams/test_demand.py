@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from perfusion.contracts.records import AnyEvent, Click, DesignCreated, Order, ProductionOrder, Return
 from perfusion.errors import ConfigError
-from streams.demand import DemandCounter, DemandSettings, batch_production_orders
+from streams.demand import DemandCounter, DemandSettings, batch_production_orders, source_progress_key
 from streams.settings import StreamSettings
 
 T0 = 1_700_000_000.0
@@ -205,10 +205,34 @@ def test_restart_anywhere_never_fires_a_design_twice(seed: int, split: float) ->
     assert sorted(p.design_id for p in before + after) == sorted(batch_production_orders(log, SETTINGS))
 
 
-def test_routed_counter_waits_for_the_slowest_source_partition() -> None:
+def test_routed_counter_follows_the_furthest_read_source_and_never_waits_for_a_quiet_one() -> None:
     counter = DemandCounter(SETTINGS, {}, partition=0, source_partitions=2)
     for event in (design("d1", T0, 1), order("o1", T0 + 1)):
         assert counter.process(event) == []
-    assert counter.observe_source(0, T0 + 100) == []  # source 1 has not reported: it may still hold earlier events
-    fired = counter.observe_source(1, T0 + 100)
+    # Source 1 has not reported at all, and production does not wait for it: source 0 read past the order.
+    fired = counter.observe_source(0, T0 + 100)
     assert [production_order.design_id for production_order in fired] == ["d1"]
+    assert counter.observe_source(1, T0 + 100) == []  # and it fires once
+
+
+def test_an_order_with_no_traffic_after_it_fires_by_the_idle_rule_and_progress_survives_a_restart() -> None:
+    settings = DemandSettings(allowed_lateness_s=5.0, idle_after_s=3.0)
+    now = [1000.0]
+    store: dict = {}
+    counter = DemandCounter(settings, store, partition=0, source_partitions=2, clock=lambda: now[0])
+    for event in (design("d1", T0, 1), order("o1", T0 + 1)):
+        assert counter.process(event) == []
+    assert counter.observe_source(0, T0 + 1) == []  # the watermark trails the order by the lateness
+    now[0] += 2.0
+    assert counter.advance_idle() == []  # quiet for 2 s: not idle yet
+    now[0] += 3.0
+    assert counter.advance_idle() == []  # idle for 5 s: read to T0 + 6, the watermark T0 + 1 has not passed it
+    now[0] += 1.5
+    fired = counter.advance_idle()  # T0 + 7.5 - 5 > T0 + 1
+    assert [production_order.design_id for production_order in fired] == ["d1"]
+    counter.confirm(fired)
+    assert store[source_progress_key(0)] == [T0 + 1, None]  # source 1 never reported
+    restarted = DemandCounter(settings, store, partition=0, source_partitions=2, clock=lambda: now[0])
+    assert restarted.process(order("o2", T0 + 2)) == []
+    now[0] += 10.0
+    assert restarted.advance_idle() == []  # the restarted counter resumed the stored progress: d1 fired once
