@@ -11,14 +11,13 @@ when that is set. An event that arrives behind the watermark is applied at once 
 dropped.
 
 A routed counter (events come from several source partitions, each reporting how far it has been read) follows the
-furthest-read source: an event is applied once the loop has read ``allowed_lateness_s`` of event time past it
-anywhere, so production never waits for traffic on unrelated partitions. With the group builder's idle rule, a
-source that has reported nothing new for ``idle_after_s`` wall-clock seconds is taken to have moved on with the wall
-clock (:meth:`DemandCounter.advance_idle`), so an order that crosses a threshold with no traffic after it fires about
-``max(idle_after_s, allowed_lateness_s)`` seconds later. An event of a source read more slowly than the others
-arrives behind the watermark and is applied at once (counted ``late``), never dropped: net orders are sums, and a
-design fires on its peak, so the order in which two users' orders are applied does not change whether it fires. The
-sources' progress is stored with the counter's state: a restarted counter resumes from it.
+slowest source that is still moving, so events of partitions read at different paces are applied in event-time
+order. A source that has reported nothing new for ``idle_after_s`` wall-clock seconds is idle and holds nothing
+back (:meth:`DemandCounter.advance_idle`, called on a timer), and when every source is idle event time moves on with
+the wall clock from the furthest one: an order that crosses a threshold with no traffic after it fires about
+``max(idle_after_s, allowed_lateness_s)`` seconds later, whatever the other partitions do. An event that arrives
+behind the watermark is applied at once (counted ``late``), never dropped. The sources' progress is stored with the
+counter's state: a restarted counter resumes from it.
 
 "Exactly once" here means: the state says a design fired at most once, and no crash loses a ProductionOrder.
 Firing stores the order in the design's state (``fired = "emitting"``) before the caller sends it; the caller
@@ -111,8 +110,8 @@ class DemandCounter:
     ) -> None:
         """``source_partitions`` None: the watermark follows the event times seen here. A number: events come
         routed from that many source partitions, each of which reports its progress with :meth:`observe_source`;
-        the watermark follows the furthest-read of them (and :meth:`advance_idle` moves quiet ones on). ``clock`` gives
-        wall-clock seconds, for the idle rule."""
+        the watermark follows the slowest of them still moving (:meth:`advance_idle` leaves quiet ones out).
+        ``clock`` gives wall-clock seconds, for the idle rule."""
         self.settings = settings
         self.partition = partition
         self._clock = clock
@@ -152,8 +151,7 @@ class DemandCounter:
         return outputs
 
     def observe_source(self, source_partition: int, max_event_ts: float) -> list[ProductionOrder]:
-        """A source partition has been read up to ``max_event_ts``: the watermark may advance (it follows the
-        furthest-read source)."""
+        """A source partition has been read up to ``max_event_ts``: the watermark may advance."""
         if self._source_progress is None:
             raise ValueError("observe_source needs a counter built with source_partitions")
         self._ensure_index()
@@ -164,30 +162,42 @@ class DemandCounter:
             self._source_reported_at[source_partition] = self._clock()
             # -inf (never reported) is stored as null: JSON has no infinities.
             self._store[source_progress_key(self.partition)] = [v if math.isfinite(v) else None for v in progress]
-        return outputs + self.advance(max(progress) - self.settings.allowed_lateness_s)
+        return outputs + self._advance_with_sources()
 
     def advance_idle(self) -> list[ProductionOrder]:
-        """Apply the idle rule: each source quiet for ``idle_after_s`` counts as read up to its last progress plus
-        the time it has been quiet, and a source that never reported is left out once the counter has waited that
-        long. Returns the production orders this releases."""
+        """Apply the idle rule on the wall clock (see :meth:`_advance_with_sources`); returns the production orders
+        this releases."""
         if self._source_progress is None:
             raise ValueError("advance_idle needs a counter built with source_partitions")
         self._ensure_index()
         outputs, self._unconfirmed = self._unconfirmed, []
+        return outputs + self._advance_with_sources()
+
+    def _advance_with_sources(self) -> list[ProductionOrder]:
+        """The watermark follows the slowest source that is still moving: a source quiet for ``idle_after_s``
+        wall-clock seconds (or one that never reported, once the counter has waited that long) is idle and holds
+        nothing back, as an idle partition does in a stream processor's watermark. When every source is idle, event
+        time is taken to move on with the wall clock from the furthest one. So events of sources read at different
+        paces are applied in event-time order, and an order with no traffic after it fires about
+        ``max(idle_after_s, allowed_lateness_s)`` seconds later."""
+        assert self._source_progress is not None
         idle_after_s = self.settings.idle_after_s
-        if idle_after_s <= 0.0:
-            return outputs
         now = self._clock()
-        effective: list[float] = []
+        moving: list[float] = []
+        idle: list[float] = []
         for progress, reported_at in zip(self._source_progress, self._source_reported_at, strict=True):
             quiet_s = now - reported_at
-            if quiet_s < idle_after_s:
-                effective.append(progress)
+            if idle_after_s <= 0.0 or quiet_s < idle_after_s:
+                moving.append(progress)
             elif math.isfinite(progress):
-                effective.append(progress + quiet_s)
-        if not effective:
-            return outputs
-        return outputs + self.advance(max(effective) - self.settings.allowed_lateness_s)
+                idle.append(progress + quiet_s)
+        if moving:
+            read_to = min(moving)
+        elif idle:
+            read_to = max(idle)
+        else:
+            return []
+        return self.advance(read_to - self.settings.allowed_lateness_s)
 
     def advance(self, watermark: float) -> list[ProductionOrder]:
         """Move the watermark forward (never back) and apply every pending event it has passed."""

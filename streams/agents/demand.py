@@ -6,8 +6,9 @@ Inbound events are keyed by user, but demand is counted per design, so it takes 
    Return (the original bytes) to the internal topic ``<app id>-demand-by-design``, keyed by design_id, waiting
    for the broker's acknowledgement before its input offsets can be committed. After each batch it also sends,
    to every partition of that topic, a progress marker per source partition (the largest event time read there),
-   so that every partition of the routed topic knows how far the loop has been read: the counter's watermark follows
-   the furthest-read source partition (:class:`streams.demand.DemandCounter`), never waiting for a quiet one;
+   because a partition of the routed topic mixes events of all source partitions read at different paces: the
+   counter's watermark follows the slowest source partition still moving, never a quiet one
+   (:class:`streams.demand.DemandCounter`);
 2. the ``demand`` agent reads that topic, folds events into :class:`streams.demand.DemandCounter` (one per
    partition, state in a changelog-backed table keyed by design and order) and sends each ProductionOrder to
    ``perfusion.production-orders`` keyed by design_id, confirming it in the table only after the broker

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.loop import LoopPlace, cli_arguments
 from perfusion.attributes import DESCRIPTOR_DIM
 from perfusion.contracts.records import (
     AnyEvent,
@@ -100,20 +101,13 @@ class Worker:
         self, bootstrap: str, prefix: str, feast_dir: Path, state_dir: Path, log_path: Path, flags: Sequence[str] = ()
     ) -> None:
         self.log_path = log_path
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO_ROOT),
-            "HF_HUB_OFFLINE": "1",
-            "FEAST_USAGE": "False",
-            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            "PERFUSION_TOPIC_PREFIX": prefix,
-            "PERFUSION_STATE_DIR": str(state_dir),
-            "PERFUSION_FEAST_DIR": str(feast_dir),
-            "PERFUSION_ONLINE_STORE": "sqlite",
-        }
+        place = LoopPlace(
+            bootstrap, state_dir=state_dir, topic_prefix=prefix, feast_dir=feast_dir, online_store="sqlite"
+        )
+        arguments = cli_arguments("worker", *WORKER_FLAGS, "--loglevel", "warning", *flags)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "ops", "worker", *WORKER_FLAGS, "--loglevel", "warning", *flags],
-            cwd=REPO_ROOT, env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT,
+            [sys.executable, *arguments], cwd=REPO_ROOT, env=place.environment(), stdout=log_path.open("ab"),
+            stderr=subprocess.STDOUT,
         )  # fmt: skip
 
     def kill(self) -> None:

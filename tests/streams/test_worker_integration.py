@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,24 +55,22 @@ def worker_env(
 
 @pytest.fixture
 def running_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    from harness.loop import LoopPlace, cli_arguments, loop_process
     from perfusion.feature_store import apply_feature_repo
 
     apply_feature_repo()  # before the worker starts: it opens the Feast store before consuming
-    log_path = tmp_path / "worker.log"
-    with log_path.open("wb") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "ops", "worker"], cwd=REPO_ROOT, env=worker_env, stdout=log, stderr=log
-        )
-    try:
-        yield worker
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-        print(log_path.read_text(errors="replace")[-4000:])
+    place = LoopPlace(
+        worker_env["KAFKA_BOOTSTRAP_SERVERS"],
+        state_dir=Path(worker_env["PERFUSION_STATE_DIR"]),
+        topic_prefix=worker_env["PERFUSION_TOPIC_PREFIX"],
+        feast_dir=Path(worker_env["PERFUSION_FEAST_DIR"]),
+        online_store="sqlite",
+    )
+    with loop_process(
+        place, "worker", cli_arguments("worker"), tmp_path, stop_grace_s=60.0, environment=worker_env
+    ) as worker:
+        yield worker.process
+    print((tmp_path / "worker.log").read_text(errors="replace")[-4000:])
 
 
 def read_dead_letters(bootstrap: str, topic: str, expected: int, deadline: float) -> list[DeadLetter]:
