@@ -152,7 +152,7 @@ def test_poison_mix_keeps_every_good_event_and_dead_letters_every_poison(
 
     def done(records: dict[str, list]) -> bool:
         samples = {key.decode() for key, _, _ in records[names.group_samples]}
-        drops = {key.decode() for key, _, _ in records[names.group_drops]}
+        drops = {json.loads(value)["sample_id"] for _, value, _ in records[names.group_drops]}
         orders = {key.decode() for key, _, _ in records[names.production_orders]}
         return (samples >= set(untouched_samples) and orders >= set(expected_orders)
                 and (set(expected_samples) - samples) <= drops and "nan-imp" in drops
