@@ -38,7 +38,10 @@ def test_a_wheel_installed_elsewhere_finds_its_model_and_feature_repo(tmp_path: 
                    check=True)  # fmt: skip
     (wheel,) = (tmp_path / "dist").glob("perfusion-*.whl")
     prefix = tmp_path / "prefix"
-    subprocess.run([*pip, "install", "--no-deps", "--prefix", str(prefix), str(wheel)], check=True)
+    # --ignore-installed: install beside, never uninstall, the project installed in this environment (editable).
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--ignore-installed", "--prefix", str(prefix), str(wheel)], check=True
+    )
     purelib = Path(sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)}))
     shutil.rmtree(source)  # nothing of the source tree is left to fall back on
 
