@@ -21,6 +21,7 @@ from typing import Any, Self
 from pydantic import (
     AliasChoices,
     BaseModel,
+    Field,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
@@ -31,6 +32,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from perfusion.errors import ConfigError
+from perfusion.server_files import kafka_bootstrap_servers
 
 ENV_PREFIX = "PERFUSION_"
 TOPIC_PREFIX_PATTERN = r"^[A-Za-z0-9._-]*$"
@@ -94,7 +96,7 @@ class Settings(BaseSettings):
         type; a value that is not raises a ConfigError naming the variable."""
         raw = dict(EnvSettingsSource(cls)())
         values: dict[str, Any] = {}
-        for path, info in flag_fields(cls):
+        for path, info in leaf_fields(cls):
             found: Any = raw
             for part in path:
                 found = found.get(part) if isinstance(found, Mapping) else None
@@ -133,6 +135,25 @@ class Settings(BaseSettings):
             )
         values = {name: getattr(self, name) for name in type(self).model_fields}
         return type(self)(**{**values, **overrides})
+
+
+class KafkaClientSettings(Settings):
+    """What every process that talks to the loop's Kafka shares: the broker and the topic prefix."""
+
+    bootstrap_servers: str = Field(
+        default="",
+        validation_alias="KAFKA_BOOTSTRAP_SERVERS",
+        description="Kafka bootstrap address host:port; empty = the project's running broker",
+    )
+    topic_prefix: str = Field(
+        default="",
+        pattern=TOPIC_PREFIX_PATTERN,
+        description="prepended to every topic, table and consumer-group name (tests use a unique one)",
+    )
+
+    def resolved_bootstrap_servers(self) -> str:
+        """The broker address: this setting, else the project's running broker (:mod:`perfusion.server_files`)."""
+        return self.bootstrap_servers or kafka_bootstrap_servers()
 
 
 def _kind(settings_cls: type[BaseModel]) -> str:
@@ -227,14 +248,12 @@ def describe_validation_error(settings_cls: type[BaseModel], error: ValidationEr
 # ---------------------------------------------------------------------------------------------------------- flags
 
 
-def flag_fields(
-    settings_cls: type[Settings], sections: Sequence[str] = ()
-) -> Iterator[tuple[tuple[str, ...], FieldInfo]]:
+def leaf_fields(settings_cls: type[Settings]) -> Iterator[tuple[tuple[str, ...], FieldInfo]]:
     """(path, field) of every leaf field, sections first expanded into their fields."""
     for name, info in settings_cls.model_fields.items():
         annotation = info.annotation
         if isinstance(annotation, type) and issubclass(annotation, Settings):
-            yield from (((name, *path), leaf) for path, leaf in flag_fields(annotation))
+            yield from (((name, *path), leaf) for path, leaf in leaf_fields(annotation))
         else:
             yield (name,), info
 
@@ -251,7 +270,7 @@ def add_flags(
 ) -> None:
     """One flag per field of ``settings_cls``, default None (not given); ``include`` / ``exclude`` name top-level
     fields or sections."""
-    for path, info in flag_fields(settings_cls):
+    for path, info in leaf_fields(settings_cls):
         if (include is not None and path[0] not in include) or path[0] in exclude:
             continue
         default = info.get_default(call_default_factory=True)
@@ -269,7 +288,7 @@ def flag_overrides(args: argparse.Namespace, settings_cls: type[Settings]) -> di
     """The flags of :func:`add_flags` that were given, each checked against its field's type, as overrides (nested
     sections as dicts) for :meth:`Settings.from_env`."""
     overrides: dict[str, Any] = {}
-    for path, info in flag_fields(settings_cls):
+    for path, info in leaf_fields(settings_cls):
         raw = getattr(args, "_".join(path), None)  # absent for excluded fields
         if raw is None:
             continue

@@ -16,25 +16,15 @@ from pathlib import Path
 from pydantic import Field
 
 from perfusion.paths import state_dir
-from perfusion.settings import TOPIC_PREFIX_PATTERN, Settings
+from perfusion.settings import KafkaClientSettings
 from streams.demand import DemandSettings
 from streams.grouping import GroupingSettings
 from streams.training_trigger import TrainingTriggerSettings
 
 
-class StreamSettings(Settings):
+class StreamSettings(KafkaClientSettings):
     """Configuration of the Faust worker and its agents."""
 
-    bootstrap_servers: str = Field(
-        default="",
-        validation_alias="KAFKA_BOOTSTRAP_SERVERS",
-        description="Kafka bootstrap address host:port; empty = the project's broker",
-    )
-    topic_prefix: str = Field(
-        default="",
-        pattern=TOPIC_PREFIX_PATTERN,
-        description="prepended to every topic, table and consumer-group name (tests use a unique one)",
-    )
     partitions: int = Field(
         default=4,
         ge=1,
@@ -87,14 +77,6 @@ class StreamSettings(Settings):
     @property
     def group_id(self) -> str:
         return f"{self.topic_prefix}{self.app_id}"
-
-    def resolved_bootstrap_servers(self) -> str:
-        """The broker address: this setting, else the project's running broker."""
-        if self.bootstrap_servers:
-            return self.bootstrap_servers
-        from perfusion.server_files import kafka_bootstrap_servers as bootstrap_servers
-
-        return bootstrap_servers()
 
     def resolved_data_dir(self) -> Path:
         return self.data_dir if self.data_dir is not None else state_dir() / "worker" / self.group_id

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from perfusion.errors import ConfigError
 from perfusion.paths import ASSETS_DIR, state_dir
-from perfusion.settings import TOPIC_PREFIX_PATTERN, Settings
+from perfusion.settings import KafkaClientSettings
 
 Objective = Literal["group", "pairwise_dpo", "sft", "none"]
 OBJECTIVES: tuple[str, ...] = ("group", "pairwise_dpo", "sft", "none")
@@ -40,20 +40,10 @@ ARMS: dict[str, tuple[Objective, bool, bool]] = {
 }
 
 
-class TrainerSettings(Settings):
+class TrainerSettings(KafkaClientSettings):
     """Configuration of ``perfusion train``: where it reads and writes, what it trains, how much, and the gate."""
 
     # --- where
-    bootstrap_servers: str = Field(
-        default="",
-        validation_alias="KAFKA_BOOTSTRAP_SERVERS",
-        description="Kafka bootstrap address host:port; empty = KAFKA_BOOTSTRAP_SERVERS or the project's broker",
-    )
-    topic_prefix: str = Field(
-        default="",
-        pattern=TOPIC_PREFIX_PATTERN,
-        description="prepended to every topic and to the consumer group (tests use a unique one)",
-    )
     consumer_group: str = Field(
         default="perfusion-trainer", description="Kafka consumer group whose offsets the trainer commits"
     )
@@ -190,13 +180,6 @@ class TrainerSettings(Settings):
             "use_adaptive_network": self.use_adaptive_network,
             "personalized_reward_model": self.personalized_reward_model,
         }
-
-    def resolved_bootstrap_servers(self) -> str:
-        if self.bootstrap_servers:
-            return self.bootstrap_servers
-        from perfusion.server_files import kafka_bootstrap_servers as bootstrap_servers
-
-        return bootstrap_servers()
 
     def resolved_model_root(self) -> Path:
         return self.model_root if self.model_root is not None else state_dir() / "models"
