@@ -72,14 +72,17 @@ def user_condition(
 ) -> tuple[Personalization, NDArray[np.float32] | None]:
     """How to condition generation for a user with these feature values.
 
-    - ``personalized``: preference features exist; u from all features.
-    - ``cold_start``: only profile features exist; u from the profile (behaviour blocks neutral).
+    - ``personalized``: preference features exist (a shopper's or a merchant's); u from all features.
+    - ``cold_start``: only a profile exists (a shopper's user_profile or a merchant's merchant_profile); u from the
+      profile (behaviour blocks at their priors).
     - ``base``: nothing is known; no u, and the generator runs the base model without the adaptive network.
+
+    ``now`` is the time the condition is for (default: the clock); u does not depend on it.
     """
     vector = user_vector(features, as_of=time.time() if now is None else now)
-    preferences_present, profile_present = vector[USER_VECTOR_SLICES["present"]]
+    preferences_present, profile_present, merchant_present = vector[USER_VECTOR_SLICES["present"]]
     if preferences_present:
         return "personalized", vector
-    if profile_present:
+    if profile_present or merchant_present:
         return "cold_start", vector
     return "base", None
