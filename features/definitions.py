@@ -1,8 +1,14 @@
 """Entities, sources and feature views of the PerFusion feature repo (imported by `feast apply`).
 
-- ``user_preferences``: the preference agent's per-user counters, rates and preference vector, pushed as a stream
-  through ``user_preferences_push``; the generator reads them online, the trainer as of impression time offline.
-- ``user_profile``: slowly changing user attributes (age group, region), pushed through ``user_profile_push``.
+- ``user_preferences``: the preference agent's per-viewer counters, rates and preference vector (shoppers and
+  merchants alike), pushed as a stream through ``user_preferences_push``; the generator reads them online, the
+  trainer as of impression time offline.
+- ``user_profile``: slowly changing shopper attributes (age group, region), pushed through ``user_profile_push``.
+- ``merchant_profile``: what the shop knows of a merchant at sign-up (the region their store sells in), pushed
+  through ``merchant_profile_push``; a viewer with a merchant profile is a merchant (perfusion.user_features).
+
+The user vector u reads the all-time counters, the preference vector and the profiles (perfusion.user_features);
+the windowed counts, ``ctr``, ``cvr`` and ``last_active_ts`` are for people and monitoring.
 
 Offline history is parquet under ``$PERFUSION_FEAST_DIR/offline`` (never inside this folder).
 """
@@ -44,7 +50,18 @@ user_preferences = FeatureView(
     ttl=timedelta(0),  # 0 = no expiry: a user's latest features stay valid until the next push
     schema=[
         *_COUNTS,
-        Field(name="ctr", dtype=Float32, description="clicks per image shown, all time; 0 before any"),
+        Field(name="images_shown_total", dtype=Int64, description="candidates of every impression shown, all time"),
+        Field(
+            name="images_reviewed_total",
+            dtype=Int64,
+            description="candidates of the impressions the viewer selected from (a merchant's reviews), all time",
+        ),
+        Field(name="images_selected_total", dtype=Int64, description="candidates selected in them, all time"),
+        Field(
+            name="ctr",
+            dtype=Float32,
+            description="clicks per image shown outside the viewer's reviews, all time; 0 before any",
+        ),
         Field(name="cvr", dtype=Float32, description="orders / clicks, all time; 0 without clicks"),
         Field(
             name="preference",
@@ -74,5 +91,24 @@ user_profile = FeatureView(
         Field(name="region", dtype=Int64, description="0..3"),
     ],
     source=user_profile_push,
+    online=True,
+)
+
+merchant_profile_history = FileSource(
+    name="merchant_profile_history",
+    path=str(OFFLINE_DIR / "merchant_profile.parquet"),
+    timestamp_field="event_timestamp",
+)
+merchant_profile_push = PushSource(name="merchant_profile_push", batch_source=merchant_profile_history)
+
+merchant_profile = FeatureView(
+    name="merchant_profile",
+    entities=[user],
+    ttl=timedelta(0),
+    schema=[
+        # Not "region": Feast names features without their view, so two views may not share a name.
+        Field(name="store_region", dtype=Int64, description="0..3, the region the merchant's store sells in"),
+    ],
+    source=merchant_profile_push,
     online=True,
 )

@@ -1,18 +1,24 @@
-"""The preference-features agent: per-user counters, rates and a preference vector, pushed to Feast.
+"""The preference-features agent: per-viewer counters, rates and a preference vector, pushed to Feast.
 
-Per user, in *event* time:
+A viewer is a shopper or a merchant: both are keyed by ``user_id`` and folded the same way. Per viewer, in *event*
+time:
 
 - counts of impressions, clicks, orders and returns over the last hour, the last day and all time. Windows end at
-  the user's latest event time (``last_active_ts``) and have one-minute resolution: an event counts in the 1 h
+  the viewer's latest event time (``last_active_ts``) and have one-minute resolution: an event counts in the 1 h
   window when its minute is one of the 60 minutes ending with the latest event's minute (1,440 for the day);
-- ``ctr`` = clicks / images shown (an impression shows K images, so a rate per image, at most 1 when each image is
-  clicked at most once) and ``cvr`` = orders / clicks, all time, 0 when the denominator is 0;
-- ``preference``: the recency-weighted average of the descriptors of images clicked (weight ``click_weight``) and
+- ``images_shown_total``: candidates of every impression shown; ``images_reviewed_total``: candidates of the
+  impressions the viewer selected from (a merchant reviewing a group of their own design; each impression once);
+  ``images_selected_total``: the candidates selected in them;
+- ``ctr`` = clicks / images shown outside the viewer's reviews (an impression shows K images, so a rate per image,
+  at most 1 when each image is clicked at most once) and ``cvr`` = orders / clicks, all time, 0 when the denominator
+  is 0 (the user vector smooths its own rates from the totals: perfusion.user_features);
+- ``preference``: the recency-weighted average of the descriptors of images clicked (weight ``click_weight``),
+  selected by a merchant (``click_weight`` too: a selection is a click-level positive, as in the group samples) and
   ordered (``order_weight``); a return adds ``-order_weight``. An interaction at time t weighs
   ``w * 2 ** (-(t_ref - t) / half_life)``; the vector is (sum of weighted descriptors) / (sum of weights), negative
   entries clipped to 0, all zeros while the weight sum is not positive. Descriptors come from the impression the
   interaction names; an interaction that arrives before its impression waits (bounded) until the impression does;
-- ``last_active_ts``: the latest event time of any of the user's events.
+- ``last_active_ts``: the latest event time of any of the viewer's events.
 
 Duplicates (same ``event_id``) are dropped using each user's bounded list of recent event ids. The pure update logic
 (:class:`PreferenceUpdater`) knows nothing of Faust; :class:`PreferenceStage` runs it in the events agent
@@ -26,16 +32,13 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from perfusion.attributes import DESCRIPTOR_DIM
-from perfusion.contracts.records import AnyEvent, Click, Impression, Order, Return
+from perfusion.contracts.records import AnyEvent, Click, Impression, Order, Return, Select
 from streams.settings import StreamSettings
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,9 @@ PUSH_SOURCE = "user_preferences_push"
 # The feature names of the ``user_preferences`` view, in its order; features/definitions.py declares the same.
 PREFERENCE_FEATURES: tuple[str, ...] = (
     *(f"{kind}_{window}" for kind in COUNTED_KINDS for window in (*WINDOWS_MINUTES, "total")),
+    "images_shown_total",
+    "images_reviewed_total",
+    "images_selected_total",
     "ctr",
     "cvr",
     "preference",
@@ -53,11 +59,11 @@ PREFERENCE_FEATURES: tuple[str, ...] = (
 )
 _MAX_PENDING = 64
 
-InteractionKind = Literal["click", "order", "return"]
+InteractionKind = Literal["click", "order", "return", "select"]
 
 
 class PendingInteraction(BaseModel):
-    """A click, order or return whose impression has not been seen yet."""
+    """A click, order, return or selection of one image whose impression has not been seen yet."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -75,7 +81,9 @@ class UserPreferenceState(BaseModel):
     user_id: str
     last_active_ts: float = 0.0
     totals: dict[str, int] = Field(default_factory=lambda: dict.fromkeys(COUNTED_KINDS, 0))
-    images_shown: int = 0  # candidates of all impressions: the denominator of ctr
+    images_shown: int = 0  # candidates of all impressions
+    images_reviewed: int = 0  # candidates of the impressions this viewer selected from (not ctr's trials)
+    images_selected: int = 0  # candidates selected in them
     # kind -> {minute index since the epoch (as str, JSON keys) -> count}, only the last day's minutes.
     minute_counts: dict[str, dict[str, int]] = Field(default_factory=lambda: _empty_minute_counts())
     # Decayed to reference_ts: sum of weight * descriptor, and sum of weight.
@@ -84,6 +92,7 @@ class UserPreferenceState(BaseModel):
     reference_ts: float = 0.0
     recent_event_ids: list[str] = Field(default_factory=list)
     recent_impression_ids: list[str] = Field(default_factory=list)
+    reviewed_impression_ids: list[str] = Field(default_factory=list)  # the latest ones, counted in images_reviewed
     pending: list[PendingInteraction] = Field(default_factory=list)
 
     def to_bytes(self) -> bytes:
@@ -114,6 +123,7 @@ class PreferenceUpdater:
             "click": settings.click_weight,
             "order": settings.order_weight,
             "return": -settings.order_weight,
+            "select": settings.click_weight,
         }
 
     def apply(self, state: UserPreferenceState, event: AnyEvent, memory: ImpressionMemory) -> bool:
@@ -132,6 +142,12 @@ class PreferenceUpdater:
         elif isinstance(event, Click | Order | Return):
             self._count(state, f"{event.kind}s", event.ts)
             self._interact(state, PendingInteraction(**_interaction_fields(event)), memory)
+        elif isinstance(event, Select):
+            for image_id in dict.fromkeys(event.image_ids):
+                selected = PendingInteraction(
+                    kind="select", impression_id=event.impression_id, image_id=image_id, ts=event.ts
+                )
+                self._interact(state, selected, memory)
         self._prune_minutes(state)
         return True
 
@@ -147,7 +163,10 @@ class PreferenceUpdater:
                     if int(minute) > latest_minute - minutes
                 )
             row[f"{kind}_total"] = state.totals[kind]
-        row["ctr"] = _ratio(state.totals["clicks"], state.images_shown)
+        row["images_shown_total"] = state.images_shown
+        row["images_reviewed_total"] = state.images_reviewed
+        row["images_selected_total"] = state.images_selected
+        row["ctr"] = _ratio(state.totals["clicks"], max(0, state.images_shown - state.images_reviewed))
         row["cvr"] = _ratio(state.totals["orders"], state.totals["clicks"])
         row["preference"] = self.preference(state)
         row["last_active_ts"] = state.last_active_ts
@@ -199,7 +218,17 @@ class PreferenceUpdater:
         if descriptor is None:
             log.debug("image %s is not a candidate of impression %s", interaction.image_id, interaction.impression_id)
             return
+        if interaction.kind == "select":
+            self._count_selection(state, interaction.impression_id, len(descriptors))
         self._add_weighted(state, descriptor, self._weights[interaction.kind], interaction.ts)
+
+    def _count_selection(self, state: UserPreferenceState, impression_id: str, candidates: int) -> None:
+        """One selected image of ``impression_id``; its ``candidates`` count as reviewed once per impression."""
+        state.images_selected += 1
+        if impression_id not in state.reviewed_impression_ids:
+            state.reviewed_impression_ids.append(impression_id)
+            del state.reviewed_impression_ids[: -self._settings.remembered_impressions]
+            state.images_reviewed += candidates
 
     def _add_weighted(self, state: UserPreferenceState, descriptor: Sequence[float], weight: float, ts: float) -> None:
         if ts > state.reference_ts:

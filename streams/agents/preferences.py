@@ -1,4 +1,5 @@
-"""The preference stage of the events agent (the logic is :mod:`streams.preferences`)."""
+"""The preference stage of the events agent (the logic is :mod:`streams.preferences`): one state per viewer,
+shopper or merchant (a merchant's selections move their own preference)."""
 
 from __future__ import annotations
 

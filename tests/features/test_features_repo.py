@@ -34,7 +34,11 @@ def applied_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FeatureP
 def test_apply_registers_entities_and_views_outside_the_repo_folder(applied_store: FeaturePusher) -> None:
     store = applied_store.store
     assert sorted(e.name for e in store.list_entities()) == ["design", "user"]
-    assert sorted(v.name for v in store.list_feature_views()) == ["user_preferences", "user_profile"]
+    assert sorted(v.name for v in store.list_feature_views()) == [
+        "merchant_profile",
+        "user_preferences",
+        "user_profile",
+    ]
     assert not any(path.suffix in (".db", ".parquet") for path in FEATURE_REPO_DIR.rglob("*"))
 
 
@@ -43,6 +47,20 @@ def test_feature_view_fields_are_the_agents_features(applied_store: FeaturePushe
     assert tuple(field.name for field in view.features) == PREFERENCE_FEATURES
     profile = applied_store.store.get_feature_view("user_profile")
     assert [field.name for field in profile.features] == ["age_group", "region"]
+    merchant = applied_store.store.get_feature_view("merchant_profile")
+    assert [field.name for field in merchant.features] == ["store_region"]
+
+
+def test_every_feature_the_user_vector_reads_is_served(applied_store: FeaturePusher) -> None:
+    from perfusion.user_features import USER_FEATURE_REFS
+
+    store = applied_store.store
+    for ref in USER_FEATURE_REFS:
+        view, name = ref.split(":")
+        assert name in [field.name for field in store.get_feature_view(view).features], ref
+    # One read of all of them: no two views may share a feature name (Feast names columns without the view).
+    response = store.get_online_features(features=list(USER_FEATURE_REFS), entity_rows=[{"user_id": "nobody"}])
+    assert set(response.to_dict()) == {"user_id", *(ref.split(":")[1] for ref in USER_FEATURE_REFS)}
 
 
 def test_pushed_micro_batch_reads_back_online_and_offline(applied_store: FeaturePusher) -> None:
@@ -85,6 +103,27 @@ def test_profile_push_round_trips(applied_store: FeaturePusher) -> None:
         features=["user_profile:age_group", "user_profile:region"], entity_rows=[{"user_id": "p1"}]
     ).to_dict()
     assert (response["age_group"], response["region"]) == ([3], [1])
+
+
+def test_merchant_profile_push_round_trips_and_makes_a_merchant(applied_store: FeaturePusher) -> None:
+    from perfusion.user_features import (
+        MERCHANT_PROFILE_PUSH,
+        USER_FEATURE_REFS,
+        USER_VECTOR_SLICES,
+        merchant_profile_rows,
+        user_vector,
+    )
+    from service.features import FeastFeatureReader
+
+    applied_store.push(MERCHANT_PROFILE_PUSH, merchant_profile_rows({"shop-1": 2}, signed_up_ts=1_700_000_000.0))
+    response = applied_store.store.get_online_features(
+        features=["merchant_profile:store_region"], entity_rows=[{"user_id": "shop-1"}, {"user_id": "p1"}]
+    ).to_dict()
+    assert response["store_region"] == [2, None]
+    features = FeastFeatureReader(applied_store.store, USER_FEATURE_REFS).read("shop-1")
+    u = user_vector(features)
+    assert list(u[USER_VECTOR_SLICES["present"]]) == [0.0, 0.0, 1.0]
+    assert list(u[USER_VECTOR_SLICES["region"]]) == [0.0, 0.0, 1.0, 0.0]
 
 
 def test_pushes_leave_pending_parts_that_a_read_merges_into_the_history_once(applied_store: FeaturePusher) -> None:

@@ -97,6 +97,7 @@ def feature_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         preference[0] = 1.0
         row: dict[str, Any] = {name: 3 for name in ("impressions_1h", "impressions_1d", "impressions_total")}
         row.update({f"{kind}_{w}": 1 for kind in ("clicks", "orders", "returns") for w in ("1h", "1d", "total")})
+        row.update(images_shown_total=12, images_reviewed_total=0, images_selected_total=0)
         row.update(ctr=0.3, cvr=0.5, preference=preference, last_active_ts=time.time(), user_id="known-user")
         pusher.push("user_preferences_push", [{**row, "event_timestamp": now}])
         yield pusher.store

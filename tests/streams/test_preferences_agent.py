@@ -1,5 +1,6 @@
-"""The preference agent: its pure update logic on hand-checked cases, a batch recomputation from the raw events,
-the dead-letter gate, and the Faust agent in-process with ``test_context()``."""
+"""The preference agent: its pure update logic on hand-checked cases (shoppers' clicks and orders, merchants'
+selections), a batch recomputation from the raw events, the user vector's taste over rounds, the dead-letter gate,
+and the Faust agent in-process with ``test_context()``."""
 
 from __future__ import annotations
 
@@ -16,7 +17,18 @@ from typing import Any, NoReturn
 import pytest
 
 from perfusion.attributes import DESCRIPTOR_DIM, Attributes
-from perfusion.contracts.records import AnyEvent, Candidate, Click, DeadLetter, Impression, Order, Return, parse_event
+from perfusion.contracts.records import (
+    AnyEvent,
+    Candidate,
+    Click,
+    DeadLetter,
+    Impression,
+    Order,
+    Return,
+    Select,
+    parse_event,
+)
+from perfusion.user_features import USER_VECTOR_SLICES, taste_part, user_vector
 from simulator.traffic import TrafficConfig, TrafficSimulator, encode
 from streams.dead_letters import EventGate, MessagePosition
 from streams.settings import StreamSettings
@@ -63,6 +75,12 @@ def order(event_id: str, ts: float, image_id: str, impression_id: str = "i1") ->
     )  # fmt: skip
 
 
+def select(event_id: str, ts: float, image_ids: list[str], impression_id: str = "i1", user_id: str = "u1") -> Select:
+    return Select(
+        event_id=event_id, ts=ts, user_id=user_id, impression_id=impression_id, design_id="d1", image_ids=image_ids
+    )
+
+
 def returned(event_id: str, ts: float, image_id: str, order_id: str) -> Return:
     return Return(
         event_id=event_id, ts=ts, user_id="u1", order_id=order_id, impression_id="i1", design_id="d1",
@@ -70,9 +88,9 @@ def returned(event_id: str, ts: float, image_id: str, order_id: str) -> Return:
     )  # fmt: skip
 
 
-def fold(events: Iterable[AnyEvent], settings: StreamSettings = SETTINGS) -> dict[str, Any]:
+def fold(events: Iterable[AnyEvent], settings: StreamSettings = SETTINGS, user_id: str = "u1") -> dict[str, Any]:
     updater, memory = PreferenceUpdater(settings), DictMemory()
-    state = UserPreferenceState(user_id="u1")
+    state = UserPreferenceState(user_id=user_id)
     for event in events:
         updater.apply(state, event, memory)
     return updater.features(state)
@@ -86,7 +104,12 @@ def reference_features(events: Iterable[AnyEvent], settings: StreamSettings) -> 
     by_user: dict[str, list[AnyEvent]] = {}
     for event in unique.values():
         by_user.setdefault(event.user_id, []).append(event)
-    weights = {"click": settings.click_weight, "order": settings.order_weight, "return": -settings.order_weight}
+    weights = {
+        "click": settings.click_weight,
+        "select": settings.click_weight,
+        "order": settings.order_weight,
+        "return": -settings.order_weight,
+    }
     out: dict[str, dict[str, Any]] = {}
     for user_id, user_events in by_user.items():
         latest = max(e.ts for e in user_events)
@@ -103,18 +126,31 @@ def reference_features(events: Iterable[AnyEvent], settings: StreamSettings) -> 
             row[f"{plural}_1d"] = sum(math.floor(ts / 60) > latest_minute - 1440 for ts in stamps)
             row[f"{plural}_total"] = len(stamps)
         images_shown = sum(len(e.candidates) for e in user_events if isinstance(e, Impression))
-        row["ctr"] = row["clicks_total"] / images_shown if images_shown else 0.0
-        row["cvr"] = row["orders_total"] / row["clicks_total"] if row["clicks_total"] else 0.0
         shown = {
             e.event_id: {c.image_id: c.descriptor for c in e.candidates}
             for e in user_events
             if isinstance(e, Impression)
         }
+        # A selection is one interaction per distinct selected candidate; the impressions selected from are reviews.
+        selections = [
+            (e.impression_id, image_id, e.ts)
+            for e in user_events
+            if isinstance(e, Select)
+            for image_id in dict.fromkeys(e.image_ids)
+            if image_id in shown.get(e.impression_id, {})
+        ]
+        reviewed = sum(len(shown[impression_id]) for impression_id in {i for i, _, _ in selections})
+        row["images_shown_total"] = images_shown
+        row["images_reviewed_total"] = reviewed
+        row["images_selected_total"] = len(selections)
+        outside_reviews = images_shown - reviewed
+        row["ctr"] = row["clicks_total"] / outside_reviews if outside_reviews else 0.0
+        row["cvr"] = row["orders_total"] / row["clicks_total"] if row["clicks_total"] else 0.0
         interactions = [
             (weights[e.kind], e.ts, shown[e.impression_id][e.image_id])
             for e in user_events
             if isinstance(e, Click | Order | Return) and e.image_id in shown.get(e.impression_id, {})
-        ]
+        ] + [(weights["select"], ts, shown[impression_id][image_id]) for impression_id, image_id, ts in selections]
         reference = max((ts for _, ts, _ in interactions), default=0.0)
         decayed = [(w * 2.0 ** (-(reference - ts) / settings.preference_half_life_s), d) for w, ts, d in interactions]
         total = sum(w for w, _ in decayed)
@@ -187,6 +223,42 @@ def test_a_return_takes_its_order_back() -> None:
     assert only_returned["preference"] == [0.0] * DESCRIPTOR_DIM
 
 
+def test_a_merchants_selection_moves_their_descriptor_as_a_click_would() -> None:
+    shown = impression("i1", T0, user_id="m1")
+    selected = fold([shown, select("s1", T0 + 5, ["a"], user_id="m1")], user_id="m1")
+    assert selected["preference"] == pytest.approx(A)
+    clicked = fold([impression("i1", T0), click("c1", T0 + 5, "a")])
+    assert selected["preference"] == pytest.approx(clicked["preference"])
+    assert (selected["images_shown_total"], selected["images_reviewed_total"], selected["images_selected_total"]) == (
+        2,
+        2,
+        1,
+    )
+    assert selected["ctr"] == 0.0 and selected["clicks_total"] == 0  # a review is not a shown-and-not-clicked group
+    both = fold([shown, select("s1", T0 + 5, ["a", "b", "a"], user_id="m1")], user_id="m1")
+    assert both["preference"] == pytest.approx([(a + b) / 2 for a, b in zip(A, B, strict=True)])
+    assert both["images_selected_total"] == 2  # each candidate once
+
+
+def test_a_second_selection_of_one_group_reviews_it_once_and_a_foreign_image_is_ignored() -> None:
+    events = [
+        impression("i1", T0, user_id="m1"),
+        select("s1", T0 + 9, ["a"], user_id="m1"),
+        select("s2", T0 + 9, ["b"], user_id="m1"),
+        select("s3", T0 + 9, ["not-a-candidate"], user_id="m1"),
+    ]
+    features = fold(events, user_id="m1")
+    assert (features["images_reviewed_total"], features["images_selected_total"]) == (2, 2)
+    assert features["preference"] == pytest.approx([(a + b) / 2 for a, b in zip(A, B, strict=True)])
+
+
+def test_a_selection_before_its_impression_waits_for_it() -> None:
+    in_order = fold([impression("i1", T0, user_id="m1"), select("s1", T0 + 5, ["b"], user_id="m1")], user_id="m1")
+    reordered = fold([select("s1", T0 + 5, ["b"], user_id="m1"), impression("i1", T0, user_id="m1")], user_id="m1")
+    assert_features_close(reordered, in_order)
+    assert reordered["preference"] == pytest.approx(B)
+
+
 def test_duplicate_event_ids_change_nothing() -> None:
     updater, memory = PreferenceUpdater(SETTINGS), DictMemory()
     state = UserPreferenceState(user_id="u1")
@@ -196,6 +268,10 @@ def test_duplicate_event_ids_change_nothing() -> None:
     assert not updater.apply(state, click("c1", T0, "a"), memory)
     assert not updater.apply(state, impression("i1", T0), memory)
     assert updater.features(state) == before
+    assert updater.apply(state, select("s1", T0 + 1, ["b"]), memory)
+    after_select = updater.features(state)
+    assert not updater.apply(state, select("s1", T0 + 1, ["b"]), memory)
+    assert updater.features(state) == after_select
 
 
 def test_a_click_before_its_impression_waits_for_it() -> None:
@@ -228,6 +304,42 @@ def test_event_of_another_user_is_refused() -> None:
         PreferenceUpdater(SETTINGS).apply(UserPreferenceState(user_id="u2"), click("c1", T0, "a"), DictMemory())
 
 
+# ------------------------------------------------------------------------------------- taste of u over rounds
+
+
+def rounds_of(taste: Iterable[tuple[str, str]], rounds: int, copies: int = 1) -> list[AnyEvent]:
+    """``rounds`` hourly rounds of the same behaviour (``copies`` impressions a round, each with clicks of the
+    ``taste`` (kind, image) pairs): the same liked attributes at any volume."""
+    events: list[AnyEvent] = []
+    for number in range(rounds):
+        for copy in range(copies):
+            ts = T0 + 3600.0 * number  # the copies of a round at one time, so that they weigh the same
+            impression_id = f"i{number}-{copy}"
+            events.append(impression(impression_id, ts))
+            for index, (kind, image_id) in enumerate(taste):
+                make = click if kind == "click" else order
+                events.append(make(f"{kind}{number}-{copy}-{index}", ts + 1, image_id, impression_id))
+    return events
+
+
+def u_of(events: Iterable[AnyEvent]) -> Any:
+    return user_vector({**fold(events), "age_group": 2, "region": 1})
+
+
+def test_first_and_later_rounds_with_the_same_liked_attributes_agree_on_the_taste_of_u() -> None:
+    taste = [("click", "a"), ("order", "b")]
+    first, fifth = u_of(rounds_of(taste, 1)), u_of(rounds_of(taste, 5))
+    assert taste_part(first) == pytest.approx(taste_part(fifth), abs=1e-6)
+    twice = u_of(rounds_of(taste, 1, copies=2))
+    assert taste_part(first) == pytest.approx(taste_part(twice), abs=1e-6)
+    assert first[USER_VECTOR_SLICES["preference"]] == pytest.approx(
+        [(a + 3 * b) / 4 for a, b in zip(A, B, strict=True)]
+    )
+    # What was liked moves the taste; how much was done does not.
+    other = u_of(rounds_of([("order", "a"), ("click", "b")], 1))
+    assert taste_part(other) != pytest.approx(taste_part(first), abs=1e-3)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_incremental_equals_batch_recomputation_in_any_order_with_duplicates(seed: int) -> None:
     events = TrafficSimulator(TrafficConfig(seed=seed, start_ts=T0, mean_gap_s=120.0)).events(300)
@@ -242,6 +354,8 @@ def test_incremental_equals_batch_recomputation_in_any_order_with_duplicates(see
     assert set(states) == set(expected)
     for user_id, state in states.items():
         assert_features_close(updater.features(state), expected[user_id])
+    merchants = [user_id for user_id in states if user_id.startswith("merchant-")]
+    assert merchants and any(expected[m]["images_selected_total"] > 0 for m in merchants)
 
 
 # ------------------------------------------------------------------------------------------------------ gate
@@ -342,6 +456,9 @@ def test_agent_in_process_pushes_features_dedupes_and_dead_letters(tmp_path: Pat
     for user_id, row in latest.items():
         assert_features_close(row, expected[user_id])
         assert row["event_timestamp"].timestamp() == pytest.approx(row["last_active_ts"])
+    # Merchants are viewers too: their selections reached their pushed preference.
+    selecting = [row for user_id, row in latest.items() if user_id.startswith("merchant-")]
+    assert any(row["images_selected_total"] > 0 and sum(row["preference"]) > 0 for row in selecting)
     assert [base64.b64decode(letter.original_b64) for letter in letters] == malformed
     assert "not JSON" in letters[0].reason and "ts" in letters[1].reason
     assert all(parse_event(encode(e)[1]) for e in events)  # the valid ones stay valid

@@ -136,6 +136,9 @@ def push_features(preference: list[float], event_ts: float) -> None:
     row = {
         "user_id": FEATURED_USER,
         **counts,
+        "images_shown_total": 12,
+        "images_reviewed_total": 0,
+        "images_selected_total": 0,
         "ctr": 0.5,
         "cvr": 0.25,
         "preference": preference,
