@@ -3,10 +3,13 @@
 An :class:`~perfusion.contracts.records.Impression` opens a group. Clicks, orders, returns and selections by the user
 who was shown it that name its ``impression_id`` and carry an event time within ``window_s`` of the impression are
 attributed to it (a follow-up by anyone else, such as a friend who opened a shared link, is not that viewer's
-choice: it waits as an orphan and ends as a counted drop). The group
-closes once the partition's watermark (the largest event time seen on the partition less ``allowed_lateness_s``)
-has passed ``impression.ts + window_s``; closing emits one :class:`~perfusion.contracts.records.GroupSample` whose
-``sample_id`` is the impression's event_id.
+choice: it waits as an orphan and ends as a counted drop). A viewer is a shopper or a merchant: a merchant shown a
+group of their own design is its viewer, so their selection grades their own sample (the selected candidates
+``GRADE_CLICK``, the others ``GRADE_NONE``), and the sample carries the merchant's ``user_id``, from which the
+trainer builds the merchant's u; it never grades a shopper's group. The group closes once the partition's watermark
+(the largest event time seen on the partition less ``allowed_lateness_s``) has passed ``impression.ts + window_s``;
+closing emits one :class:`~perfusion.contracts.records.GroupSample` whose ``sample_id`` is the impression's
+event_id.
 
 Policy, so that every impression ends as exactly one sample or one counted drop:
 

@@ -70,9 +70,9 @@ def returned(event_id: str, ts: float, of: Order, quantity: int = 1) -> Return:
     )  # fmt: skip
 
 
-def select(event_id: str, ts: float, impression_id: str, images: list[int]) -> Select:
+def select(event_id: str, ts: float, impression_id: str, images: list[int], user: str = "u1") -> Select:
     return Select(
-        event_id=event_id, ts=ts, user_id="u1", impression_id=impression_id, design_id="d1",
+        event_id=event_id, ts=ts, user_id=user, impression_id=impression_id, design_id="d1",
         image_ids=[f"{impression_id}-img{i}" for i in images],
     )  # fmt: skip
 
@@ -139,6 +139,39 @@ def test_returned_order_grades_down_to_click_and_partial_return_keeps_order() ->
 def test_merchant_selection_is_a_click_level_positive() -> None:
     outputs, _ = run([impression("imp1", T0), select("s1", T0 + 1, "imp1", [1, 2]), clock(T0 + 500)])
     assert grades(outputs[0]) == [GRADE_NONE, GRADE_CLICK, GRADE_CLICK]
+
+
+def test_a_merchants_own_group_is_their_sample_graded_by_their_selection() -> None:
+    # The design's merchant reviews a group of it while a shopper is shown another group of the same design.
+    events: list[AnyEvent] = [
+        impression("review", T0, k=4, user="merchant-1"),
+        impression("shown", T0 + 1, k=3, user="u1"),
+        select("s1", T0 + 5, "review", [3, 1], user="merchant-1"),
+        click("c1", T0 + 6, "shown", 0),
+        clock(T0 + 500),
+    ]
+    outputs, builder = run(events)
+    samples = {output.sample_id: output for output in outputs if isinstance(output, GroupSample)}
+    assert set(samples) == {"review", "shown"} and builder.counts["orphan_follow_up"] == 0
+    review = samples["review"]
+    # The merchant's own viewer id: the trainer builds the merchant's u for this sample.
+    assert review.user_id == "merchant-1" and review.design_id == "d1"
+    assert grades(review) == [GRADE_NONE, GRADE_CLICK, GRADE_NONE, GRADE_CLICK]
+    assert samples["shown"].user_id == "u1" and grades(samples["shown"]) == [GRADE_CLICK, GRADE_NONE, GRADE_NONE]
+
+
+def test_a_merchants_selection_in_a_shoppers_group_grades_nothing_of_it() -> None:
+    # The shopper's group is the shopper's choice; the merchant was not shown it, so their selection is an orphan.
+    events: list[AnyEvent] = [
+        impression("shown", T0, user="u1"),
+        select("s1", T0 + 5, "shown", [2], user="merchant-1"),
+        clock(T0 + 500),
+    ]
+    outputs, _ = run(events)
+    [sample] = [output for output in outputs if isinstance(output, GroupSample)]
+    assert sample.user_id == "u1" and grades(sample) == [GRADE_NONE] * 3
+    [drop] = [output for output in outputs if isinstance(output, GroupDrop)]
+    assert (drop.reason, drop.user_id, drop.sample_id) == ("orphan_follow_up", "merchant-1", "shown")
 
 
 def test_follow_up_after_the_window_is_counted_and_ignored() -> None:
