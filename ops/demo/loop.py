@@ -2,12 +2,12 @@
 service's HTTP API round by round, and what each round changed.
 
 :func:`run_loop` is what ``perfusion demo`` and the loop's integration test run. It takes the broker's address and a
-fresh state folder, applies the Feast repo there, pushes the shoppers' profiles, starts the three processes under a
-:class:`~harness.processes.ProcessSupervisor` (stopped on return, on errors and on Ctrl-C), and then plays
-rounds: each merchant looks at a group of its design and selects a candidate; each shopper asks for a group of K
-candidates, judges the images it was served with its hidden taste and posts clicks, orders and returns. After each
-round it reads what the loop produced: user features from Feast, group samples, training requests and published
-versions from Kafka, the version the service reports, and each design's demand. It plays at least
+fresh state folder, applies the Feast repo there, pushes the shoppers' and the merchants' profiles, starts the three
+processes under a :class:`~harness.processes.ProcessSupervisor` (stopped on return, on errors and on Ctrl-C), and
+then plays rounds: each merchant looks at a group of its design and selects a candidate; each shopper asks for a
+group of K candidates, judges the images it was served with its hidden taste and posts clicks, orders and returns.
+After each round it reads what the loop produced: user features from Feast, group samples, training requests and
+published versions from Kafka, the version the service reports, and each design's demand. It plays at least
 ``rounds`` rounds and goes on (up to ``max_rounds``) until a new version is served and a design went to production.
 
 The shoppers' tastes come in through :class:`ShopperPanel`; this package never imports the simulator (the CLI and
@@ -263,6 +263,16 @@ def push_profiles(panel: ShopperPanel, user_ids: Sequence[str]) -> None:
     FeaturePusher.open().push("user_profile_push", rows)
 
 
+def push_merchant_profiles(merchant_ids: Sequence[str]) -> None:
+    """Each merchant's profile to Feast's merchant_profile view (their stores sell in the regions in turn), so that
+    their u says they are merchants from their first review on."""
+    from perfusion.feature_store import FeaturePusher
+    from perfusion.user_features import MERCHANT_PROFILE_PUSH, NUM_REGIONS, merchant_profile_rows
+
+    regions = {merchant_id: index % NUM_REGIONS for index, merchant_id in enumerate(merchant_ids)}
+    FeaturePusher.open().push(MERCHANT_PROFILE_PUSH, merchant_profile_rows(regions, time.time() - 86_400.0))
+
+
 def _served_images(client: ServiceClient, image_ids: Sequence[str]) -> NDArray[np.uint8]:
     return np.stack([client.image(image_id) for image_id in image_ids])  # [K, H, W, 3]
 
@@ -387,7 +397,11 @@ def run_loop(
         emit(f"==> Feast repo applied in {applied.feast_dir}: {', '.join(applied.feature_views)}")
         ensure_topics(bootstrap, names, settings.partitions)
         push_profiles(panel, shoppers)
-        emit(f"==> {len(shoppers)} shoppers' profiles pushed to Feast; topics prefixed {topic_prefix!r}")
+        push_merchant_profiles(merchants)
+        emit(
+            f"==> {len(shoppers)} shoppers' and {len(merchants)} merchants' profiles pushed to Feast; topics prefixed "
+            f"{topic_prefix!r}"
+        )
         store = open_feature_store()
         port = free_port()
         observer = LoopObserver(bootstrap, names)
@@ -421,9 +435,12 @@ def run_loop(
                     reports.append(report)
                     if number >= settings.rounds and goals_met(report, initial_version):
                         break
-                final_rows = read_online_features(store, "user_preferences", shoppers)
-                emit("==> every shopper's features in Feast's online store:")
-                emit(format_feature_table(final_rows))
+                viewers = [*shoppers, *merchants]
+                final_rows = read_online_features(store, "user_preferences", viewers)
+                stores = {row["user_id"]: row["store_region"] for row in read_online_features(
+                    store, "merchant_profile", merchants)}  # fmt: skip
+                emit("==> every shopper's features in Feast's online store, and the merchants' (marked M):")
+                emit(format_feature_table(final_rows, stores))
                 outcome = LoopOutcome(
                     rounds=reports,
                     initial_version=initial_version,
