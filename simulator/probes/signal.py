@@ -311,7 +311,7 @@ def run_signal(config: SignalConfig) -> SignalSummary:
         acceptance=acceptance(base),
         prompts=list(TRAIN_PROMPTS),
         generation=Generation(
-            checkpoint=str(config.base_checkpoint),
+            checkpoint=_shown(config.base_checkpoint),
             unet_sha256=folder_digest(config.base_checkpoint / "unet"),
             sampler=sampler_description(serving),
             image_size=int(serving.config.sample_size),
@@ -319,6 +319,14 @@ def run_signal(config: SignalConfig) -> SignalSummary:
         config=config,
         wall_seconds=time.monotonic() - started,
     )
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the project's root when it lies inside it (the same on every clone), else as given."""
+    from perfusion.paths import REPO_ROOT
+
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else str(path)
 
 
 def folder_digest(folder: Path) -> str:
@@ -331,8 +339,10 @@ def folder_digest(folder: Path) -> str:
 
 
 def sampler_description(generator: Any) -> str:
-    """How the serving generator samples, from what it holds (its sampler, steps and guidance, where it has them)."""
-    parts = [str(getattr(generator, "sampler", "unknown sampler"))]
+    """How the serving generator samples, from what it holds: its sampler (described by itself where it can), and
+    its steps and guidance where it holds them apart from the sampler."""
+    sampler = getattr(generator, "sampler", "unknown sampler")
+    parts = [sampler.describe() if hasattr(sampler, "describe") else str(sampler)]
     steps = getattr(generator, "num_steps", None)
     guidance = getattr(generator, "guidance_scale", None)
     if steps is not None:

@@ -3,8 +3,10 @@
 A :class:`GroupTable` holds G groups of K candidates, every candidate scored by every viewer of a panel of V users
 (the simulator's true utility), the viewer each group was shown to (its owner) with the owner's clicks, and a
 merchant's selection among the candidates. Each statistic is a function of arrays, so it can be checked by hand, and
-:func:`bootstrap` resamples users (each drawn user brings the groups shown to them, and joins the panel once per
-draw) to give every statistic a 95% interval on the same resamplings.
+:func:`bootstrap` resamples users to give every statistic a 95% interval on the same resamplings: a drawn user brings
+the groups shown to them and their share of the contrast as a viewer, while what the panel shares (its mean contrast,
+the candidate it likes best) stays the whole panel's. Resampling the panel itself would shrink it to fewer distinct
+users in each draw and bias every user-specific statistic down.
 
 These read the simulator's truth: they describe the groups, and never feed training.
 """
@@ -35,6 +37,7 @@ class GroupTable:
     click_probabilities: FloatArray  # (G, K): the owner's click probability of each candidate under the click model
     picker_utilities: FloatArray  # (G, K): the design's merchant's true utility of each candidate
     picked: BoolArray  # (G, K): the merchant's selection
+    viewer_weights: FloatArray | None = None  # (V,): how often each viewer counts (a bootstrap draw); None: once
 
     def __post_init__(self) -> None:
         if self.utilities.ndim != 3:
@@ -45,6 +48,8 @@ class GroupTable:
                 raise ConfigError(f"{name} must be ({groups}, {k}) like the groups, got {getattr(self, name).shape}")
         if self.owner.shape != (groups,) or (groups and not 0 <= self.owner.min() <= self.owner.max() < viewers):
             raise ConfigError(f"owner must be ({groups},) viewer indices below {viewers}, got {self.owner}")
+        if self.viewer_weights is not None and self.viewer_weights.shape != (viewers,):
+            raise ConfigError(f"viewer_weights must be ({viewers},), got {self.viewer_weights.shape}")
 
     @property
     def k(self) -> int:
@@ -55,19 +60,18 @@ class GroupTable:
         return self.utilities[np.arange(self.utilities.shape[0]), self.owner]
 
     def resampled(self, users: NDArray[np.int64]) -> GroupTable:
-        """The table of a bootstrap draw of viewers ``users`` (indices, repeats allowed): the i-th drawn user is viewer
-        i of the new panel and brings every group it owns, now owned by viewer i."""
-        rows = [np.flatnonzero(self.owner == user) for user in users]
+        """The table of a bootstrap draw of ``users`` (viewer indices, repeats allowed): each drawn user brings every
+        group shown to them, and counts as a viewer as often as drawn; the panel stays whole."""
         none = np.zeros(0, dtype=np.int64)
-        groups = np.concatenate([none, *rows])
-        owner = np.concatenate([none, *(np.full(row.size, position) for position, row in enumerate(rows))])
+        groups = np.concatenate([none, *(np.flatnonzero(self.owner == user) for user in users)])
         return GroupTable(
-            utilities=self.utilities[groups][:, users, :],
-            owner=owner,
+            utilities=self.utilities[groups],
+            owner=self.owner[groups],
             clicked=self.clicked[groups],
             click_probabilities=self.click_probabilities[groups],
             picker_utilities=self.picker_utilities[groups],
             picked=self.picked[groups],
+            viewer_weights=np.bincount(users, minlength=self.utilities.shape[1]).astype(np.float64),
         )
 
 
@@ -76,18 +80,23 @@ def within_group_sd(utilities: FloatArray) -> float:
     return float(utilities.std(axis=1).mean()) if utilities.size else float("nan")
 
 
-def user_specific_share(utilities: FloatArray) -> float:
+def user_specific_share(utilities: FloatArray, viewer_weights: FloatArray | None = None) -> float:
     """The share of within-group contrast that is specific to the viewer, from (G, V, K) utilities.
 
     Each viewer's utilities are centred within the group (c[g, v, k], the contrast); the part shared by the panel is
-    its mean over viewers, s[g, k], and the viewer-specific part the residual r = c - s. The share is
-    sum(r^2) / sum(c^2): 0 when every viewer ranks the candidates alike (a generator can only improve them for
-    everyone), 1 when the panel's contrasts cancel out (what one viewer prefers, the panel does not on average).
+    its mean over the V viewers, s[g, k], and the viewer-specific part the residual r = c - s. The share is
+    sum(r^2) / (sum(r^2) + sum(s^2)), the sums over groups, candidates and viewers (s counted once per viewer); over
+    the whole panel the denominator is sum(c^2). It is 0 when every viewer ranks the candidates alike (a generator can
+    only improve them for everyone), 1 when the panel's contrasts cancel out (what one viewer prefers, the panel does
+    not on average). ``viewer_weights`` (V,) counts each viewer's terms (default once: a bootstrap draw counts a user
+    as often as drawn); the panel's mean s stays the whole panel's.
     """
     contrast = utilities - utilities.mean(axis=2, keepdims=True)
-    specific = contrast - contrast.mean(axis=1, keepdims=True)
-    total = float((contrast**2).sum())
-    return float((specific**2).sum()) / total if total > 0 else float("nan")
+    shared = contrast.mean(axis=1, keepdims=True)  # (G, 1, K)
+    weights = np.ones(utilities.shape[1]) if viewer_weights is None else viewer_weights
+    specific = float((((contrast - shared) ** 2).sum(axis=(0, 2)) * weights).sum())
+    total = specific + float((shared**2).sum() * weights.sum())
+    return specific / total if total > 0 else float("nan")
 
 
 def single_click_best_rate(utilities: FloatArray, clicked: BoolArray) -> float:
@@ -146,7 +155,7 @@ def personal_best_gain(utilities: FloatArray, owner: NDArray[np.int64]) -> float
 # The report's statistics of one table, by name.
 STATISTICS: dict[str, Callable[[GroupTable], float]] = {
     "within_group_sd": lambda table: within_group_sd(table.own_utilities()),
-    "user_specific_share": lambda table: user_specific_share(table.utilities),
+    "user_specific_share": lambda table: user_specific_share(table.utilities, table.viewer_weights),
     "single_click_best": lambda table: single_click_best_rate(table.own_utilities(), table.clicked),
     "single_click_best_expected": lambda table: expected_single_click_best_rate(
         table.own_utilities(), table.click_probabilities

@@ -103,15 +103,24 @@ def test_personal_best_gain_by_hand() -> None:
     assert personal_best_gain(utilities[:, :1], np.array([0, 0])) == 0.0
 
 
-def test_resampled_table_takes_each_drawn_users_groups_and_viewer() -> None:
+def test_resampled_table_takes_each_drawn_users_groups_and_keeps_the_panel() -> None:
     utilities = np.arange(3 * 2 * 2, dtype=np.float64).reshape(3, 2, 2)  # groups 0, 1 of viewer 0; group 2 of 1
     table = _table(utilities, [0, 0, 1])
     drawn = table.resampled(np.array([1, 1]))
-    assert drawn.utilities.shape == (2, 2, 2)
-    assert np.array_equal(drawn.owner, [0, 1])
-    assert np.array_equal(drawn.utilities, np.stack([utilities[2][[1, 1]]] * 2))
+    assert np.array_equal(drawn.utilities, np.stack([utilities[2]] * 2))  # both viewers still value the groups
+    assert np.array_equal(drawn.owner, [1, 1])
+    assert drawn.viewer_weights is not None and np.array_equal(drawn.viewer_weights, [0.0, 2.0])
     with pytest.raises(ConfigError, match="owner"):
         dataclasses.replace(table, owner=np.array([0, 0, 2]))
+
+
+def test_viewer_weights_count_viewers_and_leave_the_shared_part_whole() -> None:
+    # Contrasts [1, -1], [0, 0], [0, 0]: shared [1/3, -1/3] (2/9 a viewer); residuals' squares 8/9, 2/9, 2/9.
+    utilities = np.array([[[2.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])
+    assert user_specific_share(utilities) == pytest.approx((12 / 9) / 2)  # the whole panel: over sum(c^2) = 2
+    assert user_specific_share(utilities, np.array([1.0, 0.0, 0.0])) == pytest.approx((8 / 9) / (8 / 9 + 2 / 9))
+    assert user_specific_share(utilities, np.array([0.0, 2.0, 0.0])) == pytest.approx(0.5)
+    assert user_specific_share(utilities, np.array([2.0, 2.0, 2.0])) == pytest.approx(user_specific_share(utilities))
 
 
 def test_bootstrap_gives_every_statistic_an_interval_around_its_value() -> None:
@@ -204,6 +213,16 @@ def tiny_base(tmp_path: Path) -> Path:
     return tmp_path / "base"
 
 
+def test_the_reproduction_command_holds_every_option_but_the_outputs() -> None:
+    from ops.commands.eval_signal import command_line, given_options, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="mode"))
+    args = parser.parse_args(["signal", "--users", "6", "--steps", "3", "--base", "a b", "--out", "o", "--docs", "d"])
+    assert command_line(args) == "perfusion eval signal --users 6 --steps 3 --base 'a b'"
+    assert given_options(args) == {"users": 6, "sampling_steps": 3, "base_checkpoint": Path("a b")}
+
+
 @pytest.mark.slow
 def test_signal_report_on_a_tiny_base_writes_valid_json_and_markdown(tmp_path: Path, tiny_base: Path) -> None:
     from ops.commands.eval_signal import JSON_NAME, register
@@ -212,17 +231,20 @@ def test_signal_report_on_a_tiny_base_writes_valid_json_and_markdown(tmp_path: P
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="mode"))
     out = tmp_path / "out"
-    argv = ["signal", "--users", "4", "--groups", "2", "--steps", "2", "--bootstrap", "100", "--threads", "1"]
-    args = parser.parse_args([*argv, "--base", str(tiny_base), "--out", str(out), "--docs", str(tmp_path / "g.md")])
+    # The serving generator's own sampler: the report samples as the service does unless --steps asks.
+    argv = ["signal", "--users", "4", "--groups", "2", "--bootstrap", "100", "--threads", "1", "--base", str(tiny_base)]
+    args = parser.parse_args([*argv, "--out", str(out), "--docs", str(tmp_path / "g.md")])
     assert args.handler(args) == 0
     results = SignalResults.read(out / JSON_NAME)
-    assert results.command.startswith("perfusion eval signal --users 4 --groups 2 --steps 2")
-    assert "--out" not in results.command and results.config.sampling_steps == 2
+    assert results.command == " ".join(["perfusion", "eval", *argv])
+    assert results.config.sampling_steps is None and results.generation.sampler
     assert set(results.sources) == {"base", "catalog"}
     for source in results.sources.values():
         assert source.groups == 8 and source.chance == 0.25
         assert source.within_group_sd.value >= 0 and 0 <= source.user_specific_share.value <= 1
-    assert results.generation.image_size == 8 and "2 steps" in results.generation.sampler
+        low, high = source.best_of_k_gain.ci95
+        assert low <= source.best_of_k_gain.value <= high
+    assert results.generation.image_size == 8 and len(results.generation.unet_sha256) == 16
     assert set(results.acceptance) == {"within_group_sd", "single_click_best"}
     markdown = (tmp_path / "g.md").read_text()
     assert f"Reproduce: `{results.command}`" in markdown
