@@ -8,7 +8,7 @@ images get one-hot blocks from their labels; generated images get the attribute 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 GARMENTS: tuple[str, ...] = ("t-shirt", "dress", "trousers", "skirt", "jacket", "hoodie")
@@ -43,6 +43,9 @@ ATTRIBUTE_KINDS: dict[str, tuple[str, ...]] = {
 
 DESCRIPTOR_DIM: int = sum(len(values) for values in ATTRIBUTE_KINDS.values())
 
+# The kinds a prompt may leave open; the garment is always named.
+OPEN_KINDS: tuple[str, ...] = ("colour", "pattern", "sleeve", "fit")
+
 
 @dataclass(frozen=True)
 class Attributes:
@@ -65,9 +68,32 @@ class Attributes:
         pattern = "" if self.pattern == "plain" else f" {self.pattern}"
         return f"a {self.colour}{pattern} {self.sleeve} {self.fit} {self.garment}"
 
+    def prompt(self, named: Collection[str] = OPEN_KINDS) -> str:
+        """A prompt naming the garment and the kinds in ``named``: ("colour",) -> "a navy t-shirt".
+
+        Unlike :meth:`caption`, a named plain pattern is written ("a navy plain short-sleeve slim t-shirt"), so that a
+        prompt without a pattern word leaves the pattern open instead of meaning plain.
+        """
+        unknown = set(named) - set(OPEN_KINDS)
+        if unknown:
+            raise ValueError(f"named kinds must be among {', '.join(OPEN_KINDS)}; got {sorted(unknown)}")
+        words = [getattr(self, kind) for kind in OPEN_KINDS if kind in named]
+        return " ".join(["a", *words, self.garment])
+
+    def prompts(self) -> list[str]:
+        """The prompt of every subset of OPEN_KINDS, in :func:`named_subsets` order (16 prompts)."""
+        return [self.prompt(named) for named in named_subsets()]
+
     def descriptor(self) -> list[float]:
         """One-hot descriptor, length DESCRIPTOR_DIM."""
         return one_hot_descriptor({kind: getattr(self, kind) for kind in ATTRIBUTE_KINDS})
+
+
+def named_subsets() -> list[tuple[str, ...]]:
+    """Every subset of OPEN_KINDS; subset i names kind j when bit j of i is set (0: garment only, 15: all)."""
+    return [
+        tuple(kind for bit, kind in enumerate(OPEN_KINDS) if index >> bit & 1) for index in range(2 ** len(OPEN_KINDS))
+    ]
 
 
 def one_hot_descriptor(labels: Mapping[str, str]) -> list[float]:

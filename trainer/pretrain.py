@@ -27,7 +27,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from perfusion.attributes import Attributes
+from perfusion.attributes import ATTRIBUTE_KINDS, GARMENTS, OPEN_KINDS, Attributes
 from perfusion.catalog import CatalogDataset, split_catalog
 from perfusion.checkpoints import load_component, save_component
 from perfusion.errors import ConfigError
@@ -56,6 +56,7 @@ ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 CLASSIFIER_COMPONENT = "attribute_classifier"
 REPORT_FILE = "report.json"
 SAMPLES_FILE = "samples.png"
+OPEN_SAMPLES_FILE = "open_samples.png"
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,10 @@ class PretrainConfig:
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps, then cosine decay to 10%"})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the saved weights"})
     caption_dropout: float = field(default=0.1, metadata={"help": "share of captions replaced by the empty prompt"})
+    attribute_dropout: float = field(
+        default=0.5,
+        metadata={"help": "chance that each of the colour, pattern, sleeve and fit words is left out of a caption"},
+    )
     variants: int = field(default=8, metadata={"help": "renders (seeds) of each training item"})
     seed: int = field(default=0, metadata={"help": "seeds renders, initialisation, batches and noise"})
     device: str = field(default="cpu", metadata={"help": "torch device (cpu or cuda)"})
@@ -75,6 +80,8 @@ class PretrainConfig:
     eval_seeds: int = field(default=2, metadata={"help": "samples per held-out caption"})
     grid_captions: int = field(default=8, metadata={"help": "rows of the sample grid"})
     grid_seeds: int = field(default=6, metadata={"help": "columns of the sample grid"})
+    open_seeds: int = field(default=64, metadata={"help": "seeds of each garment-only prompt for the open spread"})
+    open_grid_seeds: int = field(default=10, metadata={"help": "columns of the garment-only sample grid"})
     sample_steps: int = field(default=25, metadata={"help": "DDIM steps when sampling for evaluation"})
     guidance_scale: float = field(default=3.0, metadata={"help": "classifier-free guidance scale for evaluation"})
     classifier: ClassifierTrainingConfig = field(
@@ -84,6 +91,11 @@ class PretrainConfig:
         default_factory=RewardPretrainConfig, metadata={"help": "contrastive training of PerFusionRM's towers"}
     )
 
+    def __post_init__(self) -> None:
+        for name in ("caption_dropout", "attribute_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
 
 @dataclass
 class PretrainResult:
@@ -91,7 +103,8 @@ class PretrainResult:
     classifier: AttributeClassifier
     reward_towers: PerFusionRM | None  # None when an existing checkpoint is only measured again
     metrics: dict[str, Any]
-    grid: np.ndarray
+    grid: np.ndarray  # held-out captions (rows) across seeds
+    open_grid: np.ndarray  # garment-only prompts (rows) across seeds
 
 
 class EMA(Generic[ModuleT]):
@@ -124,6 +137,17 @@ def learning_rate_at(step: int, config: PretrainConfig, elapsed_s: float = 0.0) 
     return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def named_subset_indices(uniform: torch.Tensor, attribute_dropout: float) -> torch.Tensor:
+    """Attribute dropout: which kinds each caption names, as an index into :func:`named_subsets`.
+
+    ``uniform`` (B, len(OPEN_KINDS)) holds U(0, 1) draws; kind j is named when its draw is at least
+    ``attribute_dropout``, independently of the others, so that the model learns to sample what a prompt leaves open.
+    Returns (B,) long in [0, 2 ** len(OPEN_KINDS)), bit j set when kind j is named.
+    """
+    bits = 2 ** torch.arange(uniform.shape[1], device=uniform.device)
+    return ((uniform >= attribute_dropout).long() * bits).sum(dim=1)
+
+
 def train_unet(
     unet: UNet2DConditionModel,
     model_config: BaseModelConfig,
@@ -137,8 +161,9 @@ def train_unet(
     generator = torch.Generator(device=device).manual_seed(config.seed)
     data = CatalogDataset(items, size=model_config.sample_size, variants=config.variants, seed=config.seed)
     images = data.image_tensor().to(device)  # (N, 3, H, W) in [-1, 1]
-    caption_rows = text.rows([attrs.caption() for attrs in data.items])
-    image_text_rows = caption_rows[data.item_index()].to(device)  # (N,) row in the text table of each image
+    # prompt_rows[i, s]: text-table row of item i's prompt naming subset s of OPEN_KINDS (bit j: kind j named).
+    prompt_rows = text.rows([prompt for attrs in data.items for prompt in attrs.prompts()]).view(len(data.items), -1)
+    image_prompt_rows = prompt_rows[data.item_index()].to(device)  # (N, 16)
     states = text.states.to(device)  # (C, L, 384)
     empty_row = 0
     scheduler = build_train_scheduler(model_config)
@@ -156,7 +181,8 @@ def train_unet(
             group["lr"] = learning_rate_at(step, config, time.monotonic() - started)
         index = torch.randint(0, len(images), (config.batch_size,), device=device, generator=generator)
         x0 = images[index]
-        rows = image_text_rows[index]
+        uniform = torch.rand(config.batch_size, len(OPEN_KINDS), device=device, generator=generator)
+        rows = image_prompt_rows[index, named_subset_indices(uniform, config.attribute_dropout)]
         dropped = torch.rand(config.batch_size, device=device, generator=generator) < config.caption_dropout
         rows = torch.where(dropped, torch.full_like(rows, empty_row), rows)
         noise = torch.randn(x0.shape, device=device, generator=generator)
@@ -235,9 +261,45 @@ def evaluate_heldout(
     chosen = list(heldout[: config.eval_captions] if config.eval_captions else heldout)
     targets = [attrs for attrs in chosen for _ in range(config.eval_seeds)]
     seeds = [10_000 + row for row in range(len(targets))]
-    samples = sample_for(unet, model_config, text, [a.caption() for a in targets], seeds, config)
+    samples = sample_for(unet, model_config, text, [a.prompt() for a in targets], seeds, config)
     classifier.to("cpu")
     return attribute_accuracy(classifier, samples, targets)
+
+
+def garment_prompt(garment: str) -> str:
+    """The prompt that names only the garment ("a t-shirt"): every other kind is left open."""
+    return f"a {garment}"
+
+
+def evaluate_open_spread(
+    unet: UNet2DConditionModel,
+    classifier: AttributeClassifier,
+    model_config: BaseModelConfig,
+    text: CaptionStates,
+    config: PretrainConfig,
+) -> dict[str, dict[str, float]]:
+    """For each garment-only prompt, what ``config.open_seeds`` seeds of it draw, as the classifier reads them.
+
+    Per garment: the garment accuracy, and for each open kind the number of its values that appear and the
+    normalised entropy of their shares (1 = every value equally often, 0 = always the same one).
+    """
+    captions = [garment_prompt(garment) for garment in GARMENTS for _ in range(config.open_seeds)]
+    seeds = [20_000 + row for row in range(len(captions))]
+    samples = sample_for(unet, model_config, text, captions, seeds, config)
+    classifier.to("cpu")
+    predictions = classifier.predict(samples)
+    spread: dict[str, dict[str, float]] = {}
+    for g, garment in enumerate(GARMENTS):
+        rows = predictions[g * config.open_seeds : (g + 1) * config.open_seeds]
+        figures = {"garment_accuracy": float(np.mean([row["garment"] == garment for row in rows]))}
+        for kind in OPEN_KINDS:
+            values = ATTRIBUTE_KINDS[kind]
+            counts = np.array([sum(row[kind] == value for row in rows) for value in values], dtype=float)
+            shares = counts[counts > 0] / counts.sum()
+            figures[f"{kind}_values"] = float((counts > 0).sum())
+            figures[f"{kind}_entropy"] = round(float(-(shares * np.log(shares)).sum() / np.log(len(values))), 3)
+        spread[garment] = figures
+    return spread
 
 
 def sample_grid(
@@ -249,19 +311,40 @@ def sample_grid(
     scale: int = 2,
 ) -> np.ndarray:
     """A labelled grid, rows = captions, columns = seeds: uint8 (H, W, 3)."""
-    captions = [attrs.caption() for attrs in rows for _ in range(config.grid_seeds)]
-    seeds = [seed for _ in rows for seed in range(config.grid_seeds)]
+    return prompt_grid(unet, model_config, text, [attrs.prompt() for attrs in rows], config.grid_seeds, config, scale)
+
+
+def prompt_grid(
+    unet: UNet2DConditionModel,
+    model_config: BaseModelConfig,
+    text: CaptionStates,
+    prompts: Sequence[str],
+    columns: int,
+    config: PretrainConfig,
+    scale: int = 2,
+) -> np.ndarray:
+    """A labelled grid, rows = prompts, columns = seeds 0, 1, ...: uint8 (H, W, 3)."""
+    captions = [prompt for prompt in prompts for _ in range(columns)]
+    seeds = [seed for _ in prompts for seed in range(columns)]
     samples = sample_for(unet, model_config, text, captions, seeds, config)
     tile = model_config.sample_size * scale
     label_width = 300
-    grid = Image.new("RGB", (label_width + tile * config.grid_seeds, tile * len(rows)), (255, 255, 255))
+    grid = Image.new("RGB", (label_width + tile * columns, tile * len(prompts)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    for r, attrs in enumerate(rows):
-        draw.text((6, r * tile + tile // 2 - 6), attrs.caption(), fill=(0, 0, 0))
-        for c in range(config.grid_seeds):
-            image = Image.fromarray(samples[r * config.grid_seeds + c]).resize((tile, tile), Image.Resampling.NEAREST)
+    for r, prompt in enumerate(prompts):
+        draw.text((6, r * tile + tile // 2 - 6), prompt, fill=(0, 0, 0))
+        for c in range(columns):
+            image = Image.fromarray(samples[r * columns + c]).resize((tile, tile), Image.Resampling.NEAREST)
             grid.paste(image, (label_width + c * tile, r * tile))
     return np.asarray(grid)
+
+
+def open_prompt_grid(
+    unet: UNet2DConditionModel, model_config: BaseModelConfig, text: CaptionStates, config: PretrainConfig
+) -> np.ndarray:
+    """Garment-only prompts (rows) across seeds (columns): what the model fills in when a prompt leaves it open."""
+    prompts = [garment_prompt(garment) for garment in GARMENTS]
+    return prompt_grid(unet, model_config, text, prompts, config.open_grid_seeds, config)
 
 
 def pretrain(
@@ -269,11 +352,21 @@ def pretrain(
     config: PretrainConfig,
     text: CaptionStates,
     base_model: Path | None = None,
+    resume: Path | None = None,
 ) -> PretrainResult:
-    """Train the base UNet and the attribute classifier and measure held-out caption accuracy."""
+    """Train the base UNet and the attribute classifier and measure held-out caption accuracy.
+
+    The UNet starts from ``resume`` (a checkpoint folder this module saved), else from ``base_model`` (a diffusers
+    folder, adapted), else from scratch.
+    """
     split = split_catalog()
     torch.manual_seed(config.seed)
-    unet = load_pretrained_unet(base_model, model_config) if base_model else build_unet(model_config)
+    if resume:
+        unet = load_base_unet(resume).requires_grad_(True)
+    elif base_model:
+        unet = load_pretrained_unet(base_model, model_config)
+    else:
+        unet = build_unet(model_config)
     logger.info("base UNet: %.2f M parameters, %d training captions", count_parameters(unet) / 1e6, len(split.train))
     ema_unet, figures = train_unet(unet, model_config, config, split.train, text)
     classifier_config = ClassifierTrainingConfig(**{**asdict(config.classifier), "device": config.device})
@@ -283,6 +376,8 @@ def pretrain(
     heldout_accuracy = evaluate_heldout(ema_unet, classifier, model_config, text, split.heldout, config)
     grid_rows = _diverse(split.heldout, config.grid_captions)
     grid = sample_grid(ema_unet, model_config, text, grid_rows, config)
+    open_spread = evaluate_open_spread(ema_unet, classifier, model_config, text, config)
+    open_grid = open_prompt_grid(ema_unet, model_config, text, config)
     metrics: dict[str, Any] = {
         **figures,
         "parameters": count_parameters(ema_unet),
@@ -292,6 +387,9 @@ def pretrain(
         "eval_sampler": f"DDIM {config.sample_steps} steps, guidance {config.guidance_scale}",
         "classifier_accuracy_on_renders": classifier_accuracy,
         "reward_towers": reward_figures,
+        "attribute_dropout": config.attribute_dropout,
+        "open_seeds": config.open_seeds,
+        "open_spread": open_spread,
     }
     logger.info("held-out caption accuracy of samples: %s", heldout_accuracy)
     return PretrainResult(
@@ -300,6 +398,7 @@ def pretrain(
         reward_towers=reward_towers,
         metrics=metrics,
         grid=grid,
+        open_grid=open_grid,
     )
 
 
@@ -320,16 +419,21 @@ def evaluate_checkpoint(
     split = split_catalog()
     heldout_accuracy = evaluate_heldout(unet, classifier, model_config, text, split.heldout, config)
     grid = sample_grid(unet, model_config, text, _diverse(split.heldout, config.grid_captions), config)
+    open_grid = open_prompt_grid(unet, model_config, text, config)
     metrics = {
         **report["metrics"],
         "heldout_accuracy": heldout_accuracy,
         "eval_samples": (config.eval_captions or len(split.heldout)) * config.eval_seeds,
         "eval_sampler": f"DDIM {config.sample_steps} steps, guidance {config.guidance_scale}",
+        "open_seeds": config.open_seeds,
+        "open_spread": evaluate_open_spread(unet, classifier, model_config, text, config),
     }
     report["metrics"] = metrics
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    Image.fromarray(grid).save(folder / SAMPLES_FILE)
-    result = PretrainResult(unet=unet, classifier=classifier, reward_towers=None, metrics=metrics, grid=grid)
+    _save_grids(folder, grid, open_grid)
+    result = PretrainResult(
+        unet=unet, classifier=classifier, reward_towers=None, metrics=metrics, grid=grid, open_grid=open_grid
+    )
     return result, report["provenance"]
 
 
@@ -362,13 +466,18 @@ def save_pretrain_result(
         save_reward_towers(out, result.reward_towers, result.metrics.get("reward_towers", {}))
     report = {"metrics": result.metrics, "provenance": provenance, "pretrain_config": _jsonable(asdict(config))}
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    Image.fromarray(result.grid).save(out / SAMPLES_FILE)
+    _save_grids(out, result.grid, result.open_grid)
+
+
+def _save_grids(folder: Path, grid: np.ndarray, open_grid: np.ndarray) -> None:
+    Image.fromarray(grid).save(folder / SAMPLES_FILE)
+    Image.fromarray(open_grid).save(folder / OPEN_SAMPLES_FILE)
 
 
 def write_docs(result: PretrainResult, docs: Path, provenance: dict[str, Any]) -> None:
     """docs/samples.png and docs/base-model.md with the figures and the command that made them."""
     docs.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(result.grid).save(docs / SAMPLES_FILE)
+    _save_grids(docs, result.grid, result.open_grid)
     m = result.metrics
     heldout = m["heldout_accuracy"]
     renders = m["classifier_accuracy_on_renders"]
@@ -379,6 +488,11 @@ def write_docs(result: PretrainResult, docs: Path, provenance: dict[str, Any]) -
         "trained on the rendered catalog (train captions only), EMA weights, classifier-free guidance (10% caption",
         "dropout). It is committed in `assets/base/` and loaded by `perfusion.sampling.BaseGenerator`.",
         "",
+        f"Captions drop each of the colour, pattern, sleeve and fit words with probability "
+        f"{m.get('attribute_dropout', 0.0)}, independently, so that the model learns to draw what a prompt leaves",
+        'open: "a t-shirt" should give t-shirts of many colours and patterns, "a navy t-shirt" navy ones of any',
+        'pattern. A named plain pattern is written ("a navy plain ..."), so that no pattern word means any pattern.',
+        "",
         "## Figures",
         "",
         "| figure | value |",
@@ -386,6 +500,7 @@ def write_docs(result: PretrainResult, docs: Path, provenance: dict[str, Any]) -
         f"| parameters | {m['parameters'] / 1e6:.2f} M |",
         f"| training steps | {int(m['train_steps'])} at batch {provenance['batch_size']} |",
         f"| training wall time | {m['train_wall_s'] / 60:.1f} min on {provenance['device_name']} |",
+        *_previous_rows(provenance.get("previous")),
         f"| final training loss | {m['final_loss']} |",
         f"| evaluation sampler | {m.get('eval_sampler', 'DDIM')} |",
         f"| held-out captions, samples classified | {m['heldout_captions']}, {m['eval_samples']} |",
@@ -398,17 +513,62 @@ def write_docs(result: PretrainResult, docs: Path, provenance: dict[str, Any]) -
         "",
         "![samples for held-out captions](samples.png)",
         "",
-        "Rows: held-out captions; columns: seeds 0, 1, 2, ...",
+        "Rows: held-out captions, fully specified; columns: seeds 0, 1, 2, ...",
         "",
+        *_open_spread_lines(m),
         "## Reproduce",
         "",
         "```",
+        *_previous_commands(provenance.get("previous")),
         provenance["command"],
         *([provenance["evaluate_command"]] if provenance.get("evaluate_command") else []),
         "```",
         "",
     ]
     (docs / "base-model.md").write_text("\n".join(lines))
+
+
+def _previous_rows(previous: dict[str, Any] | None) -> list[str]:
+    """Rows for the runs this checkpoint continued, earliest first."""
+    if not previous:
+        return []
+    return [
+        *_previous_rows(previous.get("previous")),
+        f"| continued from: steps, wall time | {int(previous['train_steps'])} at batch {previous['batch_size']}, "
+        f"{previous['train_wall_s'] / 60:.1f} min on {previous['device_name']} |",
+    ]
+
+
+def _previous_commands(previous: dict[str, Any] | None) -> list[str]:
+    return [*_previous_commands(previous.get("previous")), previous["command"]] if previous else []
+
+
+def _open_spread_lines(m: dict[str, Any]) -> list[str]:
+    spread = m.get("open_spread")
+    if not spread:
+        return []
+    colours, patterns = len(ATTRIBUTE_KINDS["colour"]), len(ATTRIBUTE_KINDS["pattern"])
+    return [
+        "## What a garment-only prompt leaves open",
+        "",
+        f'{m["open_seeds"]} seeds of each garment-only prompt ("a t-shirt"), read by the attribute classifier: how',
+        f"many of the {colours} colours and {patterns} patterns appear, and the normalised entropy of their shares",
+        "(1: every value equally often; 0: always the same).",
+        "",
+        "| prompt | garment right | colours | colour entropy | patterns | pattern entropy | sleeves | fits |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *(
+            f"| a {garment} | {f['garment_accuracy']:.0%} | {int(f['colour_values'])} | {f['colour_entropy']:.2f} | "
+            f"{int(f['pattern_values'])} | {f['pattern_entropy']:.2f} | {int(f['sleeve_values'])} | "
+            f"{int(f['fit_values'])} |"
+            for garment, f in spread.items()
+        ),
+        "",
+        "![garment-only prompts across seeds](open_samples.png)",
+        "",
+        "Rows: garment-only prompts; columns: seeds 0, 1, 2, ...",
+        "",
+    ]
 
 
 def _reward_tower_rows(figures: dict[str, Any] | None) -> list[str]:

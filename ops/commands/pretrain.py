@@ -30,6 +30,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 3000; --quick: 30)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (default 64; --quick: 16)")
     parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    parser.add_argument(
+        "--attribute-dropout",
+        type=float,
+        default=None,
+        help="chance that each colour, pattern, sleeve and fit word is left out of a caption (default 0.5)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds renders, initialisation, batches and sampling")
     parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA)")
@@ -39,6 +45,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--docs", type=Path, default=None, help="also write samples.png and base-model.md here")
     parser.add_argument(
         "--base-model", type=Path, default=None, help="local diffusers folder whose unet/ to start from"
+    )
+    parser.add_argument(
+        "--resume", type=Path, default=None, help="continue training the base checkpoint in this folder"
     )
     parser.add_argument("--text-states", type=Path, default=None, help="precomputed caption states instead of MiniLM")
     parser.add_argument(
@@ -63,9 +72,9 @@ def register(subparsers: Any) -> None:
 
 # Options recorded in a checkpoint's provenance, in this order; flags are recorded when set.
 RECORDED_OPTIONS = (
-    "quick", "steps", "batch_size", "lr", "seed", "device", "bf16", "time_budget_min", "threads", "out", "docs",
-    "base_model", "text_states", "evaluate", "guidance_scale", "eval_seeds", "classifier_steps",
-    "reward_tower_steps", "reward_towers_only",
+    "quick", "steps", "batch_size", "lr", "attribute_dropout", "seed", "device", "bf16", "time_budget_min", "threads",
+    "out", "docs", "base_model", "resume", "text_states", "evaluate", "guidance_scale", "eval_seeds",
+    "classifier_steps", "reward_tower_steps", "reward_towers_only",
 )  # fmt: skip
 
 
@@ -99,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_config = QUICK_CONFIG if args.quick else BaseModelConfig()
-    captions = [attrs.caption() for attrs in all_attributes()]
+    # The catalog's captions (the reward towers' text) and every attribute-dropout prompt of every item.
+    captions = [text for attrs in all_attributes() for text in (attrs.caption(), *attrs.prompts())]
     if args.export_text_states:
         encoder = TextEncoder(max_length=model_config.text_max_length)
         CaptionStates.from_encoder(encoder, captions).save(args.export_text_states)
@@ -135,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps or (30 if quick else PretrainConfig.steps),
         batch_size=args.batch_size or (16 if quick else PretrainConfig.batch_size),
         learning_rate=args.lr,
+        attribute_dropout=PretrainConfig.attribute_dropout
+        if args.attribute_dropout is None
+        else args.attribute_dropout,
         warmup_steps=10 if quick else PretrainConfig.warmup_steps,
         variants=1 if quick else PretrainConfig.variants,
         seed=args.seed,
@@ -145,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
         eval_seeds=args.eval_seeds or (1 if quick else PretrainConfig.eval_seeds),
         grid_captions=4 if quick else PretrainConfig.grid_captions,
         grid_seeds=3 if quick else PretrainConfig.grid_seeds,
+        open_seeds=4 if quick else PretrainConfig.open_seeds,
+        open_grid_seeds=3 if quick else PretrainConfig.open_grid_seeds,
         sample_steps=5 if quick else PretrainConfig.sample_steps,
         guidance_scale=args.guidance_scale or PretrainConfig.guidance_scale,
         classifier=classifier,
@@ -165,8 +180,13 @@ def run(args: argparse.Namespace) -> int:
         "device_name": device_name,
         "torch": torch.__version__,
         "base_model": str(args.base_model) if args.base_model else None,
+        "resumed_from": str(args.resume) if args.resume else None,
     }
-    result = pretrain(model_config, config, text, base_model=args.base_model)
+    if args.resume:
+        provenance["previous"] = previous_training(args.resume)
+    if args.resume and args.base_model:
+        raise ConfigError("--resume and --base-model both name a starting point; pass one of them")
+    result = pretrain(model_config, config, text, base_model=args.base_model, resume=args.resume)
     out = args.out or state_dir() / "base"
     save_pretrain_result(result, out, model_config, config, provenance, built=args.base_model is None)
     if args.docs:
@@ -179,6 +199,22 @@ def run(args: argparse.Namespace) -> int:
     )
     logging.getLogger(__name__).debug("metrics: %s", result.metrics)
     return 0
+
+
+def previous_training(folder: Path) -> dict[str, Any]:
+    """How the checkpoint in ``folder`` was trained (its own chain included), for a run that continues it."""
+    import json
+
+    report = json.loads((folder / "report.json").read_text())
+    provenance, metrics = report["provenance"], report["metrics"]
+    return {
+        "command": provenance["command"],
+        "train_steps": metrics["train_steps"],
+        "batch_size": provenance["batch_size"],
+        "train_wall_s": metrics["train_wall_s"],
+        "device_name": provenance["device_name"],
+        "previous": provenance.get("previous"),
+    }
 
 
 def _pretrain_reward_towers_only(args: argparse.Namespace, config: Any, text: Any, channels: int) -> int:

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ops.cli import main
+from perfusion.attributes import OPEN_KINDS, named_subsets
 from perfusion.catalog import all_attributes, split_catalog
 from perfusion.checkpoints import load_component
 from perfusion.models.attribute_classifier import build_attribute_classifier
@@ -18,7 +21,7 @@ from perfusion.sampling import BaseGenerator
 from perfusion.text_encoder import CaptionStates
 from tests.perfusion.test_base_model import tiny_stable_diffusion_folder
 from trainer.attribute_classifier import ClassifierTrainingConfig, augment, classifier_loss
-from trainer.pretrain import EMA, PretrainConfig, learning_rate_at, train_unet
+from trainer.pretrain import EMA, PretrainConfig, learning_rate_at, named_subset_indices, train_unet
 from trainer.reward_pretrain import has_reward_towers
 
 TINY = PretrainConfig(steps=2, batch_size=4, warmup_steps=1, variants=1, seed=0)
@@ -34,7 +37,7 @@ def random_states(prompts: list[str]) -> CaptionStates:
 
 @pytest.fixture(scope="module")
 def states() -> CaptionStates:
-    return random_states([attrs.caption() for attrs in all_attributes()])
+    return random_states([text for attrs in all_attributes() for text in (attrs.caption(), *attrs.prompts())])
 
 
 def test_a_training_step_changes_parameters_and_ema_lags(states: CaptionStates) -> None:
@@ -63,6 +66,38 @@ def test_a_time_budget_stops_training(states: CaptionStates) -> None:
     config = dataclasses.replace(TINY, steps=1000, time_budget_s=0.0)
     _, figures = train_unet(build_unet(QUICK_CONFIG), QUICK_CONFIG, config, split_catalog().train[:4], states)
     assert figures["train_steps"] == 1
+
+
+def test_attribute_dropout_names_a_kind_when_its_draw_clears_the_dropout() -> None:
+    uniform = torch.tensor([[0.9, 0.9, 0.9, 0.9], [0.1, 0.1, 0.1, 0.1], [0.9, 0.1, 0.6, 0.2], [0.5, 0.49, 0.5, 0.0]])
+    indices = named_subset_indices(uniform, 0.5).tolist()
+    assert [named_subsets()[i] for i in indices] == [
+        OPEN_KINDS,
+        (),
+        ("colour", "sleeve"),
+        ("colour", "sleeve"),
+    ]
+    assert named_subset_indices(uniform, 0.0).tolist() == [15, 15, 15, 15]  # no dropout: every caption full
+
+
+def test_attribute_dropout_drops_each_kind_independently_at_its_rate() -> None:
+    uniform = torch.rand(20_000, len(OPEN_KINDS), generator=torch.Generator().manual_seed(0))
+    subsets = [named_subsets()[i] for i in named_subset_indices(uniform, 0.5).tolist()]
+    for kind in OPEN_KINDS:
+        assert abs(sum(kind in named for named in subsets) / len(subsets) - 0.5) < 0.02
+    garment_only = sum(named == () for named in subsets) / len(subsets)
+    assert abs(garment_only - 0.5**4) < 0.01  # independent: 1/16 of captions name the garment only
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.lists(st.floats(0.0, 0.999), min_size=4, max_size=4), min_size=1, max_size=8),
+    st.floats(0.0, 0.99),
+)
+def test_attribute_dropout_index_names_exactly_the_kinds_that_cleared(draws: list[list[float]], dropout: float) -> None:
+    indices = named_subset_indices(torch.tensor(draws, dtype=torch.float64), dropout).tolist()
+    for row, index in zip(draws, indices, strict=True):
+        assert named_subsets()[index] == tuple(kind for kind, u in zip(OPEN_KINDS, row, strict=True) if u >= dropout)
 
 
 def test_learning_rate_warms_up_then_decays() -> None:
@@ -124,6 +159,18 @@ def test_quick_cli_writes_a_loadable_checkpoint(tmp_path: Path, states: CaptionS
     load_component(out, "attribute_classifier", build_attribute_classifier)
     assert has_reward_towers(out) and report["metrics"]["reward_towers"]["steps"] == 20  # --quick's
     assert "PerFusionRM towers" in (docs / "base-model.md").read_text()
+    spread = report["metrics"]["open_spread"]
+    assert set(spread) == {"t-shirt", "dress", "trousers", "skirt", "jacket", "hoodie"}
+    assert all(1 <= figures["colour_values"] <= 4 for figures in spread.values())  # --quick: 4 seeds a garment
+    assert (docs / "open_samples.png").is_file() and "| a t-shirt |" in (docs / "base-model.md").read_text()
+
+    resumed = tmp_path / "resumed"
+    argv = ["pretrain", "--quick", "--steps", "2", "--classifier-steps", "2", "--resume", str(out), "--out"]
+    assert main([*argv, str(resumed), "--text-states", str(states_file), "--docs", str(resumed / "docs")]) == 0
+    previous = json.loads((resumed / "report.json").read_text())["provenance"]["previous"]
+    assert previous["command"] == report["provenance"]["command"] and previous["train_steps"] == 3
+    resumed_docs = (resumed / "docs" / "base-model.md").read_text()
+    assert "continued from" in resumed_docs and report["provenance"]["command"] in resumed_docs
 
     class StatesEncoder:
         def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
