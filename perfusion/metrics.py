@@ -6,6 +6,7 @@ negatives say nothing about ranking and are skipped; a call where every group is
 
 - :func:`gauc`: AUC inside each group, averaged over groups weighted by group size (the GAUC of recommendation).
 - :func:`mean_average_precision`: average precision inside each group, averaged over groups (unweighted).
+- :func:`gauc_interval`: a percentile bootstrap interval of the GAUC, resampling groups.
 
 Ties in score count one half in the AUC (the Mann-Whitney convention, as sklearn); in average precision tied
 candidates are ranked together (sklearn's ``average_precision_score`` convention).
@@ -102,6 +103,35 @@ def gauc(scores: ArrayLike, labels: ArrayLike, groups: ArrayLike) -> float:
         weighted_sum += group_scores.size * group_auc(group_scores, group_positives)
         total_weight += group_scores.size
     return weighted_sum / total_weight if total_weight else float("nan")
+
+
+def gauc_interval(
+    scores: ArrayLike,
+    labels: ArrayLike,
+    groups: ArrayLike,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`gauc`, resampling the groups that have both classes.
+
+    Returns (low, high); (NaN, NaN) when no group has both classes.
+    """
+    if resamples < 1 or not 0.0 < confidence < 1.0:
+        raise MetricInputError(f"need resamples >= 1 and confidence in (0, 1); got {resamples}, {confidence}")
+    score_array, positives, group_codes = _as_arrays(scores, labels, groups)
+    per_group = [
+        (group_scores.size, group_auc(group_scores, group_positives))
+        for group_scores, group_positives in _groups_with_both_classes(score_array, positives, group_codes)
+    ]
+    if not per_group:
+        return float("nan"), float("nan")
+    sizes = np.array([size for size, _ in per_group], dtype=np.float64)
+    aucs = np.array([auc for _, auc in per_group], dtype=np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(per_group), size=(resamples, len(per_group)))
+    estimates = (sizes[picks] * aucs[picks]).sum(axis=1) / sizes[picks].sum(axis=1)  # (resamples,)
+    tail = (1.0 - confidence) / 2.0
+    return float(np.quantile(estimates, tail)), float(np.quantile(estimates, 1.0 - tail))
 
 
 def mean_average_precision(scores: ArrayLike, labels: ArrayLike, groups: ArrayLike) -> float:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from perfusion.metrics import MetricInputError, gauc, mean_average_precision
+from perfusion.metrics import MetricInputError, gauc, gauc_interval, mean_average_precision
 
 
 def test_gauc_hand_computed_weighted_by_group_size() -> None:
@@ -119,3 +119,33 @@ def test_reversed_scores_mirror_the_auc(sample: tuple[list[int], list[int], list
     forward = gauc(raw_scores, labels, groups)
     backward = gauc(-raw_scores, labels, groups)
     assert (math.isnan(forward) and math.isnan(backward)) or forward + backward == pytest.approx(1.0)
+
+
+def test_gauc_interval_of_one_kind_of_group_is_that_group_s_auc() -> None:
+    # Two identical groups ranked half right: every resample has GAUC 0.5.
+    scores, labels, groups = [2, 1, 3, 2, 3, 1], [1, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 1]
+    assert gauc(scores, labels, groups) == pytest.approx(0.5)
+    assert gauc_interval(scores, labels, groups, resamples=50) == pytest.approx((0.5, 0.5))
+
+
+def test_gauc_interval_covers_the_estimate_and_widens_with_fewer_groups() -> None:
+    rng = np.random.default_rng(0)
+
+    def sample(num_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        groups = np.repeat(np.arange(num_groups), 4)
+        labels = np.tile([1, 0, 0, 0], num_groups)
+        scores = labels * 0.5 + rng.normal(size=labels.size)  # a weak ranker, GAUC about 0.64
+        return scores, labels, groups
+
+    few, many = sample(8), sample(400)
+    low_few, high_few = gauc_interval(*few)
+    low_many, high_many = gauc_interval(*many)
+    assert low_few <= gauc(*few) <= high_few and low_many <= gauc(*many) <= high_many
+    assert high_many - low_many < high_few - low_few
+    assert low_many > 0.5  # 400 groups tell a weak ranker from chance
+
+
+def test_gauc_interval_without_a_usable_group_is_nan_and_refuses_bad_settings() -> None:
+    assert all(math.isnan(v) for v in gauc_interval([1, 2], [0, 0], [0, 0]))
+    with pytest.raises(MetricInputError, match="confidence"):
+        gauc_interval([1, 2], [1, 0], [0, 0], confidence=1.5)
