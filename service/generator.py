@@ -4,8 +4,10 @@ It holds the frozen base UNet, the text encoder, the attribute classifier (for e
 *two* allocated adaptive networks: the active one serves requests, the standby one receives the next version.
 
 - ``generate`` draws the K candidates of one group in one batch: the prompt's token states repeated K times, the
-  user vector u repeated K times (or no adaptive input at all when the user is unknown), K noises from one seed.
-  Same prompt, u, K, seed and version give the same pixels.
+  user vector u repeated K times (or no adaptive input at all when the user is unknown), K noises from one seed;
+  with guidance, the K conditional and K unconditional rows go through one forward pass a step (2K rows). The
+  sampler is the service's :class:`SamplerConfig` (default :data:`SERVING_SAMPLER`). Same prompt, u, K, seed and
+  version give the same pixels.
 - ``load_version`` loads a published version's adaptive weights into the standby network with ``load_state_dict``
   (no allocation), checks them, and only then swaps standby and active under a lock. A request that started
   before the swap finishes on the network it started with (so its images and its ``model_version`` agree); the
@@ -35,6 +37,7 @@ from perfusion.errors import PerfusionError
 from perfusion.models.adaptive import AdaptiveConfig, AdaptiveNetwork, personalized_noise_prediction
 from perfusion.models.attribute_classifier import AttributeClassifier
 from perfusion.models.base import BaseModelConfig
+from perfusion.sampler_config import SERVING_SAMPLER, SamplerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -91,20 +94,15 @@ class PersonalizedGenerator:
         config: BaseModelConfig,
         version: str = BASE_VERSION,
         uses_adaptive: bool = True,
-        num_steps: int = 20,
-        guidance_scale: float = 3.0,
-        sampler: str = "ddim",
+        sampler: SamplerConfig = SERVING_SAMPLER,
     ) -> None:
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be at least 1, got {num_steps}")
         unet.eval().requires_grad_(False)
         self.unet = unet
         self.text_encoder = text_encoder
         self.classifier = classifier.eval()
         self.config = config
-        self.num_steps = num_steps
-        self.guidance_scale = guidance_scale
         self.sampler = sampler
+        self._uncond_states: Tensor | None = None  # the empty prompt's states [1, L, 384], encoded once
         adaptive.eval().requires_grad_(False)
         standby = copy.deepcopy(adaptive)
         self._active = _Slot(adaptive, version, uses_adaptive)
@@ -143,29 +141,28 @@ class PersonalizedGenerator:
     ) -> NDArray[np.uint8]:
         from perfusion.sampling import sample_images
 
-        states, _ = self.text_encoder.encode([prompt, ""])
-        text_states = states[:1].expand(k, -1, -1)  # [K, L, 384]: the K candidates share the prompt
-        uncond_states = states[1:]  # [1, L, 384]: the empty prompt, for classifier-free guidance
+        states, _ = self.text_encoder.encode([prompt])
+        text_states = states.expand(k, -1, -1)  # [K, L, 384]: the K candidates share the prompt
         adaptive = slot.network if slot.uses_adaptive and user_vector is not None else None
-        users = None
+        user = None
         if adaptive is not None and user_vector is not None:
-            users = torch.from_numpy(np.asarray(user_vector, dtype=np.float32)).unsqueeze(0).expand(k, -1)  # [K, U]
+            user = torch.from_numpy(np.asarray(user_vector, dtype=np.float32)).unsqueeze(0)  # [1, U]
 
         def noise_fn(x_t: Tensor, t: Tensor, conditioning: Tensor) -> Tensor:
+            # x_t holds 2K rows with guidance (K conditional, then K unconditional), K without; one user for all.
+            users = None if user is None else user.expand(x_t.shape[0], -1)
             return personalized_noise_prediction(self.unet, adaptive, x_t, t, conditioning, users)
 
         return sample_images(
-            noise_fn,
-            text_states,
-            num_steps=self.num_steps,
-            seed=seed,
-            size=self.config.sample_size,
-            config=self.config,
-            uncond_states=uncond_states,
-            guidance_scale=self.guidance_scale,
-            sampler=self.sampler,
-            channels=self.config.channels,
+            noise_fn, text_states, self.sampler, seed, config=self.config, uncond_states=self.uncond_states()
         )
+
+    def uncond_states(self) -> Tensor:
+        """The empty prompt's token states [1, L, 384] for classifier-free guidance (encoded on first use)."""
+        if self._uncond_states is None:
+            states, _ = self.text_encoder.encode([""])
+            self._uncond_states = states
+        return self._uncond_states
 
     # ----------------------------------------------------------------------------------------------- hot reload
 
@@ -213,8 +210,7 @@ def load_serving_generator(
     base_folder: Path,
     store_root: Path,
     text_encoder: TextStates,
-    num_steps: int = 20,
-    guidance_scale: float = 3.0,
+    sampler: SamplerConfig = SERVING_SAMPLER,
 ) -> PersonalizedGenerator:
     """The generator ``perfusion serve`` runs: the base checkpoint, then LATEST of the model store when it verifies.
 
@@ -248,8 +244,7 @@ def load_serving_generator(
         classifier,
         config,
         uses_adaptive=False,
-        num_steps=num_steps,
-        guidance_scale=guidance_scale,
+        sampler=sampler,
     )
     if latest is not None:
         try:

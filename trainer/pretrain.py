@@ -41,7 +41,15 @@ from perfusion.models.base import (
     unet_component_config,
 )
 from perfusion.models.reward import PerFusionRM
-from perfusion.sampling import UNET_COMPONENT, base_model_config, load_base_unet, sample_images, unet_noise_fn
+from perfusion.sampling import (
+    SERVING_SAMPLER,
+    UNET_COMPONENT,
+    SamplerConfig,
+    base_model_config,
+    load_base_unet,
+    sample_images,
+    unet_noise_fn,
+)
 from perfusion.text_encoder import CaptionStates
 from trainer.attribute_classifier import ClassifierTrainingConfig, train_attribute_classifier
 from trainer.reward_pretrain import (
@@ -237,13 +245,15 @@ def sample_for(
             images = sample_images(
                 unet_noise_fn(unet),
                 states,
-                num_steps=config.sample_steps,
+                SamplerConfig(
+                    kind="ddim",
+                    spacing=SERVING_SAMPLER.spacing,
+                    steps=config.sample_steps,
+                    guidance_scale=config.guidance_scale,
+                ),
                 seed=list(seeds[start : start + batch_size]),
-                size=model_config.sample_size,
                 config=model_config,
                 uncond_states=uncond,
-                guidance_scale=config.guidance_scale,
-                channels=model_config.channels,
             )
         out.append(images)
     return np.concatenate(out)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from perfusion.errors import ConfigError
+from perfusion.sampler_config import SERVING_SAMPLER, SamplerConfig
 
 if TYPE_CHECKING:
     from service.features import FeatureReader
@@ -45,14 +46,22 @@ class ServeBenchConfig:
     """What to measure; the defaults are ``perfusion serve``'s sampling settings."""
 
     k: int = field(default=4, metadata={"help": "candidates per request"})
-    steps: int = field(default=20, metadata={"help": "denoising steps per candidate group"})
-    guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance scale"})
+    steps: int = field(
+        default=SERVING_SAMPLER.steps, metadata={"help": "steps of the serving sampler (trailing DDIM) per group"}
+    )
+    guidance: float = field(default=SERVING_SAMPLER.guidance_scale, metadata={"help": "classifier-free guidance scale"})
     repeats: int = field(default=8, metadata={"help": "timed requests per arm (base, personalized)"})
     warmup: int = field(default=1, metadata={"help": "untimed requests per arm first"})
     publishes: int = field(default=5, metadata={"help": "versions published while requests run"})
     poll: float = field(default=0.25, metadata={"help": "seconds between the watcher's checks of LATEST"})
     base: Path | None = field(default=None, metadata={"help": "base checkpoint folder (default: assets/base)"})
     seed: int = field(default=0, metadata={"help": "noise seed of every request"})
+
+    @property
+    def sampler(self) -> SamplerConfig:
+        return SamplerConfig(
+            kind=SERVING_SAMPLER.kind, spacing=SERVING_SAMPLER.spacing, steps=self.steps, guidance_scale=self.guidance
+        )
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= 16:
@@ -154,9 +163,7 @@ def run_serve_benchmark(config: ServeBenchConfig, bootstrap_servers: str | None 
             push_profiles(_OneProfile(), [PERSONALIZED_USER])
             store = ModelStore(state / "models")
             text_encoder = base_text_encoder(base_folder)
-            generator = load_serving_generator(
-                base_folder, store.root, text_encoder, num_steps=config.steps, guidance_scale=config.guidance
-            )
+            generator = load_serving_generator(base_folder, store.root, text_encoder, config.sampler)
             _publish_version(store, generator.unet, seed=config.seed)
             metrics = ServiceMetrics()
             watcher = ModelWatcher(

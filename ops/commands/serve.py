@@ -49,9 +49,7 @@ def run(args: argparse.Namespace) -> int:
     base_folder = service.base or BASE_CHECKPOINT_DIR
     store_root = service.models or state_dir() / "models"
     text_encoder = base_text_encoder(base_folder)
-    generator = load_serving_generator(
-        base_folder, store_root, text_encoder, num_steps=service.steps, guidance_scale=service.guidance
-    )
+    generator = load_serving_generator(base_folder, store_root, text_encoder, service.sampler())
     metrics = ServiceMetrics()
     designs = DesignRegistry.default()
     watcher = ModelWatcher(
@@ -77,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         generation=service.generation,
     )
     print(
-        f"serving model version {generator.model_version} on http://{service.host}:{service.port} (Kafka {bootstrap})"
+        f"serving model version {generator.model_version} on http://{service.host}:{service.port} (Kafka {bootstrap}); "
+        f"sampler {generator.sampler.describe()}"
     )
     try:
         uvicorn.run(app, host=service.host, port=service.port, log_level="info")

@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+import numpy as np
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
@@ -19,10 +20,8 @@ from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 
 from perfusion.errors import ConfigError
+from perfusion.sampler_config import SamplerConfig
 from perfusion.text_encoder import DEFAULT_MAX_LENGTH, HIDDEN_SIZE
-
-SamplerKind = Literal["ddim", "dpm-solver"]
-SAMPLER_KINDS: tuple[str, ...] = ("ddim", "dpm-solver")
 
 
 @dataclass(frozen=True)
@@ -186,22 +185,61 @@ def build_train_scheduler(config: BaseModelConfig) -> DDPMScheduler:
 
 
 def build_sampling_scheduler(
-    config: BaseModelConfig, kind: str = "ddim"
+    config: BaseModelConfig, sampler: SamplerConfig
 ) -> DDIMScheduler | DPMSolverMultistepScheduler:
-    """Deterministic sampler over the training schedule: DDIM (eta 0) or DPM-Solver++ (2nd order).
+    """The deterministic scheduler ``sampler`` names over the training schedule, its timesteps set.
+
+    ``sampler.spacing`` is diffusers' ``timestep_spacing``. With "trailing" the first timestep is
+    ``num_train_timesteps - 1`` and the schedule strictly decreases (4 steps: 999, 749, 499, 249); "leading" starts
+    one step's span earlier (4 steps: 750, 500, 250, 0), where the squared-cosine schedule's alpha-bar is still 0.14,
+    so the pure noise drawn at the start holds too much noise for its timestep and few-step samples stay noisy.
 
     DDIM does not clip its x0 estimates: near t = T they are noise amplified ~100x, and clipping them to [-1, 1]
-    pushes whole images towards saturated colours that later steps do not undo (worse with guidance).
+    pushes whole images towards saturated colours that later steps do not undo (worse with guidance). At t = T - 1
+    itself the estimate is meaningless (alpha-bar 2.4e-9: the model's eps error times 20,000), which
+    :func:`perfusion.sampling.denoise` handles. ``set_alpha_to_one=False``: the last step lands on alpha-bar[0]
+    (0.99996, noise std 0.006 in [-1, 1], under one uint8 level), whatever the step count; diffusers computes the
+    previous timestep as t - T // steps, which is 0 for some counts (6 steps end at 166 -> 0) and -1 for others (4
+    steps end at 249 -> -1), so ``set_alpha_to_one=True`` would end at alpha 1 for some counts only.
     DPM-Solver++ extrapolates from x0 estimates, so it needs dynamic thresholding to stay bounded.
+
+    diffusers is imported from its defining modules throughout: its top-level lazy names are opaque to mypy.
     """
-    train_config = build_train_scheduler(config).config
-    if kind == "ddim":
-        return DDIMScheduler.from_config(train_config, clip_sample=False, set_alpha_to_one=False)
-    if kind == "dpm-solver":
-        return DPMSolverMultistepScheduler.from_config(
-            train_config, algorithm_type="dpmsolver++", solver_order=2, thresholding=True, sample_max_value=1.0
+    if sampler.steps > config.num_train_timesteps:
+        raise ConfigError(
+            f"SamplerConfig.steps must be at most the model's num_train_timesteps={config.num_train_timesteps}, got "
+            f"{sampler.steps}; sample with fewer steps"
         )
-    raise ConfigError(f"sampler must be one of {', '.join(SAMPLER_KINDS)}; got {kind!r}")
+    train_config = build_train_scheduler(config).config
+    scheduler: DDIMScheduler | DPMSolverMultistepScheduler
+    if sampler.kind == "ddim":
+        scheduler = DDIMScheduler.from_config(
+            train_config, clip_sample=False, set_alpha_to_one=False, timestep_spacing=sampler.spacing
+        )
+    else:  # "dpm-solver"; SamplerConfig refuses any other kind
+        scheduler = DPMSolverMultistepScheduler.from_config(
+            train_config,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            thresholding=True,
+            sample_max_value=1.0,
+            timestep_spacing=sampler.spacing,
+        )
+    scheduler.set_timesteps(sampler.steps)
+    if len(scheduler.timesteps) != sampler.steps:
+        # diffusers' trailing grid is a float arange that, for 62 step counts (61, 103, 121, ...), gains a spurious
+        # last timestep of -1 (alpha-bar[-1] is the last, pure-noise one): use the same grid in exact arithmetic.
+        exact = trailing_timesteps(config.num_train_timesteps, sampler.steps)
+        if isinstance(scheduler, DPMSolverMultistepScheduler):
+            scheduler.set_timesteps(timesteps=exact.tolist())  # also its sigmas
+        else:
+            scheduler.timesteps = torch.from_numpy(exact)  # DDIM's step reads only its step count
+    return scheduler
+
+
+def trailing_timesteps(num_train_timesteps: int, steps: int) -> np.ndarray:
+    """diffusers' "trailing" grid without its float arange: round(T * k / steps) - 1 for k = steps, ..., 1."""
+    return (np.round(num_train_timesteps * np.arange(steps, 0, -1) / steps) - 1).astype(np.int64)
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -15,6 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from harness.loop import LoopPlace, cli_arguments, loop_process, process_environment
+from perfusion.sampler_config import SamplerConfig
 from simulator.eval import EvaluationError
 from simulator.eval.config import EvaluationConfig
 from simulator.eval.plan import (
@@ -113,13 +114,12 @@ class ArmGenerator:
     the fine-tuned U-Net (no adaptive input), so every arm samples through one code path.
     """
 
-    def __init__(self, base_checkpoint: Path, model_root: Path, text_encoder: Any, num_steps: int) -> None:
+    def __init__(self, base_checkpoint: Path, model_root: Path, text_encoder: Any, sampler: SamplerConfig) -> None:
         from service.generator import load_serving_generator
 
         self.model_root = model_root
         self.text_encoder = text_encoder
-        self.num_steps = num_steps
-        self.generator = load_serving_generator(base_checkpoint, model_root, text_encoder, num_steps=num_steps)
+        self.generator = load_serving_generator(base_checkpoint, model_root, text_encoder, sampler)
 
     def follow_latest(self) -> str:
         from perfusion.checkpoints import ModelStore, load_component
@@ -144,8 +144,7 @@ class ArmGenerator:
                 current.config,
                 version=latest,
                 uses_adaptive=False,
-                num_steps=self.num_steps,
-                guidance_scale=current.guidance_scale,
+                sampler=current.sampler,
             )
         else:
             self.generator.load_version(latest, folder)
@@ -272,14 +271,13 @@ def run_arm(
             adaptive_learning_rate=config.adaptive_learning_rate,
             unet_learning_rate=config.unet_learning_rate,
             groups_per_batch=config.groups_per_batch,
-            gate_generation_steps=config.sampling_steps,
             gate_max_groups=8,
             gate_tolerance=config.gate_reward_tolerance,
             gate_generator_tolerance=config.gate_generator_tolerance,
             seed=config.seed,
         )
         images = ImageStore(arm_dir / "images")
-        generator = ArmGenerator(config.base_checkpoint, arm_dir / "models", text_encoder, config.sampling_steps)
+        generator = ArmGenerator(config.base_checkpoint, arm_dir / "models", text_encoder, config.sampler)
         reader = FeastFeatureReader(open_feature_store())
         recorded_vectors = ImpressionTimeUserVectors()
         trainer = build_trainer(settings, text_encoder=text_encoder, user_vectors=recorded_vectors)

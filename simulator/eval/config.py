@@ -8,6 +8,7 @@ from typing import Any
 
 from perfusion.errors import ConfigError
 from perfusion.paths import ASSETS_DIR
+from perfusion.sampler_config import SERVING_SAMPLER, SamplerConfig
 from trainer.settings import ARMS
 
 # Every arm of the trainer's but the one that differs only in its reward model (PerFusionRM without plug-ins): the
@@ -27,7 +28,10 @@ class EvaluationConfig:
     merchants: int = field(default=2, metadata={"help": "merchants posting the designs and selecting"})
     impressions_per_user: int = field(default=2, metadata={"help": "live impressions per training user per round"})
     k: int = field(default=4, metadata={"help": "candidates per impression"})
-    sampling_steps: int = field(default=6, metadata={"help": "DDIM steps per generated group"})
+    sampling_steps: int = field(
+        default=SERVING_SAMPLER.steps,
+        metadata={"help": "steps of the serving sampler (SERVING_SAMPLER, trailing DDIM) per generated group"},
+    )
     reward_steps: int = field(default=40, metadata={"help": "reward-model steps per trainer update"})
     diffusion_steps: int = field(default=8, metadata={"help": "generator steps per trainer update"})
     adaptive_learning_rate: float | None = field(
@@ -84,6 +88,11 @@ class EvaluationConfig:
             raise ConfigError(f"k must be between 2 and 16, got {self.k}")
         if self.bootstrap_samples < 100:
             raise ConfigError(f"bootstrap_samples must be at least 100, got {self.bootstrap_samples}")
+
+    @property
+    def sampler(self) -> SamplerConfig:
+        """The sampler of every group the evaluation generates: the service's, at ``sampling_steps``."""
+        return SERVING_SAMPLER.with_steps(self.sampling_steps)
 
     @classmethod
     def quick(cls, **overrides: Any) -> EvaluationConfig:

@@ -38,6 +38,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from perfusion.errors import ConfigError
+from perfusion.sampler_config import SERVING_SAMPLER
 from simulator.eval.config import EvaluationConfig
 from simulator.eval.plan import TRAIN_PROMPTS
 from simulator.eval.stats import interval
@@ -60,7 +61,10 @@ class ProbeConfig:
     train_users: int = field(default=20, metadata={"help": "shoppers whose groups train the update"})
     groups_per_user: int = field(default=4, metadata={"help": "logged base-model groups per user"})
     k: int = field(default=4, metadata={"help": "candidates per group"})
-    sampling_steps: int = field(default=4, metadata={"help": "DDIM steps per generated group"})
+    sampling_steps: int = field(
+        default=SERVING_SAMPLER.steps,
+        metadata={"help": "steps of the serving sampler (SERVING_SAMPLER, trailing DDIM) per generated group"},
+    )
     diffusion_steps: int = field(default=16, metadata={"help": "generator steps of the update"})
     groups_per_batch: int = field(default=8, metadata={"help": "groups per generator step"})
     adaptive_learning_rate: float | None = field(default=None, metadata={"help": "None: the trainer's"})
@@ -128,7 +132,7 @@ def trained_generator(
         serving.config,
         version=arm,
         uses_adaptive=uses_adaptive,
-        num_steps=config.sampling_steps,
+        sampler=SERVING_SAMPLER.with_steps(config.sampling_steps),
     )
     return generator, report
 

@@ -131,14 +131,17 @@ def log_base_groups(
 def probe_inputs(
     users: int, seed: int, torch_threads: int, base_checkpoint: Path, sampling_steps: int
 ) -> tuple[Any, list[str], Any, PersonalizedGenerator]:
-    """The evaluation's panel and training users, the text encoder, and the base model as a serving generator."""
+    """The evaluation's panel and training users, the text encoder, and the base model as a serving generator
+    (the serving sampler at ``sampling_steps``)."""
     import tempfile
 
+    from perfusion.sampler_config import SERVING_SAMPLER
     from service.generator import load_serving_generator
 
     panel, population, text_encoder = arm_inputs(
         EvaluationConfig(train_users=users, seed=seed, torch_threads=torch_threads)
     )
     with tempfile.TemporaryDirectory(prefix="perfusion-probe-") as empty_store:
-        serving = load_serving_generator(base_checkpoint, Path(empty_store), text_encoder, num_steps=sampling_steps)
+        sampler = SERVING_SAMPLER.with_steps(sampling_steps)
+        serving = load_serving_generator(base_checkpoint, Path(empty_store), text_encoder, sampler)
     return panel, population.train_users, text_encoder, serving

@@ -28,6 +28,7 @@ from perfusion.models.base import (
     unet_component_config,
     unet_from_config,
 )
+from perfusion.sampler_config import SamplerConfig
 
 TEXT_LENGTH = QUICK_CONFIG.text_max_length
 
@@ -72,11 +73,10 @@ def test_config_dict_round_trip_and_unknown_keys() -> None:
 def test_schedulers() -> None:
     assert dict(build_train_scheduler(QUICK_CONFIG).config)["num_train_timesteps"] == QUICK_CONFIG.num_train_timesteps
     for kind in ("ddim", "dpm-solver"):
-        scheduler = build_sampling_scheduler(QUICK_CONFIG, kind)
-        scheduler.set_timesteps(10)
-        assert len(scheduler.timesteps) == 10
-    with pytest.raises(ConfigError, match="sampler"):
-        build_sampling_scheduler(QUICK_CONFIG, "euler")
+        scheduler = build_sampling_scheduler(QUICK_CONFIG, SamplerConfig(kind=kind, spacing="trailing", steps=10))
+        assert len(scheduler.timesteps) == 10 and scheduler.config["timestep_spacing"] == "trailing"
+    ddim = build_sampling_scheduler(QUICK_CONFIG, SamplerConfig(kind="ddim", steps=4))
+    assert not ddim.config["clip_sample"] and not ddim.config["set_alpha_to_one"]
 
 
 def test_checkpoint_round_trip_rebuilds_the_same_unet(tmp_path: Path) -> None:

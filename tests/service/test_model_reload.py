@@ -13,6 +13,7 @@ from perfusion.checkpoints import ModelStore
 from perfusion.models.adaptive import AdaptiveConfig, AdaptiveNetwork
 from perfusion.models.attribute_classifier import AttributeClassifier, AttributeClassifierConfig
 from perfusion.models.base import QUICK_CONFIG, build_unet
+from perfusion.sampler_config import SamplerConfig
 from perfusion.text_encoder import TextEncoder
 from perfusion.user_features import USER_DIM
 from service.generator import ADAPTIVE_COMPONENT, PersonalizedGenerator, VersionRefused
@@ -46,7 +47,13 @@ def build_generator(text_encoder: TextEncoder, uses_adaptive: bool = True) -> Pe
     classifier = AttributeClassifier(AttributeClassifierConfig(channels=(8, 16)))
     adaptive = AdaptiveNetwork(unet, ADAPTIVE_CONFIG)
     return PersonalizedGenerator(
-        unet, adaptive, text_encoder, classifier, QUICK_CONFIG, uses_adaptive=uses_adaptive, num_steps=2
+        unet,
+        adaptive,
+        text_encoder,
+        classifier,
+        QUICK_CONFIG,
+        uses_adaptive=uses_adaptive,
+        sampler=SamplerConfig(steps=2),
     )
 
 

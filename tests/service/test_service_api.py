@@ -27,6 +27,7 @@ from perfusion.image_store import ImageStore
 from perfusion.models.adaptive import AdaptiveConfig, AdaptiveNetwork
 from perfusion.models.attribute_classifier import AttributeClassifier, AttributeClassifierConfig
 from perfusion.models.base import QUICK_CONFIG, build_unet
+from perfusion.sampler_config import SamplerConfig
 from perfusion.text_encoder import TextEncoder
 from service.app import create_app
 from service.designs import DesignRegistry
@@ -73,7 +74,7 @@ def tiny_generator(text_encoder: TextEncoder) -> PersonalizedGenerator:
             if any(zero_init in name for zero_init in ZERO_INIT_PARTS):
                 parameter.normal_(0.0, 0.05)
     classifier = AttributeClassifier(AttributeClassifierConfig(channels=(8, 16)))
-    return PersonalizedGenerator(unet, adaptive, text_encoder, classifier, QUICK_CONFIG, num_steps=2)
+    return PersonalizedGenerator(unet, adaptive, text_encoder, classifier, QUICK_CONFIG, sampler=SamplerConfig(steps=2))
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from perfusion.image_store import ImageStore
 from perfusion.models.adaptive import AdaptiveConfig, AdaptiveNetwork
 from perfusion.models.attribute_classifier import AttributeClassifier, AttributeClassifierConfig
 from perfusion.models.base import QUICK_CONFIG, build_unet
+from perfusion.sampler_config import SamplerConfig
 from perfusion.text_encoder import TextEncoder
 from service.app import create_app
 from service.designs import DemandFollower, DesignRegistry
@@ -56,7 +57,9 @@ def test_design_candidates_and_events_reach_kafka(
     unet = build_unet(QUICK_CONFIG)
     adaptive = AdaptiveNetwork(unet, AdaptiveConfig(condition_hidden=16, condition_channels=4))
     classifier = AttributeClassifier(AttributeClassifierConfig(channels=(8, 16)))
-    generator = PersonalizedGenerator(unet, adaptive, TextEncoder(), classifier, QUICK_CONFIG, num_steps=2)
+    generator = PersonalizedGenerator(
+        unet, adaptive, TextEncoder(), classifier, QUICK_CONFIG, sampler=SamplerConfig(steps=2)
+    )
     designs = DesignRegistry(tmp_path / "designs.sqlite")
     sink = KafkaEventSink(kafka_bootstrap, topics.events)
     follower = DemandFollower(designs, kafka_bootstrap, topics.events, topics.production_orders, poll_timeout_s=0.2)

@@ -17,7 +17,7 @@ from perfusion.catalog import all_attributes, split_catalog
 from perfusion.checkpoints import load_component
 from perfusion.models.attribute_classifier import build_attribute_classifier
 from perfusion.models.base import QUICK_CONFIG, build_unet, load_pretrained_unet
-from perfusion.sampling import BaseGenerator
+from perfusion.sampling import BaseGenerator, SamplerConfig
 from perfusion.text_encoder import CaptionStates
 from tests.perfusion.test_base_model import tiny_stable_diffusion_folder
 from trainer.attribute_classifier import ClassifierTrainingConfig, augment, classifier_loss
@@ -177,7 +177,8 @@ def test_quick_cli_writes_a_loadable_checkpoint(tmp_path: Path, states: CaptionS
             return states.states[states.rows(prompts)], states.mask[states.rows(prompts)]
 
     generator = BaseGenerator(out, text_encoder=StatesEncoder())  # type: ignore[arg-type]
-    assert generator.generate([split_catalog().heldout[0].caption()], num_steps=2).shape == (1, 32, 32, 3)
+    images = generator.generate([split_catalog().heldout[0].caption()], sampler=SamplerConfig(steps=2))
+    assert images.shape == (1, 32, 32, 3)
 
     code = main(
         ["pretrain", "--quick", "--evaluate", str(out), "--guidance-scale", "2", "--text-states", str(states_file)]
