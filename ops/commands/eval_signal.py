@@ -18,12 +18,12 @@ from typing import Any
 # ``perfusion --help`` does not import the simulator.
 FLAGS: dict[str, tuple[str, type, str]] = {
     "--users": ("users", int, "training shoppers of the evaluation's panel (default 16)"),
-    "--groups": ("groups_per_user", int, "groups shown to each user, the training prompts in turn (default 8)"),
+    "--groups": ("groups_per_user", int, "groups shown to each user, the training prompts in turn (default 16)"),
     "--k": ("k", int, "candidates per group (default 4)"),
-    "--steps": ("sampling_steps", int, "sampling steps of the base model (default: the serving generator's)"),
+    "--steps": ("sampling_steps", int, "steps of the serving sampler (default: the serving sampler as it is)"),
     "--bootstrap": ("bootstrap_samples", int, "bootstrap resamplings of users (default 1000)"),
     "--seed": ("seed", int, "seed of the panel, click and merchant draws (default 0)"),
-    "--threads": ("torch_threads", int, "torch threads (default 2)"),
+    "--threads": ("torch_threads", int, "torch threads (default 1)"),
     "--base": ("base_checkpoint", Path, "the base model folder (default assets/base)"),
 }
 JSON_NAME = "group_signal.json"

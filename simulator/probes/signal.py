@@ -48,13 +48,14 @@ from simulator.eval.config import EvaluationConfig
 from simulator.eval.plan import TRAIN_PROMPTS, Population, design_owner
 from simulator.eval.results import Estimate, Record
 from simulator.ground_truth import PixelPreferencePanel
-from simulator.marketplace import Marketplace
+from simulator.marketplace import BehaviourConfig, Marketplace
 from simulator.probes.logged_groups import LoggedGroups, log_base_groups
 from simulator.probes.signal_stats import STATISTICS, GroupTable, bootstrap, groups_counted
 
 log = logging.getLogger(__name__)
 
 SourceName = Literal["base", "catalog"]
+_CHUNK = 256  # images a viewer scores at once
 CATALOG_SIZE = 32  # catalog renders at the size the panel's features were scaled on (simulator.eval.plan)
 # Statistic of the base row -> the least value that passes.
 ACCEPTANCE: dict[str, float] = {"within_group_sd": 0.8, "single_click_best": 0.5}
@@ -69,15 +70,16 @@ class SignalConfig:
         metadata={"help": "training shoppers of the evaluation's panel: each is shown groups, all view every one"},
     )
     groups_per_user: int = field(
-        default=8, metadata={"help": "groups shown to each user, the training prompts in turn"}
+        default=16, metadata={"help": "groups shown to each user, the training prompts in turn"}
     )
     k: int = field(default=EvaluationConfig().k, metadata={"help": "candidates per group"})
     sampling_steps: int | None = field(
-        default=None, metadata={"help": "sampling steps of the base model (None: the serving generator's default)"}
+        default=None,
+        metadata={"help": "steps of the serving sampler (None: the serving generator's default sampler as it is)"},
     )
     bootstrap_samples: int = field(default=1000, metadata={"help": "bootstrap resamplings of users"})
     seed: int = field(default=0, metadata={"help": "seed of the panel (as the evaluation's), click and merchant draws"})
-    torch_threads: int = field(default=2, metadata={"help": "torch threads"})
+    torch_threads: int = field(default=1, metadata={"help": "torch threads (a small U-Net runs best on one)"})
     base_checkpoint: Path = field(default=EvaluationConfig().base_checkpoint, metadata={"help": "the base model"})
 
     def __post_init__(self) -> None:
@@ -113,7 +115,7 @@ class GroupSignal(Record):
 
     groups: int = Field(ge=0, description="groups shown")
     clicks_per_group: float = Field(ge=0)
-    within_group_sd: SignalEstimate = Field(description="sd (divisor K) of the viewer's utility over a group's K")
+    within_group_sd: SignalEstimate = Field(description="sd (divisor K - 1) of the viewer's utility over a group's K")
     user_specific_share: SignalEstimate = Field(description="share of within-group contrast specific to the viewer")
     single_click_best: SignalEstimate = Field(description="P(the click is the best | exactly one click)")
     single_click_best_expected: SignalEstimate = Field(description="the same in expectation over the click draws")
@@ -220,29 +222,34 @@ def group_table(
     """The logged groups as every viewer values them, the owners' clicks (a positive grade: a click, or an order,
     which follows one), the click model's probabilities, and the design merchant's selection."""
     marketplace = Marketplace(panel)
-    utilities, owners, clicked, probabilities, picker, picked = [], [], [], [], [], []
-    for index, sample in enumerate(logged.samples):
-        candidates = sorted(sample.candidates, key=lambda candidate: candidate.position)
-        images = np.stack([logged.pixels[candidate.image_id] for candidate in candidates])  # (K, H, W, 3)
-        values = np.stack([panel.utilities(viewer, images) for viewer in viewers])  # (V, K)
-        owner = viewers.index(sample.user_id)
-        selection = marketplace.merchant_selection(
-            design_owner(population, sample.prompt), images, np.random.default_rng([seed, 23, index])
+    candidates = [sorted(sample.candidates, key=lambda candidate: candidate.position) for sample in logged.samples]
+    images = np.stack([np.stack([logged.pixels[c.image_id] for c in group]) for group in candidates])  # (G, K, H, W, 3)
+    count = images.shape[0]
+    utilities = np.stack([_scores(panel, viewer, images) for viewer in viewers], axis=1)  # (G, V, K)
+    owner = np.array([viewers.index(sample.user_id) for sample in logged.samples], dtype=np.int64)
+    selections = [
+        marketplace.merchant_selection(
+            design_owner(population, sample.prompt), images[index], np.random.default_rng([seed, 23, index])
         )
-        utilities.append(values)
-        owners.append(owner)
-        clicked.append([candidate.grade > 0 for candidate in candidates])
-        probabilities.append(marketplace.click_probabilities(values[owner]))
-        picker.append(selection.utilities)
-        picked.append(selection.selected)
+        for index, sample in enumerate(logged.samples)
+    ]
+    own = utilities[np.arange(count), owner]  # (G, K)
     return GroupTable(
-        utilities=np.asarray(utilities, dtype=np.float64),
-        owner=np.asarray(owners, dtype=np.int64),
-        clicked=np.asarray(clicked, dtype=bool),
-        click_probabilities=np.asarray(probabilities, dtype=np.float64),
-        picker_utilities=np.asarray(picker, dtype=np.float64),
-        picked=np.asarray(picked, dtype=bool),
+        utilities=utilities,
+        owner=owner,
+        clicked=np.array([[candidate.grade > 0 for candidate in group] for group in candidates], dtype=bool),
+        click_probabilities=np.stack([marketplace.click_probabilities(row) for row in own]),
+        picker_utilities=np.stack([selection.utilities for selection in selections]),
+        picked=np.stack([selection.selected for selection in selections]),
     )
+
+
+def _scores(panel: PixelPreferencePanel, viewer: str, images: np.ndarray) -> np.ndarray:
+    """(G, K) true utilities of (G, K, H, W, 3) images for one viewer, scored a chunk of images at a time (the
+    features hold 12 floats a pixel for the colour histogram)."""
+    flat = images.reshape(-1, *images.shape[2:])
+    chunks = [panel.utilities(viewer, flat[start : start + _CHUNK]) for start in range(0, len(flat), _CHUNK)]
+    return np.concatenate(chunks).astype(np.float64).reshape(images.shape[:2])
 
 
 def group_signal(table: GroupTable, config: SignalConfig) -> GroupSignal:
@@ -276,6 +283,7 @@ def acceptance(base: GroupSignal) -> dict[str, Criterion]:
 
 def run_signal(config: SignalConfig) -> SignalSummary:
     """Log groups of the base model and of the catalog for the evaluation's panel, and measure their signal."""
+    from perfusion.sampler_config import SERVING_SAMPLER
     from service.generator import load_serving_generator
     from simulator.eval.runner import arm_inputs
 
@@ -295,9 +303,8 @@ def run_signal(config: SignalConfig) -> SignalSummary:
         if config.sampling_steps is None:
             serving = load_serving_generator(config.base_checkpoint, Path(empty_store), text_encoder)
         else:
-            serving = load_serving_generator(
-                config.base_checkpoint, Path(empty_store), text_encoder, num_steps=config.sampling_steps
-            )
+            sampler = SERVING_SAMPLER.with_steps(config.sampling_steps)
+            serving = load_serving_generator(config.base_checkpoint, Path(empty_store), text_encoder, sampler=sampler)
     drawn_by: tuple[tuple[SourceName, Any], ...] = (("base", serving), ("catalog", CatalogGroups()))
     sources: dict[SourceName, GroupSignal] = {}
     for name, generator in drawn_by:
@@ -377,6 +384,7 @@ def render_signal_markdown(results: SignalResults) -> str:
     from simulator.eval.report import markdown_table
 
     config, base, catalog = results.config, results.sources["base"], results.sources["catalog"]
+    b = BehaviourConfig()  # the marketplace's behaviour, which group_table's Marketplace(panel) uses
     rows = [[label, _cell(getattr(base, name)), _cell(getattr(catalog, name))] for name, label in _ROWS.items()]
     rows.append(["chance level of a single click, 1 / K", f"{base.chance:.3f}", f"{catalog.chance:.3f}"])
     rows.append(["clicks per group", f"{base.clicks_per_group:.2f}", f"{catalog.clicks_per_group:.2f}"])
@@ -412,9 +420,10 @@ def render_signal_markdown(results: SignalResults) -> str:
         "",
         "## What the numbers are",
         "",
-        "- Within-group sd: the standard deviation (divisor K) of a group's K true utilities for the shopper it was "
-        "shown to, mean over groups. Utilities are on a unit scale; clicks follow sigmoid(-1 + 1.5 u), so a spread "
-        "well below 1 gives clicks little to follow.",
+        "- Within-group sd: the standard deviation (divisor K - 1) of a group's K true utilities for the shopper it "
+        f"was shown to, mean over groups. Utilities are on a unit scale; a click follows sigmoid({b.click_bias:g} + "
+        f"{b.click_slope:g} u) times the slot's weight (1 + slot) ** -{b.position_decay:g}, so a spread well below 1 "
+        "gives clicks little to follow.",
         "- User-specific share: each viewer's utilities centred within the group are split into their mean over the "
         "panel (what every shopper prefers alike) and the viewer's residual; the share is the residual's sum of "
         "squares over the total. A generator conditioned on the user can only add what this share holds.",
@@ -424,9 +433,10 @@ def render_signal_markdown(results: SignalResults) -> str:
         "towards slot 0 in both.",
         "- Gap clicked - unclicked: within each group with both, the mean utility of clicked candidates less of the "
         "others, averaged over groups.",
-        "- Merchant's pick: the simulator's merchants select 1 or 2 candidates of their own design by their true "
-        "utility plus N(0, 0.2) noise (`Marketplace.merchant_selection`); the gap is on the merchant's utility, the "
-        "merchant of each design as in the evaluation. Intervals resample the shoppers whose groups they are.",
+        f"- Merchant's pick: the simulator's merchants select 1 to {b.max_selected} candidates of their own design by "
+        f"their true utility plus N(0, {b.selection_noise_sd:g}) noise (`Marketplace.merchant_selection`); the gap "
+        "is on the merchant's utility, the merchant of each design as in the evaluation. Intervals resample the "
+        "shoppers whose groups they are.",
         "- Oracle best-of-K gain: a group's best utility less its mean, for its viewer; its personal part is the "
         "viewer's own best less their utility of the candidate the panel likes best on average.",
         "",

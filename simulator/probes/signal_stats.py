@@ -76,8 +76,11 @@ class GroupTable:
 
 
 def within_group_sd(utilities: FloatArray) -> float:
-    """Mean over groups of the standard deviation (divisor K) of the (G, K) utilities within each group."""
-    return float(utilities.std(axis=1).mean()) if utilities.size else float("nan")
+    """Mean over groups of the standard deviation of the (G, K) utilities within each group, divisor K - 1 (the
+    spread of the generator's candidates, whatever K; K = 1 gives NaN)."""
+    if not utilities.size or utilities.shape[1] < 2:
+        return float("nan")
+    return float(utilities.std(axis=1, ddof=1).mean())
 
 
 def user_specific_share(utilities: FloatArray, viewer_weights: FloatArray | None = None) -> float:

@@ -44,8 +44,9 @@ def _table(utilities: np.ndarray, owner: list[int], clicked: np.ndarray | None =
 
 def test_within_group_sd_by_hand() -> None:
     assert within_group_sd(np.full((3, 4), 0.7)) == 0.0
-    # Divisor K: [0, 2] has sd 1; [1, 1, 1, 1] has 0; the mean over groups is 0.5.
-    assert within_group_sd(np.array([[0.0, 2.0], [1.0, 1.0]])) == pytest.approx(0.5)
+    # Divisor K - 1: [0, 2] has sd sqrt(2), [1, 1] 0; the mean over groups is sqrt(2) / 2. [0, 3, 6]: 3.
+    assert within_group_sd(np.array([[0.0, 2.0], [1.0, 1.0]])) == pytest.approx(np.sqrt(2) / 2)
+    assert within_group_sd(np.array([[0.0, 3.0, 6.0]])) == pytest.approx(3.0)
 
 
 def test_user_specific_share_by_hand() -> None:
