@@ -129,11 +129,18 @@ class TrainerSettings(KafkaClientSettings):
         description="publish unless the candidate generator's mean RM score on held-out prompts and users is "
         "below the serving generator's by more than this many standard deviations of the RM's held-out scores",
     )
-    gate_generation_steps: int = Field(
-        default=8,
+    gate_min_groups: int = Field(
+        default=32,
         ge=1,
-        le=1000,
-        description="DDIM steps when the gate draws images from the candidate and serving generators",
+        description="the gate votes only with at least this many held-out groups; with fewer it publishes and says "
+        "why it did not vote (a GAUC of a handful of groups moves in steps of 1/3)",
+    )
+    gate_confidence: float = Field(
+        default=0.95,
+        gt=0.0,
+        lt=1.0,
+        description="coverage of the judging RM's held-out GAUC interval (bootstrap over groups); the generator "
+        "check votes only when the interval lies above chance",
     )
     gate_max_groups: int = Field(default=16, ge=1, description="held-out groups whose prompt and user the gate draws")
     # --- the loop

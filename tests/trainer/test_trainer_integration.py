@@ -70,7 +70,7 @@ def trainer_settings(
         # The gate has its own tests; here every candidate must pass so that publish and commit are exercised.
         gate_tolerance=1.0,
         gate_generator_tolerance=1e6,
-        gate_generation_steps=2,
+        gate_min_groups=1,
         poll_timeout_ms=200,
     )
 
