@@ -1,5 +1,6 @@
 """``perfusion eval MODE``: the closed-loop evaluation of every arm against the simulated marketplace (``loop``) and
-the offline probes of one generator update (``probe``) and of the reward models (``reward-probe``).
+the offline probes of one generator update (``probe``) and of the reward models (``reward-probe``), and the
+group-signal report (``signal``, :mod:`ops.commands.eval_signal`).
 
 Every option of a mode except the output folders changes the numbers, so each one given reaches the reproduction
 command the reports print (:func:`command_line`).
@@ -13,6 +14,8 @@ import shlex
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from ops.commands import eval_signal
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ def register(subparsers: Any) -> None:
     _register_loop(modes)
     _register_probe(modes)
     _register_reward_probe(modes)
+    eval_signal.register(modes)
 
 
 def _register_loop(modes: Any) -> None:
