@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "pretrain",
     "train",
     "serve",
+    "keys",
     "models",
     "bench",
     "eval",

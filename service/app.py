@@ -1,13 +1,22 @@
 """The generator service's FastAPI app, built by :func:`create_app` from the components it is given.
 
 Every dependency comes in through the factory (generator, event sink, feature reader, design registry, image
-store, metrics, background followers), so tests build the app from real small components and ``perfusion serve``
-builds it from the real ones. Errors map to status codes in one place (:func:`_install_error_handlers`):
+store, API keys, ledger, metrics, background followers), so tests build the app from real small components and
+``perfusion serve`` builds it from the real ones.
 
-- bad input (validation, unknown design or image, malformed event): 4xx whose ``detail`` names the field and the fix;
-  no input, however hostile, gives a 5xx (:mod:`service.event_body`); a body over the limit is 413;
+Every endpoint but ``/healthz``, ``/metrics`` and ``/problems/{slug}`` needs an API key (``Authorization: Bearer``,
+:mod:`service.auth`); what each role may do is :mod:`service.access`, and what a posted event must satisfy is
+:mod:`service.admission`. Errors are RFC 9457 problem details (:mod:`service.problems`), mapped in one place
+(:func:`_install_error_handlers`):
+
+- no key or a bad one: 401 with ``WWW-Authenticate: Bearer``; a role or a resource that is not the caller's: 403;
+- bad input (validation, unknown design or image, malformed event, a rule of a posted event): 4xx whose ``detail``
+  names the field and the fix; a reused event id is 409; no input, however hostile, gives a 5xx
+  (:mod:`service.event_body`); a body over the limit is 413;
 - Kafka or Feast unavailable: 503 whose ``detail`` gives the reason; the request's effects are not kept;
 - generation pool full: 503 with ``Retry-After`` (:mod:`service.generation_pool`).
+
+Nothing refused reaches Kafka: every check runs before the event is produced.
 
 Candidate generation runs on a bounded pool of its own (a fixed number of worker threads, a bounded queue), and
 ``/healthz`` and ``/metrics`` are ``async`` endpoints that never wait on a thread, so they answer under any
@@ -24,32 +33,28 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Protocol, runtime_checkable
 
-from fastapi import FastAPI, Path, Request, Response
+from fastapi import FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from perfusion.contracts.records import (
-    Candidate,
-    Click,
-    DesignCreated,
-    Impression,
-    InvalidEvent,
-    Order,
-    Return,
-    Select,
-    parse_event,
-)
+from perfusion.contracts.records import Candidate, Click, DesignCreated, Impression, Order, Return, Select
 from perfusion.follower import TopicFollower
 from perfusion.image_store import ImageStore, UnknownImage
+from service.access import acting_for, require, require_image_access, require_own_design
+from service.admission import EventAdmission
+from service.auth import AuthSettings, Caller, KeyStore, Principal
 from service.body_limit import BodySizeLimit
-from service.designs import DesignRegistry, UnknownDesign
-from service.event_body import EventBodyRefused, check_event_body
+from service.designs import Design, DesignRegistry, UnknownDesign
 from service.events import EventSink, EventSinkUnavailable
 from service.features import FeatureReader, FeatureStoreUnavailable, user_condition
 from service.generation_pool import GenerationBusy, GenerationPool, GenerationPoolSettings
 from service.generator import CandidateGenerator
+from service.ledger import EventLedger
 from service.metrics import METRICS_CONTENT_TYPE, ServiceMetrics
+from service.problems import PROBLEM_TYPES, Refusal, problem_response, problem_type, refusal_response
 from service.schemas import (
     MAX_ID_CHARS,
     CandidateOut,
@@ -57,18 +62,19 @@ from service.schemas import (
     CandidatesResponse,
     CreateDesign,
     DesignCreatedResponse,
+    DesignList,
     DesignStatusResponse,
-    ErrorResponse,
+    DesignSummary,
     EventAccepted,
     Health,
     Personalization,
+    ProblemDetails,
+    ProblemTypeDescription,
 )
 
 logger = logging.getLogger(__name__)
 
-# The events a client may post; designs and impressions are produced by the service itself.
-ACCEPTED_EVENT_TYPES = (Click, Order, Return, Select)
-ACCEPTED_EVENT_KINDS = ", ".join(event_type.model_fields["kind"].default for event_type in ACCEPTED_EVENT_TYPES)
+IdPath = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]
 # Every request body (an event, a design, a candidates request) is a few hundred bytes; anything over this is
 # refused with 413 while it is being read.
 MAX_BODY_BYTES = 64 * 1024
@@ -93,12 +99,6 @@ class FollowsTopics(Protocol):
     def topic_followers(self) -> list[TopicFollower]: ...
 
 
-class BadEvent(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 def create_app(
     *,
     generator: CandidateGenerator,
@@ -111,10 +111,21 @@ def create_app(
     metrics: ServiceMetrics | None = None,
     background: Sequence[BackgroundTask] = (),
     generation: GenerationPoolSettings | None = None,
+    keys: KeyStore | None = None,
+    ledger: EventLedger | None = None,
+    auth: AuthSettings | None = None,
 ) -> FastAPI:
     """The service's app; ``background`` tasks are started and stopped with the app's lifespan, and candidate
-    generation runs on a pool of ``generation`` (default :class:`GenerationPoolSettings`)."""
+    generation runs on a pool of ``generation`` (default :class:`GenerationPoolSettings`).
+
+    ``auth`` defaults to :meth:`AuthSettings.from_env`, ``keys`` to the key store those settings name
+    (``<state>/service/keys.json``, where ``perfusion keys create`` writes), and ``ledger`` to
+    ``ledger.sqlite`` beside the design registry's file."""
     service_metrics = metrics if metrics is not None else ServiceMetrics()
+    auth_settings = auth if auth is not None else AuthSettings.from_env()
+    key_store = keys if keys is not None else KeyStore.default(auth_settings)
+    event_ledger = ledger if ledger is not None else EventLedger(designs.path.with_name("ledger.sqlite"))
+    admission = EventAdmission(auth_settings, designs, event_ledger)
     pool = GenerationPool(generation)
     following = [task for task in background if isinstance(task, FollowsTopics)]
     service_metrics.follow_counts_of(lambda: [follower for task in following for follower in task.topic_followers()])
@@ -134,11 +145,23 @@ def create_app(
 
     app = FastAPI(
         title="PerFusion generator service",
-        description="Personalized candidate groups for merchants' text designs, with events logged to Kafka.",
+        description="Personalized candidate groups for merchants' text designs, with events logged to Kafka. Every "
+        "endpoint but /healthz, /metrics and /problems needs an API key (`Authorization: Bearer <key>`).",
         lifespan=lifespan,
-        responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+        responses={
+            status: {"model": ProblemDetails, "description": description}
+            for status, description in (
+                (401, "no API key, or one that is unknown or revoked"),
+                (403, "the caller's role may not do this, or the resource is someone else's"),
+                (404, "no such design or image"),
+                (409, "the event id was used before"),
+                (422, "the body breaks a rule; detail names the field and the fix"),
+                (503, "Kafka, Feast or generation unavailable"),
+            )
+        },
     )
     app.state.metrics = service_metrics
+    app.state.keys = key_store
     # Added before the metrics middleware, which therefore wraps it and counts the 413s it answers.
     app.add_middleware(BodySizeLimit, limit_bytes=MAX_BODY_BYTES)
     _install_metrics_middleware(app, service_metrics)
@@ -151,21 +174,30 @@ def create_app(
             service_metrics.kafka_errors.labels(operation="produce").inc()
             raise
 
+    def own_design(principal: Principal, design_id: str) -> Design:
+        design = designs.get(design_id)
+        require_own_design(principal, design)
+        return design
+
     @app.post("/designs", response_model=DesignCreatedResponse, status_code=201)
-    def create_design(body: CreateDesign) -> DesignCreatedResponse:
-        design = designs.create(body.merchant_id, body.prompt, body.order_threshold)
+    def create_design(body: CreateDesign, principal: Caller) -> DesignCreatedResponse:
+        require(principal, "create_design")
+        merchant_id = acting_for(principal, body.merchant_id, "merchant_id")
+        design = designs.create(merchant_id, body.prompt, body.order_threshold)
         event = DesignCreated(
             event_id=f"evt-{uuid.uuid4().hex}",
             ts=design.created_ts,
-            user_id=body.merchant_id,
+            user_id=merchant_id,
             design_id=design.design_id,
             prompt=design.prompt,
             order_threshold=design.order_threshold,
         )
+        event_ledger.record_design_created(event)
         try:
             produce(event)
         except EventSinkUnavailable:
             designs.delete(design.design_id)  # no design exists that the topics never heard of
+            event_ledger.withdraw(event.event_id)
             raise
         return DesignCreatedResponse(
             design_id=design.design_id,
@@ -174,8 +206,31 @@ def create_app(
             order_threshold=design.order_threshold,
         )
 
+    @app.get("/designs", response_model=DesignList)
+    def list_designs(
+        principal: Caller,
+        merchant_id: Annotated[str | None, Query(min_length=1, max_length=MAX_ID_CHARS)] = None,
+    ) -> DesignList:
+        require(principal, "list_designs")
+        # A merchant lists their own; an operator every design, or one merchant's.
+        owner = acting_for(principal, merchant_id, "merchant_id") if principal.role == "merchant" else merchant_id
+        return DesignList(
+            designs=[
+                DesignSummary(
+                    design_id=design.design_id,
+                    merchant_id=design.merchant_id,
+                    prompt=design.prompt,
+                    order_threshold=design.order_threshold,
+                    created_ts=design.created_ts,
+                )
+                for design in designs.designs_of(owner)
+            ]
+        )
+
     @app.get("/designs/{design_id}", response_model=DesignStatusResponse)
-    def design_status(design_id: str) -> DesignStatusResponse:
+    def design_status(design_id: IdPath, principal: Caller) -> DesignStatusResponse:
+        require(principal, "read_design")
+        own_design(principal, design_id)
         status = designs.status(design_id)
         return DesignStatusResponse(
             design_id=status.design.design_id,
@@ -188,13 +243,24 @@ def create_app(
             demand_source=demand_source,
         )
 
-    def generate_impression(design_id: str, body: CandidatesRequest) -> tuple[Impression, Personalization, int]:
-        """The blocking part of a candidates request, run on the generation pool: read the user's features,
-        generate, store the images and produce the Impression. Returns it with the personalization and the seed."""
+    def candidates_access(principal: Principal, design_id: str, body: CandidatesRequest) -> tuple[Design, str]:
+        """The design and the viewer a candidates request is for, or a refusal."""
+        require(principal, "request_candidates")
+        viewer = acting_for(principal, body.user_id, "user_id")
         design = designs.get(design_id)
+        if principal.role == "merchant":  # reviews their own designs; shoppers see every design
+            require_own_design(principal, design)
+        return design, viewer
+
+    def generate_impression(
+        design: Design, viewer: str, body: CandidatesRequest
+    ) -> tuple[Impression, Personalization, int]:
+        """The blocking part of a candidates request, run on the generation pool: read the viewer's features,
+        generate, store the images, keep the impression in the ledger and produce it. Returns it with the
+        personalization and the seed."""
         read_started = time.perf_counter()
         try:
-            features = feature_reader.read(body.user_id)
+            features = feature_reader.read(viewer)
         except FeatureStoreUnavailable:
             service_metrics.feast_errors.inc()
             raise
@@ -211,7 +277,7 @@ def create_app(
         impression = Impression(
             event_id=f"imp-{uuid.uuid4().hex}",
             ts=time.time(),
-            user_id=body.user_id,
+            user_id=viewer,
             design_id=design.design_id,
             prompt=design.prompt,
             model_version=group.model_version,
@@ -220,13 +286,22 @@ def create_app(
                 for position, (image_id, descriptor) in enumerate(zip(image_ids, group.descriptors, strict=True))
             ],
         )
-        produce(impression)
+        event_ledger.record_impression(impression)
+        try:
+            produce(impression)
+        except EventSinkUnavailable:
+            event_ledger.withdraw(impression.event_id)  # no click can name an impression Kafka never heard of
+            raise
         service_metrics.candidates.labels(personalization=personalization).inc(body.k)
         return impression, personalization, seed
 
     @app.post("/designs/{design_id}/candidates", response_model=CandidatesResponse)
-    async def candidates(design_id: str, body: CandidatesRequest, request: Request) -> CandidatesResponse:
-        impression, personalization, seed = await pool.run(lambda: generate_impression(design_id, body))
+    async def candidates(
+        design_id: IdPath, body: CandidatesRequest, request: Request, principal: Caller
+    ) -> CandidatesResponse:
+        # Checked off the event loop and before the generation pool, so refusals never take a generation slot.
+        design, viewer = await run_in_threadpool(candidates_access, principal, design_id, body)
+        impression, personalization, seed = await pool.run(lambda: generate_impression(design, viewer, body))
         return CandidatesResponse(
             impression_id=impression.event_id,
             design_id=impression.design_id,
@@ -246,26 +321,42 @@ def create_app(
         )
 
     @app.get("/images/{image_id}", name="image", response_class=Response)
-    def image(image_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]) -> Response:
+    def image(image_id: IdPath, principal: Caller) -> Response:
+        require(principal, "read_image")
+        if principal.role != "operator":
+            served = event_ledger.impression_of_image(image_id)
+            if served is None:
+                raise UnknownImage(
+                    f"image_id: no image {image_id!r} was served by this service; use a url of a candidates response"
+                )
+            merchant = designs.get(served.design_id).merchant_id if designs.exists(served.design_id) else None
+            require_image_access(principal, image_id, served, merchant)
         return Response(content=images.png_bytes(image_id), media_type="image/png")
 
-    @app.post("/events", response_model=EventAccepted, status_code=202)
-    async def post_event(request: Request) -> EventAccepted:
-        raw = await request.body()  # at most MAX_BODY_BYTES: BodySizeLimit refused longer bodies while reading
+    def admit_and_produce(principal: Principal, raw: bytes) -> Click | Order | Return | Select:
+        event = admission.admit(principal, raw)  # kept in the ledger from here on
         try:
-            check_event_body(raw)
-            event = parse_event(raw)
-        except (EventBodyRefused, InvalidEvent) as exc:
-            raise BadEvent(exc.reason) from None
-        if not isinstance(event, ACCEPTED_EVENT_TYPES):
-            raise BadEvent(f"kind: {event.kind!r} is produced by the service; post one of {ACCEPTED_EVENT_KINDS}")
-        if not designs.exists(event.design_id):
-            raise UnknownDesign(f"design_id: no design {event.design_id!r}; use an id returned by POST /designs")
-        # kafka-python blocks until the broker acknowledges: keep it off the event loop.
-        from starlette.concurrency import run_in_threadpool
+            produce(event)
+        except EventSinkUnavailable:
+            event_ledger.withdraw(event.event_id)
+            raise
+        return event
 
-        await run_in_threadpool(produce, event)
-        return EventAccepted(event_id=event.event_id, kind=event.kind, topic=events_topic)
+    @app.post("/events", response_model=EventAccepted, status_code=202)
+    async def post_event(request: Request, principal: Caller) -> EventAccepted:
+        raw = await request.body()  # at most MAX_BODY_BYTES: BodySizeLimit refused longer bodies while reading
+        # The ledger's checks and kafka-python's wait for the broker's acknowledgement block: off the event loop.
+        event = await run_in_threadpool(admit_and_produce, principal, raw)
+        return EventAccepted(event_id=event.event_id, kind=event.kind, ts=event.ts, topic=events_topic)
+
+    @app.get("/problems/{slug}", response_model=ProblemTypeDescription)
+    async def problem_description(slug: IdPath) -> ProblemTypeDescription:
+        if slug not in PROBLEM_TYPES:
+            raise StarletteHTTPException(404, f"slug: no problem type {slug!r}; known: {', '.join(PROBLEM_TYPES)}")
+        problem = PROBLEM_TYPES[slug]
+        return ProblemTypeDescription(
+            type=problem.uri, title=problem.title, status=problem.status, how_to_comply=problem.how_to_comply
+        )
 
     # Both async: they run on the event loop itself, so no thread pool, however busy, can hold them up.
     @app.get("/healthz", response_model=Health)
@@ -322,38 +413,48 @@ def _short(value: Any) -> str:
 
 
 def _install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
-    def error(status_code: int, detail: str) -> JSONResponse:
-        return JSONResponse(status_code=status_code, content={"detail": detail})
+    """Every error the service answers as problem details (``service.problems``)."""
+
+    def problem(slug: str, detail: str, field: str | None = None) -> JSONResponse:
+        return problem_response(problem_type(slug), detail, field)
+
+    @app.exception_handler(Refusal)
+    async def refused(_: Request, exc: Refusal) -> JSONResponse:
+        return refusal_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error(422, _validation_detail(exc))
-
-    @app.exception_handler(BadEvent)
-    async def invalid_event(_: Request, exc: BadEvent) -> JSONResponse:
-        return error(422, exc.reason)
+        detail = _validation_detail(exc)
+        return problem("invalid-request", detail, detail.split(":", 1)[0] if ":" in detail else None)
 
     @app.exception_handler(UnknownDesign)
     async def unknown_design(_: Request, exc: UnknownDesign) -> JSONResponse:
-        return error(404, str(exc))
+        return problem("not-found", f"design_id: {exc}", "design_id")
 
     @app.exception_handler(UnknownImage)
     async def unknown_image(_: Request, exc: UnknownImage) -> JSONResponse:
-        return error(404, str(exc))
+        detail = str(exc)
+        return problem("not-found", detail if detail.startswith("image_id:") else f"image_id: {detail}", "image_id")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unmatched routes and methods, and the body limit's 413 raised while the body streams in.
+        slug = {404: "not-found", 413: "body-too-large"}.get(exc.status_code, "bad-request")
+        return problem_response(problem_type(slug), str(exc.detail), headers=exc.headers, status=exc.status_code)
 
     @app.exception_handler(EventSinkUnavailable)
     async def kafka_unavailable(_: Request, exc: EventSinkUnavailable) -> JSONResponse:
         logger.warning("answering 503: %s", exc)
-        return error(503, f"Kafka unavailable: {exc}")
+        return problem("unavailable", f"Kafka unavailable: {exc}")
 
     @app.exception_handler(GenerationBusy)
     async def generation_busy(_: Request, exc: GenerationBusy) -> JSONResponse:
         metrics.generation_refused.inc()
-        response = error(503, f"generation busy: {exc}")
+        response = problem("unavailable", f"generation busy: {exc}")
         response.headers["Retry-After"] = str(exc.retry_after_s)
         return response
 
     @app.exception_handler(FeatureStoreUnavailable)
     async def feast_unavailable(_: Request, exc: FeatureStoreUnavailable) -> JSONResponse:
         logger.warning("answering 503: %s", exc)
-        return error(503, f"Feast unavailable: {exc}")
+        return problem("unavailable", f"Feast unavailable: {exc}")

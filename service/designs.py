@@ -1,9 +1,11 @@
 """The design registry: merchants' designs and the demand they have gathered, in sqlite under ``state_dir()``.
 
-Designs are written by ``POST /designs``. Demand (net orders and whether production was triggered) is *not*
-computed by the service from its own requests: events also reach Kafka from other producers, and the stream
-worker's demand agent is the one authority that fires production exactly once. So the service follows the
-topics with :class:`DemandFollower` (a :class:`~perfusion.follower.TopicFollower` started by the service):
+Designs are written by ``POST /designs`` and belong to their merchant (who may read them: ``service.access``); what
+the service served and accepted for them is its ledger (``service.ledger``). Demand (net orders and whether
+production was triggered) is *not* computed by the service from its own requests: events also reach Kafka from other
+producers, and the stream worker's demand agent is the one authority that fires production exactly once. So the
+service follows the topics with :class:`DemandFollower` (a :class:`~perfusion.follower.TopicFollower` started by
+the service):
 
 - ``perfusion.events``: Orders and Returns, each kept once by event id, so a replayed topic does not count twice.
   Net orders follow the worker's rule: a return counts only against an order that was counted, and never for more
@@ -56,6 +58,7 @@ CREATE TABLE IF NOT EXISTS designs (
     order_threshold INTEGER NOT NULL,
     created_ts REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS designs_by_merchant ON designs (merchant_id);
 -- Files written before returns were capped kept signed quantities here; the follower rebuilds demand from the
 -- topics at every start, so the old table is dropped rather than migrated.
 DROP TABLE IF EXISTS demand;
@@ -150,6 +153,17 @@ class DesignRegistry:
         if row is None:
             raise UnknownDesign(f"no design {design_id!r}; create one with POST /designs and use the id it returns")
         return Design(*row)
+
+    def designs_of(self, merchant_id: str | None = None) -> list[Design]:
+        """A merchant's designs, or every design when ``merchant_id`` is None; oldest first."""
+        query = "SELECT design_id, merchant_id, prompt, order_threshold, created_ts FROM designs"
+        parameters: tuple[str, ...] = ()
+        if merchant_id is not None:
+            query += " WHERE merchant_id = ?"
+            parameters = (merchant_id,)
+        with self._lock:
+            rows = self._connection.execute(query + " ORDER BY created_ts, design_id", parameters).fetchall()
+        return [Design(*row) for row in rows]
 
     def exists(self, design_id: str) -> bool:
         with self._lock:

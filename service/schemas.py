@@ -3,7 +3,8 @@
 Requests forbid unknown fields, so a misspelt field is an error that names it rather than a silently ignored value,
 and are strict about types, so ``true`` is not a number.
 Limits match the Kafka records they become (``perfusion.contracts.records``): prompts of 1..300 characters, ids of
-1..128, K of 1..16.
+1..128, K of 1..16. Who is calling comes from the API key, not the body: a merchant's or shopper's own id may be
+left out of a body, and naming someone else is refused (``service.access``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ class RequestBody(BaseModel):
 
 
 class CreateDesign(RequestBody):
-    merchant_id: Identifier = Field(description="the merchant who owns the design")
+    merchant_id: Identifier | None = Field(
+        default=None,
+        description="the merchant who owns the design: the caller's own id when a merchant calls (may be left out); "
+        "an operator names it",
+    )
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="the text design, e.g. 'a red dress'")
     order_threshold: int = Field(ge=1, le=1_000_000, description="net orders at which production starts")
 
@@ -48,8 +53,20 @@ class DesignCreatedResponse(BaseModel):
     order_threshold: int
 
 
+class DesignSummary(DesignCreatedResponse):
+    created_ts: float
+
+
+class DesignList(BaseModel):
+    designs: list[DesignSummary] = Field(description="oldest first: a merchant's own, or every design for an operator")
+
+
 class CandidatesRequest(RequestBody):
-    user_id: Identifier = Field(description="the viewer; their Feast features personalize the group")
+    user_id: Identifier | None = Field(
+        default=None,
+        description="the viewer, whose Feast features personalize the group: a shopper's or merchant's own id "
+        "(left out: the caller), any user when an operator previews",
+    )
     k: int = Field(default=4, ge=1, le=MAX_K, description=f"number of candidate images, 1..{MAX_K}")
     seed: int | None = Field(
         default=None, ge=0, lt=2**63, description="noise seed; the same seed, user and version give the same images"
@@ -76,8 +93,9 @@ class CandidatesResponse(BaseModel):
 
 
 class EventAccepted(BaseModel):
-    event_id: str
+    event_id: str = Field(description="the event's id as posted, or the one the service assigned")
     kind: str
+    ts: float = Field(description="event time as posted, or the service's clock when it was left out")
     topic: str
 
 
@@ -98,5 +116,18 @@ class Health(BaseModel):
     uptime_s: float
 
 
-class ErrorResponse(BaseModel):
-    detail: str
+class ProblemDetails(BaseModel):
+    """An error, as RFC 9457 problem details (``application/problem+json``; see ``service.problems``)."""
+
+    type: str = Field(description="the rule that refused the request, /problems/<slug>; GET it for how to comply")
+    title: str
+    status: int
+    detail: str = Field(description="this refusal: the field at fault first, and the fix")
+    field: str | None = Field(default=None, description="the field at fault, when there is one")
+
+
+class ProblemTypeDescription(BaseModel):
+    type: str
+    title: str
+    status: int
+    how_to_comply: str
