@@ -16,6 +16,7 @@ from numpy.typing import NDArray
 from perfusion.image_store import ImageStore
 from perfusion.text_encoder import TextEncoder
 from service.app import create_app
+from service.auth import KeyStore
 from service.designs import DesignRegistry
 from service.features import FeastFeatureReader
 from service.generation_pool import GenerationPool, GenerationPoolSettings
@@ -71,6 +72,8 @@ def test_health_and_metrics_answer_while_generation_is_saturated(
     generator = HeldGenerator(tiny_generator(text_encoder))
     designs = DesignRegistry(tmp_path / "designs.sqlite")
     design = designs.create("m-1", "a red dress", order_threshold=3)
+    keys = KeyStore(tmp_path / "keys.json")
+    operator = keys.create("operator", "ops-1")  # previews candidates for any viewer
     app = create_app(
         generator=generator,
         event_sink=RecordingSink(),
@@ -80,11 +83,14 @@ def test_health_and_metrics_answer_while_generation_is_saturated(
         events_topic="test.perfusion.events",
         production_topic=PRODUCTION_TOPIC,
         generation=POOL,
+        keys=keys,
     )
 
     async def scenario() -> None:
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://service", headers=operator.authorization
+        ) as client:
             requests = [
                 asyncio.create_task(
                     client.post(f"/designs/{design.design_id}/candidates", json={"user_id": f"u-{n}", "k": 2})
