@@ -183,6 +183,16 @@ def push_profiles(panel: PixelPreferencePanel, users: Sequence[str], ts: float) 
     FeaturePusher.open().push(USER_PROFILE_PUSH, rows)
 
 
+def push_merchant_profiles(panel: PixelPreferencePanel, merchants: Sequence[str], ts: float) -> None:
+    """Every merchant's store profile (the region their store sells in), so that a merchant is a viewer of their own
+    groups with a u of their own (the merchant flag among it)."""
+    from perfusion.feature_store import FeaturePusher
+    from perfusion.user_features import MERCHANT_PROFILE_PUSH, merchant_profile_rows
+
+    regions = {merchant: panel.profile(merchant)["region"] for merchant in merchants}
+    FeaturePusher.open().push(MERCHANT_PROFILE_PUSH, merchant_profile_rows(regions, ts))
+
+
 def count_records(bootstrap: str, topics: Sequence[str]) -> int:
     from kafka import KafkaConsumer, TopicPartition
 
@@ -259,6 +269,7 @@ def run_arm(
         apply_feature_repo()
         ensure_topics(bootstrap, topics, partitions=1)
         push_profiles(panel, population.train_users + population.cold_users, origin - 86_400.0)
+        push_merchant_profiles(panel, population.merchants, origin - 86_400.0)
         settings = TrainerSettings.for_arm(
             arm,
             bootstrap_servers=bootstrap,
