@@ -11,7 +11,7 @@ The README's table of who may do what is this module, and tests/service/test_aut
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final, Literal
 
 from service.auth import Principal, Role
@@ -118,12 +118,16 @@ def require_own_design(principal: Principal, design: Design, field: str = "desig
 
 
 def require_image_access(
-    principal: Principal, image_id: str, served: ServedImpression, design_merchant: str | None
+    principal: Principal,
+    image_id: str,
+    served: Sequence[ServedImpression],
+    merchant_of: Callable[[str], str | None],
 ) -> None:
-    """An image is for its viewer, the merchant of its design and operators."""
-    if principal.role == "operator" or served.user_id == principal.id:
+    """An image is for those it was served to, the merchants of the designs it was served for, and operators
+    (``merchant_of`` gives a design's merchant)."""
+    if principal.role == "operator" or any(impression.user_id == principal.id for impression in served):
         return
-    if principal.role == "merchant" and design_merchant == principal.id:
+    if principal.role == "merchant" and any(merchant_of(i.design_id) == principal.id for i in served):
         return
     raise Refusal(
         "not-your-resource",

@@ -174,6 +174,9 @@ def create_app(
             service_metrics.kafka_errors.labels(operation="produce").inc()
             raise
 
+    def merchant_of(design_id: str) -> str | None:
+        return designs.get(design_id).merchant_id if designs.exists(design_id) else None
+
     def own_design(principal: Principal, design_id: str) -> Design:
         design = designs.get(design_id)
         require_own_design(principal, design)
@@ -324,13 +327,12 @@ def create_app(
     def image(image_id: IdPath, principal: Caller) -> Response:
         require(principal, "read_image")
         if principal.role != "operator":
-            served = event_ledger.impression_of_image(image_id)
-            if served is None:
+            served = event_ledger.impressions_of_image(image_id)
+            if not served:
                 raise UnknownImage(
                     f"image_id: no image {image_id!r} was served by this service; use a url of a candidates response"
                 )
-            merchant = designs.get(served.design_id).merchant_id if designs.exists(served.design_id) else None
-            require_image_access(principal, image_id, served, merchant)
+            require_image_access(principal, image_id, served, merchant_of)
         return Response(content=images.png_bytes(image_id), media_type="image/png")
 
     def admit_and_produce(principal: Principal, raw: bytes) -> Click | Order | Return | Select:

@@ -87,7 +87,7 @@ class Principal:
     key_id: str
 
     def describe(self) -> str:
-        return f"{self.role} {self.id!r}"
+        return f"{self.role.replace('_', ' ')} {self.id!r}"
 
 
 class StoredKey(BaseModel):

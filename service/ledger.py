@@ -38,11 +38,15 @@ CREATE TABLE IF NOT EXISTS impressions (
     design_id TEXT NOT NULL,
     ts REAL NOT NULL
 );
+-- Image ids are content hashes: the same pixels served twice (one seed, two viewers the model sees alike) are one
+-- image in two impressions.
 CREATE TABLE IF NOT EXISTS impression_images (
-    image_id TEXT PRIMARY KEY,
-    impression_id TEXT NOT NULL
+    impression_id TEXT NOT NULL,
+    image_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (impression_id, image_id)
 );
-CREATE INDEX IF NOT EXISTS images_by_impression ON impression_images (impression_id);
+CREATE INDEX IF NOT EXISTS impressions_by_image ON impression_images (image_id);
 CREATE TABLE IF NOT EXISTS orders (
     order_id TEXT PRIMARY KEY,  -- the Order's event_id
     user_id TEXT NOT NULL,
@@ -121,8 +125,8 @@ class EventLedger:
                 (impression.event_id, impression.user_id, impression.design_id, impression.ts),
             )
             self._connection.executemany(
-                "INSERT INTO impression_images VALUES (?, ?)",
-                [(candidate.image_id, impression.event_id) for candidate in impression.candidates],
+                "INSERT INTO impression_images VALUES (?, ?, ?)",
+                [(impression.event_id, candidate.image_id, candidate.position) for candidate in impression.candidates],
             )
 
     def impression(self, impression_id: str) -> ServedImpression | None:
@@ -134,18 +138,19 @@ class EventLedger:
             if row is None:
                 return None
             images = self._connection.execute(
-                "SELECT image_id FROM impression_images WHERE impression_id = ? ORDER BY rowid", (impression_id,)
+                "SELECT image_id FROM impression_images WHERE impression_id = ? ORDER BY position", (impression_id,)
             ).fetchall()
         impression_id, user_id, design_id, ts = row
         return ServedImpression(impression_id, user_id, design_id, float(ts), tuple(image_id for (image_id,) in images))
 
-    def impression_of_image(self, image_id: str) -> ServedImpression | None:
-        """The impression that served this image, if this service served it."""
+    def impressions_of_image(self, image_id: str) -> list[ServedImpression]:
+        """The impressions that served this image (none when this service never served it)."""
         with self._lock:
-            row = self._connection.execute(
+            rows = self._connection.execute(
                 "SELECT impression_id FROM impression_images WHERE image_id = ?", (image_id,)
-            ).fetchone()
-        return None if row is None else self.impression(row[0])
+            ).fetchall()
+        found = [self.impression(impression_id) for (impression_id,) in rows]
+        return [served for served in found if served is not None]
 
     # ----------------------------------------------------------------------------------------- what it accepted
 
