@@ -3,7 +3,9 @@
 Starts the project's Kafka broker (unless KAFKA_BOOTSTRAP_SERVERS points elsewhere), then runs
 :func:`ops.demo.loop.run_loop` in ``<state>/demo``: the Feast repo applied and the shoppers' profiles pushed,
 the stream worker (every agent), the trainer and the generator service as subprocesses with their logs in
-``<state>/demo/logs``, merchants and simulated shoppers acting through the service's HTTP API for a few rounds, and
+``<state>/demo/logs``, API keys for the merchants, the shoppers, the shop's order system and an operator in
+``<state>/demo/service/keys.json``, merchants and simulated shoppers acting through the service's HTTP API with their
+keys for a few rounds (the order system reporting the shoppers' orders and returns), and
 after each round the features, samples, training requests, model versions and demand the loop produced. Everything
 started here is stopped at the end, also on Ctrl-C and on errors.
 """
@@ -24,9 +26,11 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="run the whole loop on this machine (worker, trainer, service, simulated shoppers) and show it",
-        description="Broker, Feast repo, stream worker, trainer and generator service; merchants create designs and "
-        "simulated shoppers with hidden tastes judge the generated images for a few rounds through the HTTP API; "
-        "each round prints what changed. Everything started here is stopped at the end.",
+        description="Broker, Feast repo, stream worker, trainer and generator service; API keys for every merchant, "
+        "shopper, the shop's order system and an operator; merchants create designs and simulated shoppers with "
+        "hidden tastes judge the generated images for a few rounds through the HTTP API, each with their own key, "
+        "and the order system reports their orders and returns; each round prints what changed. Everything started "
+        "here is stopped at the end.",
     )
     parser.add_argument("--rounds", type=int, default=3, help="rounds always played")
     parser.add_argument(

@@ -2,10 +2,12 @@
 service's HTTP API round by round, and what each round changed.
 
 :func:`run_loop` is what ``perfusion demo`` and the loop's integration test run. It takes the broker's address and a
-fresh state folder, applies the Feast repo there, pushes the shoppers' and the merchants' profiles, starts the three
+fresh state folder, applies the Feast repo there, pushes the shoppers' and the merchants' profiles, creates an API
+key for every merchant, shopper, the order system and an operator (:mod:`ops.demo.principals`), starts the three
 processes under a :class:`~harness.processes.ProcessSupervisor` (stopped on return, on errors and on Ctrl-C), and
 then plays rounds: each merchant looks at a group of its design and selects a candidate; each shopper asks for a
-group of K candidates, judges the images it was served with its hidden taste and posts clicks, orders and returns.
+group of K candidates, judges the images it was served with its hidden taste and clicks, and the order system
+reports the shopper's orders and returns. Every request carries its principal's key, as any client's does.
 After each round it reads what the loop produced: user features from Feast, group samples, training requests and
 published versions from Kafka, the version the service reports, and each design's demand. It plays at least
 ``rounds`` rounds and goes on (up to ``max_rounds``) until a new version is served and a design went to production.
@@ -42,6 +44,7 @@ from perfusion.errors import ConfigError
 if TYPE_CHECKING:
     from ops.demo.client import ServiceClient
     from ops.demo.observer import ObservedLoop
+    from ops.demo.principals import DemoClients
     from service.schemas import DesignStatusResponse
 
 Emit = Callable[[str], None]
@@ -278,30 +281,33 @@ def _served_images(client: ServiceClient, image_ids: Sequence[str]) -> NDArray[n
 
 
 class LoopRun:
-    """One run: the people, the designs and the clients; :meth:`play_round` plays and reports one round."""
+    """One run: the people, the designs and their clients; :meth:`play_round` plays and reports one round."""
 
     def __init__(
         self,
         settings: LoopSettings,
         panel: ShopperPanel,
-        client: ServiceClient,
+        clients: DemoClients,
         shoppers: Sequence[str],
         merchants: Sequence[str],
     ) -> None:
         self.settings = settings
         self.panel = panel
-        self.client = client
+        self.clients = clients
         self.shoppers = list(shoppers)
         self.merchants = list(merchants)
         self.design_ids: list[str] = []
+
+    def merchant_of(self, design_index: int) -> str:
+        return self.merchants[design_index % len(self.merchants)]
 
     def create_designs(self) -> list[str]:
         from ops.demo.client import ServiceRequestFailed
 
         for index, prompt in enumerate(self.settings.prompts):
-            merchant = self.merchants[index % len(self.merchants)]
+            merchant = self.clients.merchant(self.merchant_of(index))
             try:
-                created = self.client.create_design(merchant, prompt, self.settings.order_threshold)
+                created = merchant.create_design(prompt, self.settings.order_threshold)
             except ServiceRequestFailed as exc:
                 raise ConfigError(f"the service refused design {prompt!r}: {exc}") from exc
             self.design_ids.append(created.design_id)
@@ -313,29 +319,33 @@ class LoopRun:
         report = RoundReport(number)
         rng = random.Random(self.settings.seed * 100_003 + number)
         for index, design_id in enumerate(self.design_ids):
-            merchant = self.merchants[index % len(self.merchants)]
+            merchant_id = self.merchant_of(index)
+            merchant = self.clients.merchant(merchant_id)
             try:
-                served = self.client.candidates(design_id, merchant, self.settings.k, seed=rng.randrange(2**31))
+                served = merchant.candidates(design_id, self.settings.k, seed=rng.randrange(2**31))
                 self._count_served(report, served.personalization, served.model_version)
                 image_ids = [c.image_id for c in served.candidates]
-                images = _served_images(self.client, image_ids)
+                images = _served_images(merchant, image_ids)
                 panel_utilities = np.stack([self.panel.utilities(user, images) for user in self.shoppers])
                 chosen = merchant_choice(panel_utilities, image_ids)
-                self.client.post_event(select_event(merchant, served.impression_id, design_id, chosen))
+                merchant.post_event(select_event(merchant_id, served.impression_id, design_id, chosen))
                 report.events_sent["select"] += 1
             except ServiceRequestFailed as exc:
                 report.failed_requests.append(str(exc))
-        for index, shopper in enumerate(self.shoppers):
+        for index, shopper_id in enumerate(self.shoppers):
             design_id = self.design_ids[(index + number) % len(self.design_ids)]
+            shopper = self.clients.shopper(shopper_id)
             try:
-                served = self.client.candidates(design_id, shopper, self.settings.k, seed=rng.randrange(2**31))
+                served = shopper.candidates(design_id, self.settings.k, seed=rng.randrange(2**31))
                 self._count_served(report, served.personalization, served.model_version)
                 image_ids = [c.image_id for c in served.candidates]
-                utilities = self.panel.utilities(shopper, _served_images(self.client, image_ids))
+                utilities = self.panel.utilities(shopper_id, _served_images(shopper, image_ids))
                 report.viewer_utilities.extend(float(u) for u in utilities)
                 actions = choose_actions([float(u) for u in utilities], image_ids, self.settings.behaviour, rng)
-                for event in action_events(actions, shopper, served.impression_id, design_id):
-                    self.client.post_event(event)
+                for event in action_events(actions, shopper_id, served.impression_id, design_id):
+                    # The shopper clicks; the shop's order system reports what they ordered and returned.
+                    reporter = shopper if event.kind == "click" else self.clients.order_system
+                    reporter.post_event(event)
                     report.events_sent[event.kind] += 1
             except ServiceRequestFailed as exc:
                 report.failed_requests.append(str(exc))
@@ -348,12 +358,15 @@ class LoopRun:
         report.versions_served[version] += 1
 
     def observe(self, report: RoundReport, observed: ObservedLoop, feature_table: str) -> None:
-        """Fill in what the loop showed after the round."""
-        report.service_version = self.client.healthz().model_version
+        """Fill in what the loop showed after the round (each merchant reads their own designs)."""
+        report.service_version = self.clients.anonymous.healthz().model_version
         report.group_samples = observed.group_samples
         report.train_requests = len(observed.train_requests)
         report.published_versions = [update.version for update in observed.model_updates]
-        report.designs = [self.client.design(design_id) for design_id in self.design_ids]
+        report.designs = [
+            self.clients.merchant(self.merchant_of(index)).design(design_id)
+            for index, design_id in enumerate(self.design_ids)
+        ]
         report.feature_table = feature_table
 
 
@@ -365,6 +378,29 @@ def goals_met(report: RoundReport, initial_version: str) -> bool:
     return new_version_served and any(design.production_triggered for design in report.designs)
 
 
+def refused_without_a_key(clients: DemoClients) -> str:
+    """What the service answers an order posted without a key (as anyone could before keys): a line to print."""
+    from ops.demo.client import ServiceRequestFailed
+    from perfusion.contracts.records import Order
+
+    order = Order(
+        event_id=f"demo-anonymous-{uuid.uuid4().hex}",
+        ts=time.time(),
+        user_id="anyone",
+        impression_id="imp-none",
+        design_id="design-none",
+        image_id="gen-none",
+        quantity=1000,
+    )
+    try:
+        clients.anonymous.post_event(order)
+    except ServiceRequestFailed as exc:
+        if exc.status_code == 401:
+            return "an order of 1000 posted without a key is refused: 401"
+        raise ConfigError(f"the service answered an order without a key with {exc}; expected 401") from exc
+    raise ConfigError("the service accepted an order without a key; it must answer 401")
+
+
 def run_loop(
     settings: LoopSettings, panel: ShopperPanel, bootstrap: str, run_dir: Path, emit: Emit = print_flushed
 ) -> LoopOutcome:
@@ -374,6 +410,7 @@ def run_loop(
     from harness.processes import ProcessSupervisor
     from ops.demo.client import ServiceClient
     from ops.demo.observer import LoopObserver
+    from ops.demo.principals import DemoClients, issue_keys
     from ops.feature_table import format_feature_table
     from perfusion.contracts.topics import TopicNames, ensure_topics
     from perfusion.feature_store import apply_feature_repo, open_feature_store, read_online_features
@@ -381,16 +418,26 @@ def run_loop(
     started = time.monotonic()
     topic_prefix = f"demo-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}."
     names = TopicNames.for_prefix(topic_prefix)
+    keys_file = run_dir / "service" / "keys.json"
     place = LoopPlace(
         bootstrap,
         state_dir=run_dir,
         topic_prefix=topic_prefix,
         partitions=settings.partitions,
-        extra_environment={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+        extra_environment={
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            # The service reads the keys the demo creates here, whatever the environment names elsewhere.
+            "PERFUSION_SERVE_AUTH__KEYS_FILE": str(keys_file),
+        },
     )
     env = place.environment()
     shoppers = panel.user_ids()
     merchants = [f"merchant-{index}" for index in range(len(settings.prompts))]
+    keys = issue_keys(keys_file, merchants, shoppers)
+    emit(
+        f"==> API keys for {len(merchants)} merchants, {len(shoppers)} shoppers, the order system and an operator "
+        f"in {keys_file} (stored hashed)"
+    )
     local = {key: env[key] for key in ("PERFUSION_STATE_DIR", "PERFUSION_FEAST_DIR", "FEAST_USAGE")}
     with process_environment(local):
         applied = apply_feature_repo()
@@ -422,7 +469,9 @@ def run_loop(
                 supervisor.wait_until(client.is_up, settings.startup_timeout_s, "the service to answer /healthz")
                 initial_version = client.healthz().model_version
                 emit(f"==> generator service up on {client.base_url}, serving model version {initial_version}")
-                run = LoopRun(settings, panel, client, shoppers, merchants)
+                clients = DemoClients(client, keys)
+                emit(f"==> {refused_without_a_key(clients)}")
+                run = LoopRun(settings, panel, clients, shoppers, merchants)
                 for design_id, prompt in zip(run.create_designs(), settings.prompts, strict=True):
                     emit(f"==> merchant design {design_id}: {prompt!r}, production at {settings.order_threshold}")
                 reports: list[RoundReport] = []
