@@ -441,7 +441,7 @@ def _install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Unmatched routes and methods, and the body limit's 413 raised while the body streams in.
-        slug = {404: "not-found", 413: "body-too-large"}.get(exc.status_code, "bad-request")
+        slug = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}.get(exc.status_code, "bad-request")
         return problem_response(problem_type(slug), str(exc.detail), headers=exc.headers, status=exc.status_code)
 
     @app.exception_handler(EventSinkUnavailable)

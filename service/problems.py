@@ -101,6 +101,9 @@ PROBLEM_TYPES: Mapping[str, ProblemType] = _types(
     ProblemType("invalid-event", 422, "Event not valid", "Fix the field the detail names."),
     ProblemType("not-found", 404, "Not found", "Use an id the service returned (POST /designs, candidates)."),
     ProblemType("bad-request", 400, "Bad request", "Fix the request as the detail says."),
+    ProblemType(
+        "method-not-allowed", 405, "Method not allowed", "Use a method the path offers (the Allow header lists them)."
+    ),
     ProblemType("body-too-large", 413, "Request body too large", "Send one event or design per request."),
     ProblemType(
         "unavailable",

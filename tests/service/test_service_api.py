@@ -462,3 +462,12 @@ def test_every_problem_type_is_described_at_its_uri(client: TestClient) -> None:
         assert described.json()["status"] == problem.status and described.json()["how_to_comply"]
     missing = client.get("/problems/no-such-rule")
     assert missing.status_code == 404 and missing.headers["content-type"] == "application/problem+json"
+
+
+def test_unrouted_requests_are_problem_details_too(client: TestClient) -> None:
+    unknown = client.get("/no-such-path")
+    assert unknown.status_code == 404 and unknown.json()["type"] == "/problems/not-found"
+    wrong_method = client.delete("/designs")
+    assert wrong_method.status_code == 405 and wrong_method.json()["type"] == "/problems/method-not-allowed"
+    assert "GET" in wrong_method.headers["allow"]
+    assert wrong_method.headers["content-type"] == "application/problem+json"
