@@ -45,7 +45,7 @@ from perfusion.follower import TopicFollower
 from perfusion.image_store import ImageStore, UnknownImage
 from service.access import acting_for, require, require_image_access, require_own_design
 from service.admission import EventAdmission
-from service.auth import AuthSettings, Caller, KeyStore, Principal
+from service.auth import AuthSettings, Caller, KeyStore, KeyStoreError, Principal
 from service.body_limit import BodySizeLimit
 from service.designs import Design, DesignRegistry, UnknownDesign
 from service.events import EventSink, EventSinkUnavailable
@@ -455,6 +455,11 @@ def _install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
         response = problem("unavailable", f"generation busy: {exc}")
         response.headers["Retry-After"] = str(exc.retry_after_s)
         return response
+
+    @app.exception_handler(KeyStoreError)
+    async def key_store_unreadable(_: Request, exc: KeyStoreError) -> JSONResponse:
+        logger.error("answering 503, the key store is unreadable: %s", exc)
+        return problem("unavailable", "the service cannot read its API keys; an operator must repair the key store")
 
     @app.exception_handler(FeatureStoreUnavailable)
     async def feast_unavailable(_: Request, exc: FeatureStoreUnavailable) -> JSONResponse:

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -533,3 +534,12 @@ def test_a_reused_event_id_is_409_and_the_first_event_stands(shop: Shop) -> None
     del fresh["event_id"], fresh["ts"]
     response = shop.client("order_system").post("/events", content=json.dumps(fresh))
     assert response.status_code == 202 and response.json()["event_id"].startswith("evt-")
+
+
+def test_an_unreadable_key_store_is_503_not_a_crash(tmp_path: Path, text_encoder: TextEncoder) -> None:
+    service = build_service(tmp_path, tiny_generator(text_encoder), RecordingSink(), NoFeatures())
+    issued = service.key("merchant", "m-1")
+    service.keys.path.write_text("{not json")
+    response = service.client().get("/designs", headers=issued.authorization)
+    assert response.status_code == 503 and response.json()["type"] == "/problems/unavailable"
+    assert str(service.keys.path) not in response.text
