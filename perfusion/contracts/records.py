@@ -5,8 +5,25 @@ way in by :func:`parse_event`; anything that fails goes to the dead-letter topic
 original bytes. Outbound records (group samples and drops, production orders, training requests, model
 updates) are pydantic models too, serialized as JSON with :meth:`to_bytes`.
 
-Every record carries ``schema_version``; a reader refuses versions it does not know (a JSON ``true`` is not the
-version 1). Numbers are finite: NaN and infinities are refused when a record is built, in code or from the wire.
+Numbers are finite: NaN and infinities are refused when a record is built, in code or from the wire.
+
+Schemas that evolve. Every record carries ``schema_version``, a major and a minor: on the wire the integer ``1``
+(major 1, minor 0: what every writer of this code writes, :data:`SCHEMA_VERSION`) or the string ``"1.<minor>"``
+(``"1.3"``). The rule (:data:`VERSION_RULE`):
+
+- a *minor* version only adds optional fields (with a default) and never changes, removes or renames one, so a
+  reader of major 1 reads every ``1`` and ``"1.<minor>"``, whatever the minor; a field it does not know is ignored
+  when it reads from the wire (:func:`parse_event`, ``model_validate_json``): the record holds what this reader
+  knows, and written again it is an event of this reader's version, ``1``;
+- a new *major* changes what a field means or its type, or removes one: a reader refuses any other major with a
+  reason that names this rule ("unknown schema_version ..."), and the worker dead-letters the event;
+- a known field of the wrong type is refused as ever; when the event says it is of a newer minor than this reader,
+  the reason adds that a minor never changes a known field (the writer needed a new major);
+- a boolean, a number that is not an integer (``1.5``: ``1.10`` would read as ``1.1``) and a string that is not
+  ``"<major>.<minor>"`` are not versions: refused;
+- records built in code stay strict: an unknown keyword argument is an error (a typo never passes silently), and a
+  new kind of event is refused by readers that do not know it (deploy readers before writers; what an older worker
+  dead-lettered can be replayed, ``perfusion dlq replay``).
 
 :func:`parse_event` reads untrusted bytes with bounds, so that no message can make it raise anything but
 :class:`InvalidEvent`: at most :data:`MAX_EVENT_BYTES` bytes, JSON nested at most :data:`MAX_JSON_DEPTH` levels
@@ -20,13 +37,34 @@ import json
 import math
 import re
 import time
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from perfusion.attributes import DESCRIPTOR_DIM
 
 SCHEMA_VERSION: Final = 1
+"""What writers write: major 1, minor 0, as the integer 1 (readers before this rule read only that)."""
+SCHEMA_MAJOR: Final = 1
+SCHEMA_MINOR: Final = 0
+VERSION_RULE: Final = (
+    f'this reader reads major {SCHEMA_MAJOR}: {SCHEMA_MAJOR} or "{SCHEMA_MAJOR}.<minor>" of any minor (a minor only '
+    "adds optional fields; a new major changes or removes one)"
+)
+# "<major>.<minor>"; six digits each are more versions than a schema will ever have.
+_VERSION_TEXT = re.compile(r"([0-9]{1,6})\.([0-9]{1,6})")
+# A validation context key: read as from the wire (unknown fields ignored), though validated from Python objects.
+FROM_THE_WIRE: Final = "from_the_wire"
 # Events stamped further than this into the future (seconds, by the reader's clock) are rejected.
 MAX_CLOCK_SKEW_S = 300.0
 MAX_K = 16
@@ -46,20 +84,75 @@ GRADE_ORDER = 2
 NonEmptyId = Annotated[str, Field(min_length=1, max_length=128)]
 
 
+def schema_version_parts(version: object) -> tuple[int, int] | None:
+    """``(major, minor)`` of a wire ``schema_version`` (an integer major, or ``"<major>.<minor>"``), or None when
+    it is not a version (a boolean, a float, another string)."""
+    if type(version) is int:  # not a bool: True == 1 in Python, and a version is never a boolean
+        return version, 0
+    if isinstance(version, str):
+        match = _VERSION_TEXT.fullmatch(version)
+        if match is not None:
+            return int(match[1]), int(match[2])
+    return None
+
+
+def version_refusal(version: object) -> str | None:
+    """Why a reader of this code refuses ``version``, or None when it reads it."""
+    parts = schema_version_parts(version)
+    if parts is None:
+        shape = 'an integer major, or "<major>.<minor>"'
+        return f"unknown schema_version {version!r}: not a version ({shape}); {VERSION_RULE}"
+    if parts[0] != SCHEMA_MAJOR:
+        return f"unknown schema_version {version!r}: major {parts[0]} is incompatible; {VERSION_RULE}"
+    return None
+
+
+SchemaVersion = Annotated[
+    Literal[1],
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"const": SCHEMA_VERSION, "type": "integer"},
+                {"pattern": rf"^{SCHEMA_MAJOR}\.[0-9]{{1,6}}$", "type": "string"},
+            ],
+            "default": SCHEMA_VERSION,
+            "description": f'{SCHEMA_VERSION}, or "{SCHEMA_MAJOR}.<minor>" of a newer minor; {VERSION_RULE}. '
+            f"Written as {SCHEMA_VERSION}.",
+        }
+    ),
+]
+"""A compatible version on the wire; the record holds :data:`SCHEMA_VERSION`, the version of what it holds."""
+
+
 class Record(BaseModel):
-    """Base of every record: frozen, unknown fields forbidden, JSON on the wire."""
+    """Base of every record: frozen, JSON on the wire. Unknown fields are refused in code and ignored on the wire;
+    ``schema_version`` follows :data:`VERSION_RULE` (module docstring)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: SchemaVersion = SCHEMA_VERSION
 
     @field_validator("schema_version", mode="before")
     @classmethod
-    def _version_is_an_integer(cls, version: object) -> object:
-        # Literal[1] takes True (True == 1 in Python); a version is a number, never a boolean.
-        if isinstance(version, bool):
+    def _compatible_version(cls, version: object) -> object:
+        if isinstance(version, bool):  # Literal[1] takes True (True == 1 in Python); a version is never a boolean
             raise ValueError(f"schema_version must be an integer, got {version!r}")
-        return version
+        refusal = version_refusal(version)
+        if refusal is not None:
+            raise ValueError(refusal)
+        return SCHEMA_VERSION  # what this record holds is of this reader's version, whatever minor wrote it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ignore_unknown_fields_from_the_wire(cls, data: Any, info: ValidationInfo) -> Any:
+        """From the wire (JSON, or :data:`FROM_THE_WIRE` in the context) a field this reader does not know is one
+        of a newer minor: ignored. In code it is a mistake: refused (``extra="forbid"``)."""
+        if not isinstance(data, dict) or not (info.mode == "json" or (info.context or {}).get(FROM_THE_WIRE)):
+            return data
+        known = cls.model_fields
+        if all(name in known for name in data):
+            return data
+        return {name: value for name, value in data.items() if name in known}
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
@@ -201,12 +294,20 @@ def parse_event(raw: bytes, now: float | None = None) -> AnyEvent:
     if not isinstance(payload, dict):
         raise InvalidEvent(f"an event must be a JSON object, got {type(payload).__name__}")
     version = payload.get("schema_version", SCHEMA_VERSION)
-    if type(version) is not int or version != SCHEMA_VERSION:
-        raise InvalidEvent(f"unknown schema_version {version!r}; this reader understands {SCHEMA_VERSION}")
+    refusal = version_refusal(version)
+    if refusal is not None:
+        raise InvalidEvent(refusal)
     try:
-        event = _EVENT_ADAPTER.validate_python(payload)
+        event = _EVENT_ADAPTER.validate_python(payload, context={FROM_THE_WIRE: True})
     except ValidationError as exc:
-        raise InvalidEvent(validation_reason(exc)) from None
+        reason = validation_reason(exc)
+        parts = schema_version_parts(version)
+        if parts is not None and parts[1] > SCHEMA_MINOR:
+            reason = (
+                f"{reason[:600]} (schema_version {version!r}: a minor version only adds optional fields and never "
+                "changes a known one; a changed field needs a new major)"
+            )
+        raise InvalidEvent(reason) from None
     now = time.time() if now is None else now
     if event.ts > now + MAX_CLOCK_SKEW_S:
         raise InvalidEvent(
