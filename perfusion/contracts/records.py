@@ -410,7 +410,10 @@ class DeadLetter(Record):
     original_sha256: str = ""
     truncated: bool = False
     key_b64: str | None = None
-    headers: list[tuple[str, str]] = Field(default_factory=list, description="(name, value in base64) pairs")
+    # Lax: from JSON a pair is an array, which a strict tuple refuses once a validator has run on the record.
+    headers: list[Annotated[tuple[str, str], Field(strict=False)]] = Field(
+        default_factory=list, description="(name, value in base64) pairs"
+    )
 
 
 class GradedCandidate(Record):
