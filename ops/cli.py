@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "serve",
     "keys",
     "models",
+    "schemas",
     "bench",
     "eval",
 )
