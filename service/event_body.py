@@ -8,6 +8,11 @@ when the event is produced. :func:`check_event_body` decodes under limits that n
 :class:`EventBodyRefused` with a reason that names the field. It also refuses a boolean ``schema_version``:
 ``true == 1`` in Python, and a version is a number.
 
+The records read from Kafka tolerate what a newer writer adds (fields they do not know, any minor of their major);
+a client of this service is held to the schema itself: a field its event's kind does not have, and any
+``schema_version`` but the current one, are refused here. What the service produces is always of the current
+version.
+
 The body is then validated as an event by ``perfusion.contracts.records.parse_event``, which decodes it again;
 after this check that second decoding cannot raise anything but its own ``InvalidEvent``.
 """
@@ -19,11 +24,19 @@ import math
 import re
 from typing import Any
 
+from perfusion.contracts.records import SCHEMA_VERSION, Click, DesignCreated, Impression, Order, Return, Select
+
 # The deepest valid posted event is a Select: {"image_ids": ["..."]}, two levels; impressions (four levels) are
 # produced by the service, never posted.
 MAX_NESTING = 8
 # Ids are strings; the only numbers are quantities (at most 1000), seeds (< 2**63: 19 digits) and timestamps.
 MAX_INTEGER_DIGITS = 20
+
+# The fields of each kind of event; the kind itself is checked by the records' validation.
+_FIELDS_OF_KIND: dict[str, frozenset[str]] = {
+    str(record.model_fields["kind"].default): frozenset(record.model_fields)
+    for record in (DesignCreated, Impression, Click, Order, Return, Select)
+}
 
 # A JSON string (with escapes) or one structural character; used to measure nesting without recursion.
 _TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}:]')
@@ -63,7 +76,29 @@ def check_event_body(raw: bytes) -> dict[str, Any]:
         raise EventBodyRefused(
             f"schema_version: {json.dumps(payload['schema_version'])} is a boolean, not a version; send 1"
         )
+    _check_schema(payload)
     return payload
+
+
+def _check_schema(payload: dict[str, Any]) -> None:
+    """Strict at the edge: the current version only, and no field that the event's kind does not have."""
+    version = payload.get("schema_version", SCHEMA_VERSION)
+    if type(version) is not int or version != SCHEMA_VERSION:
+        shown = json.dumps(version)
+        shown = shown if len(shown) <= 30 else f"{shown[:27]}..."
+        raise EventBodyRefused(
+            f"schema_version: {shown} is not the version this service takes; send {SCHEMA_VERSION} or leave it out"
+        )
+    kind = payload.get("kind")
+    fields = _FIELDS_OF_KIND.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        return  # an unknown or missing kind is refused by the records' validation, naming the kinds
+    unknown = [name for name in payload if name not in fields]
+    if unknown:
+        name = unknown[0] if len(unknown[0]) <= 60 else f"{unknown[0][:57]}..."
+        raise EventBodyRefused(
+            f"{name}: a {kind} event has no such field; send only its fields ({', '.join(sorted(fields))})"
+        )
 
 
 def _check_nesting(raw: bytes) -> None:
