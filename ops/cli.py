@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "keys",
     "models",
     "schemas",
+    "dlq",
     "bench",
     "eval",
 )

@@ -10,6 +10,11 @@ The same letter carries an event that was valid but that a stage could not proce
 stage's exception as reason): whatever one message does, it ends in state or here, and the rest of its batch goes on.
 A dead letter stays under the producer's request limit (1 MiB by default): a message larger than
 :data:`MAX_ORIGINAL_BYTES` keeps only its first bytes, with the size and sha256 of the whole.
+
+A dead letter can be replayed (``perfusion dlq replay``): :func:`replay_message` gives the original bytes, key and
+headers for the original topic, with a :data:`REPLAY_HEADER` naming the dead letter, or :class:`NotReplayable` when
+the letter does not hold the whole message. A replayed event is an event like any other: the stages drop one they
+have seen by its ``event_id``, so replaying it twice counts it once.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from perfusion.contracts.records import AnyEvent, DeadLetter, InvalidEvent, parse_event
+from perfusion.errors import PerfusionError
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +108,45 @@ def failure_reason(stage: str, exc: BaseException) -> str:
 
 def original_bytes(letter: DeadLetter) -> bytes:
     return base64.b64decode(letter.original_b64)
+
+
+REPLAY_HEADER = "perfusion-replay-of"
+"""Header of a replayed message: ``<dead-letter topic>[partition]@offset`` of the letter it was replayed from."""
+
+
+class NotReplayable(PerfusionError):
+    """A dead letter that does not hold the message it stands for; the message says why."""
+
+
+@dataclass(frozen=True)
+class ReplayMessage:
+    """What replaying one dead letter produces: the original message, to its original topic."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+def replay_message(letter: DeadLetter, letter_position: MessagePosition) -> ReplayMessage:
+    """The message ``letter`` (read at ``letter_position``) holds, with its key and headers and a
+    :data:`REPLAY_HEADER`; :class:`NotReplayable` when it holds only part of it, or nothing."""
+    source = MessagePosition(letter.topic, letter.partition, letter.offset)
+    if letter.truncated:
+        raise NotReplayable(
+            f"truncated: the letter keeps the first {len(original_bytes(letter))} of {letter.original_size} bytes "
+            f"of {source}; the whole message (sha256 {letter.original_sha256}) is only on {letter.topic} while its "
+            "retention keeps it"
+        )
+    value = original_bytes(letter)
+    if not value:
+        raise NotReplayable(f"empty: the message at {source} was a tombstone; there is nothing to replay")
+    if letter.original_sha256 and hashlib.sha256(value).hexdigest() != letter.original_sha256:
+        raise NotReplayable(f"damaged: the bytes kept of {source} do not match the letter's sha256")
+    headers = [(name, base64.b64decode(encoded)) for name, encoded in letter.headers]
+    headers.append((REPLAY_HEADER, str(letter_position).encode()))
+    key = None if letter.key_b64 is None else base64.b64decode(letter.key_b64)
+    return ReplayMessage(topic=letter.topic, key=key, value=value, headers=headers)
 
 
 ParseResult = AnyEvent | InvalidEvent
