@@ -153,7 +153,11 @@ def read_dead_letters(bootstrap: str, topic: str) -> tuple[list[ReadLetter], lis
 
     try:
         consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, max_partition_fetch_bytes=2**21
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            group_id=None,
+            max_partition_fetch_bytes=2**21,
+            allow_auto_create_topics=False,  # a wrong prefix must not create a one-partition topic
         )
     except KafkaError as exc:
         raise InfrastructureError(
