@@ -37,6 +37,7 @@ __all__ = [
     "denoise",
     "initial_noise",
     "load_base_unet",
+    "model_timesteps",
     "sample_images",
     "to_uint8",
     "unet_noise_fn",
@@ -97,6 +98,11 @@ def denoise(
         )
     scheduler = build_sampling_scheduler(model_config, sampler)
     alphas_cumprod = scheduler.alphas_cumprod
+    if all(float(alphas_cumprod[int(t)]) < TERMINAL_ALPHA_BAR for t in scheduler.timesteps):
+        raise ConfigError(
+            f"SamplerConfig.steps={sampler.steps} with {sampler.spacing} spacing is the terminal step alone, where "
+            "the model is not called; sample with at least 2 steps"
+        )
     batch, device = noise.shape[0], noise.device
     guided = uncond_states is not None and sampler.guidance_scale != 1.0
     states = text_states
@@ -124,6 +130,13 @@ def denoise(
         if terminal and isinstance(scheduler, DPMSolverMultistepScheduler):
             scheduler.lower_order_nums = 0  # the next step is first order, from its own x0 estimate alone
     return sample.clamp(-1.0, 1.0)
+
+
+def model_timesteps(sampler: SamplerConfig, model_config: BaseModelConfig) -> list[int]:
+    """The timesteps at which :func:`denoise` calls the model (every step but a terminal one), first to last."""
+    scheduler = build_sampling_scheduler(model_config, sampler)
+    alphas_cumprod = scheduler.alphas_cumprod
+    return [int(t) for t in scheduler.timesteps if float(alphas_cumprod[int(t)]) >= TERMINAL_ALPHA_BAR]
 
 
 def sample_images(

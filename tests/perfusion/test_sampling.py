@@ -24,6 +24,7 @@ from perfusion.sampling import (
     SamplerConfig,
     denoise,
     initial_noise,
+    model_timesteps,
     sample_images,
     unet_noise_fn,
 )
@@ -164,7 +165,9 @@ def test_the_terminal_step_does_not_call_the_model() -> None:
     counting = Counting()
     sampler = SamplerConfig(spacing="trailing", steps=4)
     denoise(counting, noise(2), text(2), sampler, QUICK_CONFIG, uncond_states=torch.zeros(1, LENGTH, WIDTH))
-    assert counting.timesteps == [749, 499, 249] and counting.rows == [4, 4, 4]
+    assert counting.timesteps == [749, 499, 249] == model_timesteps(sampler, QUICK_CONFIG)
+    assert counting.rows == [4, 4, 4]
+    assert model_timesteps(SamplerConfig(spacing="leading", steps=4), QUICK_CONFIG) == [750, 500, 250, 0]
 
 
 def unbatched_guidance(
@@ -223,9 +226,13 @@ def test_denoise_from_given_noise_is_deterministic_and_bounded(kind: str) -> Non
     assert not torch.equal(first, denoise(text_aware_noise, noise(2, seed=1), states, sampler, QUICK_CONFIG, uncond))
 
 
-def test_denoise_refuses_mismatched_rows() -> None:
+def test_denoise_refuses_mismatched_rows_and_a_schedule_without_a_model_call() -> None:
     with pytest.raises(ConfigError, match="same B"):
         denoise(text_aware_noise, noise(2), text(3), SERVING_SAMPLER, QUICK_CONFIG)
+    with pytest.raises(ConfigError, match=r"SamplerConfig\.steps=1 with trailing spacing is the terminal step alone"):
+        denoise(text_aware_noise, noise(1), text(1), SamplerConfig(steps=1), QUICK_CONFIG)
+    leading = denoise(text_aware_noise, noise(1), text(1), SamplerConfig(spacing="leading", steps=1), QUICK_CONFIG)
+    assert leading.shape == (1, 3, 32, 32)
 
 
 # -------------------------------------------------------------------------------------------------- sample_images
