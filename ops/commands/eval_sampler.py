@@ -20,7 +20,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--seeds": ("seeds_per_prompt", int, "samples per held-out prompt, of 115 (default 2)"),
     "--coverage-seeds": ("coverage_seeds", int, "samples and catalog renders per evaluation prompt (default 16)"),
     "--k": ("k", int, "candidates per timed group (default 4)"),
-    "--timing-groups": ("timing_groups", int, "timed groups per sampler after a warm-up (default 3)"),
+    "--timing-groups": ("timing_groups", int, "timed groups per sampler after a warm-up, the least counts (default 5)"),
     "--batch-size": ("batch_size", int, "images denoised at once (default 128)"),
     "--threads": ("torch_threads", int, "torch threads (default 2)"),
     "--base": ("base_checkpoint", Path, "the base model folder (default assets/base)"),
@@ -68,6 +68,9 @@ def _dest(flag: str) -> str:
 
 def run_sampler_report(args: argparse.Namespace) -> int:
     """Measure, then write the JSON and the markdown."""
+    from ops.cpu_threads import prefer_passive_openmp
+
+    prefer_passive_openmp()  # before torch: the timings share the cores with whatever else runs
     from simulator.probes.sampler_probe import (
         SamplerProbeConfig,
         SamplerProbeResults,

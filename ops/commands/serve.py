@@ -23,6 +23,9 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ops.cpu_threads import prefer_passive_openmp
+
+    prefer_passive_openmp()  # before torch: sampling shares the cores with the loop's other processes
     import uvicorn
 
     from perfusion.checkpoints import ModelStore

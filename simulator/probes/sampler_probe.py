@@ -13,7 +13,8 @@ and for the reference (:data:`REFERENCE`, DDIM trailing at 25 steps), with guida
     samples of the evaluation's prompts (training and held-out, garment-only), with catalog renders of the same
     prompts (their open kinds drawn at random) as the reference row;
 (c) **seconds per group** of K on this machine: :func:`perfusion.sampling.denoise` of K rows through the base U-Net,
-    both guidance branches in one forward of 2K rows a step, median over a few groups after a warm-up.
+    both guidance branches in one forward of 2K rows a step; the least of a few groups after a warm-up, since other
+    work on a shared machine only ever adds to a group's time (the load average is recorded beside it).
 
 The rule (:data:`RULE`, fixed before the measurement): the serving sampler is the trailing candidate with the fewest
 steps whose mean attribute accuracy over the kinds is at most :data:`ACCURACY_TOLERANCE` below the reference's and
@@ -27,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import statistics
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +79,7 @@ class SamplerProbeConfig:
     seeds_per_prompt: int = field(default=2, metadata={"help": "samples per held-out prompt (115 prompts)"})
     coverage_seeds: int = field(default=16, metadata={"help": "samples (and catalog renders) per evaluation prompt"})
     k: int = field(default=4, metadata={"help": "candidates per timed group"})
-    timing_groups: int = field(default=3, metadata={"help": "timed groups per sampler (after one warm-up group)"})
+    timing_groups: int = field(default=5, metadata={"help": "timed groups per sampler (after one warm-up group)"})
     batch_size: int = field(default=128, metadata={"help": "images denoised at once (2x rows per forward)"})
     torch_threads: int = field(default=2, metadata={"help": "torch threads"})
     base_checkpoint: Path = field(default=ASSETS_DIR / "base", metadata={"help": "the base model folder"})
@@ -107,7 +108,7 @@ class SamplerRow(Record):
     accuracy: dict[str, float] = Field(description="attribute accuracy per kind on the held-out prompts' samples")
     mean_accuracy: float = Field(description="mean of accuracy over the kinds")
     coverage: float = Field(description="mean share of pixels under the garment mask, evaluation prompts' samples")
-    seconds_per_group: float = Field(ge=0, description="median seconds to denoise a group of K on this machine")
+    seconds_per_group: float = Field(ge=0, description="least seconds to denoise a group of K on this machine")
     qualifies: bool | None = Field(description="passes the rule's tolerances (None for the reference)")
 
     @property
@@ -132,6 +133,7 @@ class SamplerProbeSummary(Record):
     heldout_prompts: int = Field(ge=0)
     coverage_prompts: list[str]
     config: SamplerProbeConfig
+    load_average_1m: tuple[float, float] = Field(description="the machine's 1-minute load average at start and end")
     wall_seconds: float = Field(ge=0)
 
     @property
@@ -255,7 +257,7 @@ def _seconds_per_group(inputs: _Inputs, sampler: SamplerConfig, config: SamplerP
         _draw(inputs, sampler, states, noise, config.k)
         if index:  # the first group warms up
             timings.append(time.perf_counter() - started)
-    return statistics.median(timings)
+    return min(timings)
 
 
 def catalog_renders(coverage_seeds: int, size: int) -> np.ndarray:
@@ -278,12 +280,11 @@ def measure(inputs: _Inputs, sampler: SamplerConfig, role: Role, config: Sampler
     """One sampler's row (``qualifies`` left None: it needs the reference)."""
     from perfusion.models.attribute_classifier import attribute_accuracy
     from perfusion.models.base import build_sampling_scheduler
-    from perfusion.sampling import TERMINAL_ALPHA_BAR
+    from perfusion.sampling import model_timesteps
 
     started = time.monotonic()
-    scheduler = build_sampling_scheduler(inputs.model_config, sampler)
-    timesteps = [int(t) for t in scheduler.timesteps]
-    evaluations = sum(float(scheduler.alphas_cumprod[t]) >= TERMINAL_ALPHA_BAR for t in timesteps)
+    first_timestep = int(build_sampling_scheduler(inputs.model_config, sampler).timesteps[0])
+    evaluations = len(model_timesteps(sampler, inputs.model_config))
     heldout = _draw(inputs, sampler, inputs.heldout_states, inputs.heldout_noise, config.batch_size)
     accuracy = attribute_accuracy(inputs.classifier, heldout, inputs.heldout_targets)
     coverage = mask_coverage(_draw(inputs, sampler, inputs.coverage_states, inputs.coverage_noise, config.batch_size))
@@ -293,7 +294,7 @@ def measure(inputs: _Inputs, sampler: SamplerConfig, role: Role, config: Sampler
         spacing=sampler.spacing,
         steps=sampler.steps,
         guidance_scale=sampler.guidance_scale,
-        first_timestep=timesteps[0],
+        first_timestep=first_timestep,
         model_evaluations=evaluations,
         accuracy=accuracy,
         mean_accuracy=float(np.mean(list(accuracy.values()))),
@@ -317,7 +318,7 @@ def run_sampler_probe(config: SamplerProbeConfig) -> SamplerProbeSummary:
     """Measure every candidate and the reference on the same noise, and apply the rule."""
     import torch
 
-    started = time.monotonic()
+    started, load_at_start = time.monotonic(), os.getloadavg()[0]
     torch.set_num_threads(config.torch_threads)
     inputs = _inputs(config)
     reference = measure(inputs, REFERENCE, "reference", config)
@@ -338,6 +339,7 @@ def run_sampler_probe(config: SamplerProbeConfig) -> SamplerProbeSummary:
         heldout_prompts=len(inputs.heldout_targets) // config.seeds_per_prompt,
         coverage_prompts=list(COVERAGE_PROMPTS),
         config=config,
+        load_average_1m=(load_at_start, os.getloadavg()[0]),
         wall_seconds=time.monotonic() - started,
     )
 
@@ -421,7 +423,9 @@ def render_sampler_markdown(results: SamplerProbeResults) -> str:
             f"that differ from the border's median colour) in {coverage_samples} samples of the evaluation's prompts "
             f"({', '.join(results.coverage_prompts)}); the catalog row is {coverage_samples} renders of the same "
             "prompts, their open kinds at random.",
-            f"- s / group: median seconds to denoise a group of K = {config.k} (2K rows a forward) on this machine.",
+            f"- s / group: seconds to denoise a group of K = {config.k} (2K rows a forward) on this machine, the "
+            f"least of {config.timing_groups} (load average {results.load_average_1m[0]:.1f} at the start, "
+            f"{results.load_average_1m[1]:.1f} at the end, on {os.cpu_count()} CPUs).",
             "- first t: the schedule's first timestep; model evals: steps that call the model. A trailing schedule "
             "starts at t = 999, where alpha-bar is 2.4e-9 and an epsilon model's x0 estimate is its error times "
             "20,000: that step takes x0 = 0 (the prior mean) without calling the model.",
