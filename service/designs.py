@@ -26,8 +26,6 @@ same events, the figures agree.
 from __future__ import annotations
 
 import logging
-import sqlite3
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ from perfusion.contracts.records import InvalidEvent, Order, ProductionOrder, Re
 from perfusion.errors import PerfusionError
 from perfusion.follower import FollowedRecord, TopicFollower
 from perfusion.paths import state_dir
+from service.sqlite_store import SqliteStore
 
 logger = logging.getLogger(__name__)
 
@@ -105,24 +104,15 @@ class DemandStatus:
     production_ts: float | None
 
 
-class DesignRegistry:
+class DesignRegistry(SqliteStore):
     """Designs and their demand in one sqlite file; safe to share between the request threads and the follower."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._connection.execute("PRAGMA journal_mode=WAL")
-        self._connection.executescript(_SCHEMA)
+        super().__init__(path, _SCHEMA)
 
     @classmethod
     def default(cls) -> DesignRegistry:
         return cls(state_dir() / "service" / "designs.sqlite")
-
-    def close(self) -> None:
-        with self._lock:
-            self._connection.close()
 
     def create(self, merchant_id: str, prompt: str, order_threshold: int) -> Design:
         design = Design(

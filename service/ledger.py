@@ -17,13 +17,13 @@ it back out, and nothing is kept that the topic never heard of. It lives beside 
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from perfusion.contracts.records import Click, DesignCreated, Impression, Order, Return, Select
 from service.problems import Refusal
+from service.sqlite_store import SqliteStore
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS event_ids (
@@ -90,20 +90,11 @@ class AcceptedOrder:
         return self.quantity - self.returned
 
 
-class EventLedger:
+class EventLedger(SqliteStore):
     """Impressions served and events accepted, in one sqlite file; safe to share between request threads."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._connection.execute("PRAGMA journal_mode=WAL")
-        self._connection.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._connection.close()
+        super().__init__(path, _SCHEMA)
 
     # -------------------------------------------------------------------------------------- what the service made
 
