@@ -79,4 +79,4 @@ class SamplerConfig:
 
 # The sampler of every served group (docs/sampler.md): trailing DDIM at the fewest steps whose attribute accuracy
 # and garment coverage are within the rule's tolerance of 25 trailing steps.
-SERVING_SAMPLER = SamplerConfig(kind="ddim", spacing="trailing", steps=6, guidance_scale=3.0)
+SERVING_SAMPLER = SamplerConfig(kind="ddim", spacing="trailing", steps=10, guidance_scale=3.0)
