@@ -26,7 +26,7 @@ def test_config_rejects_bad_values():
 
 
 def test_report_shape_on_a_tiny_config(kafka_bootstrap: str, tmp_path: Path):
-    config = ServeBenchConfig(k=2, steps=1, repeats=2, warmup=0, publishes=1, poll=0.05)
+    config = ServeBenchConfig(k=2, steps=2, repeats=2, warmup=0, publishes=1, poll=0.05)
     report = run_serve_benchmark(config, bootstrap_servers=kafka_bootstrap)
     report = json.loads(json.dumps(report))  # JSON-serialisable as written by --out
 
@@ -46,4 +46,19 @@ def test_report_shape_on_a_tiny_config(kafka_bootstrap: str, tmp_path: Path):
     assert feast["count"] >= 4 and 0 < feast["p50"] <= feast["p99"] <= feast["max"]
     assert report["service_metrics"]["perfusion_feast_read_seconds"]["count"] == feast["count"]
     assert report["failed_requests"] == []
-    assert "ratio" in summary(report) and "Feast read" in summary(report)
+    # One U-Net forward a model-evaluated step (2 trailing steps: 999 is terminal and calls no model, then 499),
+    # both guidance branches of the K candidates in it; the floor times those forwards alone.
+    assert report["forwards"] == {"base": {"count": 1, "rows": [4]}, "personalized": {"count": 1, "rows": [4]}}
+    assert report["floor_forwards"] == {"count": 1, "rows": 4}
+    assert set(report["floor_seconds"]) == set(report["latency_over_floor"]) == {"base", "personalized"}
+    assert set(report["targets"]) == {"base_group_seconds", "personalized_group_seconds", "personalized_over_base"}
+    assert all(isinstance(target["met"], bool) for target in report["targets"].values())
+    assert "ratio" in summary(report) and "Feast read" in summary(report) and "floor" in summary(report)
+
+
+def test_forwards_are_batched_at_two_steps(kafka_bootstrap: str) -> None:
+    config = ServeBenchConfig(k=3, steps=3, repeats=1, warmup=0, publishes=1, poll=0.05)
+    report = run_serve_benchmark(config, bootstrap_servers=kafka_bootstrap)
+    for arm in ("base", "personalized"):
+        assert report["forwards"][arm] == {"count": 2, "rows": [6]}  # 999 is terminal; 666 and 332: 2K rows each
+    assert report["floor_forwards"] == {"count": 2, "rows": 6}
