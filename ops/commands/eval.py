@@ -1,6 +1,7 @@
 """``perfusion eval MODE``: the closed-loop evaluation of every arm against the simulated marketplace (``loop``) and
 the offline probes of one generator update (``probe``) and of the reward models (``reward-probe``), and the
-group-signal report (``signal``, :mod:`ops.commands.eval_signal`).
+group-signal report (``signal``, :mod:`ops.commands.eval_signal`) and the choice of the serving sampler
+(``sampler``, :mod:`ops.commands.eval_sampler`).
 
 Every option of a mode except the output folders changes the numbers, so each one given reaches the reproduction
 command the reports print (:func:`command_line`).
@@ -15,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ops.commands import eval_signal
+from ops.commands import eval_sampler, eval_signal
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def register(subparsers: Any) -> None:
     _register_probe(modes)
     _register_reward_probe(modes)
     eval_signal.register(modes)
+    eval_sampler.register(modes)
 
 
 def _register_loop(modes: Any) -> None:
