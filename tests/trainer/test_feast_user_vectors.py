@@ -31,16 +31,23 @@ def sample(sample_id: str, user_id: str, ts: float) -> GroupSample:
     )
 
 
-@pytest.mark.slow
-def test_samples_sharing_a_user_and_impression_time_each_get_that_users_features(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from perfusion.feature_store import apply_feature_repo, open_feature_store
+def use_fresh_feature_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Feast repo of this test's own (sqlite online store) under tmp_path, applied."""
+    from perfusion.feature_store import apply_feature_repo
 
     monkeypatch.setenv("PERFUSION_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("PERFUSION_FEAST_DIR", str(tmp_path / "state" / "feast"))
     monkeypatch.setenv("PERFUSION_ONLINE_STORE", "sqlite")
     apply_feature_repo()
+
+
+@pytest.mark.slow
+def test_samples_sharing_a_user_and_impression_time_each_get_that_users_features(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from perfusion.feature_store import open_feature_store
+
+    use_fresh_feature_repo(tmp_path, monkeypatch)
     preference = [1.0] + [0.0] * 25
     push_features(preference, IMPRESSION_TS - 60)
 
@@ -64,16 +71,13 @@ def test_a_merchants_sample_gets_the_merchants_own_u_as_of_its_impression(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from perfusion.contracts.records import Candidate, Impression, Select
-    from perfusion.feature_store import FeaturePusher, apply_feature_repo, open_feature_store
+    from perfusion.feature_store import FeaturePusher, open_feature_store
     from perfusion.user_features import MERCHANT_PROFILE_PUSH, USER_VECTOR_SLICES, merchant_profile_rows
     from streams.preferences import PreferenceUpdater, UserPreferenceState, feature_row
     from streams.settings import StreamSettings
     from tests.streams.test_preferences_agent import DictMemory
 
-    monkeypatch.setenv("PERFUSION_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("PERFUSION_FEAST_DIR", str(tmp_path / "state" / "feast"))
-    monkeypatch.setenv("PERFUSION_ONLINE_STORE", "sqlite")
-    apply_feature_repo()
+    use_fresh_feature_repo(tmp_path, monkeypatch)
     pusher = FeaturePusher.open()
     pusher.push(MERCHANT_PROFILE_PUSH, merchant_profile_rows({"shop-1": 3}, signed_up_ts=IMPRESSION_TS - 86_400))
     # An earlier review of one of the merchant's designs: they selected the navy candidate.
