@@ -1,7 +1,9 @@
-"""The personalized adaptive network on a tiny seeded UNet: zero-init identity, frozen base, in-place weight swap."""
+"""The personalized adaptive network on a tiny seeded UNet, in each of its user pathways: zero-init identity,
+frozen base, what trains, in-place weight swap."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -11,11 +13,15 @@ from diffusers import UNet2DConditionModel
 
 from perfusion.errors import ConfigError
 from perfusion.models.adaptive import (
+    LEGACY_USER_PATHWAY,
+    USER_PATHWAYS,
     AdaptiveConfig,
     AdaptiveInputError,
     AdaptiveNetwork,
+    UserTokenAttnProcessor,
     count_trainable_parameters,
     freeze_unet,
+    install_user_token_attention,
     load_adaptive_weights_in_place,
     personalized_noise_prediction,
 )
@@ -23,7 +29,14 @@ from perfusion.models.adaptive import (
 USER_DIM = 6
 TEXT_DIM = 24
 SIZE = 16
-CONFIG = AdaptiveConfig(user_dim=USER_DIM, condition_hidden=16, condition_channels=4, conditioning_embedding_channels=8)
+CONFIG = AdaptiveConfig(
+    user_dim=USER_DIM,
+    user_pathway="condition_map",
+    condition_hidden=16,
+    condition_channels=4,
+    conditioning_embedding_channels=8,
+)
+PATHWAY_CONFIGS = {pathway: dataclasses.replace(CONFIG, user_pathway=pathway) for pathway in USER_PATHWAYS}
 
 
 def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
@@ -51,9 +64,10 @@ def inputs(batch: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, t
     return x_t, t, text_states, users
 
 
-def test_base_plus_adaptive_equals_base_exactly_at_initialisation() -> None:
+@pytest.mark.parametrize("pathway", USER_PATHWAYS)
+def test_base_plus_adaptive_equals_base_exactly_at_initialisation(pathway: str) -> None:
     unet = freeze_unet(tiny_unet())
-    adaptive = AdaptiveNetwork(unet, CONFIG)
+    adaptive = AdaptiveNetwork(unet, PATHWAY_CONFIGS[pathway])
     x_t, t, text_states, users = inputs()
     with torch.no_grad():
         base = personalized_noise_prediction(unet, None, x_t, t, text_states, None)
@@ -64,9 +78,71 @@ def test_base_plus_adaptive_equals_base_exactly_at_initialisation() -> None:
     assert torch.equal(no_user, base)
 
 
+def test_user_token_attention_is_the_stock_processor_without_tokens() -> None:
+    unet = freeze_unet(tiny_unet())
+    x_t, t, text_states, _ = inputs()
+    with torch.no_grad():
+        before = personalized_noise_prediction(unet, None, x_t, t, text_states, None)
+        install_user_token_attention(unet)
+        after = personalized_noise_prediction(unet, None, x_t, t, text_states, None)
+    assert all(isinstance(p, UserTokenAttnProcessor) for p in unet.attn_processors.values())
+    assert torch.equal(before, after)
+
+
+def test_base_tokens_trains_only_its_token_mlp_and_moves_it_at_the_first_step() -> None:
+    unet = freeze_unet(tiny_unet())
+    adaptive = AdaptiveNetwork(unet, PATHWAY_CONFIGS["base_tokens"])
+    assert adaptive.controlnet is None
+    assert {name.split(".")[0] for name, _ in adaptive.named_parameters()} == {"user_tokens"}
+    base_before = {name: tensor.clone() for name, tensor in unet.state_dict().items()}
+    before = {name: p.detach().clone() for name, p in adaptive.named_parameters()}
+    optimizer = torch.optim.Adam(adaptive.parameters(), lr=1e-3)
+    _step(unet, adaptive, optimizer, seed=2)
+    changed = {name for name, p in adaptive.named_parameters() if not torch.equal(p, before[name])}
+    # The zero last layer has a gradient through the frozen value projections from the start (no second zero layer).
+    assert {"user_tokens.2.weight", "user_tokens.2.bias"} <= changed
+    for name, tensor in unet.state_dict().items():
+        assert torch.equal(tensor, base_before[name]), name
+    assert all(p.grad is None for p in unet.parameters())
+
+
+@pytest.mark.parametrize("pathway", ["copy_tokens", "base_tokens"])
+def test_token_pathways_make_the_prediction_depend_on_the_user_once_trained(pathway: str) -> None:
+    unet = freeze_unet(tiny_unet())
+    adaptive = AdaptiveNetwork(unet, PATHWAY_CONFIGS[pathway])
+    optimizer = torch.optim.Adam(adaptive.parameters(), lr=1e-2)
+    for seed in range(3):
+        _step(unet, adaptive, optimizer, seed=seed)
+    x_t, t, text_states, users = inputs(seed=9)
+    with torch.no_grad():
+        one = personalized_noise_prediction(unet, adaptive, x_t, t, text_states, users)
+        other = personalized_noise_prediction(unet, adaptive, x_t, t, text_states, torch.roll(users, 1, dims=0))
+    assert not torch.allclose(one, other)
+
+
+def test_copy_tokens_feed_the_copy_from_small_random_weights() -> None:
+    adaptive = AdaptiveNetwork(tiny_unet(), PATHWAY_CONFIGS["copy_tokens"])
+    assert adaptive.user_tokens is not None and adaptive.controlnet is not None
+    last = adaptive.user_tokens[-1]
+    assert isinstance(last, torch.nn.Linear)
+    assert bool((last.weight != 0).any()) and bool((last.bias == 0).all())
+    zero_init = AdaptiveNetwork(tiny_unet(), dataclasses.replace(PATHWAY_CONFIGS["copy_tokens"], condition_init_std=0))
+    assert zero_init.user_tokens is not None
+    assert all(bool((p == 0).all()) for p in zero_init.user_tokens[-1].parameters())
+
+
+def test_a_saved_config_without_a_pathway_is_the_condition_map() -> None:
+    values = CONFIG.to_dict()
+    values.pop("user_pathway")
+    assert AdaptiveConfig.from_dict(values).user_pathway == LEGACY_USER_PATHWAY == "condition_map"
+    with pytest.raises(ConfigError, match="user_pathway must be one of copy_tokens, base_tokens, condition_map"):
+        AdaptiveConfig(user_pathway="everywhere")  # type: ignore[arg-type]
+
+
 def test_copy_starts_from_the_base_weights() -> None:
     unet = tiny_unet()
     adaptive = AdaptiveNetwork(unet, CONFIG)
+    assert adaptive.controlnet is not None
     for name, tensor in unet.down_blocks.state_dict().items():
         assert torch.equal(adaptive.controlnet.down_blocks.state_dict()[name], tensor)
     assert all(torch.all(p == 0) for p in adaptive.controlnet.controlnet_down_blocks.parameters())
@@ -92,6 +168,7 @@ def test_base_equals_base_at_initialisation_whatever_the_condition_init(conditio
         base = personalized_noise_prediction(unet, None, x_t, t, text_states, None)
         personalized = personalized_noise_prediction(unet, adaptive, x_t, t, text_states, users)
     assert torch.equal(personalized, base)
+    assert adaptive.controlnet is not None
     conv_out = adaptive.controlnet.controlnet_cond_embedding.conv_out.weight
     assert bool((conv_out == 0).all()) == (condition_init_std == 0.0)
 
@@ -175,7 +252,7 @@ def test_new_version_loads_in_place_into_allocated_modules() -> None:
 def test_weight_swap_refuses_other_shapes_and_names() -> None:
     unet = tiny_unet()
     adaptive = AdaptiveNetwork(unet, CONFIG)
-    wider = AdaptiveNetwork(unet, AdaptiveConfig(user_dim=USER_DIM + 1, condition_hidden=16, condition_channels=4))
+    wider = AdaptiveNetwork(unet, dataclasses.replace(CONFIG, user_dim=USER_DIM + 1))
     with pytest.raises(AdaptiveInputError, match="shapes differ"):
         load_adaptive_weights_in_place(adaptive, wider.state_dict())
     partial = dict(adaptive.state_dict())
