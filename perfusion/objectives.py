@@ -17,6 +17,16 @@ and of the frozen reference, both on the same noised image x_t and timestep t, a
 - :func:`pairwise_dpo_loss`: Diffusion-DPO on every (p, lower-graded n) pair of each group.
 - :func:`sft_loss`: the policy's denoising error on positives only (supervised fine-tuning on what users liked).
 - :func:`group_ranking_loss`: the reward model's Plackett-Luce loss, the same comparisons with s = the score.
+- :func:`positive_anchor_loss` and :func:`anchored`: a supervised term on the positives, ``lambda`` times their
+  mean ``-s_p`` (their denoising error less the reference's, in implicit-reward units), added to a preference
+  loss as RPO (arXiv 2404.19733) finds necessary: without it a preference loss can raise every candidate's error
+  and still order them, and the images drift from anything users liked.
+
+The group loss is the graded listwise Plackett-Luce of Diffusion-LPO (arXiv 2510.01540): for a ranking
+order > click > none (a merchant's selection grades as a click), the likelihood of that ranking is the product,
+over every position, of the softmax of the candidate placed there against all candidates placed at or below it;
+with ties within a grade, each positive competes against itself and every lower grade. It is averaged over a
+group's positives rather than summed, so that groups with more positives do not weigh more.
 
 Groups without a positive or without a negative hold no comparison: the preference and ranking losses exclude
 them (SFT excludes only groups without a positive) and count them in :class:`ObjectiveStats`. Each loss averages
@@ -25,7 +35,8 @@ within a group first, then over the groups it uses, so every impression weighs t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +61,9 @@ class ObjectiveStats:
     num_pairs: int
     implicit_accuracy: float  # share of (p, lower-graded n) pairs with s_p > s_n; NaN without pairs
     reward_margin: float  # mean of s_p - s_n over those pairs; NaN without pairs
+    mean_abs_reward: float = float("nan")  # mean |s| over the candidates of used groups: of order one when healthy
+    mean_group_size: float = float("nan")  # mean K of the used groups (a loss above 2 log K means saturation)
+    anchor: float = float("nan")  # the supervised term's value before its weight, when one was added
 
     def as_dict(self) -> dict[str, float]:
         return {name: float(value) for name, value in asdict(self).items()}
@@ -127,6 +141,9 @@ def _stats(loss: Tensor, implicit_rewards: Tensor, layout: _GroupLayout, num_gro
         # [P] margins of every (p, n) comparison, row-major over beats.
         margins = (implicit_rewards[:, None] - implicit_rewards[None, :])[layout.beats]
         has_pairs = margins.numel() > 0
+        in_used_group = layout.group_used[layout.group_index]  # [N]
+        used_rewards = implicit_rewards[in_used_group]
+        groups_used = int(layout.group_used.sum().item())
         return ObjectiveStats(
             loss=float(loss.detach().item()),
             num_groups=layout.num_groups,
@@ -136,6 +153,8 @@ def _stats(loss: Tensor, implicit_rewards: Tensor, layout: _GroupLayout, num_gro
             num_pairs=int(margins.numel()),
             implicit_accuracy=float((margins > 0).float().mean().item()) if has_pairs else float("nan"),
             reward_margin=float(margins.mean().item()) if has_pairs else float("nan"),
+            mean_abs_reward=float(used_rewards.abs().mean().item()) if used_rewards.numel() else float("nan"),
+            mean_group_size=used_rewards.numel() / groups_used if groups_used else float("nan"),
         )
 
 
@@ -212,3 +231,41 @@ def group_ranking_loss(scores: Tensor, labels: Tensor, group_ids: Tensor) -> tup
     terms = _plackett_luce_terms(scores, layout)
     loss = _mean_within_then_across_groups(terms, layout.positive_used, layout)
     return loss, _stats(loss, scores, layout, int(layout.group_used.sum().item()))
+
+
+def positive_anchor_loss(
+    policy_err: Tensor, ref_err: Tensor, labels: Tensor, group_ids: Tensor, beta: float
+) -> tuple[Tensor, ObjectiveStats]:
+    """The supervised term on positives in implicit-reward units: mean -s_p = beta * (policy_err - ref_err) over a
+    group's positives, then over groups with a positive; 0 at the reference, lower as the policy fits positives.
+
+    Its gradient is :func:`sft_loss`'s times beta (the reference error is a constant), so ``lambda`` in
+    :func:`anchored` weighs it against the preference loss in the same units as s.
+    """
+    _check_inputs(labels, group_ids, policy_err, ref_err)
+    layout = _group_layout(labels, group_ids)
+    implicit_rewards = _implicit_rewards(policy_err, ref_err, beta)
+    loss = _mean_within_then_across_groups(-implicit_rewards, labels > 0, layout)
+    num_groups_used = layout.num_groups - layout.groups_without_positive
+    return loss, _stats(loss, implicit_rewards, layout, num_groups_used)
+
+
+DiffusionObjective = Callable[[Tensor, Tensor, Tensor, Tensor, float], tuple[Tensor, ObjectiveStats]]
+
+
+def anchored(objective: DiffusionObjective, weight: float) -> DiffusionObjective:
+    """``objective`` plus ``weight`` x :func:`positive_anchor_loss`; its stats are the objective's (loss: the
+    preference part alone, comparable with log K) with the anchor's value in ``anchor``. ``weight`` 0: unchanged."""
+    if weight < 0:
+        raise ObjectiveInputError(f"the supervised weight must be >= 0, got {weight}")
+    if weight == 0:
+        return objective
+
+    def with_anchor(
+        policy_err: Tensor, ref_err: Tensor, labels: Tensor, group_ids: Tensor, beta: float
+    ) -> tuple[Tensor, ObjectiveStats]:
+        loss, stats = objective(policy_err, ref_err, labels, group_ids, beta)
+        anchor, _ = positive_anchor_loss(policy_err, ref_err, labels, group_ids, beta)
+        return loss + weight * anchor, replace(stats, anchor=float(anchor.detach().item()))
+
+    return with_anchor

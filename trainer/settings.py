@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from perfusion.errors import ConfigError
+from perfusion.models.user_pathways import USER_PATHWAYS, UserPathway
 from perfusion.paths import ASSETS_DIR, state_dir
 from perfusion.settings import KafkaClientSettings
 
@@ -63,6 +64,11 @@ class TrainerSettings(KafkaClientSettings):
         default=True,
         description="train the user-conditioned adaptive network; False = fine-tune the U-Net, no user input",
     )
+    user_pathway: UserPathway = Field(
+        default="copy_tokens",
+        description=f"where u enters the adaptive network, one of {', '.join(USER_PATHWAYS)} "
+        "(perfusion.models.adaptive); chosen on the evaluation's validation panel, docs/results.md",
+    )
     personalized_reward_model: bool = Field(
         default=True, description="PerFusionRM with feature-crossing plug-ins; False = the same towers without"
     )
@@ -75,23 +81,47 @@ class TrainerSettings(KafkaClientSettings):
     reward_steps: int = Field(
         default=40, ge=0, le=100_000, description="optimizer steps on the reward model per update"
     )
-    diffusion_steps: int = Field(default=6, ge=0, le=100_000, description="optimizer steps on the generator per update")
-    groups_per_batch: int = Field(default=8, ge=1, le=1024, description="impressions (groups of K candidates) per step")
+    diffusion_steps: int = Field(
+        default=200,
+        ge=0,
+        le=100_000,
+        description="optimizer steps on the generator per update (Diffusion-DPO used 2,000 at batch 2,048; a few "
+        "steps learn one shift shared by every user)",
+    )
+    groups_per_batch: int = Field(default=4, ge=1, le=1024, description="impressions (groups of K candidates) per step")
+    draws_per_group: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="(t, noise) draws per impression per generator step, shared by its candidates; a candidate's "
+        "error is the mean over them (one draw makes s mostly the noise of its timestep)",
+    )
+    train_timesteps: Literal["serving", "all"] = Field(
+        default="serving",
+        description="timesteps the generator trains at: 'serving' = those the serving sampler calls the model at "
+        "(perfusion.sampler_config.SERVING_SAMPLER), 'all' = every training timestep",
+    )
+    supervised_weight: float = Field(
+        default=0.25,
+        ge=0.0,
+        description="lambda of the supervised term on positives added to the preference objectives, in implicit-"
+        "reward units (perfusion.objectives.anchored); 0 = none",
+    )
     reward_learning_rate: float = Field(default=1e-3, gt=0, description="AdamW learning rate of the reward model")
     adaptive_learning_rate: float = Field(
-        default=1e-3,
+        default=3e-4,
         gt=0,
-        description="AdamW learning rate of the adaptive network; higher than the U-Net's because its residuals "
-        "start at exactly 0 and must grow within the few steps of one update (see docs/results.md)",
+        description="AdamW learning rate of the adaptive network (1e-3 with beta 2000 took |s| to ~26 in one step)",
     )
     unet_learning_rate: float = Field(
-        default=1e-4, gt=0, description="AdamW learning rate of the fine-tuned U-Net copy (arms without the network)"
+        default=3e-5, gt=0, description="AdamW learning rate of the fine-tuned U-Net copy (arms without the network)"
     )
     beta: float = Field(
-        default=2000.0,
+        default=250.0,
         gt=0,
         description="inverse temperature of the implicit reward -beta * (policy_err - ref_err); errors are "
-        "per-pixel means, so differences are ~1e-3 and beta ~1e3 makes rewards of order one",
+        "per-pixel means, so an update moves their differences by ~1e-3 to 1e-2 and beta of a few hundred keeps "
+        "|s| of order one (logged as mean |s|; the trainer warns when the loss exceeds 2 log K)",
     )
     max_grad_norm: float = Field(default=1.0, gt=0, description="gradient clipping norm for both models")
     seed: int = Field(default=0, description="seed of batch sampling, noise and timesteps")

@@ -3,15 +3,21 @@
 - **Reward model** (PerFusionRM): ``reward_steps`` AdamW steps on the group-wise ranking loss (Plackett-Luce over
   each impression's candidates with graded labels).
 - **Generator**: ``diffusion_steps`` AdamW steps on the chosen objective (group-level preference, pairwise
-  Diffusion-DPO or SFT). The policy is the frozen base U-Net plus the personalized adaptive network (which sees
-  the user vector), or, in the arms without it, a fine-tuned copy of the U-Net without user input. The reference
-  is always the frozen base without user input. Policy and reference see the *same* noised images x_t at the
-  *same* timesteps t; the candidates of one impression also share their noise and timestep, as the winner and
-  loser of a Diffusion-DPO pair do, so their errors differ by the images alone.
+  Diffusion-DPO or SFT), the preference objectives with the supervised term on positives
+  (:func:`perfusion.objectives.anchored`, weight ``supervised_weight``). The policy is the frozen base U-Net plus
+  the personalized adaptive network (which sees the user vector), or, in the arms without it, a fine-tuned copy of
+  the U-Net without user input. The reference is always the frozen base without user input. Policy and reference
+  see the *same* noised images x_t at the *same* timesteps t; the candidates of one impression also share their
+  noise and timestep, as the winner and loser of a Diffusion-DPO pair do, so their errors differ by the images
+  alone. Each step takes ``draws_per_group`` (t, noise) draws per impression, and a candidate's error is its mean
+  over them: the implicit reward s = -beta * (policy_err - ref_err) is then an average of m single-draw estimates,
+  whose noise at one draw (a single t decides most of it) is what saturates the loss. Timesteps are drawn from
+  those the serving sampler calls the model at (``train_timesteps="serving"``), or from all of training's.
 
 Only the reward model and the adaptive network (or fine-tuned U-Net) receive gradients; the base U-Net and the text
-encoder stay frozen. A tqdm bar shows loss, implicit accuracy and reward margin; the returned
-:class:`UpdateReport` carries their means over the update for the manifest.
+encoder stay frozen. A tqdm bar shows loss, implicit accuracy, reward margin and mean |s|; the returned
+:class:`UpdateReport` carries their means over the update for the manifest, and a warning names the steps whose
+preference loss exceeded 2 log K (the implicit rewards saturate: lower beta or the learning rate).
 """
 
 from __future__ import annotations
@@ -34,12 +40,15 @@ from perfusion.models.adaptive import AdaptiveConfig, AdaptiveNetwork, personali
 from perfusion.models.base import BaseModelConfig, unet_component_config
 from perfusion.models.reward import PerFusionRM, RewardModelConfig
 from perfusion.objectives import (
+    DiffusionObjective,
     ObjectiveStats,
+    anchored,
     group_preference_loss,
     group_ranking_loss,
     pairwise_dpo_loss,
     sft_loss,
 )
+from perfusion.sampling import SERVING_SAMPLER, model_timesteps
 from perfusion.text_encoder import TextEncoder, mean_pool
 from perfusion.user_features import USER_DIM
 from trainer.batches import GroupBatch
@@ -48,7 +57,6 @@ from trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
 
-DiffusionObjective = Callable[[Tensor, Tensor, Tensor, Tensor, float], tuple[Tensor, ObjectiveStats]]
 # Component names inside a published version folder.
 REWARD_MODEL = "reward_model"
 ADAPTIVE_NETWORK = "adaptive_network"
@@ -59,6 +67,15 @@ DIFFUSION_OBJECTIVES: dict[str, DiffusionObjective] = {
     "pairwise_dpo": pairwise_dpo_loss,
     "sft": sft_loss,
 }
+PREFERENCE_OBJECTIVES = ("group", "pairwise_dpo")  # the objectives the supervised term is added to
+
+
+def diffusion_objective(settings: TrainerSettings) -> DiffusionObjective:
+    """The generator's loss for ``settings``: the named objective, the preference ones with the supervised term."""
+    objective = DIFFUSION_OBJECTIVES[settings.objective]
+    if settings.objective in PREFERENCE_OBJECTIVES:
+        return anchored(objective, settings.supervised_weight)
+    return objective
 
 
 @dataclass
@@ -75,6 +92,7 @@ class TrainingModels:
     noise_scheduler: Any  # diffusers DDPMScheduler: add_noise and config.num_train_timesteps
     adaptive_network: AdaptiveNetwork | None = None
     finetuned_unet: UNet2DConditionModel | None = None
+    train_timesteps: Tensor | None = None  # [T] long, the timesteps the generator trains at; None = all of training's
 
     def __post_init__(self) -> None:
         if self.adaptive_network is not None and self.finetuned_unet is not None:
@@ -96,6 +114,7 @@ class TrainingModels:
             noise_scheduler=self.noise_scheduler,
             adaptive_network=copy.deepcopy(self.adaptive_network) if self.adaptive_network is not None else None,
             finetuned_unet=copy.deepcopy(self.finetuned_unet) if self.finetuned_unet is not None else None,
+            train_timesteps=self.train_timesteps,
         )
 
     def components(self) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
@@ -153,7 +172,9 @@ def build_training_models(
     finetuned_unet: UNet2DConditionModel | None = None
     if settings.objective != "none":
         if settings.use_adaptive_network:
-            adaptive_network = AdaptiveNetwork(base_unet, AdaptiveConfig(user_dim=USER_DIM))
+            adaptive_network = AdaptiveNetwork(
+                base_unet, AdaptiveConfig(user_dim=USER_DIM, user_pathway=settings.user_pathway)
+            )
         else:
             finetuned_unet = copy.deepcopy(base_unet).requires_grad_(True)
     return TrainingModels(
@@ -163,7 +184,15 @@ def build_training_models(
         noise_scheduler=noise_scheduler,
         adaptive_network=adaptive_network.eval() if adaptive_network is not None else None,
         finetuned_unet=finetuned_unet.eval() if finetuned_unet is not None else None,
+        train_timesteps=training_timesteps(base_config, settings),
     )
+
+
+def training_timesteps(base_config: BaseModelConfig, settings: TrainerSettings) -> Tensor | None:
+    """[T] the timesteps the generator trains at: the serving sampler's model calls, or None for all."""
+    if settings.train_timesteps == "all":
+        return None
+    return torch.tensor(model_timesteps(SERVING_SAMPLER, base_config), dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -176,13 +205,19 @@ class PhaseSummary:
     reward_margin: float
     groups_used: int  # summed over steps
     seconds: float
+    mean_abs_reward: float = float("nan")  # mean |s| (implicit reward, or score): of order one when healthy
+    final_loss: float = float("nan")  # mean loss of the last tenth of the steps
+    saturated_steps: int = 0  # steps whose loss exceeded 2 log K
 
     def as_dict(self, prefix: str) -> dict[str, float]:
         return {
             f"{prefix}_steps": float(self.steps),
             f"{prefix}_loss": self.loss,
+            f"{prefix}_final_loss": self.final_loss,
             f"{prefix}_implicit_accuracy": self.implicit_accuracy,
             f"{prefix}_reward_margin": self.reward_margin,
+            f"{prefix}_mean_abs_reward": self.mean_abs_reward,
+            f"{prefix}_saturated_steps": float(self.saturated_steps),
             f"{prefix}_groups_used": float(self.groups_used),
             f"{prefix}_seconds": self.seconds,
         }
@@ -207,6 +242,8 @@ class _PhaseLog:
         self.losses: list[float] = []
         self.accuracies: list[float] = []
         self.margins: list[float] = []
+        self.abs_rewards: list[float] = []
+        self.saturated_steps = 0
         self.groups_used = 0
         self.started = time.perf_counter()
 
@@ -214,9 +251,13 @@ class _PhaseLog:
         self.losses.append(stats.loss)
         self.accuracies.append(stats.implicit_accuracy)
         self.margins.append(stats.reward_margin)
+        self.abs_rewards.append(stats.mean_abs_reward)
         self.groups_used += stats.num_groups_used
+        if stats.num_groups_used and stats.loss > saturation_limit(stats.mean_group_size):
+            self.saturated_steps += 1
 
     def summary(self) -> PhaseSummary:
+        tail = self.losses[-max(1, len(self.losses) // 10) :]
         return PhaseSummary(
             steps=len(self.losses),
             loss=_nanmean(self.losses),
@@ -224,7 +265,15 @@ class _PhaseLog:
             reward_margin=_nanmean(self.margins),
             groups_used=self.groups_used,
             seconds=time.perf_counter() - self.started,
+            mean_abs_reward=_nanmean(self.abs_rewards),
+            final_loss=_nanmean(tail),
+            saturated_steps=self.saturated_steps,
         )
+
+
+def saturation_limit(group_size: float) -> float:
+    """2 log K: a Plackett-Luce loss above it is worse than twice chance's, the mark of saturated rewards."""
+    return 2.0 * math.log(group_size) if group_size > 1 else math.inf
 
 
 def encode_prompts(text_encoder: TextEncoder, batch: GroupBatch) -> tuple[Tensor, Tensor]:
@@ -255,26 +304,42 @@ def reward_model_step(
 
 
 def noised_inputs(
-    models: TrainingModels, batch: GroupBatch, generator: torch.Generator
+    models: TrainingModels, batch: GroupBatch, generator: torch.Generator, draws: int = 1
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(x_t, eps, t) with one noise draw and one timestep per impression, shared by its candidates; [N, ...]."""
-    num_train_timesteps = int(models.noise_scheduler.config.num_train_timesteps)
-    group_timesteps = torch.randint(0, num_train_timesteps, (batch.num_groups,), generator=generator)
-    group_noise = torch.randn((batch.num_groups, *batch.images.shape[1:]), generator=generator)
-    timesteps = group_timesteps[batch.group_ids]
-    noise = group_noise[batch.group_ids]
-    return models.noise_scheduler.add_noise(batch.images, noise, timesteps), noise, timesteps
+    """(x_t, eps, t), ``draws`` rows per candidate: [draws * N, ...], draw d of every candidate in rows d*N..(d+1)*N.
+
+    Each draw is one noise image and one timestep per impression, shared by its candidates; timesteps come from
+    ``models.train_timesteps`` (uniformly) or, when None, from all of training's.
+    """
+    if draws < 1:
+        raise ConfigError(f"draws per group must be at least 1, got {draws}")
+    shape = (draws, batch.num_groups)
+    if models.train_timesteps is None:
+        num_train_timesteps = int(models.noise_scheduler.config.num_train_timesteps)
+        group_timesteps = torch.randint(0, num_train_timesteps, shape, generator=generator)  # [m, G]
+    else:
+        choice = torch.randint(0, models.train_timesteps.numel(), shape, generator=generator)
+        group_timesteps = models.train_timesteps[choice]
+    group_noise = torch.randn((*shape, *batch.images.shape[1:]), generator=generator)  # [m, G, C, H, W]
+    timesteps = group_timesteps[:, batch.group_ids].reshape(-1)  # [m * N]
+    noise = group_noise[:, batch.group_ids].reshape(-1, *batch.images.shape[1:])
+    images = batch.images.repeat(draws, 1, 1, 1)
+    return models.noise_scheduler.add_noise(images, noise, timesteps), noise, timesteps
 
 
 def denoising_errors(
-    models: TrainingModels, batch: GroupBatch, text_states: Tensor, generator: torch.Generator
+    models: TrainingModels, batch: GroupBatch, text_states: Tensor, generator: torch.Generator, draws: int = 1
 ) -> tuple[Tensor, Tensor]:
-    """Per-candidate mean squared errors of policy (with graph) and reference (without), on the same x_t and t: [N]."""
-    x_t, noise, timesteps = noised_inputs(models, batch, generator)
-    policy_eps = models.predict_noise(x_t, timesteps, text_states, batch.user_vectors)
-    reference_eps = models.reference_noise(x_t, timesteps, text_states)
-    policy_err = (policy_eps.float() - noise).pow(2).mean(dim=(1, 2, 3))
-    reference_err = (reference_eps.float() - noise).pow(2).mean(dim=(1, 2, 3))
+    """Per-candidate mean squared errors of policy (with graph) and reference (without), on the same x_t and t,
+    averaged over ``draws`` (t, noise) draws: [N] each."""
+    x_t, noise, timesteps = noised_inputs(models, batch, generator, draws)
+    states = text_states.repeat(draws, 1, 1)
+    users = batch.user_vectors.repeat(draws, 1)
+    policy_eps = models.predict_noise(x_t, timesteps, states, users)
+    reference_eps = models.reference_noise(x_t, timesteps, states)
+    n = batch.num_candidates
+    policy_err = (policy_eps.float() - noise).pow(2).mean(dim=(1, 2, 3)).view(draws, n).mean(dim=0)
+    reference_err = (reference_eps.float() - noise).pow(2).mean(dim=(1, 2, 3)).view(draws, n).mean(dim=0)
     return policy_err, reference_err
 
 
@@ -292,7 +357,7 @@ def generator_step(
     if trainable is None:
         raise ConfigError("this version's generator has nothing to train; use objective 'none' to skip the phase")
     trainable.train()
-    policy_err, reference_err = denoising_errors(models, batch, text_states, generator)
+    policy_err, reference_err = denoising_errors(models, batch, text_states, generator, settings.draws_per_group)
     loss, stats = objective(policy_err, reference_err, batch.labels, batch.group_ids, settings.beta)
     if stats.num_groups_used:
         optimizer.zero_grad(set_to_none=True)
@@ -307,6 +372,7 @@ def _bar_postfix(stats: ObjectiveStats) -> dict[str, str]:
         "loss": f"{stats.loss:.4f}",
         "acc": f"{stats.implicit_accuracy:.2f}",
         "margin": f"{stats.reward_margin:.3f}",
+        "|s|": f"{stats.mean_abs_reward:.2f}",
     }
 
 
@@ -341,7 +407,7 @@ def run_update(
                 f"objective {settings.objective!r} needs an adaptive network or a fine-tuned U-Net to train; "
                 "build the version with build_training_models(..., settings) for these settings"
             )
-        objective = DIFFUSION_OBJECTIVES[settings.objective]
+        objective = diffusion_objective(settings)
         generator_optimizer = torch.optim.AdamW(
             [p for p in trainable.parameters() if p.requires_grad], lr=settings.generator_learning_rate
         )
@@ -353,10 +419,22 @@ def run_update(
             generator_log.record(stats)
             bar.set_postfix(_bar_postfix(stats))
         trainable.eval()
-    report = UpdateReport(reward_model=reward_summary, generator=generator_log.summary())
+    generator_summary = generator_log.summary()
+    if generator_summary.saturated_steps:
+        log.warning(
+            "generator %s: the loss exceeded 2 log K in %d of %d steps (mean |s| %.2f): the implicit rewards "
+            "saturate; lower beta (%g) or the learning rate (%g)",
+            settings.objective,
+            generator_summary.saturated_steps,
+            generator_summary.steps,
+            generator_summary.mean_abs_reward,
+            settings.beta,
+            settings.generator_learning_rate,
+        )
+    report = UpdateReport(reward_model=reward_summary, generator=generator_summary)
     log.info(
         "update: reward model loss %.4f acc %.3f margin %.3f (%d steps, %.1f s); generator %s loss %.4f acc %.3f "
-        "margin %.3f (%d steps, %.1f s)",
+        "margin %.3f |s| %.2f (%d steps, %.1f s)",
         report.reward_model.loss,
         report.reward_model.implicit_accuracy,
         report.reward_model.reward_margin,
@@ -366,6 +444,7 @@ def run_update(
         report.generator.loss,
         report.generator.implicit_accuracy,
         report.generator.reward_margin,
+        report.generator.mean_abs_reward,
         report.generator.steps,
         report.generator.seconds,
     )

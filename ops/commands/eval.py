@@ -1,7 +1,8 @@
 """``perfusion eval MODE``: the closed-loop evaluation of every arm against the simulated marketplace (``loop``) and
 the offline probes of one generator update (``probe``) and of the reward models (``reward-probe``), and the
-group-signal report (``signal``, :mod:`ops.commands.eval_signal`) and the choice of the serving sampler
-(``sampler``, :mod:`ops.commands.eval_sampler`).
+group-signal report (``signal``, :mod:`ops.commands.eval_signal`), the choice of the serving sampler
+(``sampler``, :mod:`ops.commands.eval_sampler`) and the preregistered science evaluation (``science``,
+:mod:`ops.commands.eval_science`).
 
 Every option of a mode except the output folders changes the numbers, so each one given reaches the reproduction
 command the reports print (:func:`command_line`).
@@ -16,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ops.commands import eval_sampler, eval_signal
+from ops.commands import eval_sampler, eval_science, eval_signal
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def register(subparsers: Any) -> None:
     _register_reward_probe(modes)
     eval_signal.register(modes)
     eval_sampler.register(modes)
+    eval_science.register(modes)
 
 
 def _register_loop(modes: Any) -> None:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,12 +50,9 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import Tensor, nn
 
 from perfusion.errors import ConfigError, PerfusionError
+from perfusion.models.user_pathways import LEGACY_USER_PATHWAY, USER_PATHWAYS, UserPathway
 from perfusion.user_features import USER_DIM
 
-UserPathway = Literal["copy_tokens", "base_tokens", "condition_map"]
-USER_PATHWAYS: tuple[str, ...] = get_args(UserPathway)
-# The form a saved config without ``user_pathway`` was trained in: the only form before the field existed.
-LEGACY_USER_PATHWAY: UserPathway = "condition_map"
 
 
 class AdaptiveInputError(PerfusionError):

@@ -10,10 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from perfusion.objectives import (
+    DiffusionObjective,
     ObjectiveInputError,
+    anchored,
     group_preference_loss,
     group_ranking_loss,
     pairwise_dpo_loss,
+    positive_anchor_loss,
     sft_loss,
 )
 
@@ -242,3 +245,53 @@ def test_reference_errors_receive_no_gradient_and_a_tie_costs_log_two() -> None:
     assert ref_err.grad is None
     equal, _ = group_preference_loss(torch.zeros(2), torch.zeros(2), torch.tensor([1, 0]), torch.tensor([0, 0]), BETA)
     assert equal.item() == pytest.approx(math.log(2.0))
+
+
+def test_positive_anchor_is_minus_the_mean_implicit_reward_of_positives_per_group() -> None:
+    policy_err = torch.tensor([0.2, 0.6, 0.9, 0.4, 0.8, 0.5], dtype=torch.float64)
+    ref_err = torch.tensor([0.3, 0.3, 0.3, 0.5, 0.5, 0.5], dtype=torch.float64)
+    labels = torch.tensor([1, 2, 0, 1, 1, 0])
+    group_ids = torch.tensor([0, 0, 0, 1, 1, 2])  # group 1 has no negative (still anchored), group 2 no positive
+    loss, stats = positive_anchor_loss(policy_err, ref_err, labels, group_ids, 2.0)
+    # -s = beta * (policy - ref): group 0 (-0.2, +0.6) / 2 = 0.2; group 1 (-0.2, +0.6) / 2 = 0.2.
+    assert loss.item() == pytest.approx(((2 * -0.1 + 2 * 0.3) / 2 + (2 * -0.1 + 2 * 0.3) / 2) / 2, rel=1e-12)
+    assert stats.num_groups_used == 2
+
+
+@pytest.mark.parametrize("objective", [group_preference_loss, pairwise_dpo_loss])
+def test_anchored_adds_the_weighted_anchor_and_keeps_the_preference_stats(objective: DiffusionObjective) -> None:
+    generator = torch.Generator().manual_seed(4)
+    policy_err = torch.rand(6, generator=generator, dtype=torch.float64)
+    ref_err = torch.rand(6, generator=generator, dtype=torch.float64)
+    labels, group_ids = torch.tensor([1, 0, 0, 2, 1, 0]), torch.tensor([0, 0, 0, 1, 1, 1])
+    plain, plain_stats = objective(policy_err, ref_err, labels, group_ids, BETA)
+    anchor, _ = positive_anchor_loss(policy_err, ref_err, labels, group_ids, BETA)
+    loss, stats = anchored(objective, 0.3)(policy_err, ref_err, labels, group_ids, BETA)
+    assert loss.item() == pytest.approx(plain.item() + 0.3 * anchor.item(), rel=1e-12)
+    assert stats.loss == plain_stats.loss and stats.anchor == pytest.approx(anchor.item())
+    assert anchored(objective, 0.0) is objective
+    with pytest.raises(ObjectiveInputError, match="supervised weight must be >= 0"):
+        anchored(objective, -1.0)
+
+
+def test_anchor_gradient_lowers_every_positive_error() -> None:
+    policy_err = torch.tensor([0.3, 0.3, 0.3], requires_grad=True)
+    loss, _ = anchored(group_preference_loss, 1.0)(
+        policy_err, torch.tensor([0.3, 0.3, 0.3]), torch.tensor([1, 0, 0]), torch.zeros(3, dtype=torch.long), 1.0
+    )
+    loss.backward()
+    assert policy_err.grad is not None
+    # At a tie of K = 3, Plackett-Luce gives the positive's error beta * (1 - 1/3) and each negative's -beta / 3;
+    # the anchor adds lambda * beta to the positive's only.
+    assert policy_err.grad[0].item() == pytest.approx(2.0 / 3.0 + 1.0)
+    assert policy_err.grad[1].item() == pytest.approx(-1.0 / 3.0)
+
+
+def test_stats_report_the_scale_of_the_implicit_rewards_and_the_group_size() -> None:
+    policy_err = torch.tensor([0.1, 0.3, 0.2, 0.5, 0.5])
+    _, stats = group_preference_loss(
+        policy_err, torch.zeros(5), torch.tensor([1, 0, 0, 0, 0]), torch.tensor([0, 0, 0, 1, 1]), 10.0
+    )
+    # Group 1 has no positive: only group 0's |s| = 1, 3, 2 count.
+    assert stats.mean_abs_reward == pytest.approx(2.0)
+    assert stats.mean_group_size == pytest.approx(3.0)

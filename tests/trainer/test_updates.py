@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from perfusion.errors import ConfigError
 from perfusion.text_encoder import TextEncoder
 from tests.fixtures import tiny_group_batch, tiny_training_models
 from trainer.batches import GroupBatch
@@ -116,6 +117,49 @@ def test_candidates_of_one_impression_share_noise_and_timestep() -> None:
         assert timesteps[rows].unique().numel() == 1
         assert torch.equal(noise[rows], noise[rows][:1].expand_as(noise[rows]))
     assert timesteps.unique().numel() > 1
+
+
+def test_each_draw_shares_noise_and_timestep_within_an_impression_and_uses_serving_timesteps() -> None:
+    models = tiny_training_models(small_settings())
+    assert models.train_timesteps is not None
+    batch = tiny_batch()
+    n, draws = batch.num_candidates, 3
+    x_t, noise, timesteps = noised_inputs(models, batch, torch.Generator().manual_seed(0), draws)
+    assert x_t.shape == (draws * n, *batch.images.shape[1:])
+    assert set(timesteps.tolist()) <= set(models.train_timesteps.tolist())
+    for draw in range(draws):
+        rows = slice(draw * n, (draw + 1) * n)
+        for group in range(batch.num_groups):
+            in_group = batch.group_ids == group
+            assert timesteps[rows][in_group].unique().numel() == 1
+            assert torch.equal(noise[rows][in_group], noise[rows][in_group][:1].expand_as(noise[rows][in_group]))
+    assert not torch.equal(noise[:n], noise[n : 2 * n])
+    with pytest.raises(ConfigError, match="draws per group must be at least 1"):
+        noised_inputs(models, batch, torch.Generator().manual_seed(0), 0)
+
+
+def test_errors_are_the_mean_over_draws_of_single_draw_errors(text_encoder: TextEncoder) -> None:
+    models = tiny_training_models(small_settings(train_timesteps="all"))
+    assert models.train_timesteps is None
+    batch = tiny_batch()
+    text_states, _ = encode_prompts(text_encoder, batch)
+    x_t, noise, timesteps = noised_inputs(models, batch, torch.Generator().manual_seed(5), 2)
+    with torch.no_grad():
+        policy_err, reference_err = denoising_errors(models, batch, text_states, torch.Generator().manual_seed(5), 2)
+        eps = models.reference_noise(x_t, timesteps, text_states.repeat(2, 1, 1))
+    per_draw = (eps - noise).pow(2).mean(dim=(1, 2, 3)).view(2, -1)
+    assert torch.allclose(reference_err, per_draw.mean(dim=0))
+    assert torch.equal(policy_err, reference_err)  # a fresh network is the reference
+
+
+def test_the_update_reports_the_reward_scale_and_counts_saturated_steps(text_encoder: TextEncoder) -> None:
+    # A learning rate far too high for beta: the implicit rewards blow up and the loss passes 2 log K.
+    settings = small_settings(diffusion_steps=6, adaptive_learning_rate=0.5, beta=1e5, draws_per_group=1)
+    models = tiny_training_models(settings)
+    report = run_update(models, text_encoder, lambda: tiny_batch(), settings, show_progress=False)
+    assert report.generator.mean_abs_reward > 1.0
+    assert report.generator.saturated_steps >= 1
+    assert report.as_dict()["generator_saturated_steps"] == report.generator.saturated_steps
 
 
 def test_candidate_copy_trains_without_touching_the_serving_version(text_encoder: TextEncoder) -> None:

@@ -1,0 +1,178 @@
+"""Size and settings of one seed of the science evaluation, and the arms it compares.
+
+An arm is a name of :data:`trainer.settings.ARMS`, or ``base_best_of_n`` (the base generator, its K candidates the
+best of N by the arm's reward model), optionally with ``@<user pathway>`` for the arms with an adaptive network
+(``perfusion@base_tokens``): the validation panel compares pathways that way. Every trainer setting the config
+leaves at None is the trainer's own default (trainer.settings.TrainerSettings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from perfusion.errors import ConfigError
+from perfusion.models.user_pathways import USER_PATHWAYS
+from perfusion.paths import ASSETS_DIR
+from perfusion.sampler_config import SERVING_SAMPLER, SamplerConfig
+
+BASELINE = "base"
+BEST_OF_N = "base_best_of_n"
+SCIENCE_ARMS: tuple[str, ...] = (
+    BASELINE,
+    "sft",
+    "pairwise_dpo",
+    "group_without_adaptive",
+    "adaptive_with_pairwise_dpo",
+    "perfusion",
+    BEST_OF_N,
+)
+VALIDATION_SEED = 100
+TEST_SEEDS: tuple[int, ...] = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """One arm: the trainer arm it trains as, and the user pathway when it has an adaptive network."""
+
+    name: str  # as given: "perfusion", "perfusion@base_tokens", "base_best_of_n"
+    trainer_arm: str
+    user_pathway: str | None  # None: the trainer's default
+    best_of_n: bool
+
+    @classmethod
+    def parse(cls, name: str) -> ArmSpec:
+        from trainer.settings import ARMS
+
+        trainer_arm, _, pathway = name.partition("@")
+        best_of_n = trainer_arm == BEST_OF_N
+        if best_of_n:
+            trainer_arm = BASELINE  # base generator; its reward model trains as every arm's does
+        if trainer_arm not in ARMS:
+            raise ConfigError(f"unknown arm {name!r}; choose from {', '.join((*ARMS, BEST_OF_N))}")
+        if pathway:
+            if pathway not in USER_PATHWAYS:
+                raise ConfigError(f"arm {name!r}: the pathway must be one of {', '.join(USER_PATHWAYS)}")
+            if not ARMS[trainer_arm][1]:
+                raise ConfigError(f"arm {name!r}: {trainer_arm} has no adaptive network, so no user pathway")
+        return cls(name, trainer_arm, pathway or None, best_of_n)
+
+    @property
+    def takes_u(self) -> bool:
+        """Whether the arm's generator reads the user vector (an adaptive network)."""
+        from trainer.settings import ARMS
+
+        return bool(ARMS[self.trainer_arm][1]) and ARMS[self.trainer_arm][0] != "none"
+
+    @property
+    def trains_generator(self) -> bool:
+        from trainer.settings import ARMS
+
+        return ARMS[self.trainer_arm][0] != "none"
+
+
+@dataclass(frozen=True)
+class ScienceConfig:
+    """One seed of the science evaluation."""
+
+    arms: tuple[str, ...] = field(default=SCIENCE_ARMS, metadata={"help": "arms (see the module docstring)"})
+    seed: int = field(default=VALIDATION_SEED, metadata={"help": "panel, logs, training noise and plan"})
+    shoppers_per_segment: int = field(default=10, metadata={"help": "training shoppers of each of the 4 segments"})
+    cold_shoppers: int = field(default=8, metadata={"help": "shoppers with a profile and no behaviour"})
+    merchants_per_segment: int = field(default=2, metadata={"help": "merchants of each segment, with profiles"})
+    logged_groups: int = field(default=4, metadata={"help": "round-0 base groups each training shopper sees"})
+    merchant_groups: int = field(default=4, metadata={"help": "round-0 groups of their designs each merchant sees"})
+    eval_showings: int = field(
+        default=2, metadata={"help": "showings per training shopper after the update (train and held-out prompts)"}
+    )
+    k: int = field(default=4, metadata={"help": "candidates per group"})
+    best_of: int = field(default=16, metadata={"help": "N of base_best_of_n: candidates drawn, the K best shown"})
+    sampling_steps: int = field(default=SERVING_SAMPLER.steps, metadata={"help": "serving sampler steps"})
+    reward_steps: int = field(default=150, metadata={"help": "reward-model steps of the update"})
+    diffusion_steps: int | None = field(default=None, metadata={"help": "generator steps (None: the trainer's)"})
+    groups_per_batch: int | None = field(default=None, metadata={"help": "groups per step (None: the trainer's)"})
+    draws_per_group: int | None = field(default=None, metadata={"help": "(t, noise) draws (None: the trainer's)"})
+    beta: float | None = field(default=None, metadata={"help": "implicit-reward scale (None: the trainer's)"})
+    supervised_weight: float | None = field(default=None, metadata={"help": "lambda (None: the trainer's)"})
+    adaptive_learning_rate: float | None = field(default=None, metadata={"help": "None: the trainer's"})
+    unet_learning_rate: float | None = field(default=None, metadata={"help": "None: the trainer's"})
+    rounds: int = field(default=1, metadata={"help": "updates: 1 = the one-update protocol, 2+ = a closed loop"})
+    panel: str | None = field(
+        default=None,
+        metadata={"help": "module:Class of a PreferencePanel built as Class(n_users=..., seed=...); None: pixels"},
+    )
+    bootstrap_samples: int = field(default=1000, metadata={"help": "bootstrap resamplings of users"})
+    torch_threads: int = field(default=1, metadata={"help": "torch threads of each arm's process"})
+    parallel_arms: int = field(default=2, metadata={"help": "arms trained and drawn at once, a process each"})
+    base_checkpoint: Path = field(default=ASSETS_DIR / "base", metadata={"help": "the base model"})
+
+    def __post_init__(self) -> None:
+        specs = [ArmSpec.parse(arm) for arm in self.arms]
+        if BASELINE not in self.arms:
+            raise ConfigError(f"arms must include {BASELINE!r}, the baseline every lift is measured against")
+        if len({spec.name for spec in specs}) != len(specs):
+            raise ConfigError(f"arms must be distinct, got {list(self.arms)}")
+        for name in (
+            "shoppers_per_segment",
+            "merchants_per_segment",
+            "logged_groups",
+            "eval_showings",
+            "sampling_steps",
+            "rounds",
+            "parallel_arms",
+            "torch_threads",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.cold_shoppers < 0 or self.merchant_groups < 0 or self.reward_steps < 0:
+            raise ConfigError("cold_shoppers, merchant_groups and reward_steps must be >= 0")
+        if not 2 <= self.k <= self.best_of <= 16:
+            raise ConfigError(f"need 2 <= k <= best_of <= 16, got k={self.k}, best_of={self.best_of}")
+        if self.bootstrap_samples < 100:
+            raise ConfigError(f"bootstrap_samples must be at least 100, got {self.bootstrap_samples}")
+        if self.panel is not None and ":" not in self.panel:
+            raise ConfigError(f"panel must be 'module:Class', got {self.panel!r}")
+
+    @property
+    def specs(self) -> list[ArmSpec]:
+        return [ArmSpec.parse(arm) for arm in self.arms]
+
+    @property
+    def sampler(self) -> SamplerConfig:
+        return SERVING_SAMPLER.with_steps(self.sampling_steps)
+
+    def trainer_overrides(self) -> dict[str, Any]:
+        """The trainer settings this config sets (the others stay the trainer's defaults)."""
+        values = {
+            "reward_steps": self.reward_steps,
+            "diffusion_steps": self.diffusion_steps,
+            "groups_per_batch": self.groups_per_batch,
+            "draws_per_group": self.draws_per_group,
+            "beta": self.beta,
+            "supervised_weight": self.supervised_weight,
+            "adaptive_learning_rate": self.adaptive_learning_rate,
+            "unet_learning_rate": self.unet_learning_rate,
+        }
+        return {name: value for name, value in values.items() if value is not None}
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> ScienceConfig:
+        """The CI-sized seed: every arm, a handful of viewers, few sampling and training steps."""
+        values: dict[str, Any] = {
+            "shoppers_per_segment": 1,
+            "cold_shoppers": 1,
+            "merchants_per_segment": 1,
+            "logged_groups": 2,
+            "merchant_groups": 1,
+            "eval_showings": 1,
+            "best_of": 6,
+            "sampling_steps": 2,
+            "reward_steps": 2,
+            "diffusion_steps": 2,
+            "groups_per_batch": 2,
+            "draws_per_group": 2,
+            "bootstrap_samples": 100,
+        }
+        values.update(overrides)
+        return cls(**values)

@@ -1,0 +1,78 @@
+"""One seed of the science evaluation, end to end: round 0 logged once with the base model, every arm updated on
+it and drawn (arms in parallel processes), then scored. The decision rule is docs/science-protocol.md's."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from simulator.science.arms import BEST_OF_N_FLOOR, ArmDraws, run_arm, run_arm_in_own_process
+from simulator.science.config import ScienceConfig
+from simulator.science.logging_round import SEGMENTS, assign_roles, load_panel, log_round_zero
+from simulator.science.scoring import score_arms
+
+log = logging.getLogger(__name__)
+
+
+def run_seed(config: ScienceConfig) -> dict[str, Any]:
+    """Every arm of ``config`` on one seed; a JSON-ready dict (config, counts, per-arm results, wall times)."""
+    import torch
+
+    from perfusion.sampling import base_text_encoder
+    from service.generator import load_serving_generator
+
+    started = time.monotonic()
+    torch.set_num_threads(config.torch_threads * config.parallel_arms)
+    n_users = SEGMENTS * (config.shoppers_per_segment + config.merchants_per_segment) + config.cold_shoppers
+    panel = load_panel(config, n_users)
+    roles = assign_roles(config, panel)
+    text_encoder = base_text_encoder(config.base_checkpoint)
+    with tempfile.TemporaryDirectory(prefix="perfusion-science-") as empty_store:
+        base = load_serving_generator(config.base_checkpoint, Path(empty_store), text_encoder, config.sampler)
+    logged = log_round_zero(config, panel, roles, base)
+    logged_seconds = time.monotonic() - started
+    grades = [sum(1 for c in sample.candidates if c.grade > 0) for sample in logged.samples]
+    log.info(
+        "round 0: %d events, %d group samples (%d with a positive) in %.0f s",
+        logged.events,
+        len(logged.samples),
+        sum(1 for count in grades if count),
+        logged_seconds,
+    )
+    draws = draw_every_arm(config, logged)
+    groups = {"shoppers": roles.shoppers, "cold": roles.cold, "merchants": roles.merchants}
+    results = score_arms(panel, logged.showings, draws, groups, logged.segments, config.seed, config.bootstrap_samples)
+    return {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},
+        "round_zero": {
+            "events": logged.events,
+            "group_samples": len(logged.samples),
+            "groups_with_a_positive": sum(1 for count in grades if count),
+            "merchant_samples": sum(1 for sample in logged.samples if sample.user_id in roles.merchants),
+            "seconds": logged_seconds,
+        },
+        "showings": len(logged.showings),
+        "best_of_n_floor": BEST_OF_N_FLOOR,
+        "arms": results,
+        "wall_seconds": time.monotonic() - started,
+    }
+
+
+def draw_every_arm(config: ScienceConfig, logged: Any) -> dict[str, ArmDraws]:
+    """Each arm's update and draws, ``config.parallel_arms`` processes at a time (spawned, one arm each)."""
+    if config.parallel_arms == 1:
+        return {spec.name: run_arm(spec, config, logged) for spec in config.specs}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(config.parallel_arms, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(run_arm_in_own_process, name, config, logged) for name in config.arms}
+        draws = {}
+        for name, future in futures.items():
+            draws[name] = future.result()
+            log.info("arm %s: done in %.0f s", name, draws[name].seconds)
+    return draws

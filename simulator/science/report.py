@@ -1,0 +1,145 @@
+"""The science evaluation's markdown: headline table per arm (shoppers), personalisation, merchants, cold start,
+per segment, integrity and the robustness sweep, from one seed's results dict (:func:`protocol.run_seed`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from simulator.eval.report import markdown_table, signed_interval
+from simulator.science.config import BASELINE
+
+
+def _lift(entry: dict[str, Any] | None, percent: bool = True) -> str:
+    if entry is None:
+        return "n/a"
+    if not percent:
+        return signed_interval(entry)
+    low, high = entry["ci95"]
+    return f"{100 * entry['value']:+.1f}% [{100 * low:+.1f}%, {100 * high:+.1f}%]"
+
+
+def render_science_markdown(result: dict[str, Any], command: str) -> str:
+    config, arms = result["config"], result["arms"]
+    round_zero = result["round_zero"]
+    lines = [
+        f"# Science evaluation, seed {config['seed']}",
+        "",
+        f"Reproduce: `{command}` (wall time {result['wall_seconds'] / 60:.1f} min on this machine).",
+        "",
+        f"Round 0 (base model, shared by every arm): {round_zero['events']} events, {round_zero['group_samples']} "
+        f"group samples ({round_zero['groups_with_a_positive']} with a positive, {round_zero['merchant_samples']} "
+        f"merchants' selections), K = {config['k']}. One update per arm with the trainer's code, then "
+        f"{result['showings']} showings drawn by every arm with the same prompts and seeds. Expected rates are the "
+        "marketplace's probabilities (no Bernoulli noise), realised ones one shared draw; lifts are arm over base "
+        "less 1, pooled over viewers, 95% paired bootstrap intervals over viewers. See docs/science-protocol.md.",
+        "",
+        "## Training shoppers, against base",
+        "",
+    ]
+    header = [
+        "arm",
+        "expected CTR",
+        "expected conversion",
+        "expected return rate",
+        "realised CTR",
+        "utility per image",
+        "own u over another segment's",
+    ]
+    rows = []
+    for name, entry in arms.items():
+        shoppers = entry["by_viewers"]["shoppers"]
+        if name == BASELINE:
+            levels = shoppers["levels"]
+            rows.append(
+                [
+                    f"{name} (levels)",
+                    f"{levels['expected_ctr']:.3f}",
+                    f"{levels['expected_conversion']:.3f}",
+                    f"{levels['expected_return_rate']:.3f}",
+                    f"{levels['realised_ctr']:.3f}",
+                    f"{levels['utility_per_image']:+.3f}",
+                    "n/a",
+                ]
+            )
+            continue
+        lift = shoppers["vs_base"]
+        rows.append(
+            [
+                name,
+                _lift(lift["expected_ctr"]),
+                _lift(lift["expected_conversion"]),
+                _lift(lift["expected_return_rate"]),
+                _lift(lift["realised_ctr"]),
+                _lift(lift["utility"], percent=False),
+                _lift(shoppers["own_u_over_other_segment_u"], percent=False),
+            ]
+        )
+    lines += markdown_table(header, rows)
+    for group, title in (("merchants", "Merchants, their own new designs"), ("cold", "Cold-start shoppers")):
+        lines += ["", f"## {title}, against base", ""]
+        group_rows = [
+            [
+                name,
+                _lift(entry["by_viewers"][group]["vs_base"]["utility"], percent=False),
+                _lift(entry["by_viewers"][group]["vs_base"]["expected_ctr"]),
+                _lift(entry["by_viewers"][group]["own_u_over_other_segment_u"], percent=False),
+            ]
+            for name, entry in arms.items()
+            if name != BASELINE and group in entry["by_viewers"]
+        ]
+        lines += markdown_table(["arm", "utility per image", "expected CTR", "own u over another's"], group_rows)
+    segments = sorted(next(iter(arms.values()))["by_segment"])
+    lines += ["", "## Per segment (training shoppers): utility per image less base's", ""]
+    lines += markdown_table(
+        ["arm", *segments],
+        [
+            [name, *(_lift(entry["by_segment"][s]["utility"], percent=False) for s in segments)]
+            for name, entry in arms.items()
+            if name != BASELINE
+        ],
+    )
+    lines += ["", "## Integrity", ""]
+    lines += markdown_table(
+        [
+            "arm",
+            "pixel shift from base",
+            "garment coverage",
+            "RM held-out GAUC",
+            "ranked by RM",
+            "gate",
+            "update |s|",
+            "wall s",
+        ],
+        [
+            [
+                name,
+                f"{entry['integrity']['mean_abs_pixel_shift_from_base']:.2f}",
+                f"{entry['integrity']['garment_mask_coverage']:.3f}",
+                _gauc(entry["integrity"]),
+                str(entry["integrity"]["ranked_by_reward_model"]),
+                "; ".join(entry["integrity"]["gate_reasons"]),
+                f"{entry['update'].get('generator_mean_abs_reward', float('nan')):.2f}",
+                f"{entry['integrity']['seconds']:.0f}",
+            ]
+            for name, entry in arms.items()
+        ],
+    )
+    grid = next(iter(arms.values()))["robustness_expected_ctr_lift"]
+    lines += ["", "## Robustness: shoppers' expected CTR lift under other click models (reading only)", ""]
+    lines += markdown_table(
+        ["arm", *(f"decay {row['position_decay']}, slope {row['click_slope']}" for row in grid)],
+        [
+            [name, *(f"{100 * row['expected_ctr_lift']:+.1f}%" for row in entry["robustness_expected_ctr_lift"])]
+            for name, entry in arms.items()
+            if name != BASELINE
+        ],
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _gauc(integrity: dict[str, Any]) -> str:
+    value = integrity.get("reward_model_heldout_gauc")
+    low, high = integrity.get("reward_model_heldout_gauc_ci95") or [None, None]
+    if value is None or value != value:  # NaN: no held-out group with both classes
+        return "n/a"
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
