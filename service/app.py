@@ -18,6 +18,9 @@ Every endpoint but ``/healthz``, ``/metrics`` and ``/problems/{slug}`` needs an 
 
 Nothing refused reaches Kafka: every check runs before the event is produced.
 
+The studio's and the storefront's pages (:mod:`service.pages`) are public too; every call they make is an API
+call with the signed-in key.
+
 Candidate generation runs on a bounded pool of its own (a fixed number of worker threads, a bounded queue), and
 ``/healthz`` and ``/metrics`` are ``async`` endpoints that never wait on a thread, so they answer under any
 generation load. Request bodies are limited while they stream in (:mod:`service.body_limit`).
@@ -54,6 +57,7 @@ from service.generation_pool import GenerationBusy, GenerationPool, GenerationPo
 from service.generator import CandidateGenerator
 from service.ledger import EventLedger
 from service.metrics import METRICS_CONTENT_TYPE, ServiceMetrics
+from service.pages import pages_router
 from service.problems import PROBLEM_TYPES, Refusal, problem_response, problem_type, refusal_response
 from service.schemas import (
     MAX_ID_CHARS,
@@ -370,6 +374,11 @@ def create_app(
         service_metrics.set_model_version(generator.model_version)
         service_metrics.generation_admitted.set(pool.admitted)
         return Response(content=service_metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    # The studio's and the storefront's pages; the checkout posts its orders through admit_and_produce.
+    app.include_router(
+        pages_router(designs=designs, ledger=event_ledger, post_event=admit_and_produce, events_topic=events_topic)
+    )
 
     return app
 
