@@ -147,7 +147,7 @@ class UserTokenAttnProcessor(AttnProcessor2_0):
     which is IP-Adapter's decoupled form with the layer's own (frozen) projections; zero tokens add exactly 0.
     """
 
-    def __call__(  # type: ignore[override]
+    def __call__(
         self,
         attn: Attention,
         hidden_states: Tensor,

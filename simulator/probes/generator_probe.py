@@ -100,9 +100,8 @@ def trained_generator(
     arm: str, config: ProbeConfig, logged: LoggedGroups, serving: PersonalizedGenerator, text_encoder: Any
 ) -> tuple[PersonalizedGenerator, UpdateReport]:
     """Step 2: one update of ``arm``'s generator on the logged groups, wrapped as a serving generator."""
-    from perfusion.models.adaptive import AdaptiveNetwork
     from perfusion.models.base import build_train_scheduler
-    from service.generator import PersonalizedGenerator
+    from simulator.science.arms import serving_generator_of
     from trainer.settings import TrainerSettings
     from trainer.updates import build_training_models, run_update
 
@@ -118,22 +117,8 @@ def trained_generator(
     )
     models = build_training_models(serving.unet, serving.config, build_train_scheduler(serving.config), settings)
     report = run_update(models, text_encoder, logged.batches(config.groups_per_batch, config.seed), settings, False)
-    if models.adaptive_network is not None:
-        unet, network, uses_adaptive = serving.unet, models.adaptive_network, True
-    else:
-        assert models.finetuned_unet is not None  # the arms without the adaptive network fine-tune a U-Net copy
-        unet, uses_adaptive = models.finetuned_unet, False
-        network = AdaptiveNetwork(unet)  # allocated, never applied: the service's class serves the fine-tuned U-Net
-    generator = PersonalizedGenerator(
-        unet,
-        network,
-        text_encoder,
-        serving.classifier,
-        serving.config,
-        version=arm,
-        uses_adaptive=uses_adaptive,
-        sampler=SERVING_SAMPLER.with_steps(config.sampling_steps),
-    )
+    sampler = SERVING_SAMPLER.with_steps(config.sampling_steps)
+    generator = serving_generator_of(models, serving, text_encoder, arm, sampler)
     return generator, report
 
 

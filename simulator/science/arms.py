@@ -6,8 +6,10 @@ the same showing with another segment's u). Only images leave the process: the p
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -88,9 +90,6 @@ def run_arm(spec: ArmSpec, config: ScienceConfig, logged: LoggedRound) -> ArmDra
     started = time.monotonic()
     torch.set_num_threads(config.torch_threads)
     text_encoder = base_text_encoder(config.base_checkpoint)
-    import tempfile
-    from pathlib import Path
-
     with tempfile.TemporaryDirectory(prefix="perfusion-science-") as empty_store:
         base = load_serving_generator(config.base_checkpoint, Path(empty_store), text_encoder, config.sampler)
     settings = arm_settings(spec, config)

@@ -85,7 +85,7 @@ def load_panel(config: ScienceConfig, n_users: int) -> PreferencePanel:
     for method in ("user_ids", "profile", "utilities"):
         if not callable(getattr(plugged, method, None)):
             raise ConfigError(f"--panel {config.panel}: a PreferencePanel needs a {method}() method")
-    return plugged  # type: ignore[no-any-return]
+    return plugged
 
 
 def segment_of(panel: PreferencePanel, user: str, index: int) -> str:
