@@ -7,12 +7,14 @@ import dataclasses
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from simulator.science.arms import BEST_OF_N_FLOOR, ArmDraws, run_arm, run_arm_in_own_process
 from simulator.science.config import ScienceConfig
 from simulator.science.logging_round import SEGMENTS, assign_roles, load_panel, log_round_zero
+from simulator.science.reward_models import reward_model_comparison
 from simulator.science.scoring import score_arms
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,9 @@ def run_seed(config: ScienceConfig) -> dict[str, Any]:
         sum(1 for count in grades if count),
         logged_seconds,
     )
-    draws = draw_every_arm(config, logged)
+    draws, reward_models = draw_every_arm(
+        config, logged, lambda: reward_model_comparison(config, panel, logged, roles, text_encoder)
+    )
     groups = {"shoppers": roles.shoppers, "cold": roles.cold, "merchants": roles.merchants}
     results = score_arms(panel, logged.showings, draws, groups, logged.segments, config.seed, config.bootstrap_samples)
     return {
@@ -57,22 +61,27 @@ def run_seed(config: ScienceConfig) -> dict[str, Any]:
         },
         "showings": len(logged.showings),
         "best_of_n_floor": BEST_OF_N_FLOOR,
+        "reward_models": reward_models,
         "arms": results,
         "wall_seconds": time.monotonic() - started,
     }
 
 
-def draw_every_arm(config: ScienceConfig, logged: Any) -> dict[str, ArmDraws]:
-    """Each arm's update and draws, ``config.parallel_arms`` processes at a time (spawned, one arm each)."""
+def draw_every_arm(
+    config: ScienceConfig, logged: Any, meanwhile: Callable[[], dict[str, Any]]
+) -> tuple[dict[str, ArmDraws], dict[str, Any]]:
+    """Each arm's update and draws, ``config.parallel_arms`` processes at a time (spawned, one arm each), and
+    ``meanwhile()`` in this process while they run."""
     if config.parallel_arms == 1:
-        return {spec.name: run_arm(spec, config, logged) for spec in config.specs}
+        return {spec.name: run_arm(spec, config, logged) for spec in config.specs}, meanwhile()
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(config.parallel_arms, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {name: pool.submit(run_arm_in_own_process, name, config, logged) for name in config.arms}
+        side = meanwhile()
         draws = {}
         for name, future in futures.items():
             draws[name] = future.result()
             log.info("arm %s: done in %.0f s", name, draws[name].seconds)
-    return draws
+    return draws, side

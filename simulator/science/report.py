@@ -124,6 +124,7 @@ def render_science_markdown(result: dict[str, Any], command: str) -> str:
             for name, entry in arms.items()
         ],
     )
+    lines += _reward_model_lines(result.get("reward_models", {}))
     grid = next(iter(arms.values()))["robustness_expected_ctr_lift"]
     lines += ["", "## Robustness: shoppers' expected CTR lift under other click models (reading only)", ""]
     lines += markdown_table(
@@ -143,3 +144,22 @@ def _gauc(integrity: dict[str, Any]) -> str:
     if value is None or value != value:  # NaN: no held-out group with both classes
         return "n/a"
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _reward_model_lines(comparisons: dict[str, Any]) -> list[str]:
+    """PerFusionRM and the towers without plug-ins against the true-utility ceiling, per held-out set."""
+    if not comparisons:
+        return []
+    lines = ["", "## Reward models on round 0 (fitted on 70% of the groups, ranked on the rest)", ""]
+    rows = []
+    for heldout, models in comparisons.items():
+        for name, values in models.items():
+            low, high = values["gauc_ci95"]
+            rows.append(
+                [heldout, name, f"{values['gauc']:.3f} [{low:.3f}, {high:.3f}]", f"{values['heldout_groups']:.0f}"]
+            )
+        lift = models["perfusion_rm"].get("gauc_lift_vs_without_plugins")
+        if lift is not None:
+            rows.append([heldout, "PerFusionRM less without plug-ins", signed_interval(lift), ""])
+    lines += markdown_table(["held-out groups", "model", "GAUC", "groups"], rows)
+    return lines
