@@ -43,6 +43,7 @@ from perfusion.user_features import USER_FEATURE_REFS, user_vector
 from trainer.batches import GroupBatch, collate_groups
 from trainer.gate import GateDecision, belongs_to_heldout, run_gate
 from trainer.replay_buffer import BufferedSample, ReplayBuffer
+from trainer.reward_ranked import MixedGeneratorBatches
 from trainer.settings import TrainerSettings
 from trainer.updates import TrainingModels, UpdateReport, build_training_models, run_update
 
@@ -278,7 +279,12 @@ class Trainer:
         """One update of a copy of the serving version, and the gate's decision on it (nothing published)."""
         self.follow_latest()
         candidate = self.serving.candidate()
-        report = run_update(candidate, self.text_encoder, self.next_batch, self.settings)
+        generator_batches = None
+        if self.settings.reward_ranked_share > 0:
+            generator_batches = MixedGeneratorBatches(
+                candidate, self.text_encoder, self.next_batch, self.heldout_batch(), self.settings
+            )
+        report = run_update(candidate, self.text_encoder, self.next_batch, self.settings, True, generator_batches)
         self.summary.updates_run += 1
         decision = run_gate(candidate, self.serving, self.text_encoder, self.heldout_batch(), self.settings)
         return candidate, report, decision

@@ -101,6 +101,16 @@ class TrainerSettings(KafkaClientSettings):
         description="timesteps the generator trains at: 'serving' = those the serving sampler calls the model at "
         "(perfusion.sampler_config.SERVING_SAMPLER), 'all' = every training timestep",
     )
+    reward_ranked_share: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="largest share of generator steps trained on reward-ranked groups (fresh candidates ranked by "
+        "the reward model, trainer.reward_ranked), scaled by the reward model's held-out reliability; 0 = none",
+    )
+    reward_ranked_candidates: int = Field(
+        default=4, ge=2, le=16, description="candidates the policy draws per reward-ranked group"
+    )
     supervised_weight: float = Field(
         default=0.25,
         ge=0.0,

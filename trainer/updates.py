@@ -382,9 +382,11 @@ def run_update(
     next_batch: Callable[[], GroupBatch],
     settings: TrainerSettings,
     show_progress: bool = True,
+    generator_batches: Callable[[], GroupBatch] | None = None,
 ) -> UpdateReport:
     """Train ``models`` in place: ``settings.reward_steps`` reward-model steps, then ``settings.diffusion_steps``
-    generator steps (none when the objective is ``none``), each on a fresh batch from ``next_batch``."""
+    generator steps (none when the objective is ``none``), each on a fresh batch from ``next_batch`` (the generator's
+    from ``generator_batches`` when given, e.g. :class:`trainer.reward_ranked.MixedGeneratorBatches`)."""
     generator = torch.Generator().manual_seed(settings.seed)
 
     reward_log = _PhaseLog()
@@ -413,7 +415,7 @@ def run_update(
         )
         bar = tqdm(range(settings.diffusion_steps), desc=f"generator ({settings.objective})", disable=not show_progress)
         for _ in bar:
-            batch = next_batch()
+            batch = (generator_batches or next_batch)()
             text_states, _ = encode_prompts(text_encoder, batch)
             stats = generator_step(models, generator_optimizer, objective, batch, text_states, settings, generator)
             generator_log.record(stats)

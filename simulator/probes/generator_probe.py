@@ -42,7 +42,13 @@ from perfusion.sampler_config import SERVING_SAMPLER
 from simulator.eval.config import EvaluationConfig
 from simulator.eval.plan import TRAIN_PROMPTS
 from simulator.eval.stats import interval
-from simulator.probes.logged_groups import PROBE_LABELS, LoggedGroups, log_base_groups, probe_inputs
+from simulator.probes.logged_groups import (
+    PROBE_LABELS,
+    LoggedGroups,
+    log_base_groups,
+    probe_inputs,
+    serving_generator_of,
+)
 
 if TYPE_CHECKING:
     from service.generator import PersonalizedGenerator
@@ -101,7 +107,6 @@ def trained_generator(
 ) -> tuple[PersonalizedGenerator, UpdateReport]:
     """Step 2: one update of ``arm``'s generator on the logged groups, wrapped as a serving generator."""
     from perfusion.models.base import build_train_scheduler
-    from simulator.science.arms import serving_generator_of
     from trainer.settings import TrainerSettings
     from trainer.updates import build_training_models, run_update
 

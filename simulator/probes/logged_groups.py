@@ -18,6 +18,7 @@ from simulator.marketplace import Marketplace, grades_of
 
 if TYPE_CHECKING:
     from service.generator import PersonalizedGenerator
+    from trainer.updates import TrainingModels
 
 log = logging.getLogger(__name__)
 
@@ -145,3 +146,29 @@ def probe_inputs(
         sampler = SERVING_SAMPLER.with_steps(sampling_steps)
         serving = load_serving_generator(base_checkpoint, Path(empty_store), text_encoder, sampler)
     return panel, population.train_users, text_encoder, serving
+
+
+def serving_generator_of(
+    models: TrainingModels, serving: PersonalizedGenerator, text_encoder: Any, version: str, sampler: Any
+) -> PersonalizedGenerator:
+    """The trained version as the service would serve it (the fine-tuned U-Net arms serve their own U-Net)."""
+    from perfusion.models.adaptive import AdaptiveNetwork
+    from service.generator import PersonalizedGenerator
+
+    if models.adaptive_network is not None:
+        unet, network, uses_adaptive = serving.unet, models.adaptive_network, True
+    elif models.finetuned_unet is not None:
+        unet, uses_adaptive = models.finetuned_unet, False
+        network = AdaptiveNetwork(unet)  # allocated, never applied
+    else:
+        return serving
+    return PersonalizedGenerator(
+        unet,
+        network,
+        text_encoder,
+        serving.classifier,
+        serving.config,
+        version=version,
+        uses_adaptive=uses_adaptive,
+        sampler=sampler,
+    )

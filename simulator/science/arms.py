@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from simulator.science.config import ArmSpec, ScienceConfig
+from simulator.probes.logged_groups import serving_generator_of
+from simulator.science.config import REWARD_RANKED_SHARE, ArmSpec, ScienceConfig
 from simulator.science.logging_round import LoggedRound
 
 if TYPE_CHECKING:
@@ -45,35 +46,11 @@ def arm_settings(spec: ArmSpec, config: ScienceConfig) -> TrainerSettings:
     from trainer.settings import TrainerSettings
 
     overrides: dict[str, Any] = {**config.trainer_overrides(), "seed": config.seed}
+    if spec.reward_ranked:
+        overrides["reward_ranked_share"] = REWARD_RANKED_SHARE
     if spec.user_pathway is not None:
         overrides["user_pathway"] = spec.user_pathway
     return TrainerSettings.for_arm(spec.trainer_arm, base_checkpoint=config.base_checkpoint, **overrides)
-
-
-def serving_generator_of(
-    models: TrainingModels, serving: PersonalizedGenerator, text_encoder: Any, version: str, sampler: Any
-) -> PersonalizedGenerator:
-    """The trained version as the service would serve it (the fine-tuned U-Net arms serve their own U-Net)."""
-    from perfusion.models.adaptive import AdaptiveNetwork
-    from service.generator import PersonalizedGenerator
-
-    if models.adaptive_network is not None:
-        unet, network, uses_adaptive = serving.unet, models.adaptive_network, True
-    elif models.finetuned_unet is not None:
-        unet, uses_adaptive = models.finetuned_unet, False
-        network = AdaptiveNetwork(unet)  # allocated, never applied
-    else:
-        return serving
-    return PersonalizedGenerator(
-        unet,
-        network,
-        text_encoder,
-        serving.classifier,
-        serving.config,
-        version=version,
-        uses_adaptive=uses_adaptive,
-        sampler=sampler,
-    )
 
 
 def run_arm(spec: ArmSpec, config: ScienceConfig, logged: LoggedRound) -> ArmDraws:
@@ -85,6 +62,7 @@ def run_arm(spec: ArmSpec, config: ScienceConfig, logged: LoggedRound) -> ArmDra
     from service.generator import load_serving_generator
     from trainer.batches import collate_groups
     from trainer.gate import belongs_to_heldout, run_gate
+    from trainer.reward_ranked import MixedGeneratorBatches
     from trainer.updates import build_training_models, run_update
 
     started = time.monotonic()
@@ -108,8 +86,12 @@ def run_arm(spec: ArmSpec, config: ScienceConfig, logged: LoggedRound) -> ArmDra
         size = min(settings.groups_per_batch, len(train))
         return collate([train[index] for index in rng.choice(len(train), size=size, replace=False)])
 
-    report = run_update(models, text_encoder, next_batch, settings, show_progress=False)
-    decision = run_gate(models, None, text_encoder, collate(heldout) if heldout else None, settings)
+    heldout_batch = collate(heldout) if heldout else None
+    generator_batches = None
+    if settings.reward_ranked_share > 0:
+        generator_batches = MixedGeneratorBatches(models, text_encoder, next_batch, heldout_batch, settings)
+    report = run_update(models, text_encoder, next_batch, settings, False, generator_batches)
+    decision = run_gate(models, None, text_encoder, heldout_batch, settings)
     generator = serving_generator_of(models, base, text_encoder, spec.name, config.sampler)
     rm_floor_met = float(decision.metrics.get("rm_gauc_low", float("nan"))) >= BEST_OF_N_FLOOR
     rank = spec.best_of_n and rm_floor_met

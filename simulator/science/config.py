@@ -2,8 +2,9 @@
 
 An arm is a name of :data:`trainer.settings.ARMS`, or ``base_best_of_n`` (the base generator, its K candidates the
 best of N by the arm's reward model), optionally with ``@<user pathway>`` for the arms with an adaptive network
-(``perfusion@base_tokens``): the validation panel compares pathways that way. Every trainer setting the config
-leaves at None is the trainer's own default (trainer.settings.TrainerSettings).
+(``perfusion@base_tokens``): the validation panel compares pathways that way. ``perfusion_reward_ranked`` is
+``perfusion`` whose update also trains on reward-ranked groups (at most :data:`REWARD_RANKED_SHARE` of its steps).
+Every trainer setting the config leaves at None is the trainer's own default (trainer.settings.TrainerSettings).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from perfusion.sampler_config import SERVING_SAMPLER, SamplerConfig
 
 BASELINE = "base"
 BEST_OF_N = "base_best_of_n"
+REWARD_RANKED = "perfusion_reward_ranked"  # perfusion, plus reward-ranked groups (trainer.reward_ranked)
+REWARD_RANKED_SHARE = 0.5  # the largest share of its generator steps on them, before the reliability
 SCIENCE_ARMS: tuple[str, ...] = (
     BASELINE,
     "sft",
@@ -27,6 +30,7 @@ SCIENCE_ARMS: tuple[str, ...] = (
     "adaptive_with_pairwise_dpo",
     "perfusion",
     BEST_OF_N,
+    REWARD_RANKED,
 )
 VALIDATION_SEED = 100
 TEST_SEEDS: tuple[int, ...] = (0, 1, 2)
@@ -40,6 +44,7 @@ class ArmSpec:
     trainer_arm: str
     user_pathway: str | None  # None: the trainer's default
     best_of_n: bool
+    reward_ranked: bool = False
 
     @classmethod
     def parse(cls, name: str) -> ArmSpec:
@@ -47,16 +52,19 @@ class ArmSpec:
 
         trainer_arm, _, pathway = name.partition("@")
         best_of_n = trainer_arm == BEST_OF_N
+        reward_ranked = trainer_arm == REWARD_RANKED
         if best_of_n:
             trainer_arm = BASELINE  # base generator; its reward model trains as every arm's does
+        if reward_ranked:
+            trainer_arm = "perfusion"
         if trainer_arm not in ARMS:
-            raise ConfigError(f"unknown arm {name!r}; choose from {', '.join((*ARMS, BEST_OF_N))}")
+            raise ConfigError(f"unknown arm {name!r}; choose from {', '.join((*ARMS, BEST_OF_N, REWARD_RANKED))}")
         if pathway:
             if pathway not in USER_PATHWAYS:
                 raise ConfigError(f"arm {name!r}: the pathway must be one of {', '.join(USER_PATHWAYS)}")
             if not ARMS[trainer_arm][1]:
                 raise ConfigError(f"arm {name!r}: {trainer_arm} has no adaptive network, so no user pathway")
-        return cls(name, trainer_arm, pathway or None, best_of_n)
+        return cls(name, trainer_arm, pathway or None, best_of_n, reward_ranked)
 
     @property
     def takes_u(self) -> bool:

@@ -55,7 +55,7 @@ def test_quick_science_runs_every_kind_of_arm_and_writes_its_report(tmp_path: Pa
     from ops.cli import main
 
     out = tmp_path / "science"
-    arms = ["base", "group_without_adaptive", "perfusion", "perfusion@base_tokens", "base_best_of_n"]
+    arms = ["base", "group_without_adaptive", "perfusion@base_tokens", "base_best_of_n", "perfusion_reward_ranked"]
     argv = ["eval", "science", "--quick", "--seed", "7", "--parallel", "1", "--arms", *arms, "--out", str(out)]
     assert main(argv) == 0
     result = json.loads((out / "science_seed7.json").read_text())
