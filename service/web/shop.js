@@ -100,6 +100,7 @@
     }
 
     async function choose(candidate, button) {
+      buy.disabled = true; // until the click is accepted, so a purchase is always of the candidate last clicked
       try {
         await call(store.get(), "POST", "/events", {
           kind: "click",
@@ -115,6 +116,7 @@
         result.textContent = `version ${candidate.position + 1} chosen`;
         clearError(errorBox);
       } catch (error) {
+        buy.disabled = chosen === null;
         showError(errorBox, error);
       }
     }

@@ -272,9 +272,12 @@ def test_a_design_sells_from_the_storefront_until_production_in_the_studio(loop:
     assert PROMPT in shop.text(card)
     phases.done("storefront: sign in, the design drawn for the shopper")
     for bought in range(1, THRESHOLD + 1):
-        shop.find_all(f"{card} .candidate")[bought % 4].click()
-        shop.wait(lambda: shop.find(f"{card} .buy").is_enabled(), "the click to be accepted")
-        shop.find(f"{card} .buy").click()
+        candidate = shop.find_all(f"{card} .candidate")[bought % 4]
+        candidate.click()
+        chosen = f'{card} .candidate.chosen[data-image-id="{candidate.get_attribute("data-image-id")}"]'
+        buy = shop.find(f"{card} .buy")
+        shop.wait(lambda c=chosen, b=buy: shop.find_all(c) and b.is_enabled(), "the click to be accepted")
+        buy.click()
         shop.wait(lambda n=bought: len(shop.find_all("#orders li")) == n, f"order {bought} to be placed")
         assert "Ordered 1 unit (order " in shop.text(f"{card} .order-result")
     assert shop.text("#error") == ""
