@@ -56,6 +56,14 @@ def register(eval_subparsers: Any) -> None:
     parser.add_argument("--arms", nargs="+", default=None, help="arms (default: all; arm@pathway for variants)")
     for flag, (_, kind, help_text) in FLAGS.items():
         parser.add_argument(flag, type=kind, default=None, help=help_text)
+    parser.add_argument(
+        "--pool",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="run nothing: pool these seeds' science_seed<N>.json and apply the decision rule to each",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/results/science"), help="folder for the JSON")
     parser.add_argument("--docs", type=Path, default=None, help="write the markdown here")
     parser.set_defaults(handler=run_science)
@@ -79,6 +87,8 @@ def run_science(args: argparse.Namespace) -> int:
     from simulator.science.protocol import run_seed
     from simulator.science.report import render_science_markdown
 
+    if args.pool:
+        return pool_seeds(args)
     values = {field: getattr(args, flag.removeprefix("--").replace("-", "_")) for flag, (field, _, _) in FLAGS.items()}
     options: dict[str, Any] = {field: value for field, value in values.items() if value is not None}
     if args.arms:
@@ -92,4 +102,20 @@ def run_science(args: argparse.Namespace) -> int:
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(render_science_markdown(result, command_line(args)))
     print(f"wrote {json_path} and {markdown} in {result['wall_seconds'] / 60:.1f} min")
+    return 0
+
+
+def pool_seeds(args: argparse.Namespace) -> int:
+    from simulator.science.pooled import pool
+    from simulator.science.report import render_pooled_markdown
+
+    results = [json.loads(path.read_text()) for path in args.pool]
+    pooled = pool(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / "science_pooled.json"
+    json_path.write_text(json.dumps(pooled, indent=2, default=str))
+    markdown = args.docs or args.out / "science-pooled.md"
+    command = "perfusion eval science --pool " + " ".join(shlex.quote(str(path)) for path in args.pool)
+    markdown.write_text(render_pooled_markdown(pooled, command))
+    print(f"wrote {json_path} and {markdown}; on every seed: {pooled['holds_on_every_seed']}")
     return 0

@@ -163,3 +163,50 @@ def _reward_model_lines(comparisons: dict[str, Any]) -> list[str]:
             rows.append([heldout, "PerFusionRM less without plug-ins", signed_interval(lift), ""])
     lines += markdown_table(["held-out groups", "model", "GAUC", "groups"], rows)
     return lines
+
+
+def render_pooled_markdown(pooled: dict[str, Any], command: str) -> str:
+    """The seeds pooled: every arm's lifts over base, the per-seed verdicts of the decision rule, the targets."""
+    lines = [
+        f"# Science evaluation, seeds {', '.join(str(seed) for seed in pooled['seeds'])} pooled",
+        "",
+        f"Reproduce: `{command}`; the decision rule is docs/science-protocol.md's. Viewers of every seed are resampled "
+        "together; a claim stands only where it holds on every seed.",
+        "",
+    ]
+    header = ["arm", "expected CTR", "expected conversion", "expected return rate", "utility", "own u over another's"]
+    rows = [
+        [
+            name,
+            _lift(entry["vs_base"]["expected_ctr"]),
+            _lift(entry["vs_base"]["expected_conversion"]),
+            _lift(entry["vs_base"]["expected_return_rate"]),
+            _lift(entry["vs_base"]["utility"], percent=False),
+            _lift(entry.get("own_u_over_other_segment_u"), percent=False),
+        ]
+        for name, entry in pooled["pooled"].items()
+    ]
+    lines += markdown_table(header, rows)
+    claims = list(pooled["holds_on_every_seed"])
+    lines += ["", "## The claims, per seed", ""]
+    lines += markdown_table(
+        ["claim", *(f"seed {seed}" for seed in pooled["verdicts"]), "on every seed"],
+        [
+            [
+                claim,
+                *(str(verdict[claim]) for verdict in pooled["verdicts"].values()),
+                str(pooled["holds_on_every_seed"][claim]),
+            ]
+            for claim in claims
+        ],
+    )
+    if pooled["targets"]:
+        lines += ["", "## Targets (pooled point estimates)", ""]
+        lines += markdown_table(
+            ["metric", "target", "pooled", "met"],
+            [
+                [metric, f"{100 * t['target']:+.1f}%", _lift(t["pooled"]), str(t["met_by_point"])]
+                for metric, t in pooled["targets"].items()
+            ],
+        )
+    return "\n".join(lines) + "\n"

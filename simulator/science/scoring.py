@@ -164,6 +164,11 @@ def own_over_partner(
     values = np.array([np.mean(v) for v in differences.values() if v], dtype=np.float64)
     if values.size == 0:
         return None
+    return {**mean_with_interval(values, rng, samples), "per_viewer": values.tolist()}
+
+
+def mean_with_interval(values: NDArray[np.float64], rng: np.random.Generator, samples: int) -> dict[str, Any]:
+    """The mean of per-viewer values with its 95% bootstrap interval over viewers."""
     boot = values[rng.integers(0, values.size, size=(samples, values.size))].mean(axis=1)
     return Estimate(float(values.mean()), interval(boot)).as_dict()
 
@@ -219,6 +224,9 @@ def score_arms(
                 "vs_base": lifts(arm_totals, base_totals, rng, bootstrap_samples),
                 "own_u_over_other_segment_u": own_over_partner(panel, showings, arm, viewers, rng, bootstrap_samples),
                 "viewers": len(viewers),
+                # [V, 8] per-viewer totals of the arm and of base, for pooling seeds (simulator.science.pooled).
+                "totals": arm_totals.tolist(),
+                "base_totals": base_totals.tolist(),
             }
         shoppers = groups["shoppers"]
         for segment in sorted({segments[viewer] for viewer in shoppers}):

@@ -72,3 +72,46 @@ def test_quick_science_runs_every_kind_of_arm_and_writes_its_report(tmp_path: Pa
     assert result["arms"]["base"]["by_viewers"]["shoppers"]["vs_base"]["expected_ctr"]["value"] == 0.0
     markdown = (out / "science-seed7.md").read_text()
     assert "perfusion eval science --quick --arms" in markdown and "## Integrity" in markdown
+    # The same seed twice stands in for three test seeds: pooling and the rule run, figures as the one seed's.
+    pooled_dir = tmp_path / "pooled"
+    seed_json = str(out / "science_seed7.json")
+    assert main(["eval", "science", "--pool", seed_json, seed_json, "--out", str(pooled_dir)]) == 0
+    pooled = json.loads((pooled_dir / "science_pooled.json").read_text())
+    assert set(pooled["pooled"]) == set(arms) - {"base"}
+    assert pooled["verdicts"]["7"].keys() == pooled["holds_on_every_seed"].keys()
+    assert "## The claims, per seed" in (pooled_dir / "science-pooled.md").read_text()
+
+
+def _estimate(value: float, low: float, high: float) -> dict[str, object]:
+    return {"value": value, "ci95": [low, high]}
+
+
+def test_verdicts_apply_the_preregistered_rule() -> None:
+    from simulator.science.pooled import verdicts
+
+    def arm(ctr: tuple[float, float, float], personal: dict[str, object] | None) -> dict[str, object]:
+        vs_base = {
+            "expected_ctr": _estimate(*ctr),
+            "expected_conversion": _estimate(0.2, 0.05, 0.3),
+            "expected_return_rate": _estimate(-0.1, -0.2, -0.01),
+        }
+        return {
+            "by_viewers": {"shoppers": {"vs_base": vs_base, "own_u_over_other_segment_u": personal}},
+            "by_segment": {"a": {"utility": _estimate(0.1, -0.1, 0.3)}, "b": {"utility": _estimate(0.2, 0.1, 0.3)}},
+        }
+
+    result = {
+        "arms": {
+            "perfusion": arm((0.15, 0.02, 0.3), _estimate(0.1, 0.01, 0.2)),
+            "sft": arm((0.05, -0.1, 0.2), None),
+            "base_best_of_n": arm((0.2, 0.1, 0.3), None),
+        }
+    }
+    assert verdicts(result) == {
+        "beats_base": True,
+        "personalises": True,
+        "no_segment_worse": True,
+        "above_arms_without_u": False,  # best-of-N's CTR lift is higher
+    }
+    result["arms"]["perfusion"] = arm((0.15, -0.01, 0.3), _estimate(0.1, -0.01, 0.2))
+    assert not verdicts(result)["beats_base"] and not verdicts(result)["personalises"]
