@@ -2,20 +2,67 @@
 
 The sampler is :data:`perfusion.sampler_config.SERVING_SAMPLER` (``docs/sampler.md``); ``steps`` and ``guidance``
 default to its fields. Every field is a flag of ``perfusion serve`` (``--port``, ``--steps``, ``--generation-workers``,
-...) and a variable ``PERFUSION_SERVE_<FIELD>`` (``PERFUSION_SERVE_GENERATION__WORKERS`` for the pool's),
-:mod:`perfusion.settings`.
+``--best-of-n``, ...) and a variable ``PERFUSION_SERVE_<FIELD>`` (``PERFUSION_SERVE_GENERATION__WORKERS`` for the
+pool's, ``PERFUSION_SERVE_BEST_OF__N`` for best-of-N's), :mod:`perfusion.settings`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from perfusion.contracts.records import MAX_K
 from perfusion.sampler_config import MAX_STEPS, SERVING_SAMPLER, SamplerConfig
 from perfusion.settings import Settings
 from service.generation_pool import GenerationPoolSettings
+
+MIN_BEST_OF_N = 8
+# One sampling call of N rows (2N with guidance): 16 keeps a group's forward passes within the bench's budget.
+MAX_BEST_OF_N = 16
+
+
+class BestOfSettings(Settings):
+    """Best-of-N: draw N candidates for the viewer, show the K the serving version's reward model scores highest."""
+
+    enabled: bool = Field(
+        default=False,
+        description="rank by the reward model: draw n candidates and show the k best (only for a viewer with a user "
+        "vector, on a version whose reward model's held-out GAUC interval starts at gauc_floor or above)",
+    )
+    n: int = Field(
+        default=MAX_BEST_OF_N,
+        ge=MIN_BEST_OF_N,
+        le=MAX_BEST_OF_N,
+        description="candidates drawn in the one sampling call of a ranked group (candidate i uses seed + i)",
+    )
+    max_k: int = Field(
+        default=8,
+        ge=1,
+        le=MAX_K,
+        description="largest K a group is ranked for (n must be at least it); a request for more draws K unranked",
+    )
+    gauc_floor: float = Field(
+        default=0.55,
+        ge=0.5,
+        le=1.0,
+        description="lowest lower bound of the reward model's held-out GAUC interval (the trainer's gate records "
+        "rm_gauc_low in the version's manifest) at which its scores rank candidates",
+    )
+
+    @model_validator(mode="after")
+    def _draws_at_least_k(self) -> BestOfSettings:
+        if self.n < self.max_k:
+            raise ValueError(
+                f"n ({self.n}) must be at least max_k ({self.max_k}): the K shown are chosen from the N drawn; "
+                "raise PERFUSION_SERVE_BEST_OF__N or lower PERFUSION_SERVE_BEST_OF__MAX_K"
+            )
+        return self
+
+    def ranks(self, k: int) -> bool:
+        """Whether a group of ``k`` candidates is drawn best-of-N (given a reward model above the floor and u)."""
+        return self.enabled and k <= self.max_k
 
 
 class ServiceSettings(Settings):
@@ -39,6 +86,9 @@ class ServiceSettings(Settings):
     poll: float = Field(default=0.25, gt=0.0, le=60.0, description="seconds between checks of the store's LATEST")
     generation: GenerationPoolSettings = Field(
         default_factory=GenerationPoolSettings, description="the bounded pool candidate generation runs on"
+    )
+    best_of: BestOfSettings = Field(
+        default_factory=BestOfSettings, description="best-of-N: candidates ranked by the version's reward model"
     )
 
     def sampler(self) -> SamplerConfig:

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     base_folder = service.base or BASE_CHECKPOINT_DIR
     store_root = service.models or state_dir() / "models"
     text_encoder = base_text_encoder(base_folder)
-    generator = load_serving_generator(base_folder, store_root, text_encoder, service.sampler())
+    generator = load_serving_generator(base_folder, store_root, text_encoder, service.sampler(), service.best_of)
     metrics = ServiceMetrics()
     designs = DesignRegistry.default()
     watcher = ModelWatcher(

@@ -1,4 +1,5 @@
-"""Hot reload on tiny seeded models: in-place swap, requests in flight, corrupt and partial versions refused."""
+"""Hot reload on tiny seeded models: in-place swap, requests in flight, a version of another adaptive config built
+and served, corrupt, partial and mislabelled versions refused."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from perfusion.models.base import QUICK_CONFIG, build_unet
 from perfusion.sampler_config import SamplerConfig
 from perfusion.text_encoder import TextEncoder
 from perfusion.user_features import USER_DIM
-from service.generator import ADAPTIVE_COMPONENT, PersonalizedGenerator, VersionRefused
+from service.generator import ADAPTIVE_COMPONENT, GeneratedGroup, PersonalizedGenerator, VersionRefused
 from service.metrics import ServiceMetrics
 from service.model_watcher import ModelWatcher
 
@@ -128,7 +129,7 @@ def test_request_in_flight_finishes_on_the_version_it_started_with(
             return original_encode(prompts)
 
     generator.text_encoder = PausingEncoder()
-    results = {}
+    results: dict[str, GeneratedGroup] = {}
     worker = threading.Thread(target=lambda: results.update(group=generator.generate(PROMPT, USER, k=2, seed=5)))
     worker.start()
     assert started.wait(10)
@@ -168,16 +169,59 @@ def test_corrupt_version_is_refused_and_the_current_one_keeps_serving(
     assert generator.model_version == good
 
 
-def test_weights_of_another_shape_are_refused_before_the_swap(text_encoder: TextEncoder, store: ModelStore) -> None:
+def test_a_version_of_another_adaptive_config_is_built_and_served(text_encoder: TextEncoder, store: ModelStore) -> None:
+    generator = build_generator(text_encoder)
+    wider_config = AdaptiveConfig(condition_hidden=32, condition_channels=4)
+    assert wider_config != ADAPTIVE_CONFIG
+    torch.manual_seed(1)
+    wider = AdaptiveNetwork(build_unet(QUICK_CONFIG), wider_config)
+    with torch.no_grad():
+        for name, parameter in wider.named_parameters():
+            if any(part in name for part in ZERO_INIT_PARTS):
+                parameter.normal_(std=0.05)
+    version = publish(store, wider)
+    generator.load_version(version, store.path(version))
+    assert generator.model_version == version
+    assert generator._active.network.config == wider_config
+    served = generator.generate(PROMPT, USER, k=2, seed=3).images
+
+    # The same pixels as a generator allocated for that config from the start.
+    torch.manual_seed(0)
+    unet = build_unet(QUICK_CONFIG)
+    fresh = PersonalizedGenerator(
+        unet,
+        AdaptiveNetwork(unet, wider_config),
+        text_encoder,
+        AttributeClassifier(AttributeClassifierConfig(channels=(8, 16))),
+        QUICK_CONFIG,
+        sampler=SamplerConfig(steps=2),
+    )
+    fresh.load_version(version, store.path(version))
+    np.testing.assert_array_equal(fresh.generate(PROMPT, USER, k=2, seed=3).images, served)
+
+    # And back: a version of the first config loads into the other slot, rebuilt for it.
+    narrow = publish(store, trained_like_adaptive(generator.unet, seed=16))
+    generator.load_version(narrow, store.path(narrow))
+    assert generator.model_version == narrow and generator._active.network.config == ADAPTIVE_CONFIG
+
+
+def test_weights_that_do_not_fit_their_config_are_refused_before_the_swap(
+    text_encoder: TextEncoder, store: ModelStore
+) -> None:
     generator = build_generator(text_encoder)
     torch.manual_seed(1)
-    other_unet = build_unet(QUICK_CONFIG)
-    wider = AdaptiveNetwork(other_unet, AdaptiveConfig(condition_hidden=32, condition_channels=4))
-    version = publish(store, wider)
-    with pytest.raises(VersionRefused, match="does not load"):
-        generator.load_version(version, store.path(version))
+    wider = AdaptiveNetwork(build_unet(QUICK_CONFIG), AdaptiveConfig(condition_hidden=32, condition_channels=4))
+    # Its config.json says the serving config, its weights are of another shape.
+    mislabelled = store.publish({ADAPTIVE_COMPONENT: (wider, ADAPTIVE_CONFIG.to_dict())}, {"note": "test"})
+    with pytest.raises(VersionRefused, match=r"does not load into a network of its config\.json"):
+        generator.load_version(mislabelled, store.path(mislabelled))
+    unknown_key = store.publish(
+        {ADAPTIVE_COMPONENT: (wider, {**ADAPTIVE_CONFIG.to_dict(), "hidden_layers": 3})}, {"note": "test"}
+    )
+    with pytest.raises(VersionRefused, match=r"is not an adaptive network config.*hidden_layers"):
+        generator.load_version(unknown_key, store.path(unknown_key))
     assert generator.model_version == "base"
-    # The failed load touched only the standby network: the next good version still loads.
+    # The failed loads touched only the standby network: the next good version still loads.
     good = publish(store, trained_like_adaptive(generator.unet, seed=16))
     generator.load_version(good, store.path(good))
     assert generator.model_version == good
