@@ -6,11 +6,16 @@ model store with its watcher), on a fresh state folder:
   (:data:`perfusion.sampler_config.SERVING_SAMPLER`), for a user Feast knows nothing about (``base``: the frozen
   base U-Net alone) and for a user with features (the adaptive network on top), run alternately so that load on the
   machine hits both alike (target < 1 s a group each); the ratio personalized / base (target <= 1.3);
+- ``best_of_n``: the same user's request with best-of-N on (:class:`service.settings.BestOfSettings`): N
+  candidates drawn in one batch, scored by the version's reward model, the K best shown; its latency a group and
+  its ratio to the K-only ``personalized`` arm (no target: it is what ranking costs). The bench's reward model is
+  untrained and its manifest records a held-out GAUC interval at the floor so that the ranking runs: the arm
+  measures the cost of ranking, not what it gains (``docs/results.md`` is where gains are measured);
 - ``forwards``: the U-Net forward passes one request makes and the rows of each: one a model-evaluated step, with
-  the K candidates and both guidance branches in it (2K rows);
-- ``floor``: the ceiling measured in the same run: those forward passes alone (2K random rows, the U-Net, and the
-  adaptive network for ``personalized``; no scheduler, text encoder, classifier, Feast or HTTP), and each arm's
-  request latency over its floor;
+  the K candidates and both guidance branches in it (2K rows; 2N for ``best_of_n``);
+- ``floor``: the ceiling measured in the same run: those forward passes alone (2K random rows, or 2N, the U-Net,
+  and the adaptive network for ``personalized`` and ``best_of_n``; no scheduler, text encoder, reward model,
+  classifier, Feast or HTTP), and each arm's request latency over its floor;
 - ``publish_to_serve``: a new version published to the model store (atomic LATEST switch, as the trainer does)
   and announced on Kafka with ModelUpdated, while a client sends candidate requests back to back: seconds until
   the generator swapped it in (``swap``, target < 1 s median) and until the first response stamped with it
@@ -35,17 +40,23 @@ from typing import TYPE_CHECKING, Any
 
 from perfusion.errors import ConfigError
 from perfusion.sampler_config import SERVING_SAMPLER, SamplerConfig
+from service.settings import BestOfSettings
 
 if TYPE_CHECKING:
     from service.features import FeatureReader
 
-HELP = "time K candidates base vs personalized, publish -> served on the new version, and Feast reads in the request"
+HELP = (
+    "time K candidates base vs personalized vs best-of-N, publish -> served on the new version, and Feast reads in "
+    "the request"
+)
 
 PERSONALIZED_USER = "bench-shopper-with-profile"
 UNKNOWN_USER = "bench-shopper-unknown"
 TARGET_RATIO = 1.3
 TARGET_GROUP_S = 1.0
 TARGET_SWAP_MEDIAN_S = 1.0
+# The held-out GAUC interval the bench's versions record: at the default floor, so that best-of-N ranks.
+BENCH_GAUC_INTERVAL = (0.55, 0.65)
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,7 @@ class ServeBenchConfig:
     """What to measure; the defaults are ``perfusion serve``'s sampling settings."""
 
     k: int = field(default=4, metadata={"help": "candidates per request"})
+    best_of_n: int = field(default=16, metadata={"help": "N of the best-of-N arm: candidates drawn to show the K best"})
     steps: int = field(
         default=SERVING_SAMPLER.steps, metadata={"help": "steps of the serving sampler (trailing DDIM) per group"}
     )
@@ -78,6 +90,14 @@ class ServeBenchConfig:
                 "steps, repeats and publishes must be >= 1, warmup >= 0 and poll > 0, got "
                 f"{self.steps}, {self.repeats}, {self.publishes}, {self.warmup} and {self.poll}"
             )
+        self.best_of()  # N within its bounds and at least K
+
+    def best_of(self) -> BestOfSettings:
+        """The best-of-N arm's settings: on, for this N and this K."""
+        try:
+            return BestOfSettings(enabled=True, n=self.best_of_n, max_k=self.k)
+        except ConfigError as exc:
+            raise ConfigError(f"--best-of-n {self.best_of_n} with --k {self.k}: best-of-N's {exc}") from None
 
 
 class TimedFeatureReader:
@@ -118,12 +138,14 @@ def describe(values: list[float]) -> dict[str, Any]:
     }
 
 
-def _publish_version(store: Any, unet: Any, seed: int) -> str:
-    """Publish an adaptive network with small random zero-conv weights (a distinct version) and return its name."""
+def _publish_version(store: Any, unet: Any, image_size: int, seed: int) -> str:
+    """Publish an adaptive network with small random zero-conv weights (a distinct version) and an untrained reward
+    model for ``image_size`` pixels, with a held-out GAUC record that lets best-of-N rank; return its name."""
     import torch
 
     from perfusion.models.adaptive import AdaptiveConfig, AdaptiveNetwork
-    from service.generator import ADAPTIVE_COMPONENT
+    from perfusion.models.reward import PerFusionRM, RewardModelConfig
+    from service.generator import ADAPTIVE_COMPONENT, GAUC_HIGH_METRIC, GAUC_LOW_METRIC, REWARD_COMPONENT
 
     torch.manual_seed(seed)
     network = AdaptiveNetwork(unet, AdaptiveConfig())
@@ -131,9 +153,14 @@ def _publish_version(store: Any, unet: Any, seed: int) -> str:
         for name, parameter in network.named_parameters():
             if "zero" in name:  # ControlNet's zero convolutions: make the version's output differ from the base
                 parameter.add_(torch.randn_like(parameter) * 1e-3)
-    return str(
-        store.publish({ADAPTIVE_COMPONENT: (network, network.config.to_dict())}, {"bench": "serve", "seed": seed})
-    )
+    reward_model = PerFusionRM(RewardModelConfig(image_size=image_size))
+    low, high = BENCH_GAUC_INTERVAL
+    manifest = {"bench": "serve", "seed": seed, "metrics": {GAUC_LOW_METRIC: low, GAUC_HIGH_METRIC: high}}
+    components = {
+        ADAPTIVE_COMPONENT: (network, network.config.to_dict()),
+        REWARD_COMPONENT: (reward_model, reward_model.config.to_dict()),
+    }
+    return str(store.publish(components, manifest))
 
 
 def run_serve_benchmark(config: ServeBenchConfig, bootstrap_servers: str | None = None) -> dict[str, Any]:
@@ -171,8 +198,10 @@ def run_serve_benchmark(config: ServeBenchConfig, bootstrap_servers: str | None 
             push_profiles(_OneProfile(), [PERSONALIZED_USER])
             store = ModelStore(state / "models")
             text_encoder = base_text_encoder(base_folder)
-            generator = load_serving_generator(base_folder, store.root, text_encoder, config.sampler)
-            _publish_version(store, generator.unet, seed=config.seed)
+            # Best-of-N on while the first version loads, so that its reward model loads with it; the arms then
+            # switch it per request (_measure), and the versions of the publish phase load as with it off.
+            generator = load_serving_generator(base_folder, store.root, text_encoder, config.sampler, config.best_of())
+            _publish_version(store, generator.unet, generator.config.sample_size, seed=config.seed)
             metrics = ServiceMetrics()
             watcher = ModelWatcher(
                 store, generator, metrics, config.poll, bootstrap_servers=bootstrap, updates_topic=topics.model_updates
@@ -259,16 +288,31 @@ def _measure(
         body = response.json()
         return elapsed, body["model_version"], body["personalization"]
 
-    latencies: dict[str, list[float]] = {"base": [], "personalized": []}
-    kinds: dict[str, set[str]] = {"base": set(), "personalized": set()}
+    unranked, ranked = BestOfSettings(), config.best_of()
+
+    def arm_request(arm: str, user_id: str) -> tuple[float, str, str]:
+        # Requests of the arms run one at a time here, so switching the generator's best-of-N between them is safe.
+        generator.best_of = ranked if arm == "best_of_n" else unranked
+        try:
+            return request(user_id)
+        finally:
+            generator.best_of = unranked
+
+    latencies: dict[str, list[float]] = {arm: [] for arm, _ in ARMS}
+    kinds: dict[str, set[str]] = {arm: set() for arm, _ in ARMS}
     for round_index in range(config.warmup + config.repeats):
         for arm, user in ARMS:
-            elapsed, _, kind = request(user)
+            elapsed, _, kind = arm_request(arm, user)
             kinds[arm].add(kind)
             if round_index >= config.warmup:
                 latencies[arm].append(elapsed)
 
-    forwards = {arm: _forward_rows(generator.unet, lambda user=user: request(user)) for arm, user in ARMS}
+    forwards = {
+        arm: _forward_rows(generator.unet, lambda arm=arm, user=user: arm_request(arm, user)) for arm, user in ARMS
+    }
+    # A ranked group is one sampling call of N candidates (2N rows with guidance); K rows would mean it fell back.
+    guidance_rows = 2 if generator.sampler.guidance_scale != 1.0 else 1
+    best_of_ranked = forwards["best_of_n"]["rows"] == [guidance_rows * config.best_of_n]
 
     swaps: list[float] = []
     first_responses: list[float] = []
@@ -284,7 +328,9 @@ def _measure(
     background.start()
     try:
         for index in range(config.publishes):
-            version = _publish_version(store, generator.unet, seed=config.seed + 1 + index)
+            version = _publish_version(
+                store, generator.unet, generator.config.sample_size, seed=config.seed + 1 + index
+            )
             published = time.perf_counter()
             event = ModelUpdated(version=version, path=str(store.path(version)), ts=time.time())
             producer.send(updates_topic, key=version.encode(), value=event.to_bytes()).get(timeout=10)
@@ -304,6 +350,7 @@ def _measure(
     base_median = statistics.median(latencies["base"])
     personalized_median = statistics.median(latencies["personalized"])
     ratio = personalized_median / base_median
+    best_of_median = statistics.median(latencies["best_of_n"])
     return {
         "sampler": generator.sampler.describe(),
         "candidates_latency_seconds": {arm: describe(values) for arm, values in latencies.items()},
@@ -311,6 +358,13 @@ def _measure(
         "forwards": forwards,
         "personalized_over_base": ratio,
         "target_personalized_over_base": TARGET_RATIO,
+        "best_of_n": {
+            "n": config.best_of_n,
+            "k": config.k,
+            "ranked": best_of_ranked,
+            "group_seconds": best_of_median,
+            "over_personalized": best_of_median / personalized_median,
+        },
         "targets": {
             "base_group_seconds": _target(f"< {TARGET_GROUP_S:g} s", base_median, base_median < TARGET_GROUP_S),
             "personalized_group_seconds": _target(
@@ -330,7 +384,7 @@ def _measure(
     }
 
 
-ARMS = (("base", UNKNOWN_USER), ("personalized", PERSONALIZED_USER))
+ARMS = (("base", UNKNOWN_USER), ("personalized", PERSONALIZED_USER), ("best_of_n", PERSONALIZED_USER))
 
 
 def _target(target: str, measured: float, met: bool) -> dict[str, Any]:
@@ -358,33 +412,36 @@ def _floor(config: ServeBenchConfig, generator: Any, latencies: dict[str, Any]) 
 
     model_config = generator.config
     timesteps = model_timesteps(generator.sampler, model_config)
-    rows = 2 * config.k if generator.sampler.guidance_scale != 1.0 else config.k
-    shape = (rows, model_config.channels, model_config.sample_size, model_config.sample_size)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(config.seed))
-    states = torch.randn(rows, model_config.text_max_length, model_config.cross_attention_dim)
-    users = torch.rand(rows, USER_DIM)
+    guidance_rows = 2 if generator.sampler.guidance_scale != 1.0 else 1
+    rows_of = {"base": guidance_rows * config.k, "personalized": guidance_rows * config.k}
+    rows_of["best_of_n"] = guidance_rows * config.best_of_n
     adaptive = generator._active.network  # the published version the personalized requests ran on
 
-    def group(personalized: bool) -> None:
+    def group(arm: str) -> None:
+        rows = rows_of[arm]
+        shape = (rows, model_config.channels, model_config.sample_size, model_config.sample_size)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(config.seed))
+        states = torch.randn(rows, model_config.text_max_length, model_config.cross_attention_dim)
+        users = torch.rand(rows, USER_DIM)
         with torch.no_grad():
             for timestep in timesteps:
                 t = torch.full((rows,), timestep, dtype=torch.long)
-                if personalized:
-                    personalized_noise_prediction(generator.unet, adaptive, x, t, states, users)
-                else:
+                if arm == "base":
                     personalized_noise_prediction(generator.unet, None, x, t, states, None)
+                else:
+                    personalized_noise_prediction(generator.unet, adaptive, x, t, states, users)
 
-    samples: dict[str, list[float]] = {"base": [], "personalized": []}
+    samples: dict[str, list[float]] = {arm: [] for arm in rows_of}
     for repeat in range(config.warmup + config.repeats):
         for arm in samples:  # alternately, as the requests
             started = time.perf_counter()
-            group(arm == "personalized")
+            group(arm)
             if repeat >= config.warmup:
                 samples[arm].append(time.perf_counter() - started)
     floor = {arm: statistics.median(values) for arm, values in samples.items()}
     return {
         "floor_seconds": floor,
-        "floor_forwards": {"count": len(timesteps), "rows": rows},
+        "floor_forwards": {"count": len(timesteps), "rows": rows_of["base"], "rows_best_of_n": rows_of["best_of_n"]},
         "latency_over_floor": {arm: latencies[arm]["median"] / floor[arm] for arm in floor},
         "floor_personalized_over_base": floor["personalized"] / floor["base"],
     }
@@ -392,9 +449,10 @@ def _floor(config: ServeBenchConfig, generator: Any, latencies: dict[str, Any]) 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServeBenchConfig()
-    for name in ("k", "steps", "repeats", "warmup", "publishes", "seed"):
+    for name in ("k", "best_of_n", "steps", "repeats", "warmup", "publishes", "seed"):
         help_text = ServeBenchConfig.__dataclass_fields__[name].metadata["help"]
-        parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name), help=help_text)
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=name, type=int, default=getattr(defaults, name), help=help_text)
     for name in ("guidance", "poll"):
         help_text = ServeBenchConfig.__dataclass_fields__[name].metadata["help"]
         parser.add_argument(f"--{name}", type=float, default=getattr(defaults, name), help=help_text)
@@ -407,6 +465,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prefer_passive_openmp()  # as perfusion serve does, before torch
     config = ServeBenchConfig(
         k=args.k,
+        best_of_n=args.best_of_n,
         steps=args.steps,
         guidance=args.guidance,
         repeats=args.repeats,
@@ -422,7 +481,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def summary(report: dict[str, Any]) -> str:
     latency, publish = report["candidates_latency_seconds"], report["publish_to_serve_seconds"]
     feast, config = report["feast_read_seconds"], report["config"]
-    floor, forwards = report["floor_seconds"], report["forwards"]
+    floor, forwards, best_of = report["floor_seconds"], report["forwards"], report["best_of_n"]
     targets = [
         f"  target {name}: {target['target']} -> {target['measured']} {'met' if target['met'] else 'MISSED'}"
         for name, target in report["targets"].items()
@@ -434,10 +493,14 @@ def summary(report: dict[str, Any]) -> str:
             f"  candidates  base {latency['base']['median'] * 1000:8.1f} ms, personalized "
             f"{latency['personalized']['median'] * 1000:8.1f} ms (median); ratio "
             f"{report['personalized_over_base']:.2f} (target <= {report['target_personalized_over_base']})",
+            f"  best-of-{best_of['n']} {latency['best_of_n']['median'] * 1000:8.1f} ms (median), "
+            f"{best_of['over_personalized']:.2f}x the K-only personalized group"
+            + ("" if best_of["ranked"] else " (NOT RANKED: drawn as K)"),
             f"  forwards    base {forwards['base']['count']} of {forwards['base']['rows']} rows, personalized "
-            f"{forwards['personalized']['count']} of {forwards['personalized']['rows']} rows a group",
-            f"  floor       base {floor['base'] * 1000:8.1f} ms, personalized {floor['personalized'] * 1000:8.1f} ms "
-            f"(the forward passes alone); latency / floor "
+            f"{forwards['personalized']['count']} of {forwards['personalized']['rows']} rows, best-of-N "
+            f"{forwards['best_of_n']['count']} of {forwards['best_of_n']['rows']} rows a group",
+            f"  floor       base {floor['base'] * 1000:8.1f} ms, personalized {floor['personalized'] * 1000:8.1f} ms, "
+            f"best-of-N {floor['best_of_n'] * 1000:8.1f} ms (the forward passes alone); latency / floor "
             + ", ".join(f"{arm} {value:.2f}" for arm, value in report["latency_over_floor"].items()),
             *targets,
             f"  publish ->  swapped in {publish['swap']['median'] * 1000:.1f} ms (median, target < "
