@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
@@ -106,14 +106,14 @@ class TrainingModels:
         return self.adaptive_network if self.adaptive_network is not None else self.finetuned_unet
 
     def candidate(self) -> TrainingModels:
-        """A copy whose trainable modules are independent of this one's; the frozen base is shared."""
+        """A copy whose trainable modules are independent of this one's and trainable; the frozen base is shared."""
         return TrainingModels(
             base_unet=self.base_unet,
             base_config=self.base_config,
             reward_model=copy.deepcopy(self.reward_model),
             noise_scheduler=self.noise_scheduler,
-            adaptive_network=copy.deepcopy(self.adaptive_network) if self.adaptive_network is not None else None,
-            finetuned_unet=copy.deepcopy(self.finetuned_unet) if self.finetuned_unet is not None else None,
+            adaptive_network=_trainable_copy(self.adaptive_network),
+            finetuned_unet=_trainable_copy(self.finetuned_unet),
             train_timesteps=self.train_timesteps,
         )
 
@@ -144,6 +144,14 @@ class TrainingModels:
         """The frozen base's eps without user input (the reference of every objective)."""
         with torch.no_grad():
             return personalized_noise_prediction(self.base_unet, None, x_t, timesteps, text_states, None)
+
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def _trainable_copy(module: ModuleT | None) -> ModuleT | None:
+    """An independent copy whose every parameter trains (a served copy may have been frozen for inference)."""
+    return None if module is None else copy.deepcopy(module).requires_grad_(True)
 
 
 def build_training_models(

@@ -35,6 +35,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--supervised-weight": ("supervised_weight", float, "lambda of the positives' term (default the trainer's)"),
     "--adaptive-lr": ("adaptive_learning_rate", float, "adaptive network learning rate (default the trainer's)"),
     "--unet-lr": ("unet_learning_rate", float, "fine-tuned U-Net learning rate (default the trainer's)"),
+    "--rounds": ("rounds", int, "updates: 1 = the one-update protocol (default), 2+ = a closed loop"),
+    "--closed-loop-groups": ("closed_loop_groups", int, "groups per shopper between updates (default 2)"),
     "--panel": ("panel", str, "module:Class of a PreferencePanel (default the pixel panel)"),
     "--bootstrap": ("bootstrap_samples", int, "bootstrap resamplings (default 1000)"),
     "--threads": ("torch_threads", int, "torch threads per arm process (default 1)"),

@@ -40,6 +40,7 @@ class ArmDraws:
     gate: dict[str, Any] = field(default_factory=dict)
     ranked_by_reward_model: bool = False
     seconds: float = 0.0
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # each update's report and gate, in order
 
 
 def arm_settings(spec: ArmSpec, config: ScienceConfig) -> TrainerSettings:
@@ -54,7 +55,9 @@ def arm_settings(spec: ArmSpec, config: ScienceConfig) -> TrainerSettings:
 
 
 def run_arm(spec: ArmSpec, config: ScienceConfig, logged: LoggedRound) -> ArmDraws:
-    """Train, gate and draw one arm (in the calling process)."""
+    """Train, gate and draw one arm (in the calling process). With ``config.rounds`` > 1 the arm runs a closed
+    loop first: after each update but the last, its served generator shows the next round's groups, the simulated
+    viewers respond, and the next update trains on every group so far, as the live trainer would."""
     import torch
 
     from perfusion.models.base import build_train_scheduler
@@ -71,55 +74,100 @@ def run_arm(spec: ArmSpec, config: ScienceConfig, logged: LoggedRound) -> ArmDra
     with tempfile.TemporaryDirectory(prefix="perfusion-science-") as empty_store:
         base = load_serving_generator(config.base_checkpoint, Path(empty_store), text_encoder, config.sampler)
     settings = arm_settings(spec, config)
-    models = build_training_models(base.unet, base.config, build_train_scheduler(base.config), settings)
-    train = [s for s in logged.samples if not belongs_to_heldout(s.sample_id, settings.heldout_fraction)]
-    heldout = [s for s in logged.samples if belongs_to_heldout(s.sample_id, settings.heldout_fraction)]
-
-    def collate(samples: list[Any]) -> Any:
-        return collate_groups(
-            samples, [logged.impression_vectors[s.sample_id].tolist() for s in samples], logged.pixels
-        )
-
+    serving = build_training_models(base.unet, base.config, build_train_scheduler(base.config), settings)
+    logger = logged.logger  # this process's own copy: a closed loop adds to it
     rng = np.random.default_rng([config.seed, 2])
+    updates, gates = [], []
+    served = ServedGenerator(spec, base, text_encoder, config, serving, False)
+    for round_index in range(1, config.rounds + 1):
+        samples = logger.samples()
+        train = [s for s in samples if not belongs_to_heldout(s.sample_id, settings.heldout_fraction)]
+        heldout = [s for s in samples if belongs_to_heldout(s.sample_id, settings.heldout_fraction)]
 
-    def next_batch() -> Any:
-        size = min(settings.groups_per_batch, len(train))
-        return collate([train[index] for index in rng.choice(len(train), size=size, replace=False)])
+        def collate(chosen: list[Any]) -> Any:
+            vectors = [logger.impression_vectors[s.sample_id].tolist() for s in chosen]
+            return collate_groups(chosen, vectors, logger.pixels)
 
-    heldout_batch = collate(heldout) if heldout else None
-    generator_batches = None
-    if settings.reward_ranked_share > 0:
-        generator_batches = MixedGeneratorBatches(models, text_encoder, next_batch, heldout_batch, settings)
-    report = run_update(models, text_encoder, next_batch, settings, False, generator_batches)
-    decision = run_gate(models, None, text_encoder, heldout_batch, settings)
-    generator = serving_generator_of(models, base, text_encoder, spec.name, config.sampler)
-    rm_floor_met = float(decision.metrics.get("rm_gauc_low", float("nan"))) >= BEST_OF_N_FLOOR
-    rank = spec.best_of_n and rm_floor_met
+        def next_batch(train: list[Any] = train) -> Any:
+            size = min(settings.groups_per_batch, len(train))
+            return collate([train[index] for index in rng.choice(len(train), size=size, replace=False)])
+
+        heldout_batch = collate(heldout) if heldout else None
+        candidate = serving.candidate()
+        generator_batches = None
+        if settings.reward_ranked_share > 0:
+            generator_batches = MixedGeneratorBatches(candidate, text_encoder, next_batch, heldout_batch, settings)
+        report = run_update(candidate, text_encoder, next_batch, settings, False, generator_batches)
+        decision = run_gate(candidate, serving if round_index > 1 else None, text_encoder, heldout_batch, settings)
+        updates.append(report.as_dict())
+        gates.append({"publish": decision.publish, "reasons": list(decision.reasons), "metrics": decision.metrics})
+        if decision.publish:
+            rm_floor_met = float(decision.metrics.get("rm_gauc_low", float("nan"))) >= BEST_OF_N_FLOOR
+            serving = candidate
+            served = ServedGenerator(spec, base, text_encoder, config, serving, spec.best_of_n and rm_floor_met)
+        if round_index < config.rounds:
+            logger.log_round(round_index, config.closed_loop_groups, served, personalized=spec.takes_u)
     images, partner_images = [], []
     for index, showing in enumerate(logged.showings):
-        if rank:
-            images.append(best_of_n(models, text_encoder, base, showing, config))
-        else:
-            u = showing.user_vector if spec.takes_u else None
-            images.append(generator.generate(showing.prompt, u, config.k, showing.seed).images)
+        own_u, partner_u = showing.user_vector, showing.partner_vector
+        if config.rounds > 1:  # u as this arm's own loop knows the viewers after its rounds
+            own_u, partner_u = logger.loop.user_vector(showing.viewer), logger.loop.user_vector(str(showing.partner))
+        images.append(served.generate(showing.prompt, own_u, config.k, showing.seed).images)
         if spec.takes_u:
-            partner = generator.generate(showing.prompt, showing.partner_vector, config.k, showing.seed)
-            partner_images.append(partner.images)
+            partner_images.append(served.generate(showing.prompt, partner_u, config.k, showing.seed).images)
         if (index + 1) % 25 == 0:
             log.info("arm %s: drew %d of %d showings", spec.name, index + 1, len(logged.showings))
     return ArmDraws(
         name=spec.name,
         images=images,
         partner_images=partner_images if spec.takes_u else None,
-        update=report.as_dict(),
-        gate={"publish": decision.publish, "reasons": list(decision.reasons), "metrics": decision.metrics},
-        ranked_by_reward_model=rank,
+        update=updates[-1],
+        gate=gates[-1],
+        ranked_by_reward_model=served.ranks,
         seconds=time.monotonic() - started,
+        rounds=[{"update": update, "gate": gate} for update, gate in zip(updates, gates, strict=True)],
     )
 
 
+class ServedGenerator:
+    """What the arm serves: its version's generator (u only for arms that read it), or for best-of-N with a
+    reward model that cleared the floor, the K best of N base candidates by that model."""
+
+    def __init__(
+        self,
+        spec: ArmSpec,
+        base: PersonalizedGenerator,
+        text_encoder: Any,
+        config: ScienceConfig,
+        models: TrainingModels,
+        ranks: bool,
+    ) -> None:
+        self.spec = spec
+        self.base = base
+        self.text_encoder = text_encoder
+        self.config = config
+        self.models = models
+        self.ranks = ranks
+        self.generator = serving_generator_of(models, base, text_encoder, spec.name, config.sampler)
+
+    def generate(self, prompt: str, user_vector: NDArray[np.float32] | None, k: int, seed: int) -> Any:
+        from service.generator import GeneratedGroup
+
+        if self.ranks and user_vector is not None:
+            images = best_of_n(self.models, self.text_encoder, self.base, prompt, user_vector, self.config, seed)
+            descriptors = self.base.classifier.descriptors(images).tolist()
+            return GeneratedGroup(images=images, descriptors=descriptors, model_version=self.spec.name)
+        return self.generator.generate(prompt, user_vector if self.spec.takes_u else None, k, seed)
+
+
 def best_of_n(
-    models: TrainingModels, text_encoder: Any, base: PersonalizedGenerator, showing: Any, config: ScienceConfig
+    models: TrainingModels,
+    text_encoder: Any,
+    base: PersonalizedGenerator,
+    prompt: str,
+    user_vector: NDArray[np.float32],
+    config: ScienceConfig,
+    seed: int,
 ) -> NDArray[np.uint8]:
     """N base candidates for the showing, the K that the arm's reward model scores highest for this viewer, best
     first."""
@@ -127,11 +175,11 @@ def best_of_n(
 
     from perfusion.text_encoder import mean_pool
 
-    drawn = base.generate(showing.prompt, None, config.best_of, showing.seed).images  # (N, H, W, 3)
-    states, mask = text_encoder.encode([showing.prompt])
+    drawn = base.generate(prompt, None, config.best_of, seed).images  # (N, H, W, 3)
+    states, mask = text_encoder.encode([prompt])
     pooled = mean_pool(states, mask).expand(config.best_of, -1)  # [N, 384]
     pixels = torch.from_numpy(drawn).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [N, 3, H, W] in [-1, 1]
-    users = torch.from_numpy(showing.user_vector).unsqueeze(0).expand(config.best_of, -1)
+    users = torch.from_numpy(np.asarray(user_vector, dtype=np.float32)).unsqueeze(0).expand(config.best_of, -1)
     with torch.no_grad():
         scores = models.reward_model(pooled, pixels, users).reshape(-1)
     order = torch.argsort(scores, descending=True)[: config.k].numpy()

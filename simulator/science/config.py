@@ -106,6 +106,9 @@ class ScienceConfig:
     adaptive_learning_rate: float | None = field(default=None, metadata={"help": "None: the trainer's"})
     unet_learning_rate: float | None = field(default=None, metadata={"help": "None: the trainer's"})
     rounds: int = field(default=1, metadata={"help": "updates: 1 = the one-update protocol, 2+ = a closed loop"})
+    closed_loop_groups: int = field(
+        default=2, metadata={"help": "groups per shopper the arm's own generator shows between two updates"}
+    )
     panel: str | None = field(
         default=None,
         metadata={"help": "module:Class of a PreferencePanel built as Class(n_users=..., seed=...); None: pixels"},

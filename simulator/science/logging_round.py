@@ -64,6 +64,7 @@ class LoggedRound:
     showings: list[Showing]
     segments: dict[str, str]
     events: int
+    logger: RoundLogger  # round 0's state, which a closed-loop arm continues (a copy per arm process)
 
 
 def load_panel(config: ScienceConfig, n_users: int) -> PreferencePanel:
@@ -113,65 +114,94 @@ def merchant_prompt(roles: Roles, merchant: str, heldout: bool) -> str:
     return prompts[roles.merchants.index(merchant) % len(prompts)]
 
 
+class RoundLogger:
+    """Shows groups to viewers and folds the events of their responses into an :class:`InProcessLoop`, keeping the
+    pixels and each impression's u. Round 0 draws with the base model; a closed-loop arm continues its own copy
+    (its events, ids and clock go on from round 0's)."""
+
+    def __init__(self, config: ScienceConfig, panel: PreferencePanel, roles: Roles) -> None:
+        profiles = {user: panel.profile(user) for user in roles.shoppers + roles.cold}
+        store_regions = {merchant: int(panel.profile(merchant)["region"]) for merchant in roles.merchants}
+        self.config = config
+        self.roles = roles
+        self.loop = InProcessLoop(profiles, store_regions)
+        self.traffic = TrafficSimulator(TrafficConfig(seed=config.seed))
+        self.marketplace = Marketplace(panel)  # the simulated viewers: their responses, never read by a model
+        self.pixels: dict[str, NDArray[np.uint8]] = {}
+        self.impression_vectors: dict[str, NDArray[np.float32]] = {}
+        self.designs: dict[str, str] = {}  # design id -> prompt
+        self.ts = ROUND_ZERO_TS
+
+    def post_designs(self) -> None:
+        """Each merchant's design on a training prompt and on a held-out one."""
+        for merchant in self.roles.merchants:
+            for heldout in (False, True):
+                prompt = merchant_prompt(self.roles, merchant, heldout)
+                design_id = f"design-{merchant}-{prompt.removeprefix('a ').replace(' ', '_')}"
+                self.loop.apply([self.traffic.design_event(design_id, merchant, prompt, self.ts)])
+                self.designs[design_id] = prompt
+
+    @property
+    def train_designs(self) -> list[str]:
+        return [design for design, prompt in self.designs.items() if prompt in TRAIN_PROMPTS]
+
+    def show(
+        self, viewer: str, design_id: str, seed: int, as_merchant: bool, generator: Any, personalized: bool, tag: str
+    ) -> None:
+        """One impression of ``generator``'s K candidates (drawn with the viewer's u when ``personalized``)."""
+        self.ts += SHOWING_GAP_S
+        prompt = self.designs[design_id]
+        u = self.loop.user_vector(viewer)
+        group = generator.generate(prompt, u if personalized else None, self.config.k, seed)
+        image_ids = [f"{tag}-{seed}-{position}" for position in range(self.config.k)]
+        impression = self.traffic.impression_event(
+            viewer, design_id, prompt, group.model_version, image_ids, group.descriptors, self.ts
+        )
+        draw_rng = np.random.default_rng([self.config.seed, seed])
+        if as_merchant:
+            response = self.marketplace.merchant_selection(viewer, group.images, draw_rng)
+        else:
+            response = self.marketplace.shopper_response(viewer, group.images, draw_rng)
+        self.loop.apply([impression, *self.traffic.response_events(impression, response)])
+        self.impression_vectors[impression.event_id] = u
+        self.pixels.update(zip(image_ids, group.images, strict=True))
+
+    def log_round(self, round_index: int, groups_per_shopper: int, generator: Any, personalized: bool) -> None:
+        """Every shopper ``groups_per_shopper`` groups of training designs, every merchant ``merchant_groups`` of
+        their own; seeds and choices from a stream of this round's."""
+        rng = np.random.default_rng([self.config.seed, 10 * round_index])  # round 0: [seed, 0]
+        tag = f"r{round_index}"
+        for step in range(groups_per_shopper):
+            for shopper in self.roles.shoppers:
+                design_id = str(rng.choice(self.train_designs))
+                self.show(shopper, design_id, int(rng.integers(0, 2**31 - 1)), False, generator, personalized, tag)
+            log.info("round %d: %d of %d groups per shopper", round_index, step + 1, groups_per_shopper)
+        for merchant in self.roles.merchants:
+            own = [design for design in self.train_designs if design.startswith(f"design-{merchant}-")]
+            for _ in range(self.config.merchant_groups):
+                self.show(merchant, own[0], int(rng.integers(0, 2**31 - 1)), True, generator, personalized, tag)
+
+    def samples(self) -> list[Any]:
+        samples = self.loop.group_samples()
+        missing = [sample.sample_id for sample in samples if sample.sample_id not in self.impression_vectors]
+        if missing:
+            raise ConfigError(f"group samples without a logged impression: {missing[:3]}")
+        return samples
+
+
 def log_round_zero(
     config: ScienceConfig, panel: PreferencePanel, roles: Roles, generator: PersonalizedGenerator
 ) -> LoggedRound:
     """The base model's round-0 groups, the viewers' events folded by the in-process loop, and the showings."""
-
-    profiles = {user: panel.profile(user) for user in roles.shoppers + roles.cold}
-    store_regions = {merchant: int(panel.profile(merchant)["region"]) for merchant in roles.merchants}
-    loop = InProcessLoop(profiles, store_regions)
-    traffic = TrafficSimulator(TrafficConfig(seed=config.seed))
-    marketplace = Marketplace(panel)
-    rng = np.random.default_rng([config.seed, 0])
-    pixels: dict[str, NDArray[np.uint8]] = {}
-    impression_vectors: dict[str, NDArray[np.float32]] = {}
-    designs: dict[str, str] = {}  # design id -> prompt
-    ts = ROUND_ZERO_TS
-    for merchant in roles.merchants:
-        for heldout in (False, True):
-            prompt = merchant_prompt(roles, merchant, heldout)
-            design_id = f"design-{merchant}-{prompt.removeprefix('a ').replace(' ', '_')}"
-            loop.apply([traffic.design_event(design_id, merchant, prompt, ts)])
-            designs[design_id] = prompt
-    train_designs = [design for design, prompt in designs.items() if prompt in TRAIN_PROMPTS]
-
-    def show(viewer: str, design_id: str, seed: int, as_merchant: bool) -> None:
-        nonlocal ts
-        ts += SHOWING_GAP_S
-        prompt = designs[design_id]
-        u = loop.user_vector(viewer)
-        group = generator.generate(prompt, None, config.k, seed)
-        image_ids = [f"r0-{seed}-{position}" for position in range(config.k)]
-        impression = traffic.impression_event(
-            viewer, design_id, prompt, group.model_version, image_ids, group.descriptors, ts
-        )
-        draw_rng = np.random.default_rng([config.seed, seed])
-        if as_merchant:
-            response = marketplace.merchant_selection(viewer, group.images, draw_rng)
-        else:
-            response = marketplace.shopper_response(viewer, group.images, draw_rng)
-        loop.apply([impression, *traffic.response_events(impression, response)])
-        impression_vectors[impression.event_id] = u
-        pixels.update(zip(image_ids, group.images, strict=True))
-
-    for round_index in range(config.logged_groups):
-        for shopper in roles.shoppers:
-            design_id = str(rng.choice(train_designs))
-            show(shopper, design_id, int(rng.integers(0, 2**31 - 1)), as_merchant=False)
-        log.info("round 0: %d of %d groups per shopper", round_index + 1, config.logged_groups)
-    for merchant in roles.merchants:
-        own = [design for design in train_designs if design.startswith(f"design-{merchant}-")]
-        for _ in range(config.merchant_groups):
-            show(merchant, own[0], int(rng.integers(0, 2**31 - 1)), as_merchant=True)
-    samples = loop.group_samples()
-    missing = [sample.sample_id for sample in samples if sample.sample_id not in impression_vectors]
-    if missing:
-        raise ConfigError(f"group samples without a logged impression: {missing[:3]}")
+    logger = RoundLogger(config, panel, roles)
+    logger.post_designs()
+    logger.log_round(0, config.logged_groups, generator, personalized=False)
     indices = {user: index for index, user in enumerate(panel.user_ids())}
     segments = {user: segment_of(panel, user, indices[user]) for user in roles.shoppers + roles.cold + roles.merchants}
-    showings = plan_showings(config, roles, loop, segments)
-    return LoggedRound(samples, pixels, impression_vectors, showings, segments, len(loop.events))
+    showings = plan_showings(config, roles, logger.loop, segments)
+    return LoggedRound(
+        logger.samples(), logger.pixels, logger.impression_vectors, showings, segments, len(logger.loop.events), logger
+    )
 
 
 def plan_showings(config: ScienceConfig, roles: Roles, loop: InProcessLoop, segments: dict[str, str]) -> list[Showing]:

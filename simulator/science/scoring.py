@@ -236,6 +236,7 @@ def score_arms(
             entry["by_segment"][segment] = lifts(arm_totals, base_totals, rng, bootstrap_samples)
         entry["robustness_expected_ctr_lift"] = robustness(panel, showings, arm, base, shoppers, seed)
         entry["update"] = arm.update
+        entry["rounds"] = arm.rounds
         results[name] = entry
     return results
 

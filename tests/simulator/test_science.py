@@ -82,6 +82,20 @@ def test_quick_science_runs_every_kind_of_arm_and_writes_its_report(tmp_path: Pa
     assert "## The claims, per seed" in (pooled_dir / "science-pooled.md").read_text()
 
 
+@pytest.mark.slow
+def test_a_closed_loop_arm_logs_its_own_rounds_and_updates_each_time(tmp_path: Path) -> None:
+    from ops.cli import main
+
+    out = tmp_path / "loop"
+    argv = ["eval", "science", "--quick", "--seed", "3", "--parallel", "1", "--rounds", "2"]
+    assert main([*argv, "--closed-loop-groups", "1", "--arms", "base", "perfusion", "--out", str(out)]) == 0
+    result = json.loads((out / "science_seed3.json").read_text())
+    assert result["config"]["rounds"] == 2
+    for entry in result["arms"].values():
+        assert len(entry["rounds"]) == 2  # two updates, the second after the arm's own round 1
+    assert result["arms"]["perfusion"]["rounds"][1]["update"]["generator_steps"] == 2.0
+
+
 def _estimate(value: float, low: float, high: float) -> dict[str, object]:
     return {"value": value, "ci95": [low, high]}
 

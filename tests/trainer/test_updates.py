@@ -176,6 +176,16 @@ def test_candidate_copy_trains_without_touching_the_serving_version(text_encoder
     assert set(candidate.components()) == {"reward_model", "adaptive_network"}
 
 
+def test_a_candidate_of_a_version_frozen_for_serving_trains() -> None:
+    serving = tiny_training_models(small_settings())
+    assert serving.adaptive_network is not None
+    serving.adaptive_network.requires_grad_(False)  # as the service freezes the network it serves
+    candidate = serving.candidate()
+    assert candidate.adaptive_network is not None
+    assert all(p.requires_grad for p in candidate.adaptive_network.parameters())
+    assert not any(p.requires_grad for p in serving.adaptive_network.parameters())
+
+
 def test_without_the_adaptive_network_the_version_holds_a_fine_tuned_unet() -> None:
     models = tiny_training_models(small_settings(use_adaptive_network=False))
     assert models.adaptive_network is None and models.finetuned_unet is not None
