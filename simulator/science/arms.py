@@ -78,7 +78,7 @@ def run_arm(spec: ArmSpec, config: ScienceConfig, logged: LoggedRound) -> ArmDra
     logger = logged.logger  # this process's own copy: a closed loop adds to it
     rng = np.random.default_rng([config.seed, 2])
     updates, gates = [], []
-    served = ServedGenerator(spec, base, text_encoder, config, serving, False)
+    served = ServedGenerator(spec, base, text_encoder, config, serving, None)
     for round_index in range(1, config.rounds + 1):
         samples = logger.samples()
         train = [s for s in samples if not belongs_to_heldout(s.sample_id, settings.heldout_fraction)]
@@ -102,9 +102,8 @@ def run_arm(spec: ArmSpec, config: ScienceConfig, logged: LoggedRound) -> ArmDra
         updates.append(report.as_dict())
         gates.append({"publish": decision.publish, "reasons": list(decision.reasons), "metrics": decision.metrics})
         if decision.publish:
-            rm_floor_met = float(decision.metrics.get("rm_gauc_low", float("nan"))) >= BEST_OF_N_FLOOR
             serving = candidate
-            served = ServedGenerator(spec, base, text_encoder, config, serving, spec.best_of_n and rm_floor_met)
+            served = ServedGenerator(spec, base, text_encoder, config, serving, decision.metrics)
         if round_index < config.rounds:
             logger.log_round(round_index, config.closed_loop_groups, served, personalized=spec.takes_u)
     images, partner_images = [], []
@@ -130,8 +129,9 @@ def run_arm(spec: ArmSpec, config: ScienceConfig, logged: LoggedRound) -> ArmDra
 
 
 class ServedGenerator:
-    """What the arm serves: its version's generator (u only for arms that read it), or for best-of-N with a
-    reward model that cleared the floor, the K best of N base candidates by that model."""
+    """What the arm serves, through the service's own generator: its version's generator (u only for arms that
+    read it), or for best-of-N the service's best-of-N over the base model, ranking with the version's reward
+    model when the version's held-out GAUC interval clears the floor (:data:`BEST_OF_N_FLOOR`)."""
 
     def __init__(
         self,
@@ -140,50 +140,40 @@ class ServedGenerator:
         text_encoder: Any,
         config: ScienceConfig,
         models: TrainingModels,
-        ranks: bool,
+        gate_metrics: dict[str, float] | None,
     ) -> None:
         self.spec = spec
-        self.base = base
-        self.text_encoder = text_encoder
-        self.config = config
-        self.models = models
-        self.ranks = ranks
-        self.generator = serving_generator_of(models, base, text_encoder, spec.name, config.sampler)
+        self.ranked_groups = 0
+        self.generator: Any
+        if spec.best_of_n and gate_metrics is not None:
+            self.generator = published_with_best_of_n(models, gate_metrics, text_encoder, config)
+        else:
+            self.generator = serving_generator_of(models, base, text_encoder, spec.name, config.sampler)
+
+    @property
+    def ranks(self) -> bool:
+        return self.ranked_groups > 0
 
     def generate(self, prompt: str, user_vector: NDArray[np.float32] | None, k: int, seed: int) -> Any:
-        from service.generator import GeneratedGroup
-
-        if self.ranks and user_vector is not None:
-            images = best_of_n(self.models, self.text_encoder, self.base, prompt, user_vector, self.config, seed)
-            descriptors = self.base.classifier.descriptors(images).tolist()
-            return GeneratedGroup(images=images, descriptors=descriptors, model_version=self.spec.name)
-        return self.generator.generate(prompt, user_vector if self.spec.takes_u else None, k, seed)
+        reads_u = self.spec.takes_u or self.spec.best_of_n  # best-of-N ranks for the viewer's u
+        group = self.generator.generate(prompt, user_vector if reads_u else None, k, seed)
+        self.ranked_groups += int(group.ranked_by is not None)
+        return group
 
 
-def best_of_n(
-    models: TrainingModels,
-    text_encoder: Any,
-    base: PersonalizedGenerator,
-    prompt: str,
-    user_vector: NDArray[np.float32],
-    config: ScienceConfig,
-    seed: int,
-) -> NDArray[np.uint8]:
-    """N base candidates for the showing, the K that the arm's reward model scores highest for this viewer, best
-    first."""
-    import torch
+def published_with_best_of_n(
+    models: TrainingModels, gate_metrics: dict[str, float], text_encoder: Any, config: ScienceConfig
+) -> PersonalizedGenerator:
+    """The version published to a model store of its own with the gate's metrics in its manifest, and loaded by
+    ``load_serving_generator`` with best-of-N on, as ``perfusion serve`` would serve it."""
+    from perfusion.checkpoints import ModelStore
+    from service.generator import load_serving_generator
+    from service.settings import BestOfSettings
 
-    from perfusion.text_encoder import mean_pool
-
-    drawn = base.generate(prompt, None, config.best_of, seed).images  # (N, H, W, 3)
-    states, mask = text_encoder.encode([prompt])
-    pooled = mean_pool(states, mask).expand(config.best_of, -1)  # [N, 384]
-    pixels = torch.from_numpy(drawn).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [N, 3, H, W] in [-1, 1]
-    users = torch.from_numpy(np.asarray(user_vector, dtype=np.float32)).unsqueeze(0).expand(config.best_of, -1)
-    with torch.no_grad():
-        scores = models.reward_model(pooled, pixels, users).reshape(-1)
-    order = torch.argsort(scores, descending=True)[: config.k].numpy()
-    return drawn[order]
+    best_of = BestOfSettings(enabled=True, n=config.best_of, max_k=config.k, gauc_floor=BEST_OF_N_FLOOR)
+    with tempfile.TemporaryDirectory(prefix="perfusion-science-store-") as folder:
+        ModelStore(Path(folder)).publish(models.components(), {"metrics": gate_metrics})
+        return load_serving_generator(config.base_checkpoint, Path(folder), text_encoder, config.sampler, best_of)
 
 
 def run_arm_in_own_process(name: str, config: ScienceConfig, logged: LoggedRound) -> ArmDraws:

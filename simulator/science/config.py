@@ -138,8 +138,11 @@ class ScienceConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.cold_shoppers < 0 or self.merchant_groups < 0 or self.reward_steps < 0:
             raise ConfigError("cold_shoppers, merchant_groups and reward_steps must be >= 0")
-        if not 2 <= self.k <= self.best_of <= 16:
-            raise ConfigError(f"need 2 <= k <= best_of <= 16, got k={self.k}, best_of={self.best_of}")
+        if not 2 <= self.k <= self.best_of or not 8 <= self.best_of <= 16:
+            raise ConfigError(
+                f"need 2 <= k <= best_of and best_of in 8..16 (the service's best-of-N), got k={self.k}, "
+                f"best_of={self.best_of}"
+            )
         if self.bootstrap_samples < 100:
             raise ConfigError(f"bootstrap_samples must be at least 100, got {self.bootstrap_samples}")
         if self.panel is not None and ":" not in self.panel:
@@ -177,7 +180,7 @@ class ScienceConfig:
             "logged_groups": 2,
             "merchant_groups": 1,
             "eval_showings": 1,
-            "best_of": 6,
+            "best_of": 8,
             "sampling_steps": 2,
             "reward_steps": 2,
             "diffusion_steps": 2,

@@ -28,6 +28,8 @@ def test_arm_names_parse_into_trainer_arms_pathways_and_best_of_n() -> None:
         ScienceConfig(arms=("perfusion",))
     with pytest.raises(ConfigError, match="k <= best_of"):
         ScienceConfig(k=4, best_of=3)
+    with pytest.raises(ConfigError, match=r"best_of in 8\.\.16"):
+        ScienceConfig(k=4, best_of=6)
 
 
 def _totals(images: float, utility: float, clicks: float, orders: float, returns: float) -> list[float]:
@@ -129,3 +131,27 @@ def test_verdicts_apply_the_preregistered_rule() -> None:
     }
     result["arms"]["perfusion"] = arm((0.15, -0.01, 0.3), _estimate(0.1, -0.01, 0.2))
     assert not verdicts(result)["beats_base"] and not verdicts(result)["personalises"]
+
+
+def test_best_of_n_is_served_by_the_service_when_the_reward_model_clears_the_floor(text_encoder: object) -> None:
+    import torch
+
+    from perfusion.models.base import build_train_scheduler
+    from perfusion.sampling import base_model_config, load_base_unet
+    from simulator.science.arms import published_with_best_of_n
+    from trainer.settings import TrainerSettings
+    from trainer.updates import build_training_models
+
+    config = ScienceConfig.quick(arms=("base", "base_best_of_n"))
+    unet = load_base_unet(config.base_checkpoint)
+    base_config = base_model_config(config.base_checkpoint)
+    settings = TrainerSettings.for_arm("base", base_checkpoint=config.base_checkpoint)
+    models = build_training_models(unet, base_config, build_train_scheduler(base_config), settings)
+    u = np.full(42, 0.5, dtype=np.float32)
+    above = published_with_best_of_n(models, {"rm_gauc_low": 0.7, "rm_gauc_high": 0.8}, text_encoder, config)
+    below = published_with_best_of_n(models, {"rm_gauc_low": 0.5, "rm_gauc_high": 0.8}, text_encoder, config)
+    with torch.no_grad():
+        ranked = above.generate("a dress", u, config.k, 11)
+        plain = below.generate("a dress", u, config.k, 11)
+    assert ranked.drawn == config.best_of and ranked.ranked_by is not None
+    assert plain.drawn == config.k and plain.ranked_by is None
