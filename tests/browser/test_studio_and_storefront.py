@@ -8,8 +8,8 @@ come back through Kafka; and a second merchant's session neither lists nor opens
 are checked on the topic, each the shopper's, posted through the trusted order path. Screenshots of both pages go to
 docs/screenshots/.
 
-Chromium and chromedriver are installed by the harness when missing (as root, from Debian); when they cannot be, the
-test fails with the reason, it is never skipped.
+The browser is the ``browser`` fixture of conftest.py: when Chromium cannot be installed, the test fails, never
+skips.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from harness.processes import ProcessSupervisor
 from ops.demo.loop import LoopSettings
 from perfusion.contracts.records import InvalidEvent, Order, parse_event
 from perfusion.contracts.topics import TopicNames, ensure_topics
-from perfusion.errors import PerfusionError
 from perfusion.paths import REPO_ROOT
 from service.auth import KeyStore
 
@@ -43,7 +42,6 @@ THRESHOLD = 3
 SETTINGS = LoopSettings(prompts=(PROMPT,), order_threshold=THRESHOLD, sampling_steps=10, partitions=1)
 # With no traffic after the last order, the demand agent moves event time on after this many quiet seconds.
 DEMAND_IDLE_AFTER_S = 3
-WINDOW = (1280, 1000)
 STARTUP_TIMEOUT_S = 300.0
 PAGE_TIMEOUT_S = 120.0
 PRODUCTION_TIMEOUT_S = 180.0
@@ -98,39 +96,6 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=2.0).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    """A headless Chromium of Debian's, through its chromedriver."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    from harness.infra.chromium import require_chromium
-
-    failure = None
-    try:
-        install = require_chromium()
-    except PerfusionError as exc:
-        failure = str(exc)
-    if failure is not None:
-        pytest.fail(f"the browser test needs Chromium and chromedriver: {failure}", pytrace=False)
-    options = Options()
-    options.binary_location = install.browser
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",  # Chromium's sandbox refuses to run as root, as CI does
-        "--disable-dev-shm-usage",
-        "--disable-gpu",
-        f"--window-size={WINDOW[0]},{WINDOW[1]}",
-    ):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(executable_path=install.driver), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 class Page:
