@@ -6,7 +6,8 @@ the storefront, is served the design drawn for them, clicks a candidate and chec
 the merchant's design page, polling the service, shows "production triggered" once the worker's ProductionOrder has
 come back through Kafka; and a second merchant's session neither lists nor opens the first one's design. The orders
 are checked on the topic, each the shopper's, posted through the trusted order path. Screenshots of both pages go to
-docs/screenshots/.
+the folder ``PERFUSION_SCREENSHOTS_DIR`` names (``PERFUSION_SCREENSHOTS_DIR=docs/screenshots`` refreshes the
+docs' ones), else to the test's temporary folder, so that a test run leaves the checkout as it was.
 
 The browser is the ``browser`` fixture of conftest.py: when Chromium cannot be installed, the test fails, never
 skips.
@@ -14,6 +15,7 @@ skips.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,10 +33,9 @@ from harness.processes import ProcessSupervisor
 from ops.demo.loop import LoopSettings
 from perfusion.contracts.records import InvalidEvent, Order, parse_event
 from perfusion.contracts.topics import TopicNames, ensure_topics
-from perfusion.paths import REPO_ROOT
 from service.auth import KeyStore
 
-SCREENSHOTS = REPO_ROOT / "docs" / "screenshots"
+SCREENSHOTS_ENV = "PERFUSION_SCREENSHOTS_DIR"
 PROMPT = "a red striped short-sleeve slim t-shirt"
 THRESHOLD = 3
 # The serving sampler's steps, so that the screenshots show what a shop would show; a worker whose groups and
@@ -54,6 +55,7 @@ class RunningLoop:
     bootstrap: str
     keys: dict[str, str]  # principal -> key
     supervisor: ProcessSupervisor
+    scratch: Path  # the test's own folder (screenshots, unless PERFUSION_SCREENSHOTS_DIR names another)
 
 
 @pytest.fixture
@@ -88,7 +90,7 @@ def loop(kafka_bootstrap: str, tmp_path: Path) -> Iterator[RunningLoop]:
         supervisor.start("worker", [*SETTINGS.worker_arguments(), f"--demand-idle-after-s={DEMAND_IDLE_AFTER_S}"])
         supervisor.start("service", SETTINGS.service_arguments(port))
         supervisor.wait_until(lambda: _answers(f"{base_url}/healthz"), STARTUP_TIMEOUT_S, "the service's /healthz")
-        yield RunningLoop(base_url, topics, kafka_bootstrap, keys, supervisor)
+        yield RunningLoop(base_url, topics, kafka_bootstrap, keys, supervisor, tmp_path / "screenshots")
 
 
 def _answers(url: str) -> bool:
@@ -155,8 +157,9 @@ class Page:
         return images if images and loaded else []
 
     def screenshot(self, name: str) -> Path:
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        path = SCREENSHOTS / name
+        folder = Path(os.environ[SCREENSHOTS_ENV]) if os.environ.get(SCREENSHOTS_ENV) else self.loop.scratch
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / name
         assert self.driver.save_screenshot(str(path)), f"could not save {path}"
         return path
 
