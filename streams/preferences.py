@@ -20,6 +20,12 @@ time:
   interaction names; an interaction that arrives before its impression waits (bounded) until the impression does;
 - ``last_active_ts``: the latest event time of any of the viewer's events.
 
+Each push row is stamped at the viewer's latest event time, moved forward by :data:`PUSH_STAMP_STEP_S` past the
+viewer's previous push when that is not later (:meth:`PreferenceUpdater.push_stamp`): a micro-batch of only older
+events (a click that arrives after a later impression) leaves ``last_active_ts`` where it was, and Feast's Redis
+online store drops a write whose timestamp is not newer than the one it holds, so an unchanged stamp would leave
+the served features behind the worker's state (sqlite overwrites either way).
+
 Duplicates (same ``event_id``) are dropped using each user's bounded list of recent event ids. The pure update logic
 (:class:`PreferenceUpdater`) knows nothing of Faust; :class:`PreferenceStage` runs it in the events agent
 (:mod:`streams.agents.events`) over each micro-batch, keeps state in changelog-backed tables and pushes one Feast
@@ -58,6 +64,7 @@ PREFERENCE_FEATURES: tuple[str, ...] = (
     "last_active_ts",
 )
 _MAX_PENDING = 64
+PUSH_STAMP_STEP_S = 1e-3  # how far a push's stamp moves past the previous push's (Feast keeps microseconds)
 
 InteractionKind = Literal["click", "order", "return", "select"]
 
@@ -80,6 +87,7 @@ class UserPreferenceState(BaseModel):
 
     user_id: str
     last_active_ts: float = 0.0
+    pushed_ts: float = 0.0  # the stamp of this viewer's latest Feast push (push_stamp)
     totals: dict[str, int] = Field(default_factory=lambda: dict.fromkeys(COUNTED_KINDS, 0))
     images_shown: int = 0  # candidates of all impressions
     images_reviewed: int = 0  # candidates of the impressions this viewer selected from (not ctr's trials)
@@ -173,6 +181,14 @@ class PreferenceUpdater:
         return row
 
     @staticmethod
+    def push_stamp(state: UserPreferenceState) -> float:
+        """The event timestamp of ``state``'s next push, recorded in it: its latest event time, or just after its
+        previous push when that is not later, so that every push is newer than the last one."""
+        stamp = max(state.last_active_ts, state.pushed_ts + PUSH_STAMP_STEP_S)
+        state.pushed_ts = stamp
+        return stamp
+
+    @staticmethod
     def preference(state: UserPreferenceState) -> list[float]:
         if state.weight_sum <= 1e-12:
             return [0.0] * DESCRIPTOR_DIM
@@ -243,13 +259,11 @@ class PreferenceUpdater:
         state.weight_sum += decayed
 
 
-def feature_row(user_id: str, features: Mapping[str, Any]) -> dict[str, Any]:
-    """A push row: the entity key, the features, and the event timestamp Feast orders rows by."""
-    return {
-        "user_id": user_id,
-        **features,
-        "event_timestamp": datetime.fromtimestamp(float(features["last_active_ts"]), tz=UTC),
-    }
+def feature_row(user_id: str, features: Mapping[str, Any], stamp: float | None = None) -> dict[str, Any]:
+    """A push row: the entity key, the features, and the event timestamp Feast orders rows by (``stamp``, seconds
+    since the epoch, from :meth:`PreferenceUpdater.push_stamp`; None: the features' ``last_active_ts``)."""
+    ts = float(features["last_active_ts"]) if stamp is None else stamp
+    return {"user_id": user_id, **features, "event_timestamp": datetime.fromtimestamp(ts, tz=UTC)}
 
 
 def _empty_minute_counts() -> dict[str, dict[str, int]]:

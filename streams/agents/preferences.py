@@ -110,7 +110,10 @@ class PreferenceStage:
     async def commit(self) -> None:
         touched, self._touched = self._touched, {}
         self._memory.commit()
-        rows = [feature_row(user_id, self._updater.features(state)) for user_id, (state, _) in touched.items()]
+        rows = [
+            feature_row(user_id, self._updater.features(state), self._updater.push_stamp(state))
+            for user_id, (state, _) in touched.items()
+        ]
         for user_id, (state, partition) in touched.items():
             put_in_partition(self._user_states, partition, user_id.encode(), state.to_bytes())
         if rows:

@@ -192,3 +192,37 @@ def test_redis_yaml_selects_the_redis_online_store(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("PERFUSION_ONLINE_STORE", "memcached")
     with pytest.raises(ConfigError, match="'sqlite' or 'redis'"):
         prepare_environment()
+
+
+def test_push_stamps_move_forward_when_the_latest_event_does_not() -> None:
+    state = UserPreferenceState(user_id="u", last_active_ts=100.0)
+    first = PreferenceUpdater.push_stamp(state)
+    second = PreferenceUpdater.push_stamp(state)  # a batch of older events: last_active_ts unchanged
+    state.last_active_ts = 200.0
+    third = PreferenceUpdater.push_stamp(state)
+    assert first == 100.0 and second == pytest.approx(100.001) and third == 200.0
+    assert state.pushed_ts == third
+
+
+@pytest.mark.integration
+def test_a_later_push_of_older_events_is_served_from_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.infra.redis_server import RedisServer
+    from perfusion.feature_store import apply_feature_repo, read_online_features
+
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("PERFUSION_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("PERFUSION_FEAST_DIR", "")
+    with RedisServer() as server:
+        monkeypatch.setenv("PERFUSION_ONLINE_STORE", "redis")
+        monkeypatch.setenv("REDIS_URL", server.status().address or "")
+        apply_feature_repo()
+        pusher = FeaturePusher.open()
+        updater = PreferenceUpdater(StreamSettings(bootstrap_servers="localhost:9"))
+        state = UserPreferenceState(user_id="late-clicker", last_active_ts=1_700_000_100.0)
+        state.totals["impressions"], state.images_shown = 1, 4
+        pusher.push_user_preferences([feature_row("late-clicker", updater.features(state), updater.push_stamp(state))])
+        # A click stamped before the latest impression: the viewer's latest event time does not move.
+        state.totals["clicks"] = 1
+        pusher.push_user_preferences([feature_row("late-clicker", updater.features(state), updater.push_stamp(state))])
+        online = read_online_features(pusher.store, "user_preferences", ["late-clicker"])
+    assert online[0]["clicks_total"] == 1
