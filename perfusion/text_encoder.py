@@ -62,6 +62,10 @@ class TextEncoder:
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 
+    def token_count(self, prompt: str) -> int:
+        """Tokens of ``prompt`` before truncation, CLS and SEP included; :meth:`encode` reads ``max_length`` of them."""
+        return len(self.tokenizer(prompt, truncation=False)["input_ids"])
+
     @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.tokenizer(
