@@ -16,6 +16,7 @@ from perfusion.errors import InfrastructureError
 
 if TYPE_CHECKING:
     from kafka import KafkaProducer
+    from kafka.admin import KafkaAdminClient
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class KafkaEventSink:
         self.topic = topic
         self.timeout_s = timeout_s
         self._producer: KafkaProducer | None = None
+        self._admin: KafkaAdminClient | None = None
         self._lock = threading.Lock()
 
     def _connected(self) -> KafkaProducer:
@@ -70,7 +72,47 @@ class KafkaEventSink:
                 "and retry"
             ) from exc
 
+    def check_reachable(self, timeout_s: float) -> str:
+        """Ask the broker for the metadata of this sink's topic, a new request each call (a producer's cached
+        metadata would not notice a broker that went away); what it answered, or :class:`EventSinkUnavailable`."""
+        from kafka.admin import KafkaAdminClient
+        from kafka.errors import KafkaError
+
+        timeout_ms = max(1, int(timeout_s * 1000))
+        try:
+            with self._lock:
+                if self._admin is None:
+                    self._admin = KafkaAdminClient(
+                        bootstrap_servers=self.bootstrap_servers,
+                        client_id="perfusion-service-readiness",
+                        request_timeout_ms=timeout_ms,
+                        bootstrap_timeout_ms=timeout_ms,
+                    )
+                admin = self._admin
+            described = admin.describe_topics([self.topic])
+        except KafkaError as exc:
+            self._drop_admin()  # the next check connects afresh
+            raise EventSinkUnavailable(
+                f"Kafka at {self.bootstrap_servers} did not answer a metadata request for {self.topic} within "
+                f"{timeout_s:g} s ({type(exc).__name__}: {exc}); start the broker with `perfusion broker up`, or "
+                "point KAFKA_BOOTSTRAP_SERVERS at a running one"
+            ) from exc
+        topic = next((found for found in described if found.get("topic", found.get("name")) == self.topic), None)
+        if topic is None or topic.get("error_code"):
+            raise EventSinkUnavailable(
+                f"Kafka at {self.bootstrap_servers} answered, but has no topic {self.topic}; restart `perfusion "
+                "serve` (it creates the loop's topics) or create it with the worker's partitions"
+            )
+        return f"{self.bootstrap_servers} answered: {self.topic} has {len(topic.get('partitions', []))} partitions"
+
+    def _drop_admin(self) -> None:
+        with self._lock:
+            admin, self._admin = self._admin, None
+        if admin is not None:
+            admin.close()
+
     def close(self) -> None:
+        self._drop_admin()
         with self._lock:
             if self._producer is not None:
                 self._producer.close(timeout=self.timeout_s)

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 USER_ENTITY_KEY = "user_id"
+# Not a valid principal (service.auth.PRINCIPAL_PATTERN starts with a letter or digit), so no user's row.
+READINESS_USER = "~readiness-check"
 
 
 class FeatureStoreUnavailable(InfrastructureError):
@@ -65,6 +67,12 @@ class FeastFeatureReader:
                 "with `perfusion features apply` and retry"
             ) from exc
         return {name: response[name][0] if response.get(name) else None for name in self.feature_names}
+
+    def check_reachable(self, timeout_s: float) -> str:
+        """One online read, of a user id no principal can have, as a candidates request reads; what it answered,
+        or :class:`FeatureStoreUnavailable`. ``timeout_s`` is for the caller to wait: a Feast read takes no timeout."""
+        values = self.read(READINESS_USER)
+        return f"online store read {len(values)} features"
 
 
 def user_condition(

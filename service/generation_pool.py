@@ -65,7 +65,8 @@ class GenerationPool:
         if not self._slots.acquire(blocking=False):
             raise GenerationBusy(
                 f"all {self.settings.workers} generation workers are busy and {self.settings.queue} requests are "
-                f"waiting; retry in {self.settings.retry_after_s} s",
+                f"waiting; retry in {self.settings.retry_after_s} s (an operator may raise "
+                "PERFUSION_SERVE_GENERATION__QUEUE, or __WORKERS where the machine has cores to spare)",
                 retry_after_s=self.settings.retry_after_s,
             )
         with self._admitted_lock:

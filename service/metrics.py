@@ -10,6 +10,7 @@ What is exported at ``GET /metrics``:
 - ``perfusion_generation_seconds{personalization}`` and ``perfusion_candidates_total{personalization}``
 - ``perfusion_generation_admitted`` (requests on the generation pool now) and ``perfusion_generation_refused_total``
   (503s because it was full)
+- ``perfusion_rate_limited_total{endpoint_class}`` (429s: a principal over its ``generation`` or ``events`` limit)
 - ``perfusion_follower_records_handled_total{follower}``, ``perfusion_follower_records_failed_total{follower}``
   (records skipped as unusable) and ``perfusion_follower_broker_errors_total{follower}``, for the background tasks
   that follow topics (demand follower, model updates)
@@ -103,6 +104,12 @@ class ServiceMetrics:
         self.generation_refused = Counter(
             "perfusion_generation_refused",
             "Candidate requests answered 503 because the generation pool was full",
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "perfusion_rate_limited",
+            "Requests answered 429 because their principal was over a rate limit, by endpoint class",
+            ["endpoint_class"],
             registry=self.registry,
         )
         self._current_version: str | None = None

@@ -97,6 +97,14 @@ PROBLEM_TYPES: Mapping[str, ProblemType] = _types(
         "Name an impression returned by POST /designs/{id}/candidates to this user, its design and one of its "
         "candidates; a return names an order of the same shopper and that order's impression and image.",
     ),
+    ProblemType(
+        "prompt-not-drawable",
+        422,
+        "Prompt the model cannot draw",
+        "Write the design with the words the model was trained on: one garment (t-shirt, dress, trousers, skirt, "
+        "jacket, hoodie) and at most one colour, pattern, sleeve and fit, e.g. 'a red striped short-sleeve slim "
+        "t-shirt'; the detail lists the words it does not know, or the prompt's tokens and the limit.",
+    ),
     ProblemType("invalid-request", 422, "Request body not valid", "Fix the field the detail names."),
     ProblemType("invalid-event", 422, "Event not valid", "Fix the field the detail names."),
     ProblemType("not-found", 404, "Not found", "Use an id the service returned (POST /designs, candidates)."),
@@ -105,6 +113,20 @@ PROBLEM_TYPES: Mapping[str, ProblemType] = _types(
         "method-not-allowed", 405, "Method not allowed", "Use a method the path offers (the Allow header lists them)."
     ),
     ProblemType("body-too-large", 413, "Request body too large", "Send one event or design per request."),
+    ProblemType(
+        "rate-limited",
+        429,
+        "Too many requests from this principal",
+        "Wait the seconds Retry-After gives and send the request again; an operator may raise the limit the "
+        "detail names (PERFUSION_SERVE_LIMITS__...).",
+    ),
+    ProblemType(
+        "not-ready",
+        503,
+        "Service not ready",
+        "A dependency of the service is not answering; the detail names each failed check (Kafka, Feast, the model) "
+        "and its fix. GET /readyz again once it is fixed.",
+    ),
     ProblemType(
         "unavailable",
         503,

@@ -2,8 +2,9 @@
 
 The sampler is :data:`perfusion.sampler_config.SERVING_SAMPLER` (``docs/sampler.md``); ``steps`` and ``guidance``
 default to its fields. Every field is a flag of ``perfusion serve`` (``--port``, ``--steps``, ``--generation-workers``,
-``--best-of-n``, ...) and a variable ``PERFUSION_SERVE_<FIELD>`` (``PERFUSION_SERVE_GENERATION__WORKERS`` for the
-pool's, ``PERFUSION_SERVE_BEST_OF__N`` for best-of-N's), :mod:`perfusion.settings`.
+``--best-of-n``, ``--limits-generation-per-minute``, ...) and a variable ``PERFUSION_SERVE_<FIELD>``
+(``PERFUSION_SERVE_GENERATION__WORKERS`` for the pool's, ``PERFUSION_SERVE_BEST_OF__N`` for best-of-N's,
+``PERFUSION_SERVE_LIMITS__GENERATION_PER_MINUTE`` for the rate limits'), :mod:`perfusion.settings`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from perfusion.contracts.records import MAX_K
 from perfusion.sampler_config import MAX_STEPS, SERVING_SAMPLER, SamplerConfig
 from perfusion.settings import Settings
 from service.generation_pool import GenerationPoolSettings
+from service.limits import RateLimitSettings
+from service.readiness import ReadinessSettings
 
 MIN_BEST_OF_N = 8
 # One sampling call of N rows (2N with guidance): 16 keeps a group's forward passes within the bench's budget.
@@ -89,6 +92,13 @@ class ServiceSettings(Settings):
     )
     best_of: BestOfSettings = Field(
         default_factory=BestOfSettings, description="best-of-N: candidates ranked by the version's reward model"
+    )
+    limits: RateLimitSettings = Field(
+        default_factory=RateLimitSettings,
+        description="rate limits per principal on generation and on posted events (429 with Retry-After)",
+    )
+    readiness: ReadinessSettings = Field(
+        default_factory=ReadinessSettings, description="the checks of GET /readyz (Kafka, Feast, the model)"
     )
 
     def sampler(self) -> SamplerConfig:
