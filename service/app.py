@@ -4,19 +4,25 @@ Every dependency comes in through the factory (generator, event sink, feature re
 store, API keys, ledger, metrics, background followers), so tests build the app from real small components and
 ``perfusion serve`` builds it from the real ones.
 
-Every endpoint but ``/healthz``, ``/metrics`` and ``/problems/{slug}`` needs an API key (``Authorization: Bearer``,
-:mod:`service.auth`); what each role may do is :mod:`service.access`, and what a posted event must satisfy is
-:mod:`service.admission`. Errors are RFC 9457 problem details (:mod:`service.problems`), mapped in one place
-(:func:`_install_error_handlers`):
+Every endpoint but ``/healthz``, ``/readyz``, ``/metrics`` and ``/problems/{slug}`` needs an API key
+(``Authorization: Bearer``, :mod:`service.auth`); what each role may do is :mod:`service.access`, and what a posted
+event must satisfy is :mod:`service.admission`. Errors are RFC 9457 problem details (:mod:`service.problems`),
+mapped in one place (:func:`_install_error_handlers`):
 
 - no key or a bad one: 401 with ``WWW-Authenticate: Bearer``; a role or a resource that is not the caller's: 403;
 - bad input (validation, unknown design or image, malformed event, a rule of a posted event): 4xx whose ``detail``
   names the field and the fix; a reused event id is 409; no input, however hostile, gives a 5xx
   (:mod:`service.event_body`); a body over the limit is 413;
 - Kafka or Feast unavailable: 503 whose ``detail`` gives the reason; the request's effects are not kept;
+- a prompt the model cannot draw (words it does not know, more tokens than its text encoder reads): 422
+  (:mod:`service.prompts`), for a new design and for generation from a stored one;
+- a principal over its rate limit on generation or events: 429 with ``Retry-After`` (:mod:`service.limits`);
 - generation pool full: 503 with ``Retry-After`` (:mod:`service.generation_pool`).
 
-Nothing refused reaches Kafka: every check runs before the event is produced.
+Nothing refused reaches Kafka: every check runs before the event is produced. Each route lists the statuses it can
+answer in its OpenAPI ``responses`` (:data:`PROBLEM_STATUS_TEXT`).
+
+``/healthz`` is liveness only; ``/readyz`` checks Kafka, Feast and the model (:mod:`service.readiness`).
 
 The studio's and the storefront's pages (:mod:`service.pages`) are public too; every call they make is an API
 call with the signed-in key.
@@ -28,6 +34,7 @@ generation load. Request bodies are limited while they stream in (:mod:`service.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
@@ -36,7 +43,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Protocol, runtime_checkable
 
-from fastapi import FastAPI, Path, Query, Request, Response
+from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -44,6 +51,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from perfusion.contracts.records import Candidate, Click, DesignCreated, Impression, Order, Return, Select
+from perfusion.errors import ConfigError
 from perfusion.follower import TopicFollower
 from perfusion.image_store import ImageStore, UnknownImage
 from service.access import acting_for, require, require_image_access, require_own_design
@@ -56,9 +64,12 @@ from service.features import FeatureReader, FeatureStoreUnavailable, user_condit
 from service.generation_pool import GenerationBusy, GenerationPool, GenerationPoolSettings
 from service.generator import CandidateGenerator
 from service.ledger import EventLedger
+from service.limits import EndpointClass, RateLimiter, RateLimitSettings
 from service.metrics import METRICS_CONTENT_TYPE, ServiceMetrics
 from service.pages import pages_router
 from service.problems import PROBLEM_TYPES, Refusal, problem_response, problem_type, refusal_response
+from service.prompts import CountsTokens, PromptCheck, PromptNotDrawable
+from service.readiness import Readiness, ReadinessSettings, Ready, reachability_check
 from service.schemas import (
     MAX_ID_CHARS,
     CandidateOut,
@@ -82,6 +93,25 @@ IdPath = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]
 # Every request body (an event, a design, a candidates request) is a few hundred bytes; anything over this is
 # refused with 413 while it is being read.
 MAX_BODY_BYTES = 64 * 1024
+# What each status a route can answer means, for its OpenAPI ``responses`` (every one is problem details).
+PROBLEM_STATUS_TEXT: dict[int, str] = {
+    401: "no API key, or one that is unknown, malformed or revoked (WWW-Authenticate: Bearer)",
+    403: "the caller's role may not do this, or the resource is someone else's",
+    404: "no such design, impression or image",
+    409: "the event id was used before",
+    413: "the request body is over the service's limit",
+    422: "the body breaks a rule (a field's type or bound, a prompt the model cannot draw, an event that does not "
+    "match what was served); detail names the field and the fix",
+    429: "the caller's principal is over its rate limit; Retry-After gives the seconds until it may retry",
+    503: "Kafka, Feast or the key store unavailable, or generation busy (Retry-After); nothing of the request was kept",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of a route that can answer these problem statuses."""
+    return {status: {"model": ProblemDetails, "description": PROBLEM_STATUS_TEXT[status]} for status in statuses}
+
+
 DEMAND_SOURCE = (
     "followed from Kafka: Order/Return events on {events_topic} (deduplicated by event_id) and ProductionOrder "
     "records on {production_topic} from the stream worker's demand agent"
@@ -118,19 +148,37 @@ def create_app(
     keys: KeyStore | None = None,
     ledger: EventLedger | None = None,
     auth: AuthSettings | None = None,
+    limits: RateLimitSettings | None = None,
+    readiness: ReadinessSettings | None = None,
+    prompt_check: PromptCheck | None = None,
 ) -> FastAPI:
     """The service's app; ``background`` tasks are started and stopped with the app's lifespan, and candidate
     generation runs on a pool of ``generation`` (default :class:`GenerationPoolSettings`).
 
     ``auth`` defaults to :meth:`AuthSettings.from_env`, ``keys`` to the key store those settings name
     (``<state>/service/keys.json``, where ``perfusion keys create`` writes), and ``ledger`` to
-    ``ledger.sqlite`` beside the design registry's file."""
+    ``ledger.sqlite`` beside the design registry's file. ``limits`` and ``readiness`` default to their settings'
+    defaults; ``prompt_check`` to the check of the generator's text encoder (its token limit)."""
     service_metrics = metrics if metrics is not None else ServiceMetrics()
     auth_settings = auth if auth is not None else AuthSettings.from_env()
     key_store = keys if keys is not None else KeyStore.default(auth_settings)
     event_ledger = ledger if ledger is not None else EventLedger(designs.path.with_name("ledger.sqlite"))
     admission = EventAdmission(auth_settings, designs, event_ledger)
     pool = GenerationPool(generation)
+    limiter = RateLimiter(limits)
+    prompts = prompt_check if prompt_check is not None else _prompt_check_of(generator)
+    ready = Readiness(
+        {
+            "kafka": reachability_check(
+                event_sink, "event sink", "give the service a Kafka event sink (perfusion serve's KafkaEventSink)"
+            ),
+            "feast": reachability_check(
+                feature_reader, "feature reader", "give the service a Feast reader (FeastFeatureReader)"
+            ),
+            "model": lambda _: _model_loaded(generator),
+        },
+        readiness,
+    )
     following = [task for task in background if isinstance(task, FollowsTopics)]
     service_metrics.follow_counts_of(lambda: [follower for task in following for follower in task.topic_followers()])
     service_metrics.set_model_version(generator.model_version)
@@ -146,23 +194,13 @@ def create_app(
         finally:
             for task in reversed(background):
                 task.stop()
+            ready.shutdown()
 
     app = FastAPI(
         title="PerFusion generator service",
         description="Personalized candidate groups for merchants' text designs, with events logged to Kafka. Every "
-        "endpoint but /healthz, /metrics and /problems needs an API key (`Authorization: Bearer <key>`).",
+        "endpoint but /healthz, /readyz, /metrics and /problems needs an API key (`Authorization: Bearer <key>`).",
         lifespan=lifespan,
-        responses={
-            status: {"model": ProblemDetails, "description": description}
-            for status, description in (
-                (401, "no API key, or one that is unknown or revoked"),
-                (403, "the caller's role may not do this, or the resource is someone else's"),
-                (404, "no such design or image"),
-                (409, "the event id was used before"),
-                (422, "the body breaks a rule; detail names the field and the fix"),
-                (503, "Kafka, Feast or generation unavailable"),
-            )
-        },
     )
     app.state.metrics = service_metrics
     app.state.keys = key_store
@@ -181,15 +219,34 @@ def create_app(
     def merchant_of(design_id: str) -> str | None:
         return designs.get(design_id).merchant_id if designs.exists(design_id) else None
 
+    def rate_limited(endpoint_class: EndpointClass) -> Any:
+        """A dependency that takes a token of the caller's ``endpoint_class`` bucket, or refuses with 429."""
+
+        async def admit(principal: Caller) -> Principal:
+            try:
+                limiter.admit(principal, endpoint_class)
+            except Refusal:
+                service_metrics.rate_limited.labels(endpoint_class=endpoint_class).inc()
+                raise
+            return principal
+
+        return Depends(admit)
+
     def own_design(principal: Principal, design_id: str) -> Design:
         design = designs.get(design_id)
         require_own_design(principal, design)
         return design
 
-    @app.post("/designs", response_model=DesignCreatedResponse, status_code=201)
+    @app.post(
+        "/designs",
+        response_model=DesignCreatedResponse,
+        status_code=201,
+        responses=problem_responses(401, 403, 413, 422, 503),
+    )
     def create_design(body: CreateDesign, principal: Caller) -> DesignCreatedResponse:
         require(principal, "create_design")
         merchant_id = acting_for(principal, body.merchant_id, "merchant_id")
+        prompts.require_drawable(body.prompt)
         design = designs.create(merchant_id, body.prompt, body.order_threshold)
         event = DesignCreated(
             event_id=f"evt-{uuid.uuid4().hex}",
@@ -213,7 +270,7 @@ def create_app(
             order_threshold=design.order_threshold,
         )
 
-    @app.get("/designs", response_model=DesignList)
+    @app.get("/designs", response_model=DesignList, responses=problem_responses(401, 403, 422, 503))
     def list_designs(
         principal: Caller,
         merchant_id: Annotated[str | None, Query(min_length=1, max_length=MAX_ID_CHARS)] = None,
@@ -234,7 +291,11 @@ def create_app(
             ]
         )
 
-    @app.get("/designs/{design_id}", response_model=DesignStatusResponse)
+    @app.get(
+        "/designs/{design_id}",
+        response_model=DesignStatusResponse,
+        responses=problem_responses(401, 403, 404, 422, 503),
+    )
     def design_status(design_id: IdPath, principal: Caller) -> DesignStatusResponse:
         require(principal, "read_design")
         own_design(principal, design_id)
@@ -257,6 +318,7 @@ def create_app(
         design = designs.get(design_id)
         if principal.role == "merchant":  # reviews their own designs; shoppers see every design
             require_own_design(principal, design)
+        prompts.require_design_drawable(design.design_id, design.prompt)
         return design, viewer
 
     def generate_impression(
@@ -302,7 +364,12 @@ def create_app(
         service_metrics.candidates.labels(personalization=personalization).inc(body.k)
         return impression, personalization, seed
 
-    @app.post("/designs/{design_id}/candidates", response_model=CandidatesResponse)
+    @app.post(
+        "/designs/{design_id}/candidates",
+        response_model=CandidatesResponse,
+        dependencies=[rate_limited("generation")],
+        responses=problem_responses(401, 403, 404, 413, 422, 429, 503),
+    )
     async def candidates(
         design_id: IdPath, body: CandidatesRequest, request: Request, principal: Caller
     ) -> CandidatesResponse:
@@ -327,7 +394,12 @@ def create_app(
             ],
         )
 
-    @app.get("/images/{image_id}", name="image", response_class=Response)
+    @app.get(
+        "/images/{image_id}",
+        name="image",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}, **problem_responses(401, 403, 404, 422, 503)},
+    )
     def image(image_id: IdPath, principal: Caller) -> Response:
         require(principal, "read_image")
         if principal.role != "operator":
@@ -348,14 +420,20 @@ def create_app(
             raise
         return event
 
-    @app.post("/events", response_model=EventAccepted, status_code=202)
+    @app.post(
+        "/events",
+        response_model=EventAccepted,
+        status_code=202,
+        dependencies=[rate_limited("events")],
+        responses=problem_responses(401, 403, 404, 409, 413, 422, 429, 503),
+    )
     async def post_event(request: Request, principal: Caller) -> EventAccepted:
         raw = await request.body()  # at most MAX_BODY_BYTES: BodySizeLimit refused longer bodies while reading
         # The ledger's checks and kafka-python's wait for the broker's acknowledgement block: off the event loop.
         event = await run_in_threadpool(admit_and_produce, principal, raw)
         return EventAccepted(event_id=event.event_id, kind=event.kind, ts=event.ts, topic=events_topic)
 
-    @app.get("/problems/{slug}", response_model=ProblemTypeDescription)
+    @app.get("/problems/{slug}", response_model=ProblemTypeDescription, responses=problem_responses(404, 422))
     async def problem_description(slug: IdPath) -> ProblemTypeDescription:
         if slug not in PROBLEM_TYPES:
             raise StarletteHTTPException(404, f"slug: no problem type {slug!r}; known: {', '.join(PROBLEM_TYPES)}")
@@ -375,12 +453,65 @@ def create_app(
         service_metrics.generation_admitted.set(pool.admitted)
         return Response(content=service_metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
-    # The studio's and the storefront's pages; the checkout posts its orders through admit_and_produce.
+    # Async too, and its checks run on threads of their own: it waits neither on the generation pool nor on the
+    # thread pool that the other endpoints share.
+    @app.get(
+        "/readyz",
+        response_model=Ready,
+        responses={503: {"model": ProblemDetails, "description": "a check failed; detail names it and the fix"}},
+    )
+    async def readyz() -> Ready | JSONResponse:
+        outcomes = await ready.outcomes()
+        failed = [outcome for outcome in outcomes if not outcome.ok]
+        if not failed:
+            return Ready(status="ready", checks=outcomes)
+        response = problem_response(
+            problem_type("not-ready"), "; ".join(f"{outcome.name}: {outcome.detail}" for outcome in failed)
+        )
+        return _with_members(response, {"checks": [outcome.model_dump() for outcome in outcomes]})
+
+    # The studio's and the storefront's pages; the checkout posts its orders through admit_and_produce, under the
+    # caller's events limit.
     app.include_router(
-        pages_router(designs=designs, ledger=event_ledger, post_event=admit_and_produce, events_topic=events_topic)
+        pages_router(
+            designs=designs,
+            ledger=event_ledger,
+            post_event=admit_and_produce,
+            events_topic=events_topic,
+            checkout_dependencies=[rate_limited("events")],
+            checkout_responses=problem_responses(401, 403, 404, 409, 413, 422, 429, 503),
+        )
     )
 
     return app
+
+
+def _prompt_check_of(generator: CandidateGenerator) -> PromptCheck:
+    """The prompt check of the generator's text encoder, whose token limit it applies."""
+    encoder = getattr(generator, "text_encoder", None)
+    if not isinstance(encoder, CountsTokens):
+        raise ConfigError(
+            f"the generator {type(generator).__name__} has no text encoder that counts tokens (a TextEncoder); "
+            "pass prompt_check=PromptCheck(<the text encoder it reads prompts with>)"
+        )
+    return PromptCheck(encoder)
+
+
+def _model_loaded(generator: CandidateGenerator) -> str:
+    version = generator.model_version
+    if not version:
+        raise ConfigError("the generator names no model version; restart the service with a base checkpoint")
+    return f"serving model version {version}"
+
+
+def _with_members(response: JSONResponse, members: dict[str, Any]) -> JSONResponse:
+    """``response`` (problem details) with extension members added."""
+    content = {**json.loads(bytes(response.body)), **members}
+    extended = JSONResponse(status_code=response.status_code, content=content, media_type=response.media_type)
+    for name, value in response.headers.items():
+        if name.lower() not in ("content-length", "content-type"):
+            extended.headers[name] = value
+    return extended
 
 
 def _route_template(request: Request) -> str:
@@ -432,6 +563,10 @@ def _install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
     @app.exception_handler(Refusal)
     async def refused(_: Request, exc: Refusal) -> JSONResponse:
         return refusal_response(exc)
+
+    @app.exception_handler(PromptNotDrawable)
+    async def not_drawable(_: Request, exc: PromptNotDrawable) -> JSONResponse:
+        return _with_members(refusal_response(exc), exc.verdict.extensions())
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:

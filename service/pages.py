@@ -21,11 +21,11 @@ for net orders and production; the storefront uses the candidates, images and ev
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Final
+from typing import Annotated, Any, Final
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, params
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -101,10 +101,17 @@ class CheckoutAccepted(BaseModel):
 
 
 def pages_router(
-    *, designs: DesignRegistry, ledger: EventLedger, post_event: PostEvent, events_topic: str
+    *,
+    designs: DesignRegistry,
+    ledger: EventLedger,
+    post_event: PostEvent,
+    events_topic: str,
+    checkout_dependencies: Sequence[params.Depends] = (),
+    checkout_responses: Mapping[int | str, dict[str, Any]] | None = None,
 ) -> APIRouter:
     """The pages, their files and the storefront's endpoints; ``post_event`` is the app's admission and producer
-    of ``POST /events``, by which the checkout's Order goes to Kafka."""
+    of ``POST /events``, by which the checkout's Order goes to Kafka. ``checkout_dependencies`` run before a
+    checkout (the app's rate limit), and ``checkout_responses`` are the statuses its schema lists."""
     router = APIRouter()
     files = {path.name: path.read_bytes() for path in WEB_DIR.iterdir() if path.suffix in ASSET_TYPES}
 
@@ -168,7 +175,13 @@ def pages_router(
         # Every rule of an order posted by the order system applies from here, and the admitted Order is produced.
         return post_event(CHECKOUT_ORDER_SYSTEM, json.dumps(order).encode())
 
-    @router.post("/shop/checkout", response_model=CheckoutAccepted, status_code=202)
+    @router.post(
+        "/shop/checkout",
+        response_model=CheckoutAccepted,
+        status_code=202,
+        dependencies=list(checkout_dependencies),
+        responses=dict(checkout_responses or {}),
+    )
     async def checkout(body: Checkout, principal: Caller) -> CheckoutAccepted:
         # The ledger's checks and the wait for the broker's acknowledgement block: off the event loop.
         event = await run_in_threadpool(check_out, principal, body)

@@ -14,8 +14,8 @@ def register(subparsers: Any) -> None:
         "serve",
         help="run the generator service (designs, personalized candidates, events) on HTTP",
         description="Serve POST /designs, POST /designs/{id}/candidates, GET /images/{id}, POST /events, "
-        "GET /designs/{id}, /healthz and /metrics. Events go to Kafka, user features come from Feast online, and "
-        "new model versions are loaded in place as the trainer publishes them.",
+        "GET /designs/{id}, /healthz, /readyz and /metrics. Events go to Kafka, user features come from Feast "
+        "online, and new model versions are loaded in place as the trainer publishes them.",
     )
     # One flag per field of the service's settings (--port, --steps, --generation-workers, ...), with its variable.
     add_flags(parser, ServiceSettings)
@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         metrics=metrics,
         background=(watcher, follower),
         generation=service.generation,
+        limits=service.limits,
+        readiness=service.readiness,
     )
     print(
         f"serving model version {generator.model_version} on http://{service.host}:{service.port} (Kafka {bootstrap}); "

@@ -4,7 +4,8 @@
 "use strict";
 
 const PerFusion = (() => {
-  // Generation answers 503 with Retry-After while its queue is full; a page waits and asks again this often.
+  // Generation answers 503 with Retry-After while its queue is full, and 429 with Retry-After when this key's
+  // principal is over its rate limit; a page waits as long as it says and asks again this often.
   const BUSY_RETRIES = 5;
 
   class ApiError extends Error {
@@ -46,7 +47,7 @@ const PerFusion = (() => {
         return response.json();
       }
       const retryAfter = Number(response.headers.get("Retry-After"));
-      if (response.status === 503 && retryAfter > 0 && attempt < BUSY_RETRIES) {
+      if ((response.status === 503 || response.status === 429) && retryAfter > 0 && attempt < BUSY_RETRIES) {
         await sleep(retryAfter * 1000);
         continue;
       }
