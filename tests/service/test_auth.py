@@ -67,7 +67,7 @@ def shop(tmp_path_factory: pytest.TempPathFactory, text_encoder: TextEncoder) ->
         auth=AuthSettings(max_clock_skew_s=SKEW_S, max_quantity=MAX_QUANTITY),
     )
     design_a = create_design(service.merchant("m-1"), prompt="a red dress")
-    design_b = create_design(service.merchant("m-2"), prompt="a navy coat")
+    design_b = create_design(service.merchant("m-2"), prompt="a navy jacket")
     shown: dict[str, dict[str, Any]] = {}
     for seed, (key, role, viewer, design) in enumerate(
         (
@@ -244,7 +244,7 @@ def _request(shop: Shop, action: Action, role: str) -> httpx.Response:
     operator = role == "operator"
     image = shop.impression("shopper-1/a")[1][0]
     if action == "create_design":
-        body: dict[str, Any] = {"prompt": "a green scarf", "order_threshold": 2}
+        body: dict[str, Any] = {"prompt": "a green skirt", "order_threshold": 2}
         return client.post("/designs", json={**body, "merchant_id": "m-1"} if operator else body)
     if action == "list_designs":
         return client.get("/designs")

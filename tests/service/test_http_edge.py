@@ -17,6 +17,7 @@ from starlette.types import Message
 
 from perfusion.text_encoder import TextEncoder
 from service.app import MAX_BODY_BYTES
+from service.limits import RateLimitSettings
 from tests.service.test_service_api import (
     BrokenFeatureReader,
     RecordingSink,
@@ -32,9 +33,14 @@ CHUNK_BYTES = 64 * 1024
 
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory: pytest.TempPathFactory, text_encoder: TextEncoder) -> Iterator[tuple[TestClient, str]]:
-    """Shopper-1's client for the module (these tests never generate) and a design to post events about."""
+    """Shopper-1's client for the module (these tests never generate) and a design to post events about; the
+    events limit is far above the hundreds of hostile events the module posts (rate limits: test_rate_limits.py)."""
     service = build_service(
-        tmp_path_factory.mktemp("edge"), tiny_generator(text_encoder), RecordingSink(), BrokenFeatureReader()
+        tmp_path_factory.mktemp("edge"),
+        tiny_generator(text_encoder),
+        RecordingSink(),
+        BrokenFeatureReader(),
+        limits=RateLimitSettings(events_burst=100_000),
     )
     design_id = create_design(service.merchant())
     served_impression(service, design_id, impression_id="imp-1")

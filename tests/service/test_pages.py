@@ -105,7 +105,7 @@ def test_whoami_names_the_role_and_principal_of_the_key(service: ServiceUnderTes
 
 def test_shoppers_see_every_design_on_sale_newest_first(service: ServiceUnderTest) -> None:
     older = create_design(service.merchant("m-1"), prompt="a red dress")
-    newer = create_design(service.merchant("m-2"), prompt="a navy coat")
+    newer = create_design(service.merchant("m-2"), prompt="a navy jacket")
     listed = service.shopper().get("/shop/designs").json()["designs"]
     assert [design["design_id"] for design in listed] == [newer, older]
     assert set(listed[0]) == {"design_id", "prompt", "created_ts"}  # not the merchant nor the threshold
@@ -115,7 +115,7 @@ def test_shoppers_see_every_design_on_sale_newest_first(service: ServiceUnderTes
 
 @pytest.mark.parametrize("role", ["merchant", "order_system"])
 def test_merchants_and_the_order_system_do_not_list_the_designs_on_sale(service: ServiceUnderTest, role: str) -> None:
-    create_design(service.merchant("m-2"), prompt="a navy coat")
+    create_design(service.merchant("m-2"), prompt="a navy jacket")
     detail = refused(service.client(role, "someone").get("/shop/designs"), 403, "role-not-allowed", "Authorization")
     assert "only an operator or a shopper may" in detail
 
@@ -211,6 +211,6 @@ def test_a_checkout_of_another_design_than_its_impressions_is_refused(
     service: ServiceUnderTest, no_order_sent: None
 ) -> None:
     impression = served_impression(service, create_design(service.merchant()))
-    other = create_design(service.merchant(), prompt="a navy coat")
+    other = create_design(service.merchant(), prompt="a navy jacket")
     response = service.shopper().post("/shop/checkout", json=checkout_body(impression, design_id=other))
     refused(response, 422, "not-what-was-served", "design_id")

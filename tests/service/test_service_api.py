@@ -55,6 +55,9 @@ class RecordingSink:
     def send(self, event: Event) -> None:
         self.events.append(event)
 
+    def check_reachable(self, timeout_s: float) -> str:
+        return "recording in memory"
+
     def close(self) -> None:
         pass
 
@@ -63,10 +66,16 @@ class BrokenSink(RecordingSink):
     def send(self, event: Event) -> None:
         raise EventSinkUnavailable(f"no broker at 127.0.0.1:1 for {event.event_id}; start it and retry")
 
+    def check_reachable(self, timeout_s: float) -> str:
+        raise EventSinkUnavailable("no broker at 127.0.0.1:1; start it with `perfusion broker up`")
+
 
 class BrokenFeatureReader:
     def read(self, user_id: str) -> dict[str, Any]:
         raise FeatureStoreUnavailable(f"online store unreadable for {user_id}; run `perfusion features apply`")
+
+    def check_reachable(self, timeout_s: float) -> str:
+        return str(self.read("~readiness-check"))
 
 
 class NoFeatures:
@@ -74,6 +83,9 @@ class NoFeatures:
 
     def read(self, user_id: str) -> dict[str, Any]:
         return {}
+
+    def check_reachable(self, timeout_s: float) -> str:
+        return "knows nobody"
 
 
 def tiny_generator(text_encoder: TextEncoder) -> PersonalizedGenerator:
@@ -275,7 +287,7 @@ def test_unknown_design_is_404(client: TestClient) -> None:
 
 
 def test_a_merchant_lists_their_own_designs(service: ServiceUnderTest) -> None:
-    mine = [create_design(service.merchant("m-1"), prompt=f"a dress {n}") for n in range(2)]
+    mine = [create_design(service.merchant("m-1"), prompt=prompt) for prompt in ("a dress", "a red skirt")]
     create_design(service.merchant("m-2"))
     listed = service.merchant("m-1").get("/designs").json()["designs"]
     assert [design["design_id"] for design in listed] == mine

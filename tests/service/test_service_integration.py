@@ -199,3 +199,26 @@ def test_no_refused_request_reaches_kafka(
     kinds = sorted(event.kind for _, event in records)
     assert kinds == ["design", "impression", "impression", "order", "order", "order"]
     sink.close()
+
+
+@pytest.mark.slow
+def test_readyz_checks_the_real_broker_and_feast(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topics = TopicNames.for_prefix(topic_prefix)
+    monkeypatch.setenv("PERFUSION_FEAST_DIR", str(tmp_path / "feast"))
+    app, _, sink = tiny_service(kafka_bootstrap, topics, tmp_path, background=False)
+    try:
+        with TestClient(app) as client:
+            # The events topic does not exist yet: Kafka answers, and the check says what is missing.
+            missing = client.get("/readyz")
+            assert missing.status_code == 503, missing.text
+            assert missing.json()["detail"].startswith(f"kafka: Kafka at {kafka_bootstrap} answered, but has no topic")
+            ensure_topics(kafka_bootstrap, topics, partitions=2)
+            ready = client.get("/readyz")
+            assert ready.status_code == 200, ready.text
+            checks = {check["name"]: check for check in ready.json()["checks"]}
+            assert checks["kafka"]["detail"] == f"{kafka_bootstrap} answered: {topics.events} has 2 partitions"
+            assert checks["feast"]["ok"] and checks["model"]["ok"]
+    finally:
+        sink.close()

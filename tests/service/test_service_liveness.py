@@ -43,6 +43,10 @@ class HeldGenerator:
     def model_version(self) -> str:
         return self.generator.model_version
 
+    @property
+    def text_encoder(self) -> object:
+        return self.generator.text_encoder
+
     def generate(self, prompt: str, user_vector: NDArray[np.float32] | None, k: int, seed: int) -> GeneratedGroup:
         with self._lock:
             self.started += 1
@@ -102,12 +106,14 @@ def test_health_and_metrics_answer_while_generation_is_saturated(
                 admitted = POOL.workers + POOL.queue
                 await wait_until(lambda: sum(task.done() for task in requests) == CONCURRENT_REQUESTS - admitted)
 
-                # Generation is held on every worker and the queue is full: both endpoints still answer.
+                # Generation is held on every worker and the queue is full: liveness, readiness and metrics answer.
                 async with asyncio.timeout(GIVE_UP_S):
                     health = await client.get("/healthz")
                     metrics = await client.get("/metrics")
+                    ready = await client.get("/readyz")
                 assert health.status_code == 200 and health.json()["status"] == "ok"
                 assert metrics.status_code == 200
+                assert ready.status_code == 200, ready.text
                 assert f"perfusion_generation_admitted {float(admitted)}" in metrics.text
                 assert f"perfusion_generation_refused_total {float(CONCURRENT_REQUESTS - admitted)}" in metrics.text
 
@@ -115,6 +121,8 @@ def test_health_and_metrics_answer_while_generation_is_saturated(
                 assert all(response.status_code == 503 for response in refused)
                 assert all(response.headers["retry-after"] == str(POOL.retry_after_s) for response in refused)
                 assert "generation busy" in refused[0].json()["detail"]
+                assert "PERFUSION_SERVE_GENERATION__QUEUE" in refused[0].json()["detail"]
+                assert refused[0].headers["content-type"] == "application/problem+json"
             finally:
                 generator.release.set()
             async with asyncio.timeout(GIVE_UP_S):
