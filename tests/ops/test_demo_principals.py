@@ -65,7 +65,7 @@ def test_a_round_of_the_demo_passes_the_services_rules(tmp_path: Path, text_enco
     assert "401" in refused_without_a_key(clients)
 
     keen = ShopperBehaviour(click_rate=0.95, order_rate=0.9, return_rate=0.4)
-    settings = LoopSettings(prompts=("a red dress", "a navy coat"), k=2, sampling_steps=2, behaviour=keen, seed=1)
+    settings = LoopSettings(prompts=("a red dress", "a navy jacket"), k=2, sampling_steps=2, behaviour=keen, seed=1)
     run = LoopRun(settings, BrightnessPanel(), clients, SHOPPERS, MERCHANTS)
     design_ids = run.create_designs()
     reports = [run.play_round(number) for number in (1, 2, 3)]
