@@ -27,6 +27,7 @@ from streams.agents import AGENT_MODULES
 from streams.agents.events import EVENT_STAGE_MODULES
 from streams.context import AgentContext, FeatureSink
 from streams.liveness import CrashHandler, exit_worker_process
+from streams.metrics import WorkerMetrics
 from streams.settings import StreamSettings
 from streams.table_store import send_and_wait
 from streams.topics import Topics, declare_topics
@@ -46,6 +47,7 @@ class StreamApp:
     settings: StreamSettings
     agents: dict[str, AgentT]
     feature_sink: FeatureSink
+    metrics: WorkerMetrics
 
     def ensure_topics(self) -> list[str]:
         """Create the loop's topics on the broker (before anything produces)."""
@@ -70,7 +72,10 @@ def create_app(
         store="memory://",
         datadir=str(data_dir),
         autodiscover=False,
-        web_enabled=False,
+        web_enabled=settings.http_port > 0,
+        web_port=settings.http_port or None,
+        web_bind=settings.http_host,
+        web_host=settings.http_host,
         topic_partitions=settings.partitions,
         topic_replication_factor=1,
         consumer_auto_offset_reset="earliest",
@@ -80,22 +85,36 @@ def create_app(
         broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 4),
     )
     topics = declare_topics(app, settings)
+    metrics = WorkerMetrics()
+    if settings.http_port > 0:
+        from streams.web import register_pages
+
+        register_pages(app, metrics)
 
     async def send_dead_letter(key: bytes, letter: DeadLetter) -> None:
         # Acknowledged by the broker before the batch that held the message can be acknowledged.
         await send_and_wait([(topics.dead_letters, key, letter.to_bytes())])
+        metrics.count_dead_letter(letter.topic, letter.reason)
 
     context = AgentContext(
         app=app,
         topics=topics,
         settings=settings,
         dead_letter_sink=send_dead_letter,
-        feature_sink=feature_sink if feature_sink is not None else FeastSink(),
+        feature_sink=feature_sink if feature_sink is not None else FeastSink(metrics),
         event_stage_modules=event_stage_modules,
         on_crash=on_crash,
+        metrics=metrics,
     )
     agents = {name: importlib.import_module(name).register(context) for name in agent_modules}
-    return StreamApp(app=app, topics=topics, settings=settings, agents=agents, feature_sink=context.feature_sink)
+    return StreamApp(
+        app=app,
+        topics=topics,
+        settings=settings,
+        agents=agents,
+        feature_sink=context.feature_sink,
+        metrics=metrics,
+    )
 
 
 def seek_uncommitted_partitions_to_beginning() -> None:
@@ -141,9 +160,10 @@ class FeastSink:
     spends before it starts consuming rather than with a batch of events waiting on it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: WorkerMetrics | None = None) -> None:
         self._pusher: FeaturePusher | None = None
         self._lock = threading.Lock()
+        self._metrics = metrics
 
     def open(self) -> FeaturePusher:
         with self._lock:
@@ -165,6 +185,8 @@ class FeastSink:
                 await asyncio.get_running_loop().run_in_executor(None, self._push, rows)
                 return
             except Exception as exc:
+                if self._metrics is not None:
+                    self._metrics.feast_push_failures.inc()
                 attempt += 1
                 delay_s = min(30.0, 0.5 * 2**attempt)
                 log.warning(
@@ -191,7 +213,19 @@ def run_worker(stream_app: StreamApp, loglevel: str = "info") -> None:
         stream_app.settings.resolved_bootstrap_servers(),
         ", ".join(stream_app.agents),
     )
-    worker = Worker(stream_app.app, loglevel=loglevel, quiet=True)
+    settings = stream_app.settings
+    if settings.http_port > 0:
+        log.info(
+            "health, readiness and metrics on http://%s:%d (/healthz, /readyz, /metrics)",
+            settings.http_host,
+            settings.http_port,
+        )
+    logging_config = None
+    if settings.json_logs:
+        from streams.logs import json_logging_config
+
+        logging_config = json_logging_config(loglevel)
+    worker = Worker(stream_app.app, loglevel=loglevel, quiet=True, logging_config=logging_config)
     # Faust's progress spinner sets the root logger to DEBUG, so every debug call of aiokafka and Faust (several per
     # message) built a log record only to drop it: about a tenth of the worker's time. No spinner, no DEBUG.
     worker.spinner = None

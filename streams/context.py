@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from streams.continuity import SkippedRecords, restart_worker_process
 from streams.dead_letters import DeadLetterSink
 from streams.liveness import CrashHandler, exit_worker_process
+from streams.metrics import WorkerMetrics
 from streams.settings import StreamSettings
 
 if TYPE_CHECKING:
@@ -31,7 +32,8 @@ class AgentContext:
     settings, the two effect sinks, the stage modules the events agent runs, what to do when the consumer skipped
     records (:mod:`streams.continuity`: restart the process) and when an agent or a timer crashed
     (:mod:`streams.liveness`: end the process). ``event_state_lock`` is held by the events agent from folding a
-    batch to committing it, and by the timers that change the same stages' state."""
+    batch to committing it, and by the timers that change the same stages' state. ``metrics`` are the worker's
+    Prometheus metrics (:mod:`streams.metrics`), counted where each thing happens."""
 
     app: faust.App
     topics: Topics
@@ -42,3 +44,4 @@ class AgentContext:
     on_skipped_records: Callable[[SkippedRecords], NoReturn] = restart_worker_process
     on_crash: CrashHandler = exit_worker_process
     event_state_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)

@@ -66,6 +66,23 @@ class StreamSettings(KafkaClientSettings):
     remembered_impressions: int = Field(
         default=256, ge=1, description="per user, how many recent impressions keep their candidates' descriptors"
     )
+    http_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="port of the worker's HTTP endpoints (/healthz, /readyz, /metrics); 0 = none, so that several "
+        "workers run on one machine without choosing ports (give each its own port to scrape them)",
+    )
+    http_host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="address the HTTP endpoints listen on (0.0.0.0 for every interface, as in a container)",
+    )
+    json_logs: bool = Field(
+        default=False,
+        description="log one JSON object per line (time, level, logger, message, and topic, partition and offset "
+        "when the message names where a record was read) instead of text",
+    )
     group: GroupingSettings = Field(
         default_factory=GroupingSettings, description="the group builder's attribution window (event time)"
     )

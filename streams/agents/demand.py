@@ -194,6 +194,7 @@ def register(context: AgentContext) -> AgentT:
             counter.confirm(orders)
             for order in orders:
                 log.info("production order for design %s at %d net orders", order.design_id, order.net_orders)
+                context.metrics.production_orders.inc()
 
     async def advance_idle_partitions() -> None:
         """The idle rule on every partition of the by-design topic this worker owns."""

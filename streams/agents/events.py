@@ -31,7 +31,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -39,15 +39,18 @@ from perfusion.contracts.records import AnyEvent
 from streams.continuity import OffsetContinuity
 from streams.dead_letters import EventGate, MessageHeaders, MessagePosition, dead_letter, failure_reason
 from streams.liveness import fail_worker_on_crash
-from streams.table_store import send_and_wait
+from streams.table_store import forget_on_rebalance, send_and_wait
 
 if TYPE_CHECKING:
+    import faust
     from faust.streams import Stream
     from faust.types import AgentT, EventT, StreamT, TopicT
 
     from streams.context import AgentContext
 
 log = logging.getLogger(__name__)
+
+LAG_REFRESH_S = 2.0  # seconds between measurements of perfusion_worker_consumer_lag
 
 EVENT_STAGE_MODULES: tuple[str, ...] = (
     "streams.agents.preferences",
@@ -105,7 +108,7 @@ class EventsAgent:
         for message in messages:
             event = await self._gate.admit(message.value, message.position, message.key, message.headers)
             if event is None:
-                self.counts["dead_letter"] += 1
+                self._count("dead_letter")
                 continue
             assert message.value is not None  # a tombstone is never an event
             if message.key != event.user_id.encode():
@@ -114,7 +117,7 @@ class EventsAgent:
                     event.event_id, message.position, message.key, event.user_id,
                 )  # fmt: skip
                 rekeyed.append((self._context.topics.events, event.user_id.encode(), message.value))
-                self.counts["rekeyed"] += 1
+                self._count("rekeyed")
                 continue
             admitted.append((AdmittedEvent(event, message.value, message.position.partition), message))
         await send_and_wait(rekeyed)
@@ -130,7 +133,7 @@ class EventsAgent:
                 await self._one_at_a_time(admitted)
                 return
             await self._commit()
-            self.counts["folded"] += len(admitted)
+            self._count("folded", len(admitted))
 
     async def _fold(self, batch: Sequence[AdmittedEvent]) -> None:
         for _, event_stage in self._stages:
@@ -156,10 +159,14 @@ class EventsAgent:
                 log.error("dead-lettering event %s at %s: %s", event.event.event_id, message.position, reason)
                 letter = dead_letter(message.value, reason, message.position, key=message.key, headers=message.headers)
                 await self._context.dead_letter_sink(message.position.dead_letter_key(), letter)
-                self.counts["dead_letter"] += 1
+                self._count("dead_letter")
                 continue
             await self._commit()
-            self.counts["folded"] += 1
+            self._count("folded")
+
+    def _count(self, outcome: str, events: int = 1) -> None:
+        self.counts[outcome] += events
+        self._context.metrics.events.labels(outcome=outcome).inc(events)
 
 
 def register(context: AgentContext) -> AgentT:
@@ -170,6 +177,9 @@ def register(context: AgentContext) -> AgentT:
     ]
     agent = EventsAgent(context, stages)
     continuity = OffsetContinuity.for_app(app)
+    # partition -> the offset after the last message the agent finished there, since the partition was assigned
+    finished_offsets: dict[int, int] = {}
+    forget_on_rebalance(app, finished_offsets)
 
     async def events(stream: StreamT[bytes]) -> None:
         async for batch in cast("Stream[bytes]", stream).take_events(
@@ -177,8 +187,38 @@ def register(context: AgentContext) -> AgentT:
         ):
             continuity.check(batch, context.on_skipped_records)
             await agent.process([read_message(event) for event in batch])
+            for event in batch:
+                partition, offset = event.message.partition, event.message.offset
+                finished_offsets[partition] = max(finished_offsets.get(partition, 0), offset + 1)
 
+    async def refresh_consumer_lag() -> None:
+        try:
+            context.metrics.set_consumer_lag(await events_lag(app, topics.events.get_topic_name(), finished_offsets))
+        except Exception as exc:  # the metric goes stale; processing goes on
+            log.warning("could not measure the consumer lag of %s (%s: %s)", topics.events, type(exc).__name__, exc)
+
+    app.timer(interval=LAG_REFRESH_S)(refresh_consumer_lag)
     return app.agent(topics.events, name="events")(fail_worker_on_crash("the events agent", events, context.on_crash))
+
+
+async def events_lag(app: faust.App, topic: str, finished_offsets: Mapping[int, int]) -> list[tuple[str, int, int]]:
+    """``(topic, partition, lag)`` of every partition of ``topic`` this worker owns whose end the consumer knows:
+    the broker's end offset less the offset after the last message finished there, or, before the first batch
+    since the partition was assigned, less the consumer's fetch position (the messages fetched and not yet finished
+    are then left out)."""
+    consumer = app.consumer
+    lags = []
+    for tp in sorted(tp for tp in consumer.assignment() if tp.topic == topic):
+        highwater = consumer.highwater(tp)
+        if highwater is None:  # nothing fetched from the partition yet
+            continue
+        finished = finished_offsets.get(tp.partition)
+        if finished is None:
+            finished = await consumer.position(tp)
+            if finished is None:
+                continue
+        lags.append((tp.topic, tp.partition, max(0, highwater - finished)))
+    return lags
 
 
 def read_message(event: EventT) -> ReadMessage:

@@ -35,6 +35,7 @@ class GroupStage:
     def __init__(self, context: AgentContext) -> None:
         self._grouping = context.settings.group
         self._topics = context.topics
+        self._metrics = context.metrics
         self._lock = context.event_state_lock
         self._table = raw_table(context.app, TABLE_NAME, context.settings.partitions)
         self._builders: dict[int, tuple[GroupBuilder, JsonTableStore]] = {}
@@ -115,6 +116,11 @@ class GroupStage:
         )
         for builder, outputs in emitted:
             builder.confirm(outputs)
+            for output in outputs:
+                if isinstance(output, GroupSample):
+                    self._metrics.group_samples.inc()
+                else:
+                    self._metrics.group_drops.labels(reason=output.reason).inc()
 
 
 def stage(context: AgentContext) -> GroupStage:

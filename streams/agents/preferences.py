@@ -88,6 +88,7 @@ class PreferenceStage:
         )
         self._updater = PreferenceUpdater(settings)
         self._push_features = context.feature_sink
+        self._metrics = context.metrics
         # Decoded states of recently seen users, the same values as in the table once committed (a state is written
         # to the table by every commit after a fold that changed it). Decoding a state's JSON for every batch a user
         # appears in cost more than the update itself. Cleared when partitions move and when a fold is discarded
@@ -117,7 +118,9 @@ class PreferenceStage:
         for user_id, (state, partition) in touched.items():
             put_in_partition(self._user_states, partition, user_id.encode(), state.to_bytes())
         if rows:
-            await self._push_features(rows)
+            with self._metrics.feast_push_seconds.time():
+                await self._push_features(rows)
+            self._metrics.feast_push_rows.inc(len(rows))
 
     def discard(self) -> None:
         self._touched = {}

@@ -79,6 +79,7 @@ def register(context: AgentContext) -> AgentT:
             trigger.confirm(requests)
             for request in requests:
                 log.info("train request %s (%s, %d samples)", request.request_id, request.reason, request.new_samples)
+                context.metrics.train_requests.labels(reason=request.reason).inc()
         await flush_changelogs(stores)
 
     samples_continuity = OffsetContinuity.for_app(app)
