@@ -42,6 +42,7 @@ from perfusion.image_store import ImageStore, UnknownImage
 from perfusion.user_features import USER_FEATURE_REFS, user_vector
 from trainer.batches import GroupBatch, collate_groups
 from trainer.gate import GateDecision, belongs_to_heldout, run_gate
+from trainer.metrics import TrainerMetrics, serve_metrics
 from trainer.replay_buffer import BufferedSample, ReplayBuffer
 from trainer.reward_ranked import MixedGeneratorBatches
 from trainer.settings import TrainerSettings
@@ -160,6 +161,7 @@ class Trainer:
         self.heldout = ReplayBuffer(settings.heldout_capacity, settings.recency_half_life, settings.dedupe_window)
         self.rng = random.Random(settings.seed)
         self.summary = LoopSummary()
+        self.metrics = TrainerMetrics()
         self._pixels: OrderedDict[str, NDArray[np.uint8]] = OrderedDict()
         self._pixel_cache_size = (settings.buffer_capacity + settings.heldout_capacity) * 8
         self._consumed: dict[TopicPartition, int] = {}
@@ -167,6 +169,7 @@ class Trainer:
         self._update_requested = False
         if serving_version is not None:
             self._restore_from_manifest(model_store.manifest(serving_version))
+            self.metrics.set_model_version(serving_version)
 
     # ------------------------------------------------------------------------------------------ restore and state
 
@@ -205,6 +208,7 @@ class Trainer:
                 sample = GroupSample.model_validate_json(value)
             except ValidationError as exc:
                 self.summary.malformed_skipped += 1
+                self.metrics.samples.labels(outcome="malformed").inc()
                 log.warning("skipping malformed group sample at %s[%d]@%d: %s", topic, partition, offset, exc)
                 continue
             target = (
@@ -212,12 +216,14 @@ class Trainer:
             )
             if target.has_seen(sample.sample_id) or sample.sample_id in fresh_ids:
                 self.summary.duplicates_skipped += 1
+                self.metrics.samples.labels(outcome="duplicate").inc()
                 continue
             try:
                 for candidate in sample.candidates:
                     self._pixels_of(candidate.image_id)
             except UnknownImage as exc:
                 self.summary.malformed_skipped += 1
+                self.metrics.samples.labels(outcome="malformed").inc()
                 log.warning(
                     "skipping group sample %s at %s[%d]@%d: %s", sample.sample_id, topic, partition, offset, exc
                 )
@@ -230,9 +236,12 @@ class Trainer:
                 self.heldout.add(sample, vector.tolist(), topic, partition, offset)
                 self.heldout.mark_trained()  # held-out samples never wait for a publish
                 self.summary.heldout_buffered += 1
+                self.metrics.samples.labels(outcome="heldout").inc()
             else:
                 self.buffer.add(sample, vector.tolist(), topic, partition, offset)
                 self.summary.samples_buffered += 1
+                self.metrics.samples.labels(outcome="buffered").inc()
+        self._measure_buffers()
         return len(fresh)
 
     def ingest_requests(self, records: Sequence[tuple[str, int, int, bytes]]) -> None:
@@ -244,12 +253,16 @@ class Trainer:
                 log.warning("skipping malformed train request at %s[%d]@%d: %s", topic, partition, offset, exc)
                 continue
             self.summary.train_requests += 1
+            self.metrics.train_requests.inc()
             self._update_requested = True
             log.info("train request %s (%s, %d new samples)", request.request_id, request.reason, request.new_samples)
 
     @property
     def pending_samples(self) -> int:
         return len(self.buffer.new_sample_ids)
+
+    def _measure_buffers(self) -> None:
+        self.metrics.set_buffers(len(self.buffer), len(self.heldout), self.pending_samples)
 
     # ---------------------------------------------------------------------------------------- update and publish
 
@@ -274,6 +287,7 @@ class Trainer:
         models = self.serving.candidate()
         load_version_into(models, self.model_store, latest, self.settings)
         self.serving, self.serving_version = models, latest
+        self.metrics.set_model_version(latest)
 
     def train_candidate(self) -> tuple[TrainingModels, UpdateReport, GateDecision]:
         """One update of a copy of the serving version, and the gate's decision on it (nothing published)."""
@@ -307,6 +321,8 @@ class Trainer:
         self.serving, self.serving_version = candidate, version
         self.buffer.mark_trained()
         self.summary.versions_published.append(version)
+        self.metrics.set_model_version(version)
+        self._measure_buffers()
         return version
 
     # --------------------------------------------------------------------------------------------- Kafka
@@ -373,20 +389,41 @@ class Trainer:
         )
 
     def _update_and_publish(self, consumer: KafkaConsumer, producer: KafkaProducer) -> str | None:
+        started = time.monotonic()
         candidate, report, decision = self.train_candidate()
         if not decision.publish:
             self.summary.refusals.append(decision.reasons)
+            self._count_update("refused", time.monotonic() - started)
             log.warning("candidate not published: %s", "; ".join(decision.reasons))
             return None
         version = self.publish(candidate, report, decision)
         self._announce(producer, version, {**report.as_dict(), **decision.metrics})
         self._commit(consumer)
+        self._count_update("published", time.monotonic() - started)
         log.info("published %s (%s)", version, "; ".join(decision.reasons))
         return version
 
+    def _count_update(self, outcome: str, seconds: float | None = None) -> None:
+        self.metrics.updates.labels(outcome=outcome).inc()
+        if seconds is not None:
+            self.metrics.update_seconds.labels(outcome=outcome).observe(seconds)
+
     def run(self, once: bool = False, max_updates: int | None = None) -> LoopSummary:
         """Consume and train until stopped (Ctrl-C), ``max_updates`` updates ran, or, with ``once``, until the
-        consumer has caught up with what was on the topics at start and that has been trained on."""
+        consumer has caught up with what was on the topics at start and that has been trained on. With
+        ``metrics_port`` set, the trainer's metrics are served meanwhile."""
+        metrics_server = None
+        if self.settings.metrics_port > 0:
+            metrics_server = serve_metrics(self.metrics, self.settings.metrics_host, self.settings.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.settings.metrics_port)
+        try:
+            return self._consume_and_train(once, max_updates)
+        finally:
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
+
+    def _consume_and_train(self, once: bool, max_updates: int | None) -> LoopSummary:
         from kafka import KafkaProducer
         from kafka.errors import KafkaError
 
@@ -409,8 +446,10 @@ class Trainer:
                     self._update_requested = False
                     if self.pending_samples >= self.settings.min_new_samples:
                         self._update_and_publish(consumer, producer)
-                    elif self.pending_samples == 0:
-                        self._commit(consumer)  # only duplicates, held-out samples or requests: nothing to train
+                    else:
+                        self._count_update("skipped")
+                        if self.pending_samples == 0:
+                            self._commit(consumer)  # only duplicates, held-out samples or requests: nothing to train
                 if caught_up or (max_updates is not None and self.summary.updates_run >= max_updates):
                     return self.summary
         except KafkaError as exc:

@@ -236,3 +236,17 @@ class TrainerSettings(KafkaClientSettings):
 
     def resolved_image_root(self) -> Path:
         return self.image_root if self.image_root is not None else state_dir() / "images"
+
+    # --- metrics
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="port of the trainer's Prometheus /metrics while it runs; 0 = none, so that several trainers "
+        "(one per evaluation arm) run on one machine without choosing ports",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="address /metrics listens on (0.0.0.0 for every interface, as in a container)",
+    )
