@@ -54,7 +54,6 @@ from perfusion.models.user_pathways import LEGACY_USER_PATHWAY, USER_PATHWAYS, U
 from perfusion.user_features import USER_DIM
 
 
-
 class AdaptiveInputError(PerfusionError):
     """Tensors handed to the adaptive network do not match its config or the UNet's input."""
 
