@@ -17,6 +17,7 @@ from pydantic_settings import SettingsConfigDict
 from perfusion.contracts.records import MAX_K
 from perfusion.sampler_config import MAX_STEPS, SERVING_SAMPLER, SamplerConfig
 from perfusion.settings import Settings
+from service.auth import AuthSettings
 from service.generation_pool import GenerationPoolSettings
 from service.limits import RateLimitSettings
 from service.readiness import ReadinessSettings
@@ -99,6 +100,10 @@ class ServiceSettings(Settings):
     )
     readiness: ReadinessSettings = Field(
         default_factory=ReadinessSettings, description="the checks of GET /readyz (Kafka, Feast, the model)"
+    )
+    auth: AuthSettings = Field(
+        default_factory=AuthSettings,
+        description="the API key store and how far clients' events are trusted (clock skew, order quantities)",
     )
 
     def sampler(self) -> SamplerConfig:

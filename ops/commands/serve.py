@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         generation=service.generation,
         limits=service.limits,
         readiness=service.readiness,
+        auth=service.auth,
     )
     print(
         f"serving model version {generator.model_version} on http://{service.host}:{service.port} (Kafka {bootstrap}); "

@@ -546,3 +546,15 @@ def test_an_unreadable_key_store_is_503_not_a_crash(tmp_path: Path, text_encoder
     response = service.client().get("/designs", headers=issued.authorization)
     assert response.status_code == 503 and response.json()["type"] == "/problems/unavailable"
     assert str(service.keys.path) not in response.text
+
+
+def test_the_auth_settings_are_a_section_of_the_service_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from service.settings import ServiceSettings
+
+    monkeypatch.setenv("PERFUSION_SERVE_AUTH__KEYS_FILE", str(tmp_path / "keys.json"))
+    monkeypatch.setenv("PERFUSION_SERVE_AUTH__MAX_QUANTITY", "7")
+    auth = ServiceSettings.from_env().auth
+    assert auth.resolved_keys_file() == tmp_path / "keys.json" and auth.max_quantity == 7
+    assert auth == AuthSettings.from_env()  # `perfusion keys` reads the same variables
