@@ -7,7 +7,7 @@ store, API keys, ledger, metrics, background followers), so tests build the app 
 Every endpoint but ``/healthz``, ``/readyz``, ``/metrics`` and ``/problems/{slug}`` needs an API key
 (``Authorization: Bearer``, :mod:`service.auth`); what each role may do is :mod:`service.access`, and what a posted
 event must satisfy is :mod:`service.admission`. Errors are RFC 9457 problem details (:mod:`service.problems`),
-mapped in one place (:func:`_install_error_handlers`):
+mapped in one place (:func:`service.http_handlers.install_error_handlers`):
 
 - no key or a bad one: 401 with ``WWW-Authenticate: Bearer``; a role or a resource that is not the caller's: 403;
 - bad input (validation, unknown design or image, malformed event, a rule of a posted event): 4xx whose ``detail``
@@ -34,21 +34,18 @@ generation load. Request bodies are limited while they stream in (:mod:`service.
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Protocol, runtime_checkable
 
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from perfusion.contracts.records import Candidate, Click, DesignCreated, Impression, Order, Return, Select
 from perfusion.errors import ConfigError
@@ -56,19 +53,20 @@ from perfusion.follower import TopicFollower
 from perfusion.image_store import ImageStore, UnknownImage
 from service.access import acting_for, require, require_image_access, require_own_design
 from service.admission import EventAdmission
-from service.auth import AuthSettings, Caller, KeyStore, KeyStoreError, Principal
+from service.auth import AuthSettings, Caller, KeyStore, Principal
 from service.body_limit import BodySizeLimit
-from service.designs import Design, DesignRegistry, UnknownDesign
+from service.designs import Design, DesignRegistry
 from service.events import EventSink, EventSinkUnavailable
 from service.features import FeatureReader, FeatureStoreUnavailable, user_condition
-from service.generation_pool import GenerationBusy, GenerationPool, GenerationPoolSettings
+from service.generation_pool import GenerationPool, GenerationPoolSettings
 from service.generator import CandidateGenerator
+from service.http_handlers import install_error_handlers, install_metrics_middleware, with_members
 from service.ledger import EventLedger
 from service.limits import EndpointClass, RateLimiter, RateLimitSettings
 from service.metrics import METRICS_CONTENT_TYPE, ServiceMetrics
 from service.pages import pages_router
-from service.problems import PROBLEM_TYPES, Refusal, problem_response, problem_type, refusal_response
-from service.prompts import CountsTokens, PromptCheck, PromptNotDrawable
+from service.problems import PROBLEM_TYPES, Refusal, problem_response, problem_type
+from service.prompts import CountsTokens, PromptCheck
 from service.readiness import Readiness, ReadinessSettings, Ready, reachability_check
 from service.schemas import (
     MAX_ID_CHARS,
@@ -206,8 +204,8 @@ def create_app(
     app.state.keys = key_store
     # Added before the metrics middleware, which therefore wraps it and counts the 413s it answers.
     app.add_middleware(BodySizeLimit, limit_bytes=MAX_BODY_BYTES)
-    _install_metrics_middleware(app, service_metrics)
-    _install_error_handlers(app, service_metrics)
+    install_metrics_middleware(app, service_metrics)
+    install_error_handlers(app, service_metrics)
 
     def produce(event: DesignCreated | Impression | Click | Order | Return | Select) -> None:
         try:
@@ -468,7 +466,7 @@ def create_app(
         response = problem_response(
             problem_type("not-ready"), "; ".join(f"{outcome.name}: {outcome.detail}" for outcome in failed)
         )
-        return _with_members(response, {"checks": [outcome.model_dump() for outcome in outcomes]})
+        return with_members(response, {"checks": [outcome.model_dump() for outcome in outcomes]})
 
     # The studio's and the storefront's pages; the checkout posts its orders through admit_and_produce, under the
     # caller's events limit.
@@ -502,110 +500,3 @@ def _model_loaded(generator: CandidateGenerator) -> str:
     if not version:
         raise ConfigError("the generator names no model version; restart the service with a base checkpoint")
     return f"serving model version {version}"
-
-
-def _with_members(response: JSONResponse, members: dict[str, Any]) -> JSONResponse:
-    """``response`` (problem details) with extension members added."""
-    content = {**json.loads(bytes(response.body)), **members}
-    extended = JSONResponse(status_code=response.status_code, content=content, media_type=response.media_type)
-    for name, value in response.headers.items():
-        if name.lower() not in ("content-length", "content-type"):
-            extended.headers[name] = value
-    return extended
-
-
-def _route_template(request: Request) -> str:
-    """The matched route's path template (``/designs/{design_id}``), so metrics labels stay few."""
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match == Match.FULL:
-            return str(getattr(route, "path", request.url.path))
-    return "unmatched"
-
-
-def _install_metrics_middleware(app: FastAPI, metrics: ServiceMetrics) -> None:
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = _route_template(request)
-            metrics.requests.labels(method=request.method, route=route, status=str(status)).inc()
-            metrics.request_seconds.labels(method=request.method, route=route).observe(time.perf_counter() - started)
-
-
-def _validation_detail(exc: RequestValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path")]
-        field = ".".join(location) or "body"
-        received = error.get("input")
-        shown = "" if isinstance(received, dict) or received is None else f" (got {_short(received)})"
-        parts.append(f"{field}: {error.get('msg', 'invalid')}{shown}")
-    return "; ".join(parts)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:57]}..."
-
-
-def _install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
-    """Every error the service answers as problem details (``service.problems``)."""
-
-    def problem(slug: str, detail: str, field: str | None = None) -> JSONResponse:
-        return problem_response(problem_type(slug), detail, field)
-
-    @app.exception_handler(Refusal)
-    async def refused(_: Request, exc: Refusal) -> JSONResponse:
-        return refusal_response(exc)
-
-    @app.exception_handler(PromptNotDrawable)
-    async def not_drawable(_: Request, exc: PromptNotDrawable) -> JSONResponse:
-        return _with_members(refusal_response(exc), exc.verdict.extensions())
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = _validation_detail(exc)
-        return problem("invalid-request", detail, detail.split(":", 1)[0] if ":" in detail else None)
-
-    @app.exception_handler(UnknownDesign)
-    async def unknown_design(_: Request, exc: UnknownDesign) -> JSONResponse:
-        return problem("not-found", f"design_id: {exc}", "design_id")
-
-    @app.exception_handler(UnknownImage)
-    async def unknown_image(_: Request, exc: UnknownImage) -> JSONResponse:
-        detail = str(exc)
-        return problem("not-found", detail if detail.startswith("image_id:") else f"image_id: {detail}", "image_id")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # Unmatched routes and methods, and the body limit's 413 raised while the body streams in.
-        slug = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}.get(exc.status_code, "bad-request")
-        return problem_response(problem_type(slug), str(exc.detail), headers=exc.headers, status=exc.status_code)
-
-    @app.exception_handler(EventSinkUnavailable)
-    async def kafka_unavailable(_: Request, exc: EventSinkUnavailable) -> JSONResponse:
-        logger.warning("answering 503: %s", exc)
-        return problem("unavailable", f"Kafka unavailable: {exc}")
-
-    @app.exception_handler(GenerationBusy)
-    async def generation_busy(_: Request, exc: GenerationBusy) -> JSONResponse:
-        metrics.generation_refused.inc()
-        response = problem("unavailable", f"generation busy: {exc}")
-        response.headers["Retry-After"] = str(exc.retry_after_s)
-        return response
-
-    @app.exception_handler(KeyStoreError)
-    async def key_store_unreadable(_: Request, exc: KeyStoreError) -> JSONResponse:
-        logger.error("answering 503, the key store is unreadable: %s", exc)
-        return problem("unavailable", "the service cannot read its API keys; an operator must repair the key store")
-
-    @app.exception_handler(FeatureStoreUnavailable)
-    async def feast_unavailable(_: Request, exc: FeatureStoreUnavailable) -> JSONResponse:
-        logger.warning("answering 503: %s", exc)
-        return problem("unavailable", f"Feast unavailable: {exc}")

@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     from perfusion.paths import state_dir
     from perfusion.text_encoder import CaptionStates, TextEncoder
     from trainer.attribute_classifier import ClassifierTrainingConfig
-    from trainer.pretrain import PretrainConfig, evaluate_checkpoint, pretrain, save_pretrain_result, write_docs
+    from trainer.pretrain import PretrainConfig, evaluate_checkpoint, pretrain, save_pretrain_result
+    from trainer.pretrain_docs import write_docs
     from trainer.reward_pretrain import RewardPretrainConfig
 
     if args.threads:
