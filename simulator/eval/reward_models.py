@@ -20,7 +20,10 @@ TRUE_UTILITY_CEILING = "true_utility_ceiling"
 
 
 def compare_reward_models(
-    examples: Sequence[RewardExample], config: EvaluationConfig, text_encoder: Any
+    examples: Sequence[RewardExample],
+    config: EvaluationConfig,
+    text_encoder: Any,
+    groups_per_step: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """PerFusionRM and the same towers without plug-ins, both from the pretrained towers and trained alike on live
     groups, scored on held-out groups.
@@ -29,6 +32,9 @@ def compare_reward_models(
     (PerFusionRM less the model without plug-ins) with its own. A reference row, ``true_utility_ceiling``, scores the
     same groups by the simulator's true utilities: the GAUC an oracle of each shopper's taste would reach on these
     noisy clicks and orders, so the ceiling of any reward model here (no model ever reads those utilities).
+
+    ``groups_per_step``: each step fits a draw of this many live groups, as the trainer's batches are (None: every
+    live group every step, which a round of hundreds of groups makes the slowest part of a run).
     """
 
     from perfusion.metrics import gauc, mean_average_precision
@@ -40,12 +46,19 @@ def compare_reward_models(
     train_batch, heldout_batch = _reward_batch(train), _reward_batch(heldout)
     labels, groups = heldout_batch.labels.numpy(), heldout_batch.group_ids.numpy()
     scores: dict[str, NDArray[np.float64]] = {}
+    rng = np.random.default_rng([config.seed, 6])
+
+    def batches() -> Any:
+        if groups_per_step is None or groups_per_step >= len(train):
+            return train_batch
+        return _reward_batch([train[i] for i in rng.choice(len(train), size=groups_per_step, replace=False)])
+
     for name, personalized in (("perfusion_rm", True), ("rm_without_plugins", False)):
         # From the pretrained towers, as the trainer starts every new reward model.
         model = fit_reward_model(
             personalized,
             config.base_checkpoint,
-            lambda: train_batch,
+            batches,
             config.offline_rm_steps,
             text_encoder,
             config.seed,

@@ -19,6 +19,7 @@ from simulator.science.logging_round import LoggedRound, Roles
 
 HELDOUT_SHARE = 0.3  # of the logged groups, chosen by a seeded draw; the rest fits the models
 HELDOUT = "heldout"
+GROUPS_PER_STEP = 16  # live groups a fitting step draws (the trainer's reward-model steps see a batch, not the whole log)
 
 
 def reward_model_comparison(
@@ -49,7 +50,10 @@ def reward_model_comparison(
     if {example.slice for example in everything} != {LIVE, HELDOUT}:
         return {}  # a round too small to split (the quick size): nothing to compare
     merchants_heldout = [e for is_merchant, e in examples if e.slice == LIVE or is_merchant]
-    results = {"all_heldout_groups": compare_reward_models(everything, settings, text_encoder)}
+    per_step = GROUPS_PER_STEP
+    results = {"all_heldout_groups": compare_reward_models(everything, settings, text_encoder, per_step)}
     if any(is_merchant and e.slice == HELDOUT for is_merchant, e in examples):
-        results["heldout_merchant_selections"] = compare_reward_models(merchants_heldout, settings, text_encoder)
+        results["heldout_merchant_selections"] = compare_reward_models(
+            merchants_heldout, settings, text_encoder, per_step
+        )
     return results
