@@ -59,7 +59,7 @@ from service.designs import Design, DesignRegistry
 from service.events import EventSink, EventSinkUnavailable
 from service.features import FeatureReader, FeatureStoreUnavailable, user_condition
 from service.generation_pool import GenerationPool, GenerationPoolSettings
-from service.generator import CandidateGenerator
+from service.generator import CandidateGenerator, GeneratedGroup
 from service.http_handlers import install_error_handlers, install_metrics_middleware, with_members
 from service.ledger import EventLedger
 from service.limits import EndpointClass, RateLimiter, RateLimitSettings
@@ -321,10 +321,10 @@ def create_app(
 
     def generate_impression(
         design: Design, viewer: str, body: CandidatesRequest
-    ) -> tuple[Impression, Personalization, int]:
+    ) -> tuple[Impression, Personalization, int, GeneratedGroup]:
         """The blocking part of a candidates request, run on the generation pool: read the viewer's features,
         generate, store the images, keep the impression in the ledger and produce it. Returns it with the
-        personalization and the seed."""
+        personalization, the seed and the generated group (how it was drawn)."""
         read_started = time.perf_counter()
         try:
             features = feature_reader.read(viewer)
@@ -360,7 +360,7 @@ def create_app(
             event_ledger.withdraw(impression.event_id)  # no click can name an impression Kafka never heard of
             raise
         service_metrics.candidates.labels(personalization=personalization).inc(body.k)
-        return impression, personalization, seed
+        return impression, personalization, seed, group
 
     @app.post(
         "/designs/{design_id}/candidates",
@@ -373,7 +373,7 @@ def create_app(
     ) -> CandidatesResponse:
         # Checked off the event loop and before the generation pool, so refusals never take a generation slot.
         design, viewer = await run_in_threadpool(candidates_access, principal, design_id, body)
-        impression, personalization, seed = await pool.run(lambda: generate_impression(design, viewer, body))
+        impression, personalization, seed, group = await pool.run(lambda: generate_impression(design, viewer, body))
         return CandidatesResponse(
             impression_id=impression.event_id,
             design_id=impression.design_id,
@@ -381,6 +381,8 @@ def create_app(
             model_version=impression.model_version,
             personalization=personalization,
             seed=seed,
+            drawn=group.drawn,
+            ranked_by=group.ranked_by,
             candidates=[
                 CandidateOut(
                     image_id=candidate.image_id,

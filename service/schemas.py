@@ -89,6 +89,13 @@ class CandidatesResponse(BaseModel):
         description="personalized (preference features), cold_start (profile features only) or base (no features)"
     )
     seed: int
+    drawn: int | None = Field(
+        default=None,
+        description="candidates sampled to show these: N when best-of-N ranked them, K when not (null: not said)",
+    )
+    ranked_by: str | None = Field(
+        default=None, description="the model version whose reward model chose and ordered them; null: shown as drawn"
+    )
     candidates: list[CandidateOut]
 
 

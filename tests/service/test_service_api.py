@@ -339,6 +339,7 @@ def test_candidates_by_personalization_with_impression(
         body = response.json()
         assert body["personalization"] == expected and body["model_version"] == "base"
         assert body["user_id"] == user_id
+        assert body["drawn"] == 3 and body["ranked_by"] is None  # best-of-N is off: the K drawn are shown
         assert [c["position"] for c in body["candidates"]] == [0, 1, 2]
         images = []
         for candidate in body["candidates"]:
