@@ -56,6 +56,7 @@ from service.admission import EventAdmission
 from service.auth import AuthSettings, Caller, KeyStore, Principal
 from service.body_limit import BodySizeLimit
 from service.designs import Design, DesignRegistry
+from service.event_body import posted_event_request_body, posted_event_schemas
 from service.events import EventSink, EventSinkUnavailable
 from service.features import FeatureReader, FeatureStoreUnavailable, user_condition
 from service.generation_pool import GenerationPool, GenerationPoolSettings
@@ -426,6 +427,8 @@ def create_app(
         status_code=202,
         dependencies=[rate_limited("events")],
         responses=problem_responses(401, 403, 404, 409, 413, 422, 429, 503),
+        # The body is read as bytes (checked, then parsed once); its schema is declared for clients.
+        openapi_extra=posted_event_request_body(),
     )
     async def post_event(request: Request, principal: Caller) -> EventAccepted:
         raw = await request.body()  # at most MAX_BODY_BYTES: BodySizeLimit refused longer bodies while reading
@@ -482,8 +485,22 @@ def create_app(
             checkout_responses=problem_responses(401, 403, 404, 409, 413, 422, 429, 503),
         )
     )
-
+    _declare_event_schemas(app)
     return app
+
+
+def _declare_event_schemas(app: FastAPI) -> None:
+    """Add the posted event kinds' schemas (referenced by /events' request body) to the app's OpenAPI components."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(posted_event_schemas())
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _prompt_check_of(generator: CandidateGenerator) -> PromptCheck:

@@ -172,3 +172,35 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+# The kinds a client posts to /events (designs come through POST /designs, impressions only from the service).
+POSTED_EVENT_RECORDS = (Click, Order, Return, Select)
+SERVER_ASSIGNED = ("event_id", "ts")  # left out, the service assigns them
+
+
+def posted_event_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schema of each posted kind as this edge accepts it, by component name (``ClickEvent``, ...): the
+    record's schema with ``kind`` required, ``event_id`` and ``ts`` optional, the current ``schema_version`` only,
+    no other fields."""
+    schemas = {}
+    for record in POSTED_EVENT_RECORDS:
+        schema = record.model_json_schema(ref_template="#/components/schemas/{model}")
+        schema["required"] = ["kind", *(name for name in schema.get("required", []) if name not in SERVER_ASSIGNED)]
+        schema["properties"]["schema_version"] = {"const": SCHEMA_VERSION, "default": SCHEMA_VERSION}
+        schema["additionalProperties"] = False
+        schemas[f"{record.__name__}Event"] = schema
+    return schemas
+
+
+def posted_event_request_body() -> dict[str, Any]:
+    """The /events request body for OpenAPI: one of the posted kinds, told apart by ``kind``."""
+    refs = {
+        str(record.model_fields["kind"].default): f"#/components/schemas/{record.__name__}Event"
+        for record in POSTED_EVENT_RECORDS
+    }
+    schema = {
+        "oneOf": [{"$ref": ref} for ref in refs.values()],
+        "discriminator": {"propertyName": "kind", "mapping": refs},
+    }
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}

@@ -52,3 +52,18 @@ def test_every_listed_status_is_one_a_problem_type_answers(schema: dict[str, Any
 def test_liveness_and_metrics_list_no_refusals(schema: dict[str, Any]) -> None:
     for path in ("/healthz", "/metrics"):
         assert all(int(status) < 400 for status in schema["paths"][path]["get"]["responses"]), path
+
+
+def test_the_events_body_is_one_of_the_posted_kinds_told_apart_by_kind(schema: dict[str, Any]) -> None:
+    body = schema["paths"]["/events"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    mapping = body["discriminator"]["mapping"]
+    assert body["discriminator"]["propertyName"] == "kind"
+    assert set(mapping) == {"click", "order", "return", "select"}
+    assert [entry["$ref"] for entry in body["oneOf"]] == list(mapping.values())
+    components = schema["components"]["schemas"]
+    for kind, ref in mapping.items():
+        event = components[ref.rsplit("/", 1)[1]]
+        assert event["properties"]["kind"]["const"] == kind
+        assert "kind" in event["required"] and "event_id" not in event["required"] and "ts" not in event["required"]
+        assert event["additionalProperties"] is False
+    assert {"quantity", "impression_id"} <= set(components["OrderEvent"]["required"])
