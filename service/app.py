@@ -242,7 +242,9 @@ def create_app(
         status_code=201,
         responses=problem_responses(401, 403, 413, 422, 503),
     )
-    def create_design(body: CreateDesign, principal: Caller) -> DesignCreatedResponse:
+    def create_design(
+        body: CreateDesign, principal: Caller, request: Request, response: Response
+    ) -> DesignCreatedResponse:
         require(principal, "create_design")
         merchant_id = acting_for(principal, body.merchant_id, "merchant_id")
         prompts.require_drawable(body.prompt)
@@ -262,6 +264,7 @@ def create_app(
             designs.delete(design.design_id)  # no design exists that the topics never heard of
             event_ledger.withdraw(event.event_id)
             raise
+        response.headers["Location"] = str(request.url_for("design_status", design_id=design.design_id))
         return DesignCreatedResponse(
             design_id=design.design_id,
             merchant_id=design.merchant_id,

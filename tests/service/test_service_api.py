@@ -233,7 +233,9 @@ def create_design(
         body["merchant_id"] = merchant_id
     response = client.post("/designs", json=body)
     assert response.status_code == 201, response.text
-    return str(response.json()["design_id"])
+    design_id = str(response.json()["design_id"])
+    assert response.headers["location"].endswith(f"/designs/{design_id}")  # where its status is read
+    return design_id
 
 
 # ------------------------------------------------------------------------------------------------------ designs
