@@ -413,7 +413,9 @@ def create_app(
                     f"image_id: no image {image_id!r} was served by this service; use a url of a candidates response"
                 )
             require_image_access(principal, image_id, served, merchant_of)
-        return Response(content=images.png_bytes(image_id), media_type="image/png")
+        # An image id names one generated image forever; private: only callers allowed to see it get it.
+        headers = {"Cache-Control": "private, max-age=31536000, immutable"}
+        return Response(content=images.png_bytes(image_id), media_type="image/png", headers=headers)
 
     def admit_and_produce(principal: Principal, raw: bytes) -> Click | Order | Return | Select:
         event = admission.admit(principal, raw)  # kept in the ledger from here on

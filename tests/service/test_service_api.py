@@ -348,6 +348,7 @@ def test_candidates_by_personalization_with_impression(
             assert len(candidate["descriptor"]) == DESCRIPTOR_DIM
             png = viewer.get(candidate["url"])
             assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+            assert png.headers["cache-control"] == "private, max-age=31536000, immutable"
             images.append(np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB")))
         pixels[user_id] = np.stack(images)
         impression = sink.events[-1]
