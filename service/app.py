@@ -55,7 +55,7 @@ from service.access import acting_for, require, require_image_access, require_ow
 from service.admission import EventAdmission
 from service.auth import AuthSettings, Caller, KeyStore, Principal
 from service.body_limit import BodySizeLimit
-from service.designs import Design, DesignRegistry
+from service.designs import MAX_DESIGNS_PAGE, Design, DesignRegistry, decode_cursor, encode_cursor
 from service.event_body import posted_event_request_body, posted_event_schemas
 from service.events import EventSink, EventSinkUnavailable
 from service.features import FeatureReader, FeatureStoreUnavailable, user_condition
@@ -276,10 +276,15 @@ def create_app(
     def list_designs(
         principal: Caller,
         merchant_id: Annotated[str | None, Query(min_length=1, max_length=MAX_ID_CHARS)] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_DESIGNS_PAGE, description="designs per page")] = MAX_DESIGNS_PAGE,
+        cursor: Annotated[str | None, Query(max_length=512, description="next_cursor of the previous page")] = None,
     ) -> DesignList:
         require(principal, "list_designs")
         # A merchant lists their own; an operator every design, or one merchant's.
         owner = acting_for(principal, merchant_id, "merchant_id") if principal.role == "merchant" else merchant_id
+        page = designs.designs_of(owner, after=decode_cursor(cursor), limit=limit + 1)
+        more = len(page) > limit
+        page = page[:limit]
         return DesignList(
             designs=[
                 DesignSummary(
@@ -289,8 +294,9 @@ def create_app(
                     order_threshold=design.order_threshold,
                     created_ts=design.created_ts,
                 )
-                for design in designs.designs_of(owner)
-            ]
+                for design in page
+            ],
+            next_cursor=encode_cursor(page[-1].created_ts, page[-1].design_id) if more else None,
         )
 
     @app.get(

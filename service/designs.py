@@ -25,16 +25,20 @@ same events, the figures agree.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from perfusion.contracts.records import InvalidEvent, Order, ProductionOrder, Return, parse_event
 from perfusion.errors import PerfusionError
 from perfusion.follower import FollowedRecord, TopicFollower
 from perfusion.paths import state_dir
+from service.problems import Refusal
 from service.sqlite_store import SqliteStore
 
 logger = logging.getLogger(__name__)
@@ -144,15 +148,28 @@ class DesignRegistry(SqliteStore):
             raise UnknownDesign(f"no design {design_id!r}; create one with POST /designs and use the id it returns")
         return Design(*row)
 
-    def designs_of(self, merchant_id: str | None = None) -> list[Design]:
-        """A merchant's designs, or every design when ``merchant_id`` is None; oldest first."""
+    def designs_of(
+        self, merchant_id: str | None = None, after: tuple[float, str] | None = None, limit: int | None = None
+    ) -> list[Design]:
+        """A merchant's designs, or every design when ``merchant_id`` is None; oldest first (creation time, then
+        id). ``after``: only those after this (created_ts, design_id); ``limit``: at most this many."""
         query = "SELECT design_id, merchant_id, prompt, order_threshold, created_ts FROM designs"
-        parameters: tuple[str, ...] = ()
+        conditions: list[str] = []
+        parameters: list[Any] = []
         if merchant_id is not None:
-            query += " WHERE merchant_id = ?"
-            parameters = (merchant_id,)
+            conditions.append("merchant_id = ?")
+            parameters.append(merchant_id)
+        if after is not None:
+            conditions.append("(created_ts, design_id) > (?, ?)")
+            parameters.extend(after)
+        if conditions:
+            query += " WHERE " + " AND ".join(conditions)
+        query += " ORDER BY created_ts, design_id"
+        if limit is not None:
+            query += " LIMIT ?"
+            parameters.append(limit)
         with self._lock:
-            rows = self._connection.execute(query + " ORDER BY created_ts, design_id", parameters).fetchall()
+            rows = self._connection.execute(query, parameters).fetchall()
         return [Design(*row) for row in rows]
 
     def exists(self, design_id: str) -> bool:
@@ -247,3 +264,26 @@ class DemandFollower:
 
     def _handle(self, record: FollowedRecord) -> None:
         self.apply(record.topic, record.value)
+
+
+MAX_DESIGNS_PAGE = 200  # designs one GET /designs page holds at most
+
+
+def encode_cursor(created_ts: float, design_id: str) -> str:
+    """An opaque page cursor: the position (creation time, id) of the page's last design."""
+    return base64.urlsafe_b64encode(json.dumps([created_ts, design_id]).encode()).decode()
+
+
+def decode_cursor(cursor: str | None) -> tuple[float, str] | None:
+    """The position a cursor of :func:`encode_cursor` names; a cursor it did not make is 422 naming ``cursor``."""
+    if cursor is None:
+        return None
+    try:
+        created_ts, design_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return float(created_ts), str(design_id)
+    except (ValueError, TypeError) as exc:
+        raise Refusal(
+            "invalid-request",
+            "cursor: not a cursor this service made; pass next_cursor of the previous page",
+            "cursor",
+        ) from exc

@@ -59,6 +59,9 @@ class DesignSummary(DesignCreatedResponse):
 
 class DesignList(BaseModel):
     designs: list[DesignSummary] = Field(description="oldest first: a merchant's own, or every design for an operator")
+    next_cursor: str | None = Field(
+        default=None, description="pass as ?cursor= for the next page; null: this page is the last"
+    )
 
 
 class CandidatesRequest(RequestBody):

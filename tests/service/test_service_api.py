@@ -297,6 +297,23 @@ def test_a_merchant_lists_their_own_designs(service: ServiceUnderTest) -> None:
     assert len(service.operator().get("/designs").json()["designs"]) == 3
 
 
+def test_designs_are_listed_in_pages_with_a_cursor(service: ServiceUnderTest) -> None:
+    prompts = ("a dress", "a red skirt", "a navy jacket", "a black t-shirt", "a green hoodie")
+    created = [create_design(service.merchant("m-1"), prompt=prompt) for prompt in prompts]
+    client, seen, cursor, pages = service.merchant("m-1"), [], None, 0
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/designs", params=params).json()
+        seen += [design["design_id"] for design in page["designs"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == created and pages == 3
+    refused = client.get("/designs", params={"cursor": "not-a-cursor"})
+    assert refused.status_code == 422 and refused.json()["field"] == "cursor"
+
+
 # --------------------------------------------------------------------------------------------------- candidates
 
 
