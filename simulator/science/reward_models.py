@@ -19,7 +19,8 @@ from simulator.science.logging_round import LoggedRound, Roles
 
 HELDOUT_SHARE = 0.3  # of the logged groups, chosen by a seeded draw; the rest fits the models
 HELDOUT = "heldout"
-GROUPS_PER_STEP = 16  # live groups a fitting step draws (the trainer's reward-model steps see a batch, not the whole log)
+# Live groups a fitting step draws: the trainer's reward-model steps see a batch, not the whole log.
+GROUPS_PER_STEP = 16
 
 
 def reward_model_comparison(
