@@ -105,7 +105,6 @@ class MixedGeneratorBatches:
         self.generator = torch.Generator().manual_seed(settings.seed + 1)
         self.reliability: float | None = None  # measured on the first call, after the reward-model steps
         self.ranked_batches = 0
-        self.logged = 0
 
     def measure_reliability(self) -> float:
         if self.heldout is None or self.heldout.num_groups == 0:
@@ -127,5 +126,4 @@ class MixedGeneratorBatches:
             return reward_ranked_batch(
                 self.models, self.text_encoder, batch, self.settings.reward_ranked_candidates, self.generator
             )
-        self.logged += 1
         return batch

@@ -42,16 +42,20 @@ class Population:
     merchants: list[str]
 
 
-def build_panel(config: EvaluationConfig) -> tuple[PixelPreferencePanel, Population]:
-    """The shopper panel (scaled on catalog renders, not on anything a model generated) and who plays which role."""
+def pixel_panel(n_users: int, seed: int) -> PixelPreferencePanel:
+    """The pixel panel of ``n_users`` shoppers, scaled on catalog renders (not on anything a model generated)."""
     from perfusion.catalog import all_attributes, render_many
 
-    total = config.train_users + config.cold_users + config.merchants
-    panel = PixelPreferencePanel(n_users=total, seed=config.seed)
-    rng = np.random.default_rng(config.seed)
+    panel = PixelPreferencePanel(n_users=n_users, seed=seed)
+    rng = np.random.default_rng(seed)
     items = all_attributes()
     chosen = [items[index] for index in rng.choice(len(items), size=min(512, len(items)), replace=False)]
-    panel.fit_scale(render_many(chosen, seeds=list(range(len(chosen)))))
+    return panel.fit_scale(render_many(chosen, seeds=list(range(len(chosen)))))
+
+
+def build_panel(config: EvaluationConfig) -> tuple[PixelPreferencePanel, Population]:
+    """The shopper panel (:func:`pixel_panel`) and who plays which role."""
+    panel = pixel_panel(config.train_users + config.cold_users + config.merchants, config.seed)
     users = panel.user_ids()
     train = users[: config.train_users]
     cold = users[config.train_users : config.train_users + config.cold_users]

@@ -26,8 +26,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BEST_OF_N_FLOOR = 0.55  # the reward model ranks only when the lower end of its held-out GAUC interval clears this
-
 
 @dataclass
 class ArmDraws:
@@ -36,11 +34,19 @@ class ArmDraws:
     name: str
     images: list[NDArray[np.uint8]]  # per showing: (K, H, W, 3), in shown order
     partner_images: list[NDArray[np.uint8]] | None  # per showing, drawn with the partner's u; None: takes no u
-    update: dict[str, float] = field(default_factory=dict)
-    gate: dict[str, Any] = field(default_factory=dict)
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # each update's report and gate, in order
     ranked_by_reward_model: bool = False
     seconds: float = 0.0
-    rounds: list[dict[str, Any]] = field(default_factory=list)  # each update's report and gate, in order
+
+    @property
+    def update(self) -> dict[str, float]:
+        """The last update's report."""
+        return dict(self.rounds[-1]["update"]) if self.rounds else {}
+
+    @property
+    def gate(self) -> dict[str, Any]:
+        """The last update's gate decision."""
+        return dict(self.rounds[-1]["gate"]) if self.rounds else {}
 
 
 def arm_settings(spec: ArmSpec, config: ScienceConfig) -> TrainerSettings:
@@ -77,7 +83,7 @@ def run_arm(spec: ArmSpec, config: ScienceConfig, logged: LoggedRound) -> ArmDra
     serving = build_training_models(base.unet, base.config, build_train_scheduler(base.config), settings)
     logger = logged.logger  # this process's own copy: a closed loop adds to it
     rng = np.random.default_rng([config.seed, 2])
-    updates, gates = [], []
+    rounds: list[dict[str, Any]] = []
     served = ServedGenerator(spec, base, text_encoder, config, serving, None)
     for round_index in range(1, config.rounds + 1):
         samples = logger.samples()
@@ -99,8 +105,8 @@ def run_arm(spec: ArmSpec, config: ScienceConfig, logged: LoggedRound) -> ArmDra
             generator_batches = MixedGeneratorBatches(candidate, text_encoder, next_batch, heldout_batch, settings)
         report = run_update(candidate, text_encoder, next_batch, settings, False, generator_batches)
         decision = run_gate(candidate, serving if round_index > 1 else None, text_encoder, heldout_batch, settings)
-        updates.append(report.as_dict())
-        gates.append({"publish": decision.publish, "reasons": list(decision.reasons), "metrics": decision.metrics})
+        gate = {"publish": decision.publish, "reasons": list(decision.reasons), "metrics": decision.metrics}
+        rounds.append({"update": report.as_dict(), "gate": gate})
         if decision.publish:
             serving = candidate
             served = ServedGenerator(spec, base, text_encoder, config, serving, decision.metrics)
@@ -120,18 +126,16 @@ def run_arm(spec: ArmSpec, config: ScienceConfig, logged: LoggedRound) -> ArmDra
         name=spec.name,
         images=images,
         partner_images=partner_images if spec.takes_u else None,
-        update=updates[-1],
-        gate=gates[-1],
+        rounds=rounds,
         ranked_by_reward_model=served.ranks,
         seconds=time.monotonic() - started,
-        rounds=[{"update": update, "gate": gate} for update, gate in zip(updates, gates, strict=True)],
     )
 
 
 class ServedGenerator:
     """What the arm serves, through the service's own generator: its version's generator (u only for arms that
     read it), or for best-of-N the service's best-of-N over the base model, ranking with the version's reward
-    model when the version's held-out GAUC interval clears the floor (:data:`BEST_OF_N_FLOOR`)."""
+    model when the version's held-out GAUC interval clears the service's floor (``BestOfSettings.gauc_floor``)."""
 
     def __init__(
         self,
@@ -170,7 +174,7 @@ def published_with_best_of_n(
     from service.generator import load_serving_generator
     from service.settings import BestOfSettings
 
-    best_of = BestOfSettings(enabled=True, n=config.best_of, max_k=config.k, gauc_floor=BEST_OF_N_FLOOR)
+    best_of = BestOfSettings(enabled=True, n=config.best_of, max_k=config.k)  # the service's GAUC floor
     with tempfile.TemporaryDirectory(prefix="perfusion-science-store-") as folder:
         ModelStore(Path(folder)).publish(models.components(), {"metrics": gate_metrics})
         return load_serving_generator(config.base_checkpoint, Path(folder), text_encoder, config.sampler, best_of)

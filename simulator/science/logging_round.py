@@ -16,8 +16,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from perfusion.errors import ConfigError
-from simulator.eval.plan import HELDOUT_PROMPTS, TRAIN_PROMPTS
-from simulator.ground_truth import PixelPreferencePanel, PreferencePanel
+from simulator.eval.plan import HELDOUT_PROMPTS, TRAIN_PROMPTS, pixel_panel
+from simulator.ground_truth import PreferencePanel
 from simulator.marketplace import Marketplace
 from simulator.science.config import ScienceConfig
 from simulator.science.inloop import InProcessLoop
@@ -70,13 +70,7 @@ class LoggedRound:
 def load_panel(config: ScienceConfig, n_users: int) -> PreferencePanel:
     """The shoppers' panel: the pixel panel scaled on catalog renders, or ``config.panel`` (module:Class)."""
     if config.panel is None:
-        from perfusion.catalog import all_attributes, render_many
-
-        panel = PixelPreferencePanel(n_users=n_users, seed=config.seed)
-        rng = np.random.default_rng(config.seed)
-        items = all_attributes()
-        chosen = [items[index] for index in rng.choice(len(items), size=min(512, len(items)), replace=False)]
-        return panel.fit_scale(render_many(chosen, seeds=list(range(len(chosen)))))
+        return pixel_panel(n_users, config.seed)
     module_name, _, class_name = config.panel.partition(":")
     try:
         panel_class = getattr(importlib.import_module(module_name), class_name)

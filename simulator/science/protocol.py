@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from simulator.science.arms import BEST_OF_N_FLOOR, ArmDraws, run_arm, run_arm_in_own_process
+from simulator.science.arms import ArmDraws, run_arm, run_arm_in_own_process
 from simulator.science.config import ScienceConfig
 from simulator.science.logging_round import SEGMENTS, assign_roles, load_panel, log_round_zero
 from simulator.science.reward_models import reward_model_comparison
@@ -60,7 +60,7 @@ def run_seed(config: ScienceConfig) -> dict[str, Any]:
             "seconds": logged_seconds,
         },
         "showings": len(logged.showings),
-        "best_of_n_floor": BEST_OF_N_FLOOR,
+        "best_of_n_floor": best_of_n_floor(),
         "reward_models": reward_models,
         "arms": results,
         "wall_seconds": time.monotonic() - started,
@@ -85,3 +85,10 @@ def draw_every_arm(
             draws[name] = future.result()
             log.info("arm %s: done in %.0f s", name, draws[name].seconds)
     return draws, side
+
+
+def best_of_n_floor() -> float:
+    """The lower end of the held-out GAUC interval the service's best-of-N needs before it ranks."""
+    from service.settings import BestOfSettings
+
+    return float(BestOfSettings().gauc_floor)
