@@ -184,9 +184,12 @@ class UserTokenAttnProcessor(AttnProcessor2_0):
 
 
 def install_user_token_attention(unet: UNet2DConditionModel) -> None:
-    """Give every attention layer of ``unet`` a :class:`UserTokenAttnProcessor` (unchanged output without tokens)."""
-    processors = unet.attn_processors
-    if not all(isinstance(processor, UserTokenAttnProcessor) for processor in processors.values()):
+    """Give every attention layer of ``unet`` a :class:`UserTokenAttnProcessor` (unchanged output without tokens).
+
+    Cheap when already done (a look at the first attention layer): it runs before every forward with user tokens.
+    """
+    first = next((module for module in unet.modules() if isinstance(module, Attention)), None)
+    if first is None or not isinstance(first.processor, UserTokenAttnProcessor):
         unet.set_attn_processor(UserTokenAttnProcessor())
 
 
