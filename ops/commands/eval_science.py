@@ -21,7 +21,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--shoppers-per-segment": ("shoppers_per_segment", int, "training shoppers per segment (default 10)"),
     "--cold-shoppers": ("cold_shoppers", int, "shoppers with a profile only (default 8)"),
     "--merchants-per-segment": ("merchants_per_segment", int, "merchants per segment (default 2)"),
-    "--logged-groups": ("logged_groups", int, "round-0 groups per shopper (default 4)"),
+    "--logged-groups": ("logged_groups", int, "round-0 groups per shopper (default 12)"),
     "--merchant-groups": ("merchant_groups", int, "round-0 groups per merchant (default 4)"),
     "--eval-showings": ("eval_showings", int, "showings per shopper after the update (default 2)"),
     "--k": ("k", int, "candidates per group (default 4)"),

@@ -89,7 +89,9 @@ class ScienceConfig:
     shoppers_per_segment: int = field(default=10, metadata={"help": "training shoppers of each of the 4 segments"})
     cold_shoppers: int = field(default=8, metadata={"help": "shoppers with a profile and no behaviour"})
     merchants_per_segment: int = field(default=2, metadata={"help": "merchants of each segment, with profiles"})
-    logged_groups: int = field(default=4, metadata={"help": "round-0 base groups each training shopper sees"})
+    logged_groups: int = field(
+        default=12, metadata={"help": "round-0 base groups each training shopper sees (chosen on seed 100)"}
+    )
     merchant_groups: int = field(default=4, metadata={"help": "round-0 groups of their designs each merchant sees"})
     eval_showings: int = field(
         default=2, metadata={"help": "showings per training shopper after the update (train and held-out prompts)"}
