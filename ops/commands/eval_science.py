@@ -96,8 +96,8 @@ def run_science(args: argparse.Namespace) -> int:
     if args.arms:
         options["arms"] = tuple(args.arms)
     config = ScienceConfig.quick(**options) if args.quick else ScienceConfig(**options)
-    result = run_seed(config)
     args.out.mkdir(parents=True, exist_ok=True)
+    result = run_seed(config, grid_png=args.out / f"science-seed{config.seed}-grid.png")
     json_path = args.out / f"science_seed{config.seed}.json"
     json_path.write_text(json.dumps(result, indent=2, default=str))
     markdown = args.docs or args.out / f"science-seed{config.seed}.md"

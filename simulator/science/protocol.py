@@ -13,6 +13,7 @@ from typing import Any
 
 from simulator.science.arms import ArmDraws, run_arm, run_arm_in_own_process
 from simulator.science.config import ScienceConfig
+from simulator.science.grid import image_grid
 from simulator.science.logging_round import SEGMENTS, assign_roles, load_panel, log_round_zero
 from simulator.science.reward_models import reward_model_comparison
 from simulator.science.scoring import score_arms
@@ -20,8 +21,10 @@ from simulator.science.scoring import score_arms
 log = logging.getLogger(__name__)
 
 
-def run_seed(config: ScienceConfig) -> dict[str, Any]:
-    """Every arm of ``config`` on one seed; a JSON-ready dict (config, counts, per-arm results, wall times)."""
+def run_seed(config: ScienceConfig, grid_png: Path | None = None) -> dict[str, Any]:
+    """Every arm of ``config`` on one seed; a JSON-ready dict (config, counts, per-arm results, wall times). With
+    ``grid_png``, the image grid of one held-out prompt across segments is written there (simulator/science/grid.py)
+    and described under ``"grid"``."""
     import torch
 
     from perfusion.sampling import base_text_encoder
@@ -50,6 +53,12 @@ def run_seed(config: ScienceConfig) -> dict[str, Any]:
     )
     groups = {"shoppers": roles.shoppers, "cold": roles.cold, "merchants": roles.merchants}
     results = score_arms(panel, logged.showings, draws, groups, logged.segments, config.seed, config.bootstrap_samples)
+    grid: dict[str, Any] | None = None
+    if grid_png is not None:
+        png, grid = image_grid(logged.showings, draws, logged.segments)
+        grid_png.parent.mkdir(parents=True, exist_ok=True)
+        grid_png.write_bytes(png)
+        grid["file"] = grid_png.name
     return {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},
         "round_zero": {
@@ -63,6 +72,7 @@ def run_seed(config: ScienceConfig) -> dict[str, Any]:
         "best_of_n_floor": best_of_n_floor(),
         "reward_models": reward_models,
         "arms": results,
+        "grid": grid,
         "wall_seconds": time.monotonic() - started,
     }
 

@@ -125,6 +125,7 @@ def render_science_markdown(result: dict[str, Any], command: str) -> str:
         ],
     )
     lines += _reward_model_lines(result.get("reward_models", {}))
+    lines += _grid_lines(result.get("grid"))
     grid = next(iter(arms.values()))["robustness_expected_ctr_lift"]
     lines += ["", "## Robustness: shoppers' expected CTR lift under other click models (reading only)", ""]
     lines += markdown_table(
@@ -210,3 +211,19 @@ def render_pooled_markdown(pooled: dict[str, Any], command: str) -> str:
             ],
         )
     return "\n".join(lines) + "\n"
+
+
+def _grid_lines(grid: dict[str, Any] | None) -> list[str]:
+    """The image grid's section: one held-out prompt, a row per segment, a block of K per arm."""
+    if not grid:
+        return []
+    rows = ", ".join(f"{row['segment']} ({row['viewer']})" for row in grid["rows"])
+    return [
+        "",
+        f'## One held-out prompt across segments: "{grid["prompt"]}"',
+        "",
+        f"Rows, top to bottom: {rows}. Blocks, left to right: {', '.join(grid['arms'])}, K images each, the same "
+        "seeds in every block of a row.",
+        "",
+        f"![{grid['prompt']} across segments]({grid['file']})",
+    ]

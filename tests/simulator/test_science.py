@@ -3,9 +3,11 @@ end to end (every arm kind runs, every metric is computed; no thresholds)."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -74,6 +76,10 @@ def test_quick_science_runs_every_kind_of_arm_and_writes_its_report(tmp_path: Pa
     assert result["arms"]["base"]["by_viewers"]["shoppers"]["vs_base"]["expected_ctr"]["value"] == 0.0
     markdown = (out / "science-seed7.md").read_text()
     assert "perfusion eval science --quick --arms" in markdown and "## Integrity" in markdown
+    assert (
+        result["grid"]["arms"] == ["base"] and (out / result["grid"]["file"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    )
+    assert f"]({result['grid']['file']})" in markdown
     # The same seed twice stands in for three test seeds: pooling and the rule run, figures as the one seed's.
     pooled_dir = tmp_path / "pooled"
     seed_json = str(out / "science_seed7.json")
@@ -82,6 +88,38 @@ def test_quick_science_runs_every_kind_of_arm_and_writes_its_report(tmp_path: Pa
     assert set(pooled["pooled"]) == set(arms) - {"base"}
     assert pooled["verdicts"]["7"].keys() == pooled["holds_on_every_seed"].keys()
     assert "## The claims, per seed" in (pooled_dir / "science-pooled.md").read_text()
+
+
+def test_the_grid_shows_the_held_out_prompt_most_segments_saw_a_row_per_segment() -> None:
+    from simulator.science.grid import grid_showings, image_grid
+
+    def shown(viewer: str, prompt: str, heldout: bool = True, role: str = "shopper") -> SimpleNamespace:
+        return SimpleNamespace(viewer=viewer, prompt=prompt, heldout_prompt=heldout, role=role)
+
+    segments = {"a1": "a", "a2": "a", "b1": "b", "c1": "c", "m": "c"}
+    showings = [
+        shown("a1", "coat"),
+        shown("a1", "dress", heldout=False),  # a training prompt: never in the grid
+        shown("a2", "shirt"),
+        shown("b1", "shirt"),
+        shown("c1", "shirt"),
+        shown("b1", "coat"),
+        shown("m", "shirt", role="merchant"),  # a merchant's showing: never a row
+    ]
+    prompt, rows = grid_showings(showings, segments)
+    assert prompt == "shirt" and rows == [("a", 2), ("b", 3), ("c", 4)]
+    k, size = 3, 2
+    draws = {
+        arm: SimpleNamespace(images=[np.full((k, size, size, 3), 10 * i + j, np.uint8) for i in range(len(showings))])
+        for j, arm in enumerate(["base", "perfusion"])
+    }
+    png, caption = image_grid(showings, draws, segments)
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)))
+    assert pixels.shape == (3 * size, 2 * k * size + 4, 3)
+    assert pixels[0, 0, 0] == 20 and pixels[0, -1, 0] == 21  # row a is showing 2: base left, perfusion right
+    assert caption["rows"][1] == {"segment": "b", "viewer": "b1"} and caption["arms"] == ["base", "perfusion"]
 
 
 @pytest.mark.slow
