@@ -25,6 +25,14 @@ then calls :meth:`DemandCounter.confirm` (``fired = "done"``). A crash between t
 the partition send the same record again, under the same key (design_id) with the same content; a reader that
 keeps the first record per key (or a compacted topic) sees exactly one production order per design.
 
+Each design's demand as others read it (net orders, the threshold, whether it was reached and whether production was
+triggered) is :func:`demand_updates`: the :class:`~perfusion.contracts.records.DesignDemand` of every design whose
+state changed since it was last published (:meth:`DemandCounter.take_touched` names the designs written to, and
+after a restart every design of the partition whose state differs from its last published record). The caller
+sends them and then calls :func:`mark_published`, which keeps the published record in the design's state; so a
+crash before that makes the next owner send the same record again, and the demand topic, keyed by design_id and
+compacted, holds each design's latest state. None of this changes when or how often a design fires.
+
 State lives in a ``MutableMapping`` under ``d:<design_id>`` (counters, threshold, events not yet applied),
 ``o:<order_id>`` (quantity, return ids seen, units returned), ``w:<partition>`` (the watermark) and ``s:<partition>``
 (the progress of each source partition); values are JSON-compatible.
@@ -41,7 +49,7 @@ from typing import Any
 
 from pydantic import Field
 
-from perfusion.contracts.records import AnyEvent, DesignCreated, Order, ProductionOrder, Return
+from perfusion.contracts.records import AnyEvent, DesignCreated, DesignDemand, Order, ProductionOrder, Return
 from perfusion.settings import Settings
 
 DemandEvent = DesignCreated | Order | Return
@@ -130,6 +138,7 @@ class DemandCounter:
         self._due: list[tuple[float, str]] = []  # (earliest pending event time, design_id), lazily rebuilt
         self._indexed = False
         self._unconfirmed: list[ProductionOrder] = []
+        self._touched: set[str] = set()  # designs whose state was written since the last take_touched
         stored = store.get(watermark_key(partition))
         self._watermark = float(stored) if stored is not None else -math.inf
 
@@ -220,10 +229,16 @@ class DemandCounter:
             key = design_key(production_order.design_id)
             state = self._store.get(key)
             if state is not None and state["fired"] == _EMITTING:
-                self._store[key] = {**state, "fired": _DONE, "order": None}
+                self._store[key] = {**state, "fired": _DONE, "order": None, "produced_ts": production_order.ts}
+                self._touched.add(production_order.design_id)
 
     def design_state(self, design_id: str) -> dict[str, Any] | None:
         return self._store.get(design_key(design_id))
+
+    def take_touched(self) -> set[str]:
+        """The designs whose state was written since the last call (for :func:`demand_updates`), and forget them."""
+        touched, self._touched = self._touched, set()
+        return touched
 
     # ------------------------------------------------------------------------------------------------ arrival
 
@@ -253,6 +268,7 @@ class DemandCounter:
                 return False
             entry = [event.ts, event.event_id, event.kind, None, event.order_threshold]
         self._store[key] = {**state, "pending": [*state["pending"], entry]}
+        self._touched.add(event.design_id)
         heapq.heappush(self._due, (event.ts, event.design_id))
         return True
 
@@ -287,6 +303,7 @@ class DemandCounter:
             if fired is not None:
                 outputs.append(fired)
         self._store[key] = state
+        self._touched.add(design_id)
         return outputs
 
     def _apply_order(self, order_id: str) -> int:
@@ -329,8 +346,69 @@ class DemandCounter:
                 self._due.append((min(entry[0] for entry in state["pending"]), key[2:]))
             if state["fired"] == _EMITTING:
                 self._unconfirmed.append(ProductionOrder.model_validate(state["order"], strict=False))
+            if _unpublished(key[2:], state, self.settings) is not None:
+                self._touched.add(key[2:])  # a change whose record a crash kept from being sent: send it now
         heapq.heapify(self._due)
         self._indexed = True
+
+
+def design_demand(design_id: str, state: dict[str, Any], settings: DemandSettings) -> DesignDemand:
+    """What a design's counter state says of its demand."""
+    threshold = state["threshold"] if state["threshold"] is not None else settings.default_threshold
+    triggered = state["fired"] == _DONE
+    return DesignDemand(
+        design_id=design_id,
+        net_orders=state["net"],
+        peak_net_orders=state["peak"],
+        threshold=threshold,
+        threshold_reached=threshold is not None and state["peak"] >= threshold,
+        production_triggered=triggered,
+        production_ts=state.get("produced_ts") if triggered else None,
+    )
+
+
+def demand_updates(
+    store: MutableMapping[str, Any], design_ids: Iterable[str], settings: DemandSettings
+) -> list[DesignDemand]:
+    """The demand of each of ``design_ids`` that differs from what was last published for it (by design_id)."""
+    updates: list[DesignDemand] = []
+    for design_id in sorted(design_ids):
+        state = store.get(design_key(design_id))
+        if state is None:
+            continue
+        demand = _unpublished(design_id, state, settings)
+        if demand is not None:
+            updates.append(demand)
+    return updates
+
+
+def _unpublished(design_id: str, state: dict[str, Any], settings: DemandSettings) -> DesignDemand | None:
+    """The design's demand when it differs from the record last published for it, else None."""
+    demand = design_demand(design_id, state, settings)
+    # Before anything was published for a design, a state of no orders and no known threshold is not news.
+    published = state.get("published") or _unknown_demand(design_id).model_dump(mode="json")
+    return demand if demand.model_dump(mode="json") != published else None
+
+
+def _unknown_demand(design_id: str) -> DesignDemand:
+    return DesignDemand(
+        design_id=design_id,
+        net_orders=0,
+        peak_net_orders=0,
+        threshold=None,
+        threshold_reached=False,
+        production_triggered=False,
+        production_ts=None,
+    )
+
+
+def mark_published(store: MutableMapping[str, Any], demands: Iterable[DesignDemand]) -> None:
+    """Keep in each design's state that its ``demands`` record was delivered (after the broker acknowledged it)."""
+    for demand in demands:
+        key = design_key(demand.design_id)
+        state = store.get(key)
+        if state is not None:
+            store[key] = {**state, "published": demand.model_dump(mode="json")}
 
 
 def batch_production_orders(events: Iterable[AnyEvent], settings: DemandSettings) -> dict[str, ProductionOrder]:

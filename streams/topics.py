@@ -27,6 +27,7 @@ class Topics:
     production_orders: TopicT
     train_requests: TopicT
     model_updates: TopicT
+    design_demand: TopicT  # compacted: each design's latest demand state (created so by ``ensure_topics``)
 
 
 def declare_topics(app: faust.App, settings: StreamSettings) -> Topics:
@@ -52,4 +53,5 @@ def declare_topics(app: faust.App, settings: StreamSettings) -> Topics:
         production_orders=topic(names.production_orders),
         train_requests=topic(names.train_requests),
         model_updates=topic(names.model_updates),
+        design_demand=topic(names.design_demand),
     )

@@ -472,6 +472,23 @@ class ProductionOrder(Record):
     ts: float
 
 
+class DesignDemand(Record):
+    """A design's demand as the worker's demand agent counts it, sent whenever one of these fields changes.
+
+    Keyed by design_id on a compacted topic: the latest record of a design is its state, so a reader that keeps the
+    latest per key (or reads the compacted topic from the start) knows every design's demand without folding the
+    events. The content follows from the counter's state alone, so a record sent again after a crash is the same.
+    """
+
+    design_id: NonEmptyId
+    net_orders: int = Field(description="units ordered less units returned (returns capped at their order)")
+    peak_net_orders: int = Field(description="the most net orders the design has had; production fires on it")
+    threshold: int | None = Field(description="net orders that start production; None = not known yet")
+    threshold_reached: bool
+    production_triggered: bool = Field(description="the design's ProductionOrder was sent and acknowledged")
+    production_ts: float | None = Field(description="event time at which production fired; None = not yet")
+
+
 class TrainRequest(Record):
     """Enough new group samples (or enough time) for a training update of ``model_version``."""
 

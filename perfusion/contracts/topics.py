@@ -3,6 +3,9 @@
 Inbound events of all kinds share ``perfusion.events``, keyed by ``user_id`` so that one user's events stay ordered
 in one partition. Outbound records have one topic each, keyed so that a replay overwrites rather than duplicates
 (group samples and group drops by impression id, production orders by design id, training requests by request id).
+``perfusion.design-demand`` holds each design's demand state (the worker's demand agent sends one whenever it
+changes), keyed by design id and created compacted (:meth:`TopicNames.compacted`): its latest record per key is the
+state.
 
 Names take a ``topic_prefix`` (the settings' ``topic_prefix``; tests use a unique prefix per test).
 :func:`ensure_topics` creates them with kafka-python's admin client before anything produces, so a producer never
@@ -14,7 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, fields
 
-from perfusion.errors import InfrastructureError
+from perfusion.errors import ConfigError, InfrastructureError
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,7 @@ GROUP_DROPS = "perfusion.group-drops"
 PRODUCTION_ORDERS = "perfusion.production-orders"
 TRAIN_REQUESTS = "perfusion.train-requests"
 MODEL_UPDATES = "perfusion.model-updates"
+DESIGN_DEMAND = "perfusion.design-demand"
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class TopicNames:
     production_orders: str
     train_requests: str
     model_updates: str
+    design_demand: str
 
     @classmethod
     def for_prefix(cls, prefix: str) -> TopicNames:
@@ -49,14 +54,42 @@ class TopicNames:
             production_orders=prefix + PRODUCTION_ORDERS,
             train_requests=prefix + TRAIN_REQUESTS,
             model_updates=prefix + MODEL_UPDATES,
+            design_demand=prefix + DESIGN_DEMAND,
         )
+
+    @classmethod
+    def of_topic(cls, *names: str) -> TopicNames:
+        """The topics of the loop that ``names`` (topics of one loop, each a prefix and a base name) belong to."""
+        bases = [getattr(cls.for_prefix(""), f.name) for f in fields(cls)]
+        prefixes = set()
+        for name in names:
+            prefix = next((name.removesuffix(base) for base in bases if name.endswith(base)), None)
+            if prefix is None:
+                raise ConfigError(f"{name!r} is not a topic of the loop; its name ends with one of {', '.join(bases)}")
+            prefixes.add(prefix)
+        if len(prefixes) != 1:
+            raise ConfigError(f"name topics of one loop (one prefix), got {', '.join(map(repr, names)) or 'none'}")
+        return cls.for_prefix(prefixes.pop())
 
     def all(self) -> list[str]:
         return [getattr(self, f.name) for f in fields(self)]
 
+    def compacted(self) -> list[str]:
+        """The topics whose latest record per key is all a reader needs: created with ``cleanup.policy=compact``."""
+        return [self.design_demand]
+
+
+def topic_options(names: TopicNames, name: str, partitions: int) -> dict[str, object]:
+    """What :func:`ensure_topics` creates topic ``name`` with (kafka-python's ``create_topics`` options)."""
+    options: dict[str, object] = {"num_partitions": partitions, "replication_factor": 1}
+    if name in names.compacted():
+        options["configs"] = {"cleanup.policy": "compact"}
+    return options
+
 
 def ensure_topics(bootstrap_servers: str, names: TopicNames, partitions: int) -> list[str]:
-    """Create the topics that do not exist yet; returns the names created. Existing topics are left as they are."""
+    """Create the topics that do not exist yet (the compacted ones with ``cleanup.policy=compact``); returns the
+    names created. Existing topics are left as they are."""
     from kafka.admin import KafkaAdminClient
     from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -73,9 +106,7 @@ def ensure_topics(bootstrap_servers: str, names: TopicNames, partitions: int) ->
         created: list[str] = []
         for name in missing:
             try:
-                admin.create_topics(
-                    {name: {"num_partitions": partitions, "replication_factor": 1}}, wait_for_metadata=True
-                )
+                admin.create_topics({name: topic_options(names, name, partitions)}, wait_for_metadata=True)
                 created.append(name)
             except TopicAlreadyExistsError:
                 pass  # another process created it between list and create

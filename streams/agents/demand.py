@@ -13,7 +13,14 @@ Inbound events are keyed by user, but demand is counted per design, so it takes 
    partition, state in a changelog-backed table keyed by design and order) and sends each ProductionOrder to
    ``perfusion.production-orders`` keyed by design_id, confirming it in the table only after the broker
    acknowledged it. A timer applies the counter's idle rule to every partition this worker owns, so routed demand
-   fires without waiting for traffic on other partitions; the sources' progress lives in the table.
+   fires without waiting for traffic on other partitions; the sources' progress lives in the table;
+3. after the production orders of a batch (or of an idle tick) are confirmed and the table's changelog flushed, the
+   agent sends the :class:`~perfusion.contracts.records.DesignDemand` of every design whose demand changed to
+   ``perfusion.design-demand`` (compacted, keyed by design_id; :func:`streams.demand.demand_updates`), waits for the
+   broker, and marks them published in the table (logged with the next batch). A crash before the mark is logged
+   leaves the design's state unpublished, and the partition's next owner sends it again, the same record. The
+   generator service follows that topic for ``GET /designs/{id}``. Production orders are sent and confirmed as
+   before, and nothing about them depends on this step.
 
 Each message of the by-design topic is processed on its own terms: one that raises (an unreadable marker, a bug)
 has its changes to the table rolled back and goes to the dead-letter topic with the reason; the rest go on.
@@ -33,7 +40,7 @@ from typing import TYPE_CHECKING, cast
 from perfusion.contracts.records import DesignCreated, Order, ProductionOrder, Return
 from streams.continuity import OffsetContinuity
 from streams.dead_letters import EventGate, MessagePosition, dead_letter, failure_reason
-from streams.demand import DemandCounter, is_demand_event
+from streams.demand import DemandCounter, demand_updates, is_demand_event, mark_published
 from streams.liveness import fail_worker_on_crash
 from streams.table_store import (
     JsonTableStore,
@@ -156,6 +163,7 @@ def register(context: AgentContext) -> AgentT:
             by_design_continuity.check(batch, context.on_skipped_records)
             async with lock:
                 touched: dict[int, JsonTableStore] = {}  # held here: a rebalance may clear ``counters`` meanwhile
+                changed: dict[int, set[str]] = {}  # partition -> designs written by the events processed
                 emitted: list[tuple[DemandCounter, list[ProductionOrder]]] = []
                 for event in batch:
                     partition = event.message.partition
@@ -169,10 +177,12 @@ def register(context: AgentContext) -> AgentT:
                         counters.pop(partition, None)  # its in-memory index may hold what was rolled back
                         await dead_letter_message(event, failure_reason("the demand counter", exc))
                         continue
+                    changed.setdefault(partition, set()).update(counter.take_touched())
                     if orders:
                         emitted.append((counter, orders))
                 await deliver(emitted)
                 await flush_changelogs(touched.values())
+                await publish_demand(touched, changed)
 
     async def dead_letter_message(event: EventT, reason: str) -> None:
         message = event.message
@@ -196,21 +206,41 @@ def register(context: AgentContext) -> AgentT:
                 log.info("production order for design %s at %d net orders", order.design_id, order.net_orders)
                 context.metrics.production_orders.inc()
 
+    async def publish_demand(stores: dict[int, JsonTableStore], changed: dict[int, set[str]]) -> None:
+        """Send the demand of every design whose demand changed, wait for the broker, then mark it published. Runs
+        after :func:`deliver`, so that a confirmed production order is part of the state sent."""
+        for partition, (counter, _) in list(counters.items()):
+            if partition in stores:
+                changed.setdefault(partition, set()).update(counter.take_touched())  # confirmed in deliver
+        updates = [
+            (stores[partition], update)
+            for partition, design_ids in sorted(changed.items())
+            for update in demand_updates(stores[partition], design_ids, demand)
+        ]
+        await send_and_wait(
+            [(topics.design_demand, update.design_id.encode(), update.to_bytes()) for _, update in updates]
+        )
+        for store, update in updates:
+            mark_published(store, [update])
+
     async def advance_idle_partitions() -> None:
         """The idle rule on every partition of the by-design topic this worker owns."""
         topic_name = by_design.get_topic_name()
         owned = sorted(tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic_name)
         async with lock:
             emitted: list[tuple[DemandCounter, list[ProductionOrder]]] = []
-            touched: list[JsonTableStore] = []
+            touched: dict[int, JsonTableStore] = {}
+            changed: dict[int, set[str]] = {}
             for partition in owned:
                 counter, store = counter_for(partition)
-                touched.append(store)
+                touched[partition] = store
                 orders = counter.advance_idle()
+                changed[partition] = counter.take_touched()
                 if orders:
                     emitted.append((counter, orders))
             await deliver(emitted)
-            await flush_changelogs(touched)
+            await flush_changelogs(touched.values())
+            await publish_demand(touched, changed)
 
     if demand.idle_after_s > 0.0:
         tick = fail_worker_on_crash("the demand idle timer", advance_idle_partitions, context.on_crash)
