@@ -10,12 +10,11 @@ This module imports nothing heavy, so that settings and command-line flags can t
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from perfusion.errors import ConfigError
+from pydantic import Field, ValidationError, ValidationInfo, ValidatorFunctionWrapHandler, field_validator
+
+from perfusion.frozen_config import FrozenConfig
 
 SamplerKind = Literal["ddim", "dpm-solver"]
 TimestepSpacing = Literal["trailing", "leading", "linspace"]
@@ -23,53 +22,58 @@ SAMPLER_KINDS: tuple[str, ...] = ("ddim", "dpm-solver")
 TIMESTEP_SPACINGS: tuple[str, ...] = ("trailing", "leading", "linspace")
 MAX_STEPS = 1000  # the training schedule's length (BaseModelConfig.num_train_timesteps); a step per timestep at most
 
+# The names kind and spacing may take, and what a refused value of each field is told.
+_CHOICES: dict[str, tuple[str, ...]] = {"kind": SAMPLER_KINDS, "spacing": TIMESTEP_SPACINGS}
+_REFUSALS: dict[str, str] = {
+    "kind": f"SamplerConfig.kind must be one of {', '.join(SAMPLER_KINDS)}, got {{value!r}}; use 'ddim' (the serving "
+    "sampler) or 'dpm-solver'",
+    "spacing": f"SamplerConfig.spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, got {{value!r}}; use "
+    "'trailing' (the first step at the last training timestep)",
+    "steps": f"SamplerConfig.steps must be a whole number between 1 and {MAX_STEPS}, got {{value!r}}; pass the number "
+    "of denoising steps, e.g. 4",
+    "guidance_scale": "SamplerConfig.guidance_scale must be a finite number >= 0, got {value!r}; pass 1.0 for no "
+    "guidance or e.g. 3.0",
+}
 
-@dataclass(frozen=True, kw_only=True)
-class SamplerConfig:
+
+class SamplerConfig(FrozenConfig):
     """A deterministic sampler over the base model's training schedule, and its classifier-free guidance."""
 
-    kind: str = field(
+    kind: str = Field(
         default="ddim",
-        metadata={"help": "ddim (DDIM, eta 0, x0 unclipped) or dpm-solver (DPM-Solver++ 2nd order, thresholded)"},
+        description="ddim (DDIM, eta 0, x0 unclipped) or dpm-solver (DPM-Solver++ 2nd order, thresholded)",
     )
-    spacing: str = field(
+    spacing: str = Field(
         default="trailing",
-        metadata={
-            "help": "diffusers' timestep_spacing: trailing starts at the last training timestep (pure noise); "
-            "leading starts 1/steps of the schedule earlier (the flaw of arXiv 2305.08891); linspace spans both ends"
-        },
+        description="diffusers' timestep_spacing: trailing starts at the last training timestep (pure noise); "
+        "leading starts 1/steps of the schedule earlier (the flaw of arXiv 2305.08891); linspace spans both ends",
     )
-    steps: int = field(metadata={"help": "denoising steps (scheduler steps) per image"})
-    guidance_scale: float = field(
-        default=3.0, metadata={"help": "classifier-free guidance scale; 1 turns guidance off (one branch)"}
+    steps: int = Field(ge=1, le=MAX_STEPS, strict=True, description="denoising steps (scheduler steps) per image")
+    guidance_scale: float = Field(
+        default=3.0,
+        ge=0.0,
+        strict=True,
+        allow_inf_nan=False,
+        description="classifier-free guidance scale; 1 turns guidance off (one branch)",
     )
 
-    def __post_init__(self) -> None:
-        if self.kind not in SAMPLER_KINDS:
-            raise ConfigError(
-                f"SamplerConfig.kind must be one of {', '.join(SAMPLER_KINDS)}, got {self.kind!r}; use 'ddim' (the "
-                "serving sampler) or 'dpm-solver'"
-            )
-        if self.spacing not in TIMESTEP_SPACINGS:
-            raise ConfigError(
-                f"SamplerConfig.spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, got {self.spacing!r}; use "
-                "'trailing' (the first step at the last training timestep)"
-            )
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
-            raise ConfigError(
-                f"SamplerConfig.steps must be a whole number between 1 and {MAX_STEPS}, got {self.steps!r}; pass the "
-                "number of denoising steps, e.g. 4"
-            )
-        scale = self.guidance_scale
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale < 0:
-            raise ConfigError(
-                f"SamplerConfig.guidance_scale must be a finite number >= 0, got {scale!r}; pass 1.0 for no guidance "
-                "or e.g. 3.0"
-            )
+    @field_validator("kind", "spacing", "steps", "guidance_scale", mode="wrap")
+    @classmethod
+    def _refuse_with_the_fix(cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        """The field's type and bounds (strict: no bool or float steps), kind and spacing one of their names; a
+        refused value is told what to pass instead."""
+        name = str(info.field_name)
+        try:
+            checked = handler(value)
+        except ValidationError:
+            raise ValueError(_REFUSALS[name].format(value=value)) from None
+        if name in _CHOICES and checked not in _CHOICES[name]:
+            raise ValueError(_REFUSALS[name].format(value=value))
+        return checked
 
     def with_steps(self, steps: int | None) -> SamplerConfig:
         """The same sampler at ``steps`` steps (None: unchanged), e.g. a CI-sized run of the serving sampler."""
-        return self if steps is None else dataclasses.replace(self, steps=steps)
+        return self if steps is None else self.with_overrides(steps=steps)
 
     def describe(self) -> str:
         """One line for reports: "DDIM, trailing spacing, 4 steps, guidance 3.0"."""

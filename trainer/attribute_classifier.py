@@ -8,10 +8,10 @@ is reported on renders with seeds it never saw.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 from tqdm import tqdm
 
@@ -23,6 +23,7 @@ from perfusion.models.attribute_classifier import (
     attribute_accuracy,
     split_blocks,
 )
+from perfusion.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -30,16 +31,17 @@ logger = logging.getLogger(__name__)
 VALIDATION_SEED = 7_777
 
 
-@dataclass(frozen=True)
-class ClassifierTrainingConfig:
-    steps: int = field(default=1200, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=128, metadata={"help": "images per step"})
-    learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate (cosine decay to zero)"})
-    variants: int = field(default=4, metadata={"help": "renders (seeds) of each catalog item"})
-    noise_std: float = field(default=0.08, metadata={"help": "largest std of Gaussian pixel noise added (in [-1, 1])"})
-    image_size: int = field(default=32, metadata={"help": "render size in pixels"})
-    seed: int = field(default=0, metadata={"help": "seeds renders, initialisation and batches"})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
+class ClassifierTrainingConfig(Settings):
+    """How the attribute classifier is trained (a section of :class:`trainer.pretrain.PretrainConfig`)."""
+
+    steps: int = Field(default=1200, description="optimizer steps")
+    batch_size: int = Field(default=128, description="images per step")
+    learning_rate: float = Field(default=2e-3, description="AdamW learning rate (cosine decay to zero)")
+    variants: int = Field(default=4, description="renders (seeds) of each catalog item")
+    noise_std: float = Field(default=0.08, description="largest std of Gaussian pixel noise added (in [-1, 1])")
+    image_size: int = Field(default=32, description="render size in pixels")
+    seed: int = Field(default=0, description="seeds renders, initialisation and batches")
+    device: str = Field(default="cpu", description="torch device")
 
 
 def classifier_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from PIL import Image, ImageDraw
+from pydantic import Field
 from tqdm import tqdm
 
 from perfusion.attributes import ATTRIBUTE_KINDS, GARMENTS, OPEN_KINDS, Attributes
@@ -50,6 +51,7 @@ from perfusion.sampling import (
     sample_images,
     unet_noise_fn,
 )
+from perfusion.settings import Settings
 from perfusion.text_encoder import CaptionStates
 from trainer.attribute_classifier import ClassifierTrainingConfig, train_attribute_classifier
 from trainer.reward_pretrain import (
@@ -67,42 +69,42 @@ SAMPLES_FILE = "samples.png"
 OPEN_SAMPLES_FILE = "open_samples.png"
 
 
-@dataclass(frozen=True)
-class PretrainConfig:
-    steps: int = field(default=3000, metadata={"help": "optimizer steps (an upper bound with time_budget_s)"})
-    batch_size: int = field(default=64, metadata={"help": "images per step"})
-    learning_rate: float = field(default=5e-4, metadata={"help": "AdamW peak learning rate"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps, then cosine decay to 10%"})
-    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the saved weights"})
-    caption_dropout: float = field(default=0.1, metadata={"help": "share of captions replaced by the empty prompt"})
-    attribute_dropout: float = field(
-        default=0.5,
-        metadata={"help": "chance that each of the colour, pattern, sleeve and fit words is left out of a caption"},
-    )
-    variants: int = field(default=8, metadata={"help": "renders (seeds) of each training item"})
-    seed: int = field(default=0, metadata={"help": "seeds renders, initialisation, batches and noise"})
-    device: str = field(default="cpu", metadata={"help": "torch device (cpu or cuda)"})
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast for the UNet forward (CUDA)"})
-    time_budget_s: float | None = field(default=None, metadata={"help": "stop training after this many seconds"})
-    eval_captions: int = field(default=0, metadata={"help": "held-out captions evaluated (0 = all)"})
-    eval_seeds: int = field(default=2, metadata={"help": "samples per held-out caption"})
-    grid_captions: int = field(default=8, metadata={"help": "rows of the sample grid"})
-    grid_seeds: int = field(default=6, metadata={"help": "columns of the sample grid"})
-    open_seeds: int = field(default=64, metadata={"help": "seeds of each garment-only prompt for the open spread"})
-    open_grid_seeds: int = field(default=10, metadata={"help": "columns of the garment-only sample grid"})
-    sample_steps: int = field(default=25, metadata={"help": "DDIM steps when sampling for evaluation"})
-    guidance_scale: float = field(default=3.0, metadata={"help": "classifier-free guidance scale for evaluation"})
-    classifier: ClassifierTrainingConfig = field(
-        default_factory=ClassifierTrainingConfig, metadata={"help": "training of the attribute classifier"}
-    )
-    reward_towers: RewardPretrainConfig = field(
-        default_factory=RewardPretrainConfig, metadata={"help": "contrastive training of PerFusionRM's towers"}
-    )
+class PretrainConfig(Settings):
+    """Configuration of ``perfusion pretrain``: the base UNet's training and evaluation, and two sections."""
 
-    def __post_init__(self) -> None:
-        for name in ("caption_dropout", "attribute_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+    steps: int = Field(default=3000, description="optimizer steps (an upper bound with time_budget_s)")
+    batch_size: int = Field(default=64, description="images per step")
+    learning_rate: float = Field(default=5e-4, description="AdamW peak learning rate")
+    warmup_steps: int = Field(default=100, description="linear warm-up steps, then cosine decay to 10%")
+    ema_decay: float = Field(default=0.999, description="EMA decay of the saved weights")
+    caption_dropout: float = Field(
+        default=0.1, ge=0.0, lt=1.0, description="share of captions replaced by the empty prompt"
+    )
+    attribute_dropout: float = Field(
+        default=0.5,
+        ge=0.0,
+        lt=1.0,
+        description="chance that each of the colour, pattern, sleeve and fit words is left out of a caption",
+    )
+    variants: int = Field(default=8, description="renders (seeds) of each training item")
+    seed: int = Field(default=0, description="seeds renders, initialisation, batches and noise")
+    device: str = Field(default="cpu", description="torch device (cpu or cuda)")
+    bf16: bool = Field(default=False, description="bfloat16 autocast for the UNet forward (CUDA)")
+    time_budget_s: float | None = Field(default=None, description="stop training after this many seconds")
+    eval_captions: int = Field(default=0, description="held-out captions evaluated (0 = all)")
+    eval_seeds: int = Field(default=2, description="samples per held-out caption")
+    grid_captions: int = Field(default=8, description="rows of the sample grid")
+    grid_seeds: int = Field(default=6, description="columns of the sample grid")
+    open_seeds: int = Field(default=64, description="seeds of each garment-only prompt for the open spread")
+    open_grid_seeds: int = Field(default=10, description="columns of the garment-only sample grid")
+    sample_steps: int = Field(default=25, description="DDIM steps when sampling for evaluation")
+    guidance_scale: float = Field(default=3.0, description="classifier-free guidance scale for evaluation")
+    classifier: ClassifierTrainingConfig = Field(
+        default_factory=ClassifierTrainingConfig, description="training of the attribute classifier"
+    )
+    reward_towers: RewardPretrainConfig = Field(
+        default_factory=RewardPretrainConfig, description="contrastive training of PerFusionRM's towers"
+    )
 
 
 @dataclass
@@ -379,9 +381,9 @@ def pretrain(
         unet = build_unet(model_config)
     logger.info("base UNet: %.2f M parameters, %d training captions", count_parameters(unet) / 1e6, len(split.train))
     ema_unet, figures = train_unet(unet, model_config, config, split.train, text)
-    classifier_config = ClassifierTrainingConfig(**{**asdict(config.classifier), "device": config.device})
+    classifier_config = config.classifier.with_overrides(device=config.device)
     classifier, classifier_accuracy = train_attribute_classifier(classifier_config)
-    tower_config = replace(config.reward_towers, image_size=model_config.sample_size)
+    tower_config = config.reward_towers.with_overrides(image_size=model_config.sample_size)
     reward_towers, reward_figures = pretrain_reward_towers(tower_config, text, model_config.channels)
     heldout_accuracy = evaluate_heldout(ema_unet, classifier, model_config, text, split.heldout, config)
     grid_rows = _diverse(split.heldout, config.grid_captions)
@@ -474,7 +476,7 @@ def save_pretrain_result(
     save_component(out, CLASSIFIER_COMPONENT, result.classifier, result.classifier.config.to_dict())
     if result.reward_towers is not None:
         save_reward_towers(out, result.reward_towers, result.metrics.get("reward_towers", {}))
-    report = {"metrics": result.metrics, "provenance": provenance, "pretrain_config": _jsonable(asdict(config))}
+    report = {"metrics": result.metrics, "provenance": provenance, "pretrain_config": _jsonable(config.model_dump())}
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     save_grids(out, result.grid, result.open_grid)
 

@@ -24,17 +24,18 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
 from perfusion.catalog import CatalogDataset, split_catalog
 from perfusion.checkpoints import read_component_config, read_component_state, save_component
 from perfusion.errors import ConfigError
 from perfusion.models.reward import PerFusionRM, RewardModelConfig
+from perfusion.settings import Settings
 from perfusion.text_encoder import CaptionStates, TextEncoder
 from trainer.attribute_classifier import augment
 
@@ -47,25 +48,21 @@ TOWER_PREFIXES: tuple[str, ...] = ("text_projection.", "image_tower.", "logit_sc
 RETRIEVAL_SEED = 4_242
 
 
-@dataclass(frozen=True)
-class RewardPretrainConfig:
-    steps: int = field(default=1500, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=128, metadata={"help": "distinct captions (one render each) per step"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (cosine decay to 10%)"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
-    variants: int = field(default=4, metadata={"help": "renders (seeds) of each training caption"})
-    noise_std: float = field(default=0.15, metadata={"help": "largest std of the Gaussian pixel noise added"})
-    image_size: int = field(default=32, metadata={"help": "render size in pixels (the base model's sample size)"})
-    seed: int = field(default=0, metadata={"help": "seeds renders, initialisation and batches"})
+class RewardPretrainConfig(Settings):
+    """How PerFusionRM's towers are pretrained (a section of :class:`trainer.pretrain.PretrainConfig`)."""
 
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "variants"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise ConfigError(
-                f"batch_size must be at least 2 (a contrastive batch needs negatives), got {self.batch_size}"
-            )
+    steps: int = Field(default=1500, ge=1, description="optimizer steps")
+    batch_size: int = Field(
+        default=128,
+        ge=2,
+        description="distinct captions (one render each) per step; at least 2, a contrastive batch needs negatives",
+    )
+    learning_rate: float = Field(default=1e-3, description="AdamW learning rate (cosine decay to 10%)")
+    weight_decay: float = Field(default=0.05, description="AdamW weight decay")
+    variants: int = Field(default=4, ge=1, description="renders (seeds) of each training caption")
+    noise_std: float = Field(default=0.15, description="largest std of the Gaussian pixel noise added")
+    image_size: int = Field(default=32, description="render size in pixels (the base model's sample size)")
+    seed: int = Field(default=0, description="seeds renders, initialisation and batches")
 
 
 def clip_loss(text: Tensor, image: Tensor, scale: Tensor) -> Tensor:

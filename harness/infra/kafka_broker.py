@@ -22,8 +22,10 @@ import subprocess
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
 from harness.infra.process import (
     LocalServer,
@@ -37,9 +39,10 @@ from harness.infra.process import (
     start_detached,
     write_atomically,
 )
-from perfusion.errors import ConfigError, InfrastructureError
+from perfusion.errors import InfrastructureError
 from perfusion.paths import cache_dir
 from perfusion.server_files import KAFKA_BOOTSTRAP_ENV, kafka_bootstrap_servers, kafka_state_dir
+from perfusion.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -51,33 +54,27 @@ _INSTALLED_MARKER = ".installed"
 default_kafka_state_dir = kafka_state_dir
 
 
-@dataclass(frozen=True)
-class KafkaBrokerConfig:
-    """Where and how the local broker runs. Ports of 0 mean: reuse the last ones if free, else pick free ones."""
+class KafkaBrokerConfig(Settings):
+    """Where and how the local broker runs. Ports of 0 mean: reuse the last ones if free, else pick free ones.
 
-    version: str = field(default=KAFKA_VERSION, metadata={"help": "Apache Kafka release resolved from Maven"})
-    host: str = field(default="127.0.0.1", metadata={"help": "address both listeners bind to"})
-    port: int = field(default=0, metadata={"help": "PLAINTEXT (client) port; 0 picks one"})
-    controller_port: int = field(default=0, metadata={"help": "KRaft CONTROLLER port; 0 picks one"})
-    state_dir: Path = field(default_factory=default_kafka_state_dir, metadata={"help": "config, data, logs, pid"})
-    heap: str = field(default="512m", metadata={"help": "JVM -Xmx"})
-    num_partitions: int = field(default=4, metadata={"help": "partitions of auto-created topics"})
-    start_timeout_s: float = field(default=120.0, metadata={"help": "seconds to wait for the broker to answer"})
-    quick_jit: bool = field(
+    :meth:`from_env` reads ``PERFUSION_BROKER_<FIELD>`` (``PERFUSION_STATE_DIR`` is the whole state folder's).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="PERFUSION_BROKER_")
+
+    version: str = Field(default=KAFKA_VERSION, description="Apache Kafka release resolved from Maven")
+    host: str = Field(default="127.0.0.1", description="address both listeners bind to")
+    port: int = Field(default=0, ge=0, le=65535, description="PLAINTEXT (client) port; 0 picks one")
+    controller_port: int = Field(default=0, ge=0, le=65535, description="KRaft CONTROLLER port; 0 picks one")
+    state_dir: Path = Field(default_factory=default_kafka_state_dir, description="config, data, logs, pid")
+    heap: str = Field(default="512m", description="JVM -Xmx")
+    num_partitions: int = Field(default=4, ge=1, description="partitions of auto-created topics")
+    start_timeout_s: float = Field(default=120.0, description="seconds to wait for the broker to answer")
+    quick_jit: bool = Field(
         default=True,
-        metadata={
-            "help": "C1 JIT only (-XX:TieredStopAtLevel=1): starts in about half the time on 2 cores, "
-            "lower peak throughput; turn off for load tests"
-        },
+        description="C1 JIT only (-XX:TieredStopAtLevel=1): starts in about half the time on 2 cores, "
+        "lower peak throughput; turn off for load tests",
     )
-
-    def __post_init__(self) -> None:
-        for name in ("port", "controller_port"):
-            value = getattr(self, name)
-            if not 0 <= value <= 65535:
-                raise ConfigError(f"{name} must be between 0 and 65535, got {value}")
-        if self.num_partitions < 1:
-            raise ConfigError(f"num_partitions must be at least 1, got {self.num_partitions}")
 
     @property
     def libs_dir(self) -> Path:
@@ -193,7 +190,7 @@ class KafkaBroker(LocalServer):
         partial = archive.with_name(f"{archive.name}.{os.getpid()}.partial")
         logger.info("building the broker's class archive %s (one throwaway start)", archive)
         with tempfile.TemporaryDirectory(prefix="perfusion-kafka-archive-") as scratch:
-            throwaway = KafkaBroker(replace(self.config, state_dir=Path(scratch), port=0, controller_port=0))
+            throwaway = KafkaBroker(self.config.with_overrides(state_dir=Path(scratch), port=0, controller_port=0))
             throwaway._archive_classes_to = partial
             try:
                 throwaway.start()

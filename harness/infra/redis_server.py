@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
 from harness.infra.process import (
     LocalServer,
@@ -26,7 +28,8 @@ from harness.infra.process import (
     write_atomically,
 )
 from perfusion import server_files
-from perfusion.errors import ConfigError, InfrastructureError
+from perfusion.errors import InfrastructureError
+from perfusion.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -36,19 +39,19 @@ REDIS_URL_ENV = server_files.REDIS_URL_ENV
 default_redis_state_dir = server_files.redis_state_dir
 
 
-@dataclass(frozen=True)
-class RedisServerConfig:
-    """Where and how the local Redis server runs."""
+class RedisServerConfig(Settings):
+    """Where and how the local Redis server runs.
 
-    host: str = field(default="127.0.0.1", metadata={"help": "address Redis binds to"})
-    port: int = field(default=0, metadata={"help": "TCP port; 0 picks a free one"})
-    state_dir: Path = field(default_factory=default_redis_state_dir, metadata={"help": "config, data, log, pid"})
-    max_memory: str = field(default="256mb", metadata={"help": "Redis maxmemory"})
-    start_timeout_s: float = field(default=30.0, metadata={"help": "seconds to wait for PING to answer"})
+    :meth:`from_env` reads ``PERFUSION_REDIS_<FIELD>`` (``PERFUSION_STATE_DIR`` is the whole state folder's).
+    """
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be between 0 and 65535, got {self.port}")
+    model_config = SettingsConfigDict(env_prefix="PERFUSION_REDIS_")
+
+    host: str = Field(default="127.0.0.1", description="address Redis binds to")
+    port: int = Field(default=0, ge=0, le=65535, description="TCP port; 0 picks a free one")
+    state_dir: Path = Field(default_factory=default_redis_state_dir, description="config, data, log, pid")
+    max_memory: str = Field(default="256mb", description="Redis maxmemory")
+    start_timeout_s: float = Field(default=30.0, description="seconds to wait for PING to answer")
 
 
 class RedisServer(LocalServer):

@@ -29,13 +29,11 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from harness.infra.kafka_broker import KafkaBroker, KafkaBrokerConfig
 
     config = KafkaBrokerConfig()
     if getattr(args, "version", None):
-        config = replace(config, version=args.version)
+        config = config.with_overrides(version=args.version)
     action = args.broker_action
     if action == "install":
         started = time.monotonic()
@@ -43,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"Apache Kafka {config.version} installed in {libs.parent} ({time.monotonic() - started:.1f} s)")
         return 0
     if action == "up":
-        config = replace(config, port=args.port, heap=args.heap, start_timeout_s=args.timeout)
+        config = config.with_overrides(port=args.port, heap=args.heap, start_timeout_s=args.timeout)
         broker = KafkaBroker(config)
         before = broker.status()
         if before.running:

@@ -128,41 +128,40 @@ def run(args: argparse.Namespace) -> int:
             f"{model_config.text_max_length}; export the states again with this version"
         )
     quick = args.quick
+    defaults = PretrainConfig()
     classifier = ClassifierTrainingConfig(
-        steps=args.classifier_steps or (40 if quick else ClassifierTrainingConfig.steps),
-        variants=1 if quick else ClassifierTrainingConfig.variants,
+        steps=args.classifier_steps or (40 if quick else defaults.classifier.steps),
+        variants=1 if quick else defaults.classifier.variants,
         seed=args.seed,
         device=args.device,
     )
     reward_towers = RewardPretrainConfig(
-        steps=args.reward_tower_steps or (20 if quick else RewardPretrainConfig.steps),
-        variants=1 if quick else RewardPretrainConfig.variants,
+        steps=args.reward_tower_steps or (20 if quick else defaults.reward_towers.steps),
+        variants=1 if quick else defaults.reward_towers.variants,
         image_size=model_config.sample_size,
         seed=args.seed,
     )
     if args.reward_towers_only:
         return _pretrain_reward_towers_only(args, reward_towers, text, model_config.channels)
     config = PretrainConfig(
-        steps=args.steps or (30 if quick else PretrainConfig.steps),
-        batch_size=args.batch_size or (16 if quick else PretrainConfig.batch_size),
+        steps=args.steps or (30 if quick else defaults.steps),
+        batch_size=args.batch_size or (16 if quick else defaults.batch_size),
         learning_rate=args.lr,
-        attribute_dropout=PretrainConfig.attribute_dropout
-        if args.attribute_dropout is None
-        else args.attribute_dropout,
-        warmup_steps=10 if quick else PretrainConfig.warmup_steps,
-        variants=1 if quick else PretrainConfig.variants,
+        attribute_dropout=defaults.attribute_dropout if args.attribute_dropout is None else args.attribute_dropout,
+        warmup_steps=10 if quick else defaults.warmup_steps,
+        variants=1 if quick else defaults.variants,
         seed=args.seed,
         device=args.device,
         bf16=args.bf16,
         time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None,
         eval_captions=8 if quick else 0,
-        eval_seeds=args.eval_seeds or (1 if quick else PretrainConfig.eval_seeds),
-        grid_captions=4 if quick else PretrainConfig.grid_captions,
-        grid_seeds=3 if quick else PretrainConfig.grid_seeds,
-        open_seeds=4 if quick else PretrainConfig.open_seeds,
-        open_grid_seeds=3 if quick else PretrainConfig.open_grid_seeds,
-        sample_steps=5 if quick else PretrainConfig.sample_steps,
-        guidance_scale=args.guidance_scale or PretrainConfig.guidance_scale,
+        eval_seeds=args.eval_seeds or (1 if quick else defaults.eval_seeds),
+        grid_captions=4 if quick else defaults.grid_captions,
+        grid_seeds=3 if quick else defaults.grid_seeds,
+        open_seeds=4 if quick else defaults.open_seeds,
+        open_grid_seeds=3 if quick else defaults.open_grid_seeds,
+        sample_steps=5 if quick else defaults.sample_steps,
+        guidance_scale=args.guidance_scale or defaults.guidance_scale,
         classifier=classifier,
         reward_towers=reward_towers,
     )

@@ -36,9 +36,9 @@ The reference model of the preference objectives is the frozen base UNet with no
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +47,11 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.controlnets.controlnet import ControlNetModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
 from torch import Tensor, nn
 
-from perfusion.errors import ConfigError, PerfusionError
+from perfusion.errors import PerfusionError
+from perfusion.frozen_config import FrozenConfig
 from perfusion.models.user_pathways import LEGACY_USER_PATHWAY, USER_PATHWAYS, UserPathway
 from perfusion.user_features import USER_DIM
 
@@ -58,65 +60,50 @@ class AdaptiveInputError(PerfusionError):
     """Tensors handed to the adaptive network do not match its config or the UNet's input."""
 
 
-@dataclass(frozen=True)
-class AdaptiveConfig:
+class AdaptiveConfig(FrozenConfig):
     """Shape of the personalized adaptive network (the rest of its shape is copied from the base UNet)."""
 
-    user_dim: int = field(default=USER_DIM, metadata={"help": "length of the user vector u"})
-    user_pathway: UserPathway = field(
+    saved_name: ClassVar[str] = "adaptive network config"
+
+    user_dim: int = Field(default=USER_DIM, ge=1, description="length of the user vector u")
+    user_pathway: UserPathway = Field(
         default="copy_tokens",
-        metadata={
-            "help": "where u enters: copy_tokens (user tokens in the trainable copy's cross-attention, residuals "
-            "into the frozen base), base_tokens (user tokens in the frozen base's cross-attention, no copy), "
-            "condition_map (a constant map g(u) into the copy's conditioning embedding)"
-        },
+        description="where u enters: copy_tokens (user tokens in the trainable copy's cross-attention, residuals "
+        "into the frozen base), base_tokens (user tokens in the frozen base's cross-attention, no copy), "
+        "condition_map (a constant map g(u) into the copy's conditioning embedding)",
     )
-    user_tokens: int = field(default=4, metadata={"help": "tokens u becomes in the two token pathways"})
-    condition_hidden: int = field(default=128, metadata={"help": "hidden width of the MLP of u (tokens or map)"})
-    condition_channels: int = field(default=8, metadata={"help": "channels of the user condition map"})
-    conditioning_embedding_channels: int = field(
-        default=16, metadata={"help": "hidden channels of ControlNet's conditioning embedding (one conv stage)"}
+    user_tokens: int = Field(default=4, ge=1, description="tokens u becomes in the two token pathways")
+    condition_hidden: int = Field(default=128, ge=1, description="hidden width of the MLP of u (tokens or map)")
+    condition_channels: int = Field(default=8, ge=1, description="channels of the user condition map")
+    conditioning_embedding_channels: int = Field(
+        default=16, ge=1, description="hidden channels of ControlNet's conditioning embedding (one conv stage)"
     )
-    conditioning_scale: float = field(default=1.0, metadata={"help": "multiplier on every residual at inference"})
-    condition_init_std: float = field(
+    conditioning_scale: float = Field(default=1.0, ge=0.0, description="multiplier on every residual at inference")
+    condition_init_std: float = Field(
         default=0.02,
-        metadata={
-            "help": "std of the initial weights of the last layer that brings u into the copy (the token MLP's "
-            "last layer, or the conditioning embedding's last convolution); 0: zero-init as in ControlNet, which "
-            "makes the user's effect second order in the training steps. base_tokens always starts at 0"
-        },
+        ge=0.0,
+        description="std of the initial weights of the last layer that brings u into the copy (the token MLP's "
+        "last layer, or the conditioning embedding's last convolution); 0: zero-init as in ControlNet, which "
+        "makes the user's effect second order in the training steps. base_tokens always starts at 0",
     )
 
-    def __post_init__(self) -> None:
-        if self.user_pathway not in USER_PATHWAYS:
-            raise ConfigError(f"user_pathway must be one of {', '.join(USER_PATHWAYS)}; got {self.user_pathway!r}")
-        for name in ("user_dim", "user_tokens", "condition_hidden", "condition_channels"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.conditioning_embedding_channels < 1:
-            raise ConfigError(
-                f"conditioning_embedding_channels must be at least 1, got {self.conditioning_embedding_channels}"
-            )
-        if self.conditioning_scale < 0:
-            raise ConfigError(f"conditioning_scale must be >= 0, got {self.conditioning_scale}")
-        if self.condition_init_std < 0:
-            raise ConfigError(f"condition_init_std must be >= 0, got {self.condition_init_std}")
+    @field_validator("user_pathway", mode="wrap")
+    @classmethod
+    def _known_pathway(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(f"user_pathway must be one of {', '.join(USER_PATHWAYS)}; got {value!r}") from None
 
     @property
     def uses_copy(self) -> bool:
         """Whether the network holds a ControlNet-style trainable copy (every pathway but base_tokens)."""
         return self.user_pathway != "base_tokens"
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> AdaptiveConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown adaptive network config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**{"user_pathway": LEGACY_USER_PATHWAY, **values})
+    def from_dict(cls, values: Mapping[str, Any]) -> Self:
+        """A saved config; one saved without ``user_pathway`` is in the form trained before the field existed."""
+        return super().from_dict({"user_pathway": LEGACY_USER_PATHWAY, **values})
 
 
 @dataclass(frozen=True)

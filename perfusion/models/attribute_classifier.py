@@ -7,36 +7,28 @@ describe generated images and to measure how well the base model follows caption
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from perfusion.attributes import ATTRIBUTE_KINDS, DESCRIPTOR_DIM, Attributes
 from perfusion.errors import ConfigError
+from perfusion.frozen_config import FrozenConfig
 
 BLOCK_SIZES: tuple[int, ...] = tuple(len(values) for values in ATTRIBUTE_KINDS.values())
 
 
-@dataclass(frozen=True)
-class AttributeClassifierConfig:
-    image_size: int = field(default=32, metadata={"help": "input image side in pixels"})
-    channels: tuple[int, ...] = field(default=(16, 32, 64), metadata={"help": "conv widths, one per 2x downsample"})
+class AttributeClassifierConfig(FrozenConfig):
+    """Shape of the attribute classifier."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "channels": list(self.channels)}
+    saved_name: ClassVar[str] = "attribute classifier config"
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> AttributeClassifierConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown attribute classifier config keys {unknown}; known keys are {sorted(known)}")
-        return cls(image_size=int(values.get("image_size", 32)), channels=tuple(values.get("channels", (16, 32, 64))))
+    image_size: int = Field(default=32, description="input image side in pixels")
+    channels: tuple[int, ...] = Field(default=(16, 32, 64), description="conv widths, one per 2x downsample")
 
 
 class AttributeClassifier(nn.Module):

@@ -1,16 +1,14 @@
 """The base text-to-image model: a pixel-space diffusers ``UNet2DConditionModel`` that cross-attends to MiniLM.
 
-Configuration is a frozen dataclass (:class:`BaseModelConfig`) stored beside the weights in config.json. A
+Configuration is a frozen pydantic model (:class:`BaseModelConfig`) stored beside the weights in config.json. A
 diffusers Stable-Diffusion-style UNet can stand in for the built one (:func:`adapt_pretrained_unet`); its
 checkpoint then records the diffusers config instead, and :func:`unet_from_config` rebuilds either kind.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
@@ -18,69 +16,58 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
+from pydantic import Field, model_validator
 
 from perfusion.errors import ConfigError
+from perfusion.frozen_config import FrozenConfig
 from perfusion.sampler_config import SamplerConfig
 from perfusion.text_encoder import DEFAULT_MAX_LENGTH, HIDDEN_SIZE
 
 
-@dataclass(frozen=True)
-class BaseModelConfig:
+class BaseModelConfig(FrozenConfig):
     """Shape of the base UNet and its noise schedule."""
 
-    sample_size: int = field(default=32, metadata={"help": "image side in pixels (the UNet works in pixel space)"})
-    channels: int = field(default=3, metadata={"help": "image channels (RGB)"})
-    block_out_channels: tuple[int, ...] = field(
-        default=(32, 64, 128), metadata={"help": "channels of each resolution level, highest resolution first"}
+    saved_name: ClassVar[str] = "base model config"
+
+    sample_size: int = Field(default=32, description="image side in pixels (the UNet works in pixel space)")
+    channels: int = Field(default=3, description="image channels (RGB)")
+    block_out_channels: tuple[int, ...] = Field(
+        default=(32, 64, 128), description="channels of each resolution level, highest resolution first"
     )
-    layers_per_block: int = field(default=1, metadata={"help": "ResNet layers in each down block"})
-    cross_attention_from_level: int = field(
-        default=1, metadata={"help": "first resolution level with cross-attention (0 = all levels)"}
+    layers_per_block: int = Field(default=1, ge=1, description="ResNet layers in each down block")
+    cross_attention_from_level: int = Field(
+        default=1, ge=0, description="first resolution level with cross-attention (0 = all levels)"
     )
-    cross_attention_dim: int = field(default=HIDDEN_SIZE, metadata={"help": "width of the text token states"})
-    text_max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "text tokens cross-attended to"})
-    attention_heads: int = field(default=4, metadata={"help": "attention heads in every transformer block"})
-    norm_num_groups: int = field(default=16, metadata={"help": "GroupNorm groups; divides every channel count"})
-    num_train_timesteps: int = field(default=1000, metadata={"help": "diffusion steps of the training schedule"})
-    beta_schedule: str = field(
-        default="squaredcos_cap_v2", metadata={"help": "diffusers beta schedule (squaredcos_cap_v2, linear, ...)"}
+    cross_attention_dim: int = Field(default=HIDDEN_SIZE, description="width of the text token states")
+    text_max_length: int = Field(default=DEFAULT_MAX_LENGTH, description="text tokens cross-attended to")
+    attention_heads: int = Field(default=4, description="attention heads in every transformer block")
+    norm_num_groups: int = Field(default=16, description="GroupNorm groups; divides every channel count")
+    num_train_timesteps: int = Field(default=1000, description="diffusion steps of the training schedule")
+    beta_schedule: str = Field(
+        default="squaredcos_cap_v2", description="diffusers beta schedule (squaredcos_cap_v2, linear, ...)"
     )
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _levels_fit(self) -> Self:
+        """The sample halves cleanly at every level, GroupNorm divides every level's channels, and cross-attention
+        starts at a level the UNet has."""
         if self.sample_size % (2 ** (len(self.block_out_channels) - 1)):
-            raise ConfigError(
+            raise ValueError(
                 f"sample_size {self.sample_size} must be divisible by 2^(levels-1) = "
                 f"{2 ** (len(self.block_out_channels) - 1)}; pick 32 or 64, or fewer block_out_channels"
             )
         for channels in self.block_out_channels:
             if channels % self.norm_num_groups:
-                raise ConfigError(
+                raise ValueError(
                     f"every block_out_channels value must be divisible by norm_num_groups={self.norm_num_groups}; "
                     f"got {channels}"
                 )
-        if not 0 <= self.cross_attention_from_level < len(self.block_out_channels):
-            raise ConfigError(
+        if self.cross_attention_from_level >= len(self.block_out_channels):
+            raise ValueError(
                 f"cross_attention_from_level must be in [0, {len(self.block_out_channels) - 1}], "
                 f"got {self.cross_attention_from_level}"
             )
-        if self.layers_per_block < 1:
-            raise ConfigError(f"layers_per_block must be at least 1, got {self.layers_per_block}")
-
-    def to_dict(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        values["block_out_channels"] = list(self.block_out_channels)
-        return values
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> BaseModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown base model config keys {unknown}; known keys are {sorted(known)}")
-        values = dict(values)
-        if "block_out_channels" in values:
-            values["block_out_channels"] = tuple(values["block_out_channels"])
-        return cls(**values)
+        return self
 
 
 QUICK_CONFIG = BaseModelConfig(block_out_channels=(16, 32), layers_per_block=1, attention_heads=2, norm_num_groups=8)

@@ -14,68 +14,50 @@ The config is stored beside the weights (config.json + model.safetensors) by the
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from typing import ClassVar, Self
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from perfusion.errors import ConfigError, PerfusionError
+from perfusion.errors import PerfusionError
+from perfusion.frozen_config import FrozenConfig
 from perfusion.user_features import USER_DIM
 
 TEXT_EMBEDDING_DIM = 384  # MiniLM-L6 sentence embedding width
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp on exp(logit_scale)
 
 
-@dataclass(frozen=True)
-class RewardModelConfig:
+class RewardModelConfig(FrozenConfig):
     """Shape of PerFusionRM."""
 
-    personalized: bool = field(default=True, metadata={"help": "inject u into both towers (False = baseline)"})
-    text_dim: int = field(default=TEXT_EMBEDDING_DIM, metadata={"help": "width of the frozen text embedding"})
-    user_dim: int = field(default=USER_DIM, metadata={"help": "length of the user vector u"})
-    image_size: int = field(default=32, metadata={"help": "image side in pixels"})
-    image_channels: int = field(default=3, metadata={"help": "image channels (RGB)"})
-    cnn_channels: tuple[int, ...] = field(
-        default=(32, 64, 128), metadata={"help": "channels of the image CNN's stages; each stage halves the side"}
-    )
-    embed_dim: int = field(default=128, metadata={"help": "width of the shared text/image embedding space"})
-    user_embed_dim: int = field(default=64, metadata={"help": "width of the user embedding fed to the plug-ins"})
-    cross_layers: int = field(default=2, metadata={"help": "DCN-v2 cross layers in each plug-in"})
-    logit_scale_init: float = field(default=math.log(10.0), metadata={"help": "initial log of the cosine scale"})
+    saved_name: ClassVar[str] = "reward model config"
 
-    def __post_init__(self) -> None:
-        for name in ("text_dim", "user_dim", "image_channels", "embed_dim", "user_embed_dim"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.cnn_channels:
-            raise ConfigError("cnn_channels must name at least one stage, e.g. (32, 64, 128)")
+    personalized: bool = Field(default=True, description="inject u into both towers (False = baseline)")
+    text_dim: int = Field(default=TEXT_EMBEDDING_DIM, ge=1, description="width of the frozen text embedding")
+    user_dim: int = Field(default=USER_DIM, ge=1, description="length of the user vector u")
+    image_size: int = Field(default=32, description="image side in pixels")
+    image_channels: int = Field(default=3, ge=1, description="image channels (RGB)")
+    cnn_channels: tuple[int, ...] = Field(
+        default=(32, 64, 128),
+        min_length=1,
+        description="channels of the image CNN's stages, at least one, e.g. (32, 64, 128); each stage halves the side",
+    )
+    embed_dim: int = Field(default=128, ge=1, description="width of the shared text/image embedding space")
+    user_embed_dim: int = Field(default=64, ge=1, description="width of the user embedding fed to the plug-ins")
+    cross_layers: int = Field(default=2, ge=1, description="DCN-v2 cross layers in each plug-in")
+    logit_scale_init: float = Field(default=math.log(10.0), description="initial log of the cosine scale")
+
+    @model_validator(mode="after")
+    def _stages_fit(self) -> Self:
         if self.image_size % (2 ** len(self.cnn_channels)):
-            raise ConfigError(
+            raise ValueError(
                 f"image_size {self.image_size} must be divisible by 2^len(cnn_channels) = "
                 f"{2 ** len(self.cnn_channels)}; use fewer cnn_channels or a larger image"
             )
-        if self.cross_layers < 1:
-            raise ConfigError(f"cross_layers must be at least 1, got {self.cross_layers}")
-
-    def to_dict(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        values["cnn_channels"] = list(self.cnn_channels)
-        return values
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> RewardModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown reward model config keys {unknown}; known keys are {sorted(known)}")
-        values = dict(values)
-        if "cnn_channels" in values:
-            values["cnn_channels"] = tuple(values["cnn_channels"])
-        return cls(**values)
+        return self
 
 
 class RewardModelInputError(PerfusionError):

@@ -159,6 +159,31 @@ def test_config_rejects_bad_port() -> None:
         KafkaBrokerConfig(port=70000)
 
 
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"port": -1}, "port must be between 0 and 65535, got -1"),
+        ({"controller_port": 65536}, "controller_port must be between 0 and 65535, got 65536"),
+        ({"controller_port": -1}, "controller_port must be between 0 and 65535, got -1"),
+        ({"num_partitions": 0}, "num_partitions must be at least 1, got 0"),
+    ],
+)
+def test_config_bounds_name_the_field(values: dict[str, int], message: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=message):
+        KafkaBrokerConfig(state_dir=tmp_path, **values)
+    edge = KafkaBrokerConfig(state_dir=tmp_path, port=65535, controller_port=0, num_partitions=1)
+    assert (edge.port, edge.controller_port, edge.num_partitions) == (65535, 0, 1)
+
+
+def test_config_from_env_reads_only_broker_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERFUSION_STATE_DIR", str(tmp_path))  # the whole state folder, not the broker's
+    monkeypatch.setenv("PERFUSION_PORT", "9")
+    monkeypatch.setenv("PERFUSION_BROKER_PORT", "19092")
+    config = KafkaBrokerConfig.from_env()
+    assert config.port == 19092 and config.state_dir == tmp_path / "kafka"
+    assert KafkaBrokerConfig().port == 0  # built in code: its arguments only
+
+
 def test_fixture_fails_rather_than_skips_when_the_broker_cannot_start(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness.infra.redis_server import RedisServer, RedisServerConfig, redis_url
-from perfusion.errors import InfrastructureError
+from perfusion.errors import ConfigError, InfrastructureError
 from perfusion.server_files import process_command_line
 
 
@@ -37,6 +37,13 @@ def test_redis_up_ping_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert process_command_line(pid) is None
     assert not server.status().running
     assert not server.pid_file.exists() and not server.url_file.exists()
+
+
+@pytest.mark.parametrize("port", [-1, 65536])
+def test_config_rejects_a_port_outside_tcp(port: int, tmp_path: Path) -> None:
+    assert RedisServerConfig(state_dir=tmp_path, port=65535).port == 65535
+    with pytest.raises(ConfigError, match=f"port must be between 0 and 65535, got {port}"):
+        RedisServerConfig(state_dir=tmp_path, port=port)
 
 
 def test_stale_pid_is_not_signalled(tmp_path: Path) -> None:

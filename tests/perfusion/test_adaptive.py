@@ -3,7 +3,6 @@ frozen base, what trains, in-place weight swap."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 
@@ -36,7 +35,7 @@ CONFIG = AdaptiveConfig(
     condition_channels=4,
     conditioning_embedding_channels=8,
 )
-PATHWAY_CONFIGS = {pathway: dataclasses.replace(CONFIG, user_pathway=pathway) for pathway in USER_PATHWAYS}
+PATHWAY_CONFIGS = {pathway: CONFIG.with_overrides(user_pathway=pathway) for pathway in USER_PATHWAYS}
 
 
 def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
@@ -112,7 +111,7 @@ def test_copy_tokens_feed_the_copy_from_small_random_weights() -> None:
     last = adaptive.user_tokens[-1]
     assert isinstance(last, torch.nn.Linear)
     assert bool((last.weight != 0).any()) and bool((last.bias == 0).all())
-    zero_init = AdaptiveNetwork(tiny_unet(), dataclasses.replace(PATHWAY_CONFIGS["copy_tokens"], condition_init_std=0))
+    zero_init = AdaptiveNetwork(tiny_unet(), PATHWAY_CONFIGS["copy_tokens"].with_overrides(condition_init_std=0))
     assert zero_init.user_tokens is not None
     assert all(bool((p == 0).all()) for p in zero_init.user_tokens[-1].parameters())
 
@@ -239,7 +238,7 @@ def test_new_version_loads_in_place_into_allocated_modules() -> None:
 def test_weight_swap_refuses_other_shapes_and_names() -> None:
     unet = tiny_unet()
     adaptive = AdaptiveNetwork(unet, CONFIG)
-    wider = AdaptiveNetwork(unet, dataclasses.replace(CONFIG, user_dim=USER_DIM + 1))
+    wider = AdaptiveNetwork(unet, CONFIG.with_overrides(user_dim=USER_DIM + 1))
     with pytest.raises(AdaptiveInputError, match="shapes differ"):
         load_adaptive_weights_in_place(adaptive, wider.state_dict())
     partial = dict(adaptive.state_dict())
@@ -259,6 +258,23 @@ def test_bad_inputs_and_config_raise() -> None:
     with pytest.raises(ConfigError, match="condition_channels must be at least 1, got 0"):
         AdaptiveConfig(condition_channels=0)
     assert AdaptiveConfig.from_dict(CONFIG.to_dict()) == CONFIG
+
+
+@pytest.mark.parametrize(
+    ("field", "lowest", "refused"),
+    [
+        ("user_dim", 1, 0),
+        ("user_tokens", 1, 0),
+        ("condition_hidden", 1, 0),
+        ("conditioning_embedding_channels", 1, 0),
+        ("conditioning_scale", 0.0, -0.5),
+        ("condition_init_std", 0.0, -0.01),
+    ],
+)
+def test_config_bounds_name_the_field(field: str, lowest: float, refused: float) -> None:
+    assert getattr(AdaptiveConfig(**{field: lowest}), field) == lowest
+    with pytest.raises(ConfigError, match=re.escape(f"{field} must be at least {lowest}, got {refused}")):
+        AdaptiveConfig(**{field: refused})
 
 
 def _mirrored_groups_loss(

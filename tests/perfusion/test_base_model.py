@@ -56,6 +56,7 @@ def test_default_config_matches_the_measured_size() -> None:
         ({"sample_size": 30}, "divisible"),
         ({"block_out_channels": (24, 48), "norm_num_groups": 16}, "norm_num_groups"),
         ({"cross_attention_from_level": 5}, "cross_attention_from_level"),
+        ({"cross_attention_from_level": -1}, "cross_attention_from_level must be at least 0, got -1"),
         ({"layers_per_block": 0}, "layers_per_block"),
     ],
 )

@@ -133,3 +133,18 @@ def test_config_rejects_bad_values_with_the_fix() -> None:
     with pytest.raises(ConfigError, match="unknown reward model config keys \\['colour'\\]"):
         RewardModelConfig.from_dict({"colour": "red"})
     assert RewardModelConfig.from_dict(TINY.to_dict()) == TINY
+
+
+@pytest.mark.parametrize(
+    "field", ["text_dim", "user_dim", "image_channels", "embed_dim", "user_embed_dim", "cross_layers"]
+)
+def test_config_widths_must_be_at_least_one(field: str) -> None:
+    assert getattr(TINY.with_overrides(**{field: 1}), field) == 1
+    with pytest.raises(ConfigError, match=f"{field} must be at least 1, got 0"):
+        TINY.with_overrides(**{field: 0})
+
+
+def test_config_needs_a_cnn_stage() -> None:
+    assert TINY.with_overrides(cnn_channels=(8,)).cnn_channels == (8,)
+    with pytest.raises(ConfigError, match="cnn_channels"):
+        TINY.with_overrides(cnn_channels=())

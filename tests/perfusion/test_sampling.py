@@ -3,7 +3,6 @@ seed and per noise, and the base generator on a checkpoint."""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,7 +51,7 @@ def timesteps(sampler: SamplerConfig) -> list[int]:
 def test_serving_sampler_is_trailing_ddim_with_guidance() -> None:
     assert SERVING_SAMPLER.kind == "ddim" and SERVING_SAMPLER.spacing == "trailing"
     assert SERVING_SAMPLER.guidance_scale == 3.0 and SERVING_SAMPLER.steps >= 1
-    assert SERVING_SAMPLER.with_steps(2) == dataclasses.replace(SERVING_SAMPLER, steps=2)
+    assert SERVING_SAMPLER.with_steps(2) == SERVING_SAMPLER.model_copy(update={"steps": 2})
     assert SERVING_SAMPLER.with_steps(None) is SERVING_SAMPLER
     assert "trailing" in SERVING_SAMPLER.describe()
 
@@ -63,10 +62,12 @@ def test_serving_sampler_is_trailing_ddim_with_guidance() -> None:
         ({"kind": "euler"}, "SamplerConfig.kind must be one of ddim, dpm-solver, got 'euler'"),
         ({"spacing": "uniform"}, "SamplerConfig.spacing must be one of trailing, leading, linspace"),
         ({"steps": 0}, "SamplerConfig.steps must be a whole number between 1 and 1000, got 0"),
+        ({"steps": 1001}, "SamplerConfig.steps must be a whole number between 1 and 1000, got 1001"),
         ({"steps": 4.0}, "SamplerConfig.steps must be a whole number"),
         ({"steps": True}, "SamplerConfig.steps"),
         ({"guidance_scale": -1.0}, "SamplerConfig.guidance_scale must be a finite number >= 0, got -1.0"),
         ({"guidance_scale": float("nan")}, "SamplerConfig.guidance_scale"),
+        ({"guidance_scale": float("inf")}, "SamplerConfig.guidance_scale must be a finite number >= 0, got inf"),
     ],
 )
 def test_bad_sampler_values_name_the_field(values: dict[str, object], field: str) -> None:
@@ -75,8 +76,15 @@ def test_bad_sampler_values_name_the_field(values: dict[str, object], field: str
         SamplerConfig(**arguments)  # type: ignore[arg-type]
 
 
+def test_sampler_bounds_are_inclusive_and_a_copy_is_checked_again() -> None:
+    assert SamplerConfig(steps=1, guidance_scale=0.0).steps == 1
+    assert SamplerConfig(steps=1000).steps == 1000
+    with pytest.raises(ConfigError, match=r"SamplerConfig\.steps must be a whole number between 1 and 1000, got 0"):
+        SERVING_SAMPLER.with_steps(0)
+
+
 def test_more_steps_than_the_schedule_are_refused() -> None:
-    short = dataclasses.replace(QUICK_CONFIG, num_train_timesteps=100)
+    short = QUICK_CONFIG.with_overrides(num_train_timesteps=100)
     with pytest.raises(ConfigError, match="num_train_timesteps=100"):
         build_sampling_scheduler(short, SamplerConfig(steps=200))
 
@@ -157,7 +165,7 @@ def test_guidance_is_one_call_a_step_on_both_branches(kind: str) -> None:
     denoise(counting, noise(2), text(2), sampler, QUICK_CONFIG, uncond_states=torch.zeros(1, LENGTH, WIDTH))
     assert counting.rows == [4, 4, 4]
     counting = Counting()
-    denoise(counting, noise(2), text(2), dataclasses.replace(sampler, guidance_scale=1.0), QUICK_CONFIG, text(1))
+    denoise(counting, noise(2), text(2), sampler.with_overrides(guidance_scale=1.0), QUICK_CONFIG, text(1))
     assert counting.rows == [2, 2, 2]  # guidance 1: the conditional branch alone
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from ops.cli import main
 from perfusion.attributes import OPEN_KINDS, named_subsets
 from perfusion.catalog import all_attributes, split_catalog
 from perfusion.checkpoints import load_component
+from perfusion.errors import ConfigError
 from perfusion.models.attribute_classifier import build_attribute_classifier
 from perfusion.models.base import QUICK_CONFIG, build_unet, load_pretrained_unet
 from perfusion.sampling import BaseGenerator, SamplerConfig
@@ -63,7 +63,7 @@ def test_training_is_reproducible_with_a_seed(states: CaptionStates) -> None:
 
 
 def test_a_time_budget_stops_training(states: CaptionStates) -> None:
-    config = dataclasses.replace(TINY, steps=1000, time_budget_s=0.0)
+    config = TINY.with_overrides(steps=1000, time_budget_s=0.0)
     _, figures = train_unet(build_unet(QUICK_CONFIG), QUICK_CONFIG, config, split_catalog().train[:4], states)
     assert figures["train_steps"] == 1
 
@@ -105,7 +105,7 @@ def test_learning_rate_warms_up_then_decays() -> None:
     assert learning_rate_at(0, config) == pytest.approx(0.1)
     assert learning_rate_at(10, config) == pytest.approx(1.0)
     assert learning_rate_at(99, config) == pytest.approx(0.1, abs=1e-3)
-    budgeted = dataclasses.replace(config, time_budget_s=10.0)
+    budgeted = config.with_overrides(time_budget_s=10.0)
     assert learning_rate_at(20, budgeted, elapsed_s=10.0) == pytest.approx(0.1)
 
 
@@ -199,5 +199,14 @@ def test_quick_cli_writes_a_loadable_checkpoint(tmp_path: Path, states: CaptionS
 
 
 def test_classifier_training_config_has_help_text() -> None:
-    assert all(f.metadata.get("help") for f in dataclasses.fields(ClassifierTrainingConfig))
-    assert all(f.metadata.get("help") for f in dataclasses.fields(PretrainConfig))
+    assert all(f.description for f in ClassifierTrainingConfig.model_fields.values())
+    assert all(f.description for f in PretrainConfig.model_fields.values())
+
+
+@pytest.mark.parametrize("field", ["caption_dropout", "attribute_dropout"])
+def test_dropouts_are_shares_below_one(field: str) -> None:
+    assert getattr(PretrainConfig(**{field: 0.0}), field) == 0.0
+    assert getattr(PretrainConfig(**{field: 0.99}), field) == 0.99
+    for refused in (1.0, -0.1):
+        with pytest.raises(ConfigError, match=f"{field} must be in \\[0.0, 1.0\\), got {refused}"):
+            PretrainConfig(**{field: refused})

@@ -81,6 +81,13 @@ def test_towers_of_another_shape_are_refused_with_the_fix(tmp_path: Path) -> Non
         RewardPretrainConfig(batch_size=1)
 
 
+@pytest.mark.parametrize(("field", "lowest"), [("steps", 1), ("variants", 1), ("batch_size", 2)])
+def test_config_counts_have_a_floor(field: str, lowest: int) -> None:
+    assert getattr(RewardPretrainConfig(**{field: lowest}), field) == lowest
+    with pytest.raises(ConfigError, match=f"{field} must be at least {lowest}, got {lowest - 1}"):
+        RewardPretrainConfig(**{field: lowest - 1})
+
+
 def test_the_trainer_names_the_command_when_the_base_checkpoint_has_no_towers(tmp_path: Path) -> None:
     from perfusion.models.base import QUICK_CONFIG, build_train_scheduler, build_unet
     from trainer.settings import TrainerSettings

@@ -4,7 +4,6 @@ crash between publish and commit neither lose nor double-train samples."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from trainer.loop import Trainer, build_trainer
 from trainer.reward_pretrain import save_reward_towers
 from trainer.settings import TrainerSettings
 
-TINY_BASE = dataclasses.replace(fixtures.TINY_BASE, sample_size=16)
+TINY_BASE = fixtures.TINY_BASE.with_overrides(sample_size=16)
 IMPRESSION_TS = 1_750_000_000.0
 FEATURED_USER = "shopper-featured"
 HELDOUT_FRACTION = 0.3
