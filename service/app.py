@@ -48,6 +48,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from perfusion.contracts.records import Candidate, Click, DesignCreated, Impression, Order, Return, Select
+from perfusion.contracts.topics import TopicNames
 from perfusion.errors import ConfigError
 from perfusion.follower import TopicFollower
 from perfusion.image_store import ImageStore, UnknownImage
@@ -112,8 +113,9 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 DEMAND_SOURCE = (
-    "followed from Kafka: Order/Return events on {events_topic} (deduplicated by event_id) and ProductionOrder "
-    "records on {production_topic} from the stream worker's demand agent"
+    "followed from Kafka: the stream worker's demand agent's DesignDemand records on {demand_topic} (compacted, "
+    "the latest per design), counted from the Order/Return events on {events_topic}; its ProductionOrder records "
+    "are on {production_topic}"
 )
 
 
@@ -154,14 +156,15 @@ def create_app(
     """The service's app; ``background`` tasks are started and stopped with the app's lifespan, and candidate
     generation runs on a pool of ``generation`` (default :class:`GenerationPoolSettings`).
 
-    ``auth`` defaults to :meth:`AuthSettings.from_env`, ``keys`` to the key store those settings name
-    (``<state>/service/keys.json``, where ``perfusion keys create`` writes), and ``ledger`` to
-    ``ledger.sqlite`` beside the design registry's file. ``limits`` and ``readiness`` default to their settings'
-    defaults; ``prompt_check`` to the check of the generator's text encoder (its token limit)."""
+    ``auth`` defaults to :meth:`AuthSettings.from_env`, ``keys`` to the key store those settings name (``keys.json``
+    beside the designs' store: ``<state>/service/keys.json`` by default, where ``perfusion keys create`` writes),
+    and ``ledger`` to the ledger in the designs' store (one database, shared by the service's replicas).
+    ``limits`` and ``readiness`` default to their settings' defaults; ``prompt_check`` to the check of the
+    generator's text encoder (its token limit)."""
     service_metrics = metrics if metrics is not None else ServiceMetrics()
     auth_settings = auth if auth is not None else AuthSettings.from_env()
-    key_store = keys if keys is not None else KeyStore.default(auth_settings)
-    event_ledger = ledger if ledger is not None else EventLedger(designs.path.with_name("ledger.sqlite"))
+    key_store = keys if keys is not None else KeyStore(auth_settings.resolved_keys_file(designs.path.parent))
+    event_ledger = ledger if ledger is not None else EventLedger(designs.path)
     admission = EventAdmission(auth_settings, designs, event_ledger)
     pool = GenerationPool(generation)
     limiter = RateLimiter(limits)
@@ -182,7 +185,11 @@ def create_app(
     service_metrics.follow_counts_of(lambda: [follower for task in following for follower in task.topic_followers()])
     service_metrics.set_model_version(generator.model_version)
     started = time.monotonic()
-    demand_source = DEMAND_SOURCE.format(events_topic=events_topic, production_topic=production_topic)
+    demand_source = DEMAND_SOURCE.format(
+        demand_topic=TopicNames.of_topic(production_topic).design_demand,
+        events_topic=events_topic,
+        production_topic=production_topic,
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -12,9 +12,11 @@ What each role may do is :mod:`service.access`; this module only says who the ca
 A key is ``pfk_<key id>_<secret>``: the key id (12 hex digits) finds the stored key, the secret is 256 random bits
 (:func:`secrets.token_urlsafe`). The store keeps only the SHA-256 of the whole key, compared with
 :func:`hmac.compare_digest`; the key itself is printed once, by ``perfusion keys create``, and never again. Keys live
-in one JSON file, ``<state>/service/keys.json`` by default (:class:`AuthSettings`), written atomically (a temporary
-file renamed over it) under an exclusive lock, readable by its owner only. The service reads the file again whenever
-it changes, so a key created or revoked with ``perfusion keys`` counts from the next request, without a restart.
+in one JSON file, ``keys.json`` beside the service's store (``ServiceSettings.store_url``; by default
+``<state>/service/keys.json``) unless ``AuthSettings.keys_file`` names another, written atomically (a temporary file
+renamed over it) under an exclusive lock, readable by its owner only. The service checks the file at every request
+and reads it again whenever it changed, so a key created or revoked with ``perfusion keys --keys-file`` counts from
+the next request, without a restart, in every replica of the service that reads the same file.
 
 A request without a bearer key, or with a key that is unknown, malformed or revoked, is answered 401 with
 ``WWW-Authenticate: Bearer`` (:class:`~service.problems.Refusal`).
@@ -63,7 +65,11 @@ class AuthSettings(Settings):
 
     model_config = SettingsConfigDict(env_prefix="PERFUSION_SERVE_AUTH__")
 
-    keys_file: Path | None = Field(default=None, description="the API key store; None = <state>/service/keys.json")
+    keys_file: Path | None = Field(
+        default=None,
+        description="the API key store; None = keys.json beside the service's store (<state>/service/keys.json by "
+        "default)",
+    )
     max_clock_skew_s: float = Field(
         default=MAX_CLOCK_SKEW_S,
         ge=1.0,
@@ -74,8 +80,12 @@ class AuthSettings(Settings):
         default=100, ge=1, le=1000, description="most units one order may be of (returns: at most the order's)"
     )
 
-    def resolved_keys_file(self) -> Path:
-        return self.keys_file if self.keys_file is not None else state_dir() / "service" / "keys.json"
+    def resolved_keys_file(self, beside: Path | None = None) -> Path:
+        """``keys_file``, else ``keys.json`` in the folder ``beside`` (the service's store's), else in
+        ``<state>/service``."""
+        if self.keys_file is not None:
+            return self.keys_file
+        return (beside if beside is not None else state_dir() / "service") / "keys.json"
 
 
 @dataclass(frozen=True)

@@ -1,26 +1,24 @@
-"""The design registry: merchants' designs and the demand they have gathered, in sqlite under ``state_dir()``.
+"""The design registry: merchants' designs and the demand they have gathered, in the service's shared store.
 
 Designs are written by ``POST /designs`` and belong to their merchant (who may read them: ``service.access``); what
-the service served and accepted for them is its ledger (``service.ledger``). Demand (net orders and whether
-production was triggered) is *not* computed by the service from its own requests: events also reach Kafka from other
-producers, and the stream worker's demand agent is the one authority that fires production exactly once. So the
-service follows the topics with :class:`DemandFollower` (a :class:`~perfusion.follower.TopicFollower` started by
-the service):
+the service served and accepted for them is its ledger (``service.ledger``). Both live in the store named by
+``ServiceSettings.store_url`` (:mod:`service.sqlite_store`), so every replica of the service pointed at it lists,
+reads and draws the same designs.
 
-- ``perfusion.events``: Orders and Returns, each kept once by event id, so a replayed topic does not count twice.
-  Net orders follow the worker's rule: a return counts only against an order that was counted, and never for more
-  than that order's quantity (returns of one order add up, then are capped at its quantity). A return that arrives
-  before its order waits for it; a return naming an order never seen takes nothing off.
-- ``perfusion.production-orders``: the demand agent's ProductionOrder marks the design as triggered.
+Demand (net orders, whether the threshold was reached, whether production was triggered) is *not* computed by the
+service: events also reach Kafka from other producers, and the stream worker's demand agent is the one authority
+that counts them and fires production exactly once. It sends each design's demand, whenever it changes, as a
+:class:`~perfusion.contracts.records.DesignDemand` to ``perfusion.design-demand``: keyed by design id and compacted,
+so the topic holds the latest state of every design. The service follows that topic with :class:`DemandFollower`
+(a :class:`~perfusion.follower.TopicFollower` started by the service) into the store's ``design_demand`` table,
+keeping per design the record of the highest offset it has seen: every replica follows the topic, and a replica
+that starts again (reading the compacted topic from the start: one record per design, not every event) never
+writes an older state over a newer one.
 
-``GET /designs/{id}`` therefore reports what the topics said up to the follower's position, which lags the
-events by the follower's poll interval (about a second). The follower keeps no consumer group: it reads both
-topics from the beginning at every start and relies on the event-id deduplication above. A record that cannot be
-used (malformed, hostile, of an unknown kind) is logged with topic[partition]@offset, counted, and skipped; the
-follower goes on with the next one, so one poison record never freezes the view.
-
-Net orders here are counted as records arrive, not in event time as the worker does; once both have read the
-same events, the figures agree.
+``GET /designs/{id}`` therefore reports what the worker had counted when it last published, as far as the follower
+has read: it lags the worker's counting (its event-time watermark) and the follower's poll interval (about a
+second). A record that cannot be used (malformed, hostile, of another kind) is logged with topic[partition]@offset,
+counted, and skipped; the follower goes on with the next one, so one poison record never freezes the view.
 """
 
 from __future__ import annotations
@@ -34,24 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from perfusion.contracts.records import InvalidEvent, Order, ProductionOrder, Return, parse_event
+from perfusion.contracts.records import DesignDemand
+from perfusion.contracts.topics import TopicNames
 from perfusion.errors import PerfusionError
 from perfusion.follower import FollowedRecord, TopicFollower
-from perfusion.paths import state_dir
 from service.problems import Refusal
-from service.sqlite_store import SqliteStore
+from service.settings import ServiceSettings
+from service.sqlite_store import SqliteStore, sqlite_path
 
 logger = logging.getLogger(__name__)
-
-# Units ordered less units returned, each order's returns capped at its quantity; returns naming an order that was
-# never counted find no row to join and take nothing off.
-_NET_ORDERS = """
-SELECT COALESCE(SUM(orders.quantity - MIN(orders.quantity, COALESCE(returned.units, 0))), 0)
-FROM orders
-LEFT JOIN (SELECT order_id, SUM(quantity) AS units FROM returns GROUP BY order_id) AS returned
-    ON returned.order_id = orders.order_id
-WHERE orders.design_id = ?
-"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS designs (
@@ -62,26 +51,32 @@ CREATE TABLE IF NOT EXISTS designs (
     created_ts REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS designs_by_merchant ON designs (merchant_id);
--- Files written before returns were capped kept signed quantities here; the follower rebuilds demand from the
--- topics at every start, so the old table is dropped rather than migrated.
-DROP TABLE IF EXISTS demand;
-CREATE TABLE IF NOT EXISTS orders (
-    order_id TEXT PRIMARY KEY,  -- the Order's event_id
-    design_id TEXT NOT NULL,
-    quantity INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS orders_by_design ON orders (design_id);
-CREATE TABLE IF NOT EXISTS returns (
-    return_id TEXT PRIMARY KEY,  -- the Return's event_id
-    order_id TEXT NOT NULL,
-    quantity INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS returns_by_order ON returns (order_id);
-CREATE TABLE IF NOT EXISTS production (
+CREATE TABLE IF NOT EXISTS design_demand (
     design_id TEXT PRIMARY KEY,
     net_orders INTEGER NOT NULL,
-    ts REAL NOT NULL
+    threshold INTEGER,
+    threshold_reached INTEGER NOT NULL,
+    production_triggered INTEGER NOT NULL,
+    production_ts REAL,
+    source_partition INTEGER NOT NULL,  -- where the record was read on the demand topic
+    source_offset INTEGER NOT NULL
 );
+"""
+
+# Keep a design's demand record unless the one kept is of a later offset of the same partition (a key is always on
+# one partition; another partition means another topic, whose record is taken).
+_KEEP_DEMAND = """
+INSERT INTO design_demand VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (design_id) DO UPDATE SET
+    net_orders = excluded.net_orders,
+    threshold = excluded.threshold,
+    threshold_reached = excluded.threshold_reached,
+    production_triggered = excluded.production_triggered,
+    production_ts = excluded.production_ts,
+    source_partition = excluded.source_partition,
+    source_offset = excluded.source_offset
+WHERE excluded.source_partition != design_demand.source_partition
+    OR excluded.source_offset > design_demand.source_offset
 """
 
 
@@ -100,23 +95,31 @@ class Design:
 
 @dataclass(frozen=True)
 class DemandStatus:
-    """What the followed topics said about one design."""
+    """What the worker's demand topic said about one design (nothing yet: no orders, nothing triggered)."""
 
     design: Design
     net_orders: int
+    threshold_reached: bool
     production_triggered: bool
     production_ts: float | None
 
 
 class DesignRegistry(SqliteStore):
-    """Designs and their demand in one sqlite file; safe to share between the request threads and the follower."""
+    """Designs and their demand in the service's store; safe to share between the request threads, the follower
+    and other processes."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, _SCHEMA)
 
     @classmethod
-    def default(cls) -> DesignRegistry:
-        return cls(state_dir() / "service" / "designs.sqlite")
+    def from_url(cls, url: str) -> DesignRegistry:
+        """The registry in the store a URL names (``sqlite:///<path>``; another scheme is a ConfigError)."""
+        return cls(sqlite_path(url))
+
+    @classmethod
+    def default(cls, settings: ServiceSettings | None = None) -> DesignRegistry:
+        """The registry in the store of ``settings`` (default: :meth:`ServiceSettings.from_env`)."""
+        return cls.from_url((settings or ServiceSettings.from_env()).resolved_store_url())
 
     def create(self, merchant_id: str, prompt: str, order_threshold: int) -> Design:
         design = Design(
@@ -177,60 +180,61 @@ class DesignRegistry(SqliteStore):
             row = self._connection.execute("SELECT 1 FROM designs WHERE design_id = ?", (design_id,)).fetchone()
         return row is not None
 
-    def record_order(self, order: Order) -> bool:
-        """Count an order once; False if its event id was seen before."""
+    def record_demand(self, demand: DesignDemand, partition: int, offset: int) -> bool:
+        """Keep a design's demand as read at ``partition``/``offset`` of the demand topic; False when the kept one
+        is of a later offset (a replica reading the topic again from the start)."""
         with self._lock:
             cursor = self._connection.execute(
-                "INSERT OR IGNORE INTO orders VALUES (?, ?, ?)", (order.event_id, order.design_id, order.quantity)
+                _KEEP_DEMAND,
+                (
+                    demand.design_id,
+                    demand.net_orders,
+                    demand.threshold,
+                    demand.threshold_reached,
+                    demand.production_triggered,
+                    demand.production_ts,
+                    partition,
+                    offset,
+                ),
             )
         return cursor.rowcount == 1
-
-    def record_return(self, returned: Return) -> bool:
-        """Keep a return once (it takes units off its order's design, capped there); False if seen before."""
-        with self._lock:
-            cursor = self._connection.execute(
-                "INSERT OR IGNORE INTO returns VALUES (?, ?, ?)",
-                (returned.event_id, returned.order_id, returned.quantity),
-            )
-        return cursor.rowcount == 1
-
-    def record_production(self, design_id: str, net_orders: int, ts: float) -> None:
-        with self._lock:
-            self._connection.execute("INSERT OR IGNORE INTO production VALUES (?, ?, ?)", (design_id, net_orders, ts))
 
     def status(self, design_id: str) -> DemandStatus:
         design = self.get(design_id)
         with self._lock:
-            (net_orders,) = self._connection.execute(_NET_ORDERS, (design_id,)).fetchone()
-            production = self._connection.execute(
-                "SELECT ts FROM production WHERE design_id = ?", (design_id,)
+            row = self._connection.execute(
+                "SELECT net_orders, threshold_reached, production_triggered, production_ts FROM design_demand "
+                "WHERE design_id = ?",
+                (design_id,),
             ).fetchone()
+        if row is None:
+            return DemandStatus(design, net_orders=0, threshold_reached=False, production_triggered=False,
+                                production_ts=None)  # fmt: skip
+        net_orders, reached, triggered, production_ts = row
         return DemandStatus(
             design=design,
             net_orders=int(net_orders),
-            production_triggered=production is not None,
-            production_ts=None if production is None else float(production[0]),
+            threshold_reached=bool(reached),
+            production_triggered=bool(triggered),
+            production_ts=None if production_ts is None else float(production_ts),
         )
 
 
 class DemandFollower:
-    """Follows the events and production-orders topics into a :class:`DesignRegistry`, on a daemon thread."""
+    """Follows the worker's demand topic into a :class:`DesignRegistry`, on a daemon thread.
+
+    ``topics``: the design-demand topic, or any topics of the loop (as ``perfusion serve`` names its events and
+    production-orders topics): the follower follows the design-demand topic of their prefix."""
 
     def __init__(
-        self,
-        registry: DesignRegistry,
-        bootstrap_servers: str,
-        events_topic: str,
-        production_topic: str,
-        poll_timeout_s: float = 0.5,
+        self, registry: DesignRegistry, bootstrap_servers: str, *topics: str, poll_timeout_s: float = 0.5
     ) -> None:
         self.registry = registry
-        self.events_topic = events_topic
-        self.production_topic = production_topic
+        self.demand_topic = TopicNames.of_topic(*topics).design_demand
         self.follower = TopicFollower(
             "demand-follower",
             bootstrap_servers,
-            (events_topic, production_topic),
+            (self.demand_topic,),
             self._handle,
             start_at="earliest",
             poll_timeout_s=poll_timeout_s,
@@ -245,25 +249,13 @@ class DemandFollower:
     def topic_followers(self) -> list[TopicFollower]:
         return [self.follower]
 
-    def apply(self, topic: str, value: bytes) -> None:
-        """Apply one message of either followed topic to the registry; raises on a message it cannot use (the
-        follower logs, counts and skips it)."""
-        if topic == self.production_topic:
-            order = ProductionOrder.model_validate_json(value)
-            self.registry.record_production(order.design_id, order.net_orders, order.ts)
-            return
-        try:
-            event = parse_event(value, now=float("inf"))
-        except InvalidEvent as exc:
-            logger.debug("demand follower skips an invalid event (the worker dead-letters it): %s", exc.reason)
-            return
-        if isinstance(event, Order):
-            self.registry.record_order(event)
-        elif isinstance(event, Return):
-            self.registry.record_return(event)
+    def apply(self, value: bytes, partition: int = 0, offset: int = 0) -> bool:
+        """Keep one record of the demand topic; raises on a record it cannot use (the follower logs, counts and
+        skips it). False when a later record of the design was kept already."""
+        return self.registry.record_demand(DesignDemand.model_validate_json(value), partition, offset)
 
     def _handle(self, record: FollowedRecord) -> None:
-        self.apply(record.topic, record.value)
+        self.apply(record.value, record.partition, record.offset)
 
 
 MAX_DESIGNS_PAGE = 200  # designs one GET /designs page holds at most

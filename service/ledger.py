@@ -8,22 +8,22 @@
 - **Orders** the service accepted, with their shopper, impression, image and quantity, and the **returns** of each:
   a return names an order of the same shopper and never takes back more than is left of it.
 
-The ledger is written before the event is produced, under one lock with each check, so two requests cannot both
-take the last unit of an order or the same id; when Kafka then refuses the event, :meth:`EventLedger.withdraw` takes
-it back out, and nothing is kept that the topic never heard of. It lives beside the design registry
-(``<state>/service/ledger.sqlite``) and survives restarts.
+The ledger is written before the event is produced, in one ``BEGIN IMMEDIATE`` transaction with each check
+(:meth:`~service.sqlite_store.SqliteStore.transaction`), so two requests cannot both take the last unit of an order
+or the same id, whether they reach one replica of the service or two; when Kafka then refuses the event,
+:meth:`EventLedger.withdraw` takes it back out, and nothing is kept that the topic never heard of. It lives in the
+service's store with the designs (``ServiceSettings.store_url``), shared by every replica, and survives restarts.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from perfusion.contracts.records import Click, DesignCreated, Impression, Order, Return, Select
 from service.problems import Refusal
-from service.sqlite_store import SqliteStore
+from service.sqlite_store import SqliteStore, sqlite_path
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS event_ids (
@@ -91,10 +91,16 @@ class AcceptedOrder:
 
 
 class EventLedger(SqliteStore):
-    """Impressions served and events accepted, in one sqlite file; safe to share between request threads."""
+    """Impressions served and events accepted, in the service's store; safe to share between request threads and
+    between the processes of the service's replicas."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, _SCHEMA)
+
+    @classmethod
+    def from_url(cls, url: str) -> EventLedger:
+        """The ledger in the store a URL names (``sqlite:///<path>``; another scheme is a ConfigError)."""
+        return cls(sqlite_path(url))
 
     # -------------------------------------------------------------------------------------- what the service made
 
@@ -106,7 +112,7 @@ class EventLedger(SqliteStore):
 
     def record_impression(self, impression: Impression) -> None:
         """Keep an impression about to be produced (its id, viewer, design and candidates)."""
-        with self._lock, self._transaction():
+        with self.transaction():
             self._connection.execute(
                 "INSERT INTO event_ids VALUES (?, ?, ?, ?)",
                 (impression.event_id, impression.kind, impression.user_id, time.time()),
@@ -165,7 +171,7 @@ class EventLedger(SqliteStore):
     def admit(self, event: PostedEvent) -> None:
         """Keep a posted event, checked in the same step: its id unused (409), and a return within what is left of
         its order (422). The caller has checked everything that cannot change between requests."""
-        with self._lock, self._transaction():
+        with self.transaction():
             used = self._connection.execute(
                 "SELECT kind FROM event_ids WHERE event_id = ?", (event.event_id,)
             ).fetchone()
@@ -210,7 +216,7 @@ class EventLedger(SqliteStore):
     def withdraw(self, event_id: str) -> None:
         """Forget an event that could not be produced (impression, design or posted event), so nothing half-exists
         and the client may send it again with the same id."""
-        with self._lock, self._transaction():
+        with self.transaction():
             for statement in (
                 "DELETE FROM event_ids WHERE event_id = ?",
                 "DELETE FROM impression_images WHERE impression_id = ?",
@@ -219,19 +225,3 @@ class EventLedger(SqliteStore):
                 "DELETE FROM returns WHERE return_id = ?",
             ):
                 self._connection.execute(statement, (event_id,))
-
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._connection)
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK when the block raises (the connection is in autocommit mode)."""
-
-    def __init__(self, connection: sqlite3.Connection) -> None:
-        self.connection = connection
-
-    def __enter__(self) -> None:
-        self.connection.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        self.connection.execute("ROLLBACK" if exc_type is not None else "COMMIT")

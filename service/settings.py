@@ -5,6 +5,10 @@ default to its fields. Every field is a flag of ``perfusion serve`` (``--port``,
 ``--best-of-n``, ``--limits-generation-per-minute``, ...) and a variable ``PERFUSION_SERVE_<FIELD>``
 (``PERFUSION_SERVE_GENERATION__WORKERS`` for the pool's, ``PERFUSION_SERVE_BEST_OF__N`` for best-of-N's,
 ``PERFUSION_SERVE_LIMITS__GENERATION_PER_MINUTE`` for the rate limits'), :mod:`perfusion.settings`.
+
+Replicas: every ``perfusion serve`` process given the same ``store_url`` (designs, the ledger, the demand view; the
+API key file beside it unless ``auth.keys_file`` names one) and the same image store (``PERFUSION_IMAGES_URL``,
+:mod:`perfusion.image_store`) serves the same truth.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from perfusion.contracts.records import MAX_K
+from perfusion.paths import state_dir
 from perfusion.sampler_config import MAX_STEPS, SERVING_SAMPLER, SamplerConfig
 from perfusion.settings import Settings
 from service.auth import AuthSettings
 from service.generation_pool import GenerationPoolSettings
 from service.limits import RateLimitSettings
 from service.readiness import ReadinessSettings
+from service.sqlite_store import sqlite_path, sqlite_url
 
 MIN_BEST_OF_N = 8
 # One sampling call of N rows (2N with guidance): 16 keeps a group's forward passes within the bench's budget.
@@ -88,6 +94,13 @@ class ServiceSettings(Settings):
         default=SERVING_SAMPLER.guidance_scale, ge=0.0, le=50.0, description="classifier-free guidance scale"
     )
     poll: float = Field(default=0.25, gt=0.0, le=60.0, description="seconds between checks of the store's LATEST")
+    store_url: str | None = Field(
+        default=None,
+        min_length=1,
+        description="the store of designs, the ledger and the demand view, shared by every replica given the same "
+        "URL: sqlite:///<path> (sqlite:////abs/path.sqlite); the API key file lives beside it unless auth.keys_file "
+        "names one; None = sqlite:///<state>/service/service.sqlite",
+    )
     generation: GenerationPoolSettings = Field(
         default_factory=GenerationPoolSettings, description="the bounded pool candidate generation runs on"
     )
@@ -105,6 +118,16 @@ class ServiceSettings(Settings):
         default_factory=AuthSettings,
         description="the API key store and how far clients' events are trusted (clock skew, order quantities)",
     )
+
+    @model_validator(mode="after")
+    def _supported_store(self) -> ServiceSettings:
+        if self.store_url is not None:
+            sqlite_path(self.store_url, "store_url (PERFUSION_SERVE_STORE_URL)")  # a ConfigError when not supported
+        return self
+
+    def resolved_store_url(self) -> str:
+        """``store_url``, or the default store under the state folder."""
+        return self.store_url if self.store_url is not None else sqlite_url(state_dir() / "service" / "service.sqlite")
 
     def sampler(self) -> SamplerConfig:
         """The serving sampler (:data:`SERVING_SAMPLER`) at this service's steps and guidance."""
