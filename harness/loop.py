@@ -23,6 +23,7 @@ from pathlib import Path
 
 from harness.processes import ProcessSupervisor, SupervisedProcess
 from perfusion.errors import InfrastructureError
+from perfusion.feature_store import FeatureStoreSettings
 from perfusion.paths import REPO_ROOT
 from perfusion.server_files import KAFKA_BOOTSTRAP_ENV
 
@@ -53,6 +54,11 @@ class LoopPlace:
     def resolved_feast_dir(self) -> Path:
         return self.feast_dir if self.feast_dir is not None else self.state_dir / "feast"
 
+    def feature_store(self) -> FeatureStoreSettings:
+        """The settings of the place's Feast store, for what this process itself opens there (its processes get
+        the same through their environment); an online store the place leaves open is as the environment says."""
+        return FeatureStoreSettings.from_env(feast_dir=self.resolved_feast_dir, online_store=self.online_store)
+
     def environment(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """``base`` (default: this process's environment) with the place's variables set."""
         inherited = dict(os.environ if base is None else base)
@@ -78,7 +84,7 @@ class LoopPlace:
 @contextlib.contextmanager
 def process_environment(values: Mapping[str, str]) -> Iterator[None]:
     """Set environment variables of this process for the block, and restore them afterwards (for what this process
-    itself opens in a place: Feast reads its folder from the environment)."""
+    itself reads of a place from the environment; Feast needs none: :meth:`LoopPlace.feature_store`)."""
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
     try:

@@ -1,7 +1,9 @@
 """Online read of one user's features from Feast, inside the candidates request path.
 
-:class:`FeastFeatureReader` wraps ``FeatureStore.get_online_features`` for one entity row and returns the values by
-feature name (``None`` where the store holds nothing for the user). Any failure of the store becomes
+:class:`FeastFeatureReader` reads the ``user_vector`` feature service (features/definitions.py) online for one
+entity row, through :func:`perfusion.feature_store.online_feature_rows` (values aged as every online read is), and
+returns the values by feature name (``None`` where the store holds nothing for the user). Any failure of the store
+becomes
 :class:`FeatureStoreUnavailable`, which the app answers with 503: a request is never served as if the user were
 unknown because the store was down.
 
@@ -20,11 +22,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from perfusion.errors import InfrastructureError
-from perfusion.user_features import USER_FEATURE_REFS, USER_VECTOR_SLICES, user_vector
+from perfusion.feature_store import USER_VECTOR_SERVICE, FeatureAges, feature_views_of, online_feature_rows
+from perfusion.user_features import USER_VECTOR_SLICES, user_vector
 from service.schemas import Personalization
 
 if TYPE_CHECKING:
-    from feast import FeatureStore
+    from feast import FeatureService, FeatureStore
 
 logger = logging.getLogger(__name__)
 
@@ -43,30 +46,46 @@ class FeatureReader(Protocol):
 
 
 class FeastFeatureReader:
-    """Reads ``feature_refs`` ("view:feature") for one user from a Feast store's online store."""
+    """Reads one user's features from a Feast store's online store: the feature service ``feature_service`` (by
+    default the user vector's), or the ``feature_refs`` ("view:feature") given instead."""
 
     def __init__(
-        self, store: FeatureStore, feature_refs: Sequence[str] = USER_FEATURE_REFS, entity_key: str = USER_ENTITY_KEY
+        self,
+        store: FeatureStore,
+        feature_refs: Sequence[str] | None = None,
+        entity_key: str = USER_ENTITY_KEY,
+        feature_service: str = USER_VECTOR_SERVICE,
     ) -> None:
-        if not feature_refs:
+        if feature_refs is not None and not feature_refs:
             raise ValueError("feature_refs must name at least one 'view:feature'")
         self.store = store
-        self.feature_refs = list(feature_refs)
+        self.feature_refs = list(feature_refs) if feature_refs is not None else None
+        self.feature_service = feature_service
         self.entity_key = entity_key
-        # Feast returns columns by feature name (without the view) unless full_feature_names is asked for.
-        self.feature_names = [ref.split(":", 1)[1] for ref in self.feature_refs]
+        # The service and the ages of its views, looked up in the registry on the first read that finds them.
+        self._features: tuple[Sequence[str] | FeatureService, FeatureAges] | None = None
+
+    def _resolved(self) -> tuple[Sequence[str] | FeatureService, FeatureAges]:
+        if self._features is None:
+            features: Sequence[str] | FeatureService = (
+                self.feature_refs
+                if self.feature_refs is not None
+                else self.store.get_feature_service(self.feature_service)
+            )
+            self._features = (features, FeatureAges.of(feature_views_of(self.store, features)))
+        return self._features
 
     def read(self, user_id: str) -> dict[str, Any]:
         try:
-            response = self.store.get_online_features(
-                features=self.feature_refs, entity_rows=[{self.entity_key: user_id}]
-            ).to_dict()
+            features, ages = self._resolved()
+            [row] = online_feature_rows(self.store, features, [{self.entity_key: user_id}], ages=ages)
         except Exception as exc:  # Feast raises many unrelated types (sqlite, redis, registry, protobuf)
             raise FeatureStoreUnavailable(
                 f"Feast online read of user {user_id!r} failed ({type(exc).__name__}: {exc}); check the store "
                 "with `perfusion features apply` and retry"
             ) from exc
-        return {name: response[name][0] if response.get(name) else None for name in self.feature_names}
+        # Feast returns columns by feature name (without the view) unless full_feature_names is asked for.
+        return {name: value for name, value in row.items() if name != self.entity_key}
 
     def check_reachable(self, timeout_s: float) -> str:
         """One online read, of a user id no principal can have, as a candidates request reads; what it answered,

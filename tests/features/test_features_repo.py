@@ -11,7 +11,7 @@ import pytest
 
 from perfusion.attributes import DESCRIPTOR_DIM
 from perfusion.errors import ConfigError
-from perfusion.feature_store import FeaturePusher, redis_connection_string
+from perfusion.feature_store import FeaturePusher, history_file_of, redis_connection_string
 from perfusion.paths import FEATURE_REPO_DIR
 from streams.preferences import PREFERENCE_FEATURES, PreferenceUpdater, UserPreferenceState, feature_row
 from streams.settings import StreamSettings
@@ -88,8 +88,9 @@ def test_pushed_micro_batch_reads_back_online_and_offline(applied_store: Feature
 
     from perfusion.feature_store import merged_history
 
-    with merged_history(applied_store.store):
-        history = pd.read_parquet(applied_store.store.get_feature_view("user_preferences").batch_source.path)
+    store = applied_store.store
+    with merged_history(store):
+        history = pd.read_parquet(history_file_of(store, store.get_feature_view("user_preferences")))
     assert sorted(history["user_id"]) == ["user-0", "user-1", "user-2"]
     assert history["event_timestamp"].max() == datetime.fromtimestamp(1_700_000_002.0, tz=UTC)
 
@@ -131,7 +132,8 @@ def test_pushes_leave_pending_parts_that_a_read_merges_into_the_history_once(app
 
     from perfusion.feature_store import USER_PROFILE_PUSH, merged_history, pending_parts_folder
 
-    history_file = Path(applied_store.store.get_feature_view("user_profile").batch_source.path)
+    history_file = history_file_of(applied_store.store, applied_store.store.get_feature_view("user_profile"))
+    assert history_file is not None
     with merged_history(applied_store.store):  # whatever earlier tests pushed
         before = len(pd.read_parquet(history_file))
     for index in range(3):
@@ -154,7 +156,8 @@ def test_a_pusher_merges_pending_parts_itself_once_in_a_while(applied_store: Fea
 
     from perfusion.feature_store import USER_PROFILE_PUSH, FeaturePusher, pending_parts_folder
 
-    history_file = Path(applied_store.store.get_feature_view("user_profile").batch_source.path)
+    history_file = history_file_of(applied_store.store, applied_store.store.get_feature_view("user_profile"))
+    assert history_file is not None
     eager = FeaturePusher(applied_store.store, merge_every_s=0.0)
     stamp = datetime.fromtimestamp(1_700_000_200.0, tz=UTC)
     eager.push(USER_PROFILE_PUSH, [{"user_id": "m1", "age_group": 1, "region": 2, "event_timestamp": stamp}])
@@ -175,23 +178,20 @@ def test_redis_connection_string_from_url() -> None:
         redis_connection_string("http://cache:6379")
 
 
-def test_redis_yaml_selects_the_redis_online_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from feast.repo_config import load_repo_config
-
-    from perfusion.feature_store import prepare_environment
+def test_redis_settings_select_the_redis_online_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from perfusion.feature_store import FeatureStoreSettings, repo_config
 
     monkeypatch.setenv("PERFUSION_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("PERFUSION_FEAST_DIR", "")
     monkeypatch.setenv("PERFUSION_ONLINE_STORE", "redis")
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6391/0")
-    yaml_file = prepare_environment()
-    config = load_repo_config(FEATURE_REPO_DIR, yaml_file)
+    config = repo_config(FeatureStoreSettings.from_env())
     assert config.online_store.type == "redis"
     assert config.online_store.connection_string == "127.0.0.1:6391,db=0"
     assert config.registry.path == str(tmp_path / "feast" / "registry.db")
     monkeypatch.setenv("PERFUSION_ONLINE_STORE", "memcached")
     with pytest.raises(ConfigError, match="'sqlite' or 'redis'"):
-        prepare_environment()
+        FeatureStoreSettings.from_env()
 
 
 def test_push_stamps_move_forward_when_the_latest_event_does_not() -> None:
