@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+from pydantic import Field
 
 from perfusion.attributes import COLOURS
+from perfusion.settings import Settings
 
 # Reference colours, (12, 3) in 0..1, for a soft colour histogram of the garment's pixels.
 _REFERENCE_COLOURS = np.array(list(COLOURS.values()), dtype=np.float64) / 255.0
@@ -102,20 +104,21 @@ class PreferencePanel(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class Segment:
-    name: str
-    # Weight per pixel feature, in PIXEL_FEATURE_NAMES order (unlisted features weigh 0).
-    weights: dict[str, float]
-    # Profile distribution: which age groups and regions this segment's shoppers mostly come from.
-    age_groups: tuple[int, ...]
-    regions: tuple[int, ...]
+class Segment(Settings):
+    """A taste many shoppers share, and the profiles its shoppers mostly have."""
+
+    name: str = Field(description="the segment's name, as results report it")
+    weights: dict[str, float] = Field(
+        description="weight per pixel feature of PIXEL_FEATURE_NAMES (unlisted features weigh 0)"
+    )
+    age_groups: tuple[int, ...] = Field(description="the age groups (0..4) this segment's shoppers mostly come from")
+    regions: tuple[int, ...] = Field(description="the regions (0..3) this segment's shoppers mostly come from")
 
 
 DEFAULT_SEGMENTS: tuple[Segment, ...] = (
     Segment(
-        "bold-and-bright",
-        {
+        name="bold-and-bright",
+        weights={
             "colour:red": 2.0,
             "colour:orange": 1.5,
             "colour:yellow": 1.5,
@@ -130,8 +133,8 @@ DEFAULT_SEGMENTS: tuple[Segment, ...] = (
         regions=(0, 1),
     ),
     Segment(
-        "dark-minimal",
-        {
+        name="dark-minimal",
+        weights={
             "colour:black": 2.0,
             "colour:navy": 2.0,
             "colour:grey": 1.0,
@@ -145,8 +148,8 @@ DEFAULT_SEGMENTS: tuple[Segment, ...] = (
         regions=(1, 2),
     ),
     Segment(
-        "cool-tones-long-lines",
-        {
+        name="cool-tones-long-lines",
+        weights={
             "colour:blue": 2.0,
             "colour:teal": 2.0,
             "colour:green": 1.5,
@@ -160,8 +163,8 @@ DEFAULT_SEGMENTS: tuple[Segment, ...] = (
         regions=(2, 3),
     ),
     Segment(
-        "soft-and-light",
-        {
+        name="soft-and-light",
+        weights={
             "colour:white": 2.0,
             "colour:pink": 2.0,
             "colour:yellow": 1.0,

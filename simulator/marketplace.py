@@ -20,41 +20,33 @@ same random numbers for the same (round, user, prompt) and compare arms on commo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
+from pydantic import Field
 
 from perfusion.errors import ConfigError
+from perfusion.settings import Settings
 from simulator.ground_truth import PreferencePanel
 
 
-@dataclass(frozen=True)
-class BehaviourConfig:
+class BehaviourConfig(Settings):
     """How strongly shoppers' and merchants' actions follow their true utility (utilities are on a unit scale)."""
 
-    click_bias: float = field(default=-1.0, metadata={"help": "logit of clicking a neutral (u = 0) item in slot 0"})
-    click_slope: float = field(default=1.5, metadata={"help": "logit change of a click per unit of utility"})
-    position_decay: float = field(default=0.5, metadata={"help": "slot p is seen with weight (1 + p) ** -decay"})
-    order_bias: float = field(default=-1.0, metadata={"help": "logit of ordering a clicked neutral item"})
-    order_slope: float = field(default=1.5, metadata={"help": "logit change of an order per unit of utility"})
-    expectation: float = field(default=0.0, metadata={"help": "utility a delivered item must reach not to be returned"})
-    delivery_sd: float = field(
-        default=1.0, metadata={"help": "spread of the delivered item's utility around the pictured one's"}
+    click_bias: float = Field(default=-1.0, description="logit of clicking a neutral (u = 0) item in slot 0")
+    click_slope: float = Field(default=1.5, ge=0, description="logit change of a click per unit of utility")
+    position_decay: float = Field(default=0.5, ge=0, description="slot p is seen with weight (1 + p) ** -decay")
+    order_bias: float = Field(default=-1.0, description="logit of ordering a clicked neutral item")
+    order_slope: float = Field(default=1.5, ge=0, description="logit change of an order per unit of utility")
+    expectation: float = Field(default=0.0, description="utility a delivered item must reach not to be returned")
+    delivery_sd: float = Field(
+        default=1.0, gt=0, description="spread of the delivered item's utility around the pictured one's"
     )
-    selection_noise_sd: float = field(
-        default=0.2, metadata={"help": "noise on a merchant's utilities when choosing candidates"}
+    selection_noise_sd: float = Field(
+        default=0.2, ge=0, description="noise on a merchant's utilities when choosing candidates"
     )
-    max_selected: int = field(default=2, metadata={"help": "a merchant selects 1..max_selected candidates"})
-
-    def __post_init__(self) -> None:
-        for name in ("click_slope", "order_slope", "position_decay", "selection_noise_sd"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.delivery_sd <= 0:
-            raise ConfigError(f"delivery_sd must be positive, got {self.delivery_sd}")
-        if self.max_selected < 1:
-            raise ConfigError(f"max_selected must be at least 1, got {self.max_selected}")
+    max_selected: int = Field(default=2, ge=1, description="a merchant selects 1..max_selected candidates")
 
 
 @dataclass(frozen=True)

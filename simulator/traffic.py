@@ -21,52 +21,42 @@ import math
 import random
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from pydantic import Field
 
 from perfusion.attributes import ATTRIBUTE_KINDS, Attributes, descriptor_blocks, one_hot_descriptor
 from perfusion.contracts.records import AnyEvent, Candidate, Click, DesignCreated, Impression, Order, Return, Select
 from perfusion.errors import ConfigError
+from perfusion.settings import Settings
 from simulator.marketplace import GroupResponse
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TrafficConfig:
+class TrafficConfig(Settings):
     """Shape of the simulated marketplace."""
 
-    seed: int = field(default=0, metadata={"help": "same seed, same events"})
-    shoppers: int = field(default=5, metadata={"help": "number of shoppers"})
-    merchants: int = field(default=2, metadata={"help": "number of merchants posting designs"})
-    designs: int = field(default=6, metadata={"help": "number of designs posted before the first impression"})
-    candidates_per_impression: int = field(default=4, metadata={"help": "K, images shown per impression"})
-    start_ts: float = field(default=0.0, metadata={"help": "event time of the first event; 0 = one hour ago"})
-    mean_gap_s: float = field(default=2.0, metadata={"help": "mean event-time gap between impressions (seconds)"})
-    taste_sharpness: float = field(
-        default=0.8, metadata={"help": "0 = indifferent shoppers, 1 = each wants exactly one value of each kind"}
+    seed: int = Field(default=0, description="same seed, same events")
+    shoppers: int = Field(default=5, ge=1, description="number of shoppers")
+    merchants: int = Field(default=2, ge=1, description="number of merchants posting designs")
+    designs: int = Field(default=6, ge=1, description="number of designs posted before the first impression")
+    candidates_per_impression: int = Field(default=4, ge=1, le=16, description="K, images shown per impression")
+    start_ts: float = Field(default=0.0, description="event time of the first event; 0 = one hour ago")
+    mean_gap_s: float = Field(default=2.0, gt=0, description="mean event-time gap between impressions (seconds)")
+    taste_sharpness: float = Field(
+        default=0.8,
+        ge=0.0,
+        le=1.0,
+        description="0 = indifferent shoppers, 1 = each wants exactly one value of each kind",
     )
-    merchant_view_rate: float = field(
-        default=0.1, metadata={"help": "share of impressions shown to the design's merchant, who selects candidates"}
+    merchant_view_rate: float = Field(
+        default=0.1, description="share of impressions shown to the design's merchant, who selects candidates"
     )
-    model_version: str = field(default="catalog", metadata={"help": "model_version stamped on impressions"})
-    max_follow_up_s: float = field(
-        default=240.0, metadata={"help": "latest a click, order or return comes after its impression (seconds)"}
+    model_version: str = Field(default="catalog", description="model_version stamped on impressions")
+    max_follow_up_s: float = Field(
+        default=240.0, description="latest a click, order or return comes after its impression (seconds)"
     )
-
-    def __post_init__(self) -> None:
-        if self.shoppers < 1 or self.merchants < 1 or self.designs < 1:
-            raise ConfigError(
-                f"shoppers, merchants and designs must be at least 1, got {self.shoppers}, {self.merchants}, "
-                f"{self.designs}"
-            )
-        if not 1 <= self.candidates_per_impression <= 16:
-            raise ConfigError(
-                f"candidates_per_impression must be between 1 and 16, got {self.candidates_per_impression}"
-            )
-        if not 0.0 <= self.taste_sharpness <= 1.0:
-            raise ConfigError(f"taste_sharpness must be between 0 and 1, got {self.taste_sharpness}")
-        if self.mean_gap_s <= 0:
-            raise ConfigError(f"mean_gap_s must be positive, got {self.mean_gap_s}")
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,13 @@ CLI parser).
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
-from perfusion.errors import ConfigError
+from pydantic import Field, model_validator
+
+from perfusion.settings import Settings
 
 if TYPE_CHECKING:
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
@@ -33,33 +35,30 @@ if TYPE_CHECKING:
 HELP = "time the group preference loss against pairwise Diffusion-DPO and the 2K forward-pass floor"
 
 
-@dataclass(frozen=True)
-class ObjectiveBenchConfig:
+class ObjectiveBenchConfig(Settings):
     """What to measure; the UNet defaults are the base model's real shape (perfusion.models.base)."""
 
-    block_out_channels: tuple[int, ...] = field(default=(32, 64, 128), metadata={"help": "UNet channels per level"})
-    sample_size: int = field(default=32, metadata={"help": "image side in pixels"})
-    layers_per_block: int = field(default=2, metadata={"help": "ResNet layers per UNet block"})
-    attention_heads: int = field(default=4, metadata={"help": "attention heads per transformer block"})
-    norm_num_groups: int = field(default=16, metadata={"help": "GroupNorm groups of the UNet"})
-    text_length: int = field(default=16, metadata={"help": "text tokens cross-attended to"})
-    group_size: int = field(default=4, metadata={"help": "K, candidates in the group"})
-    num_positives: int = field(default=1, metadata={"help": "|P|, positives among the K candidates"})
-    repeats: int = field(default=5, metadata={"help": "timed repetitions per measurement (the median is reported)"})
-    warmup: int = field(default=1, metadata={"help": "untimed repetitions before timing"})
-    beta: float = field(default=1000.0, metadata={"help": "beta of the objectives (does not change the cost)"})
-    seed: int = field(default=0, metadata={"help": "seed of weights, images, noise and timesteps"})
-    device: str = field(default="cpu", metadata={"help": "torch device to run on (cpu, cuda)"})
+    block_out_channels: tuple[int, ...] = Field(default=(32, 64, 128), description="UNet channels per level")
+    sample_size: int = Field(default=32, description="image side in pixels")
+    layers_per_block: int = Field(default=2, description="ResNet layers per UNet block")
+    attention_heads: int = Field(default=4, description="attention heads per transformer block")
+    norm_num_groups: int = Field(default=16, description="GroupNorm groups of the UNet")
+    text_length: int = Field(default=16, description="text tokens cross-attended to")
+    group_size: int = Field(default=4, ge=2, description="K, candidates in the group")
+    num_positives: int = Field(default=1, ge=1, description="|P|, positives among the K candidates")
+    repeats: int = Field(default=5, ge=1, description="timed repetitions per measurement (the median is reported)")
+    warmup: int = Field(default=1, ge=0, description="untimed repetitions before timing")
+    beta: float = Field(default=1000.0, description="beta of the objectives (does not change the cost)")
+    seed: int = Field(default=0, description="seed of weights, images, noise and timesteps")
+    device: str = Field(default="cpu", description="torch device to run on (cpu, cuda)")
 
-    def __post_init__(self) -> None:
-        if self.group_size < 2:
-            raise ConfigError(f"group_size must be at least 2 (a positive and a negative), got {self.group_size}")
-        if not 1 <= self.num_positives < self.group_size:
-            raise ConfigError(
+    @model_validator(mode="after")
+    def _a_negative_in_every_group(self) -> ObjectiveBenchConfig:
+        if self.num_positives >= self.group_size:
+            raise ValueError(
                 f"num_positives must be between 1 and group_size - 1 = {self.group_size - 1}, got {self.num_positives}"
             )
-        if self.repeats < 1 or self.warmup < 0:
-            raise ConfigError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats} and {self.warmup}")
+        return self
 
     @property
     def num_negatives(self) -> int:
@@ -194,7 +193,7 @@ def run_objective_benchmark(config: ObjectiveBenchConfig) -> dict[str, Any]:
     k, pairs = config.group_size, config.num_positives * config.num_negatives
     return {
         "benchmark": "objective",
-        "config": {**asdict(config), "block_out_channels": list(config.block_out_channels)},
+        "config": config.model_dump(mode="json"),
         "device": str(workload.noised.device),
         "torch_threads": torch.get_num_threads(),
         "unet_parameters": count_parameters(workload.unet),
@@ -223,7 +222,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "warmup",
         "seed",
     ):
-        help_text = ObjectiveBenchConfig.__dataclass_fields__[name].metadata["help"]
+        help_text = ObjectiveBenchConfig.model_fields[name].description
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name), help=help_text)
     parser.add_argument("--device", default=defaults.device, help="torch device to run on (cpu, cuda)")
 

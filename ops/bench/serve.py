@@ -34,12 +34,14 @@ import statistics
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import Field, model_validator
+
 from perfusion.errors import ConfigError
 from perfusion.sampler_config import SERVING_SAMPLER, SamplerConfig
+from perfusion.settings import Settings
 from service.settings import BestOfSettings
 
 if TYPE_CHECKING:
@@ -59,22 +61,21 @@ TARGET_SWAP_MEDIAN_S = 1.0
 BENCH_GAUC_INTERVAL = (0.55, 0.65)
 
 
-@dataclass(frozen=True)
-class ServeBenchConfig:
+class ServeBenchConfig(Settings):
     """What to measure; the defaults are ``perfusion serve``'s sampling settings."""
 
-    k: int = field(default=4, metadata={"help": "candidates per request"})
-    best_of_n: int = field(default=16, metadata={"help": "N of the best-of-N arm: candidates drawn to show the K best"})
-    steps: int = field(
-        default=SERVING_SAMPLER.steps, metadata={"help": "steps of the serving sampler (trailing DDIM) per group"}
+    k: int = Field(default=4, ge=1, le=16, description="candidates per request")
+    best_of_n: int = Field(default=16, description="N of the best-of-N arm: candidates drawn to show the K best")
+    steps: int = Field(
+        default=SERVING_SAMPLER.steps, ge=1, description="steps of the serving sampler (trailing DDIM) per group"
     )
-    guidance: float = field(default=SERVING_SAMPLER.guidance_scale, metadata={"help": "classifier-free guidance scale"})
-    repeats: int = field(default=8, metadata={"help": "timed requests per arm (base, personalized)"})
-    warmup: int = field(default=1, metadata={"help": "untimed requests per arm first"})
-    publishes: int = field(default=5, metadata={"help": "versions published while requests run"})
-    poll: float = field(default=0.25, metadata={"help": "seconds between the watcher's checks of LATEST"})
-    base: Path | None = field(default=None, metadata={"help": "base checkpoint folder (default: assets/base)"})
-    seed: int = field(default=0, metadata={"help": "noise seed of every request"})
+    guidance: float = Field(default=SERVING_SAMPLER.guidance_scale, description="classifier-free guidance scale")
+    repeats: int = Field(default=8, ge=1, description="timed requests per arm (base, personalized)")
+    warmup: int = Field(default=1, ge=0, description="untimed requests per arm first")
+    publishes: int = Field(default=5, ge=1, description="versions published while requests run")
+    poll: float = Field(default=0.25, gt=0, description="seconds between the watcher's checks of LATEST")
+    base: Path | None = Field(default=None, description="base checkpoint folder (default: assets/base)")
+    seed: int = Field(default=0, description="noise seed of every request")
 
     @property
     def sampler(self) -> SamplerConfig:
@@ -82,15 +83,13 @@ class ServeBenchConfig:
             kind=SERVING_SAMPLER.kind, spacing=SERVING_SAMPLER.spacing, steps=self.steps, guidance_scale=self.guidance
         )
 
-    def __post_init__(self) -> None:
-        if not 1 <= self.k <= 16:
-            raise ConfigError(f"k must be between 1 and 16, got {self.k}")
-        if self.steps < 1 or self.repeats < 1 or self.warmup < 0 or self.publishes < 1 or self.poll <= 0:
-            raise ConfigError(
-                "steps, repeats and publishes must be >= 1, warmup >= 0 and poll > 0, got "
-                f"{self.steps}, {self.repeats}, {self.publishes}, {self.warmup} and {self.poll}"
-            )
-        self.best_of()  # N within its bounds and at least K
+    @model_validator(mode="after")
+    def _best_of_n_within_its_bounds(self) -> ServeBenchConfig:
+        try:
+            self.best_of()  # N within its bounds and at least K
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
     def best_of(self) -> BestOfSettings:
         """The best-of-N arm's settings: on, for this N and this K."""
@@ -238,7 +237,7 @@ def run_serve_benchmark(config: ServeBenchConfig, bootstrap_servers: str | None 
     generation_mean, generation_count = histogram_mean(metrics_text, "perfusion_generation_seconds")
     report.update(
         benchmark="serve",
-        config={**asdict(config), "base": str(base_folder)},
+        config={**config.model_dump(mode="json"), "base": str(base_folder)},
         device="cpu",
         torch_threads=torch.get_num_threads(),
         service_metrics={
@@ -450,11 +449,11 @@ def _floor(config: ServeBenchConfig, generator: Any, latencies: dict[str, Any]) 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServeBenchConfig()
     for name in ("k", "best_of_n", "steps", "repeats", "warmup", "publishes", "seed"):
-        help_text = ServeBenchConfig.__dataclass_fields__[name].metadata["help"]
+        help_text = ServeBenchConfig.model_fields[name].description
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, dest=name, type=int, default=getattr(defaults, name), help=help_text)
     for name in ("guidance", "poll"):
-        help_text = ServeBenchConfig.__dataclass_fields__[name].metadata["help"]
+        help_text = ServeBenchConfig.model_fields[name].description
         parser.add_argument(f"--{name}", type=float, default=getattr(defaults, name), help=help_text)
     parser.add_argument("--base", type=Path, default=None, help="base checkpoint folder (default: assets/base)")
 

@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_probe(args: argparse.Namespace) -> int:
     """``perfusion eval probe``: simulator/probes/generator_probe.py, no broker needed."""
-    from simulator.probes.generator_probe import ProbeConfig, render_probe_markdown
+    from simulator.probes.generator_probe import ProbeConfig, ProbeResults, render_probe_markdown
     from simulator.probes.generator_probe import run_probe as probe
 
     overrides = {
@@ -215,26 +215,24 @@ def run_probe(args: argparse.Namespace) -> int:
         "torch_threads": args.threads,
     }
     config = ProbeConfig(**{key: value for key, value in overrides.items() if value is not None})
-    result = probe(config)
-    return _write_probe(args, "probe", result, render_probe_markdown(result, command_line(args)))
+    results = ProbeResults.of(probe(config), command_line(args))
+    return _write_probe(args, "probe", results.to_json(), render_probe_markdown(results), results.wall_seconds)
 
 
-def _write_probe(args: argparse.Namespace, name: str, result: dict[str, Any], markdown_text: str) -> int:
-    """``<out>/<name>.json`` with the command, and the markdown to --docs or ``<out>/<name>.md``."""
-    import json
-
+def _write_probe(args: argparse.Namespace, name: str, json_text: str, markdown_text: str, wall_seconds: float) -> int:
+    """``<out>/<name>.json`` (the results with the command), and the markdown to --docs or ``<out>/<name>.md``."""
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps({**result, "command": command_line(args)}, indent=2) + "\n")
+    (args.out / f"{name}.json").write_text(json_text)
     markdown = args.docs or args.out / f"{name}.md"
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(markdown_text)
-    print(f"wrote {args.out / f'{name}.json'} and {markdown} in {result['wall_seconds'] / 60:.1f} min")
+    print(f"wrote {args.out / f'{name}.json'} and {markdown} in {wall_seconds / 60:.1f} min")
     return 0
 
 
 def run_reward_probe(args: argparse.Namespace) -> int:
     """``perfusion eval reward-probe``: simulator/probes/reward_probe.py, no broker needed."""
-    from simulator.probes.reward_probe import RewardProbeConfig, render_reward_probe_markdown
+    from simulator.probes.reward_probe import RewardProbeConfig, RewardProbeResults, render_reward_probe_markdown
     from simulator.probes.reward_probe import run_reward_probe as probe
 
     overrides = {
@@ -247,5 +245,6 @@ def run_reward_probe(args: argparse.Namespace) -> int:
         "torch_threads": args.threads,
     }
     config = RewardProbeConfig(**{key: value for key, value in overrides.items() if value is not None})
-    result = probe(config)
-    return _write_probe(args, "reward_probe", result, render_reward_probe_markdown(result, command_line(args)))
+    results = RewardProbeResults.of(probe(config), command_line(args))
+    markdown = render_reward_probe_markdown(results)
+    return _write_probe(args, "reward_probe", results.to_json(), markdown, results.wall_seconds)

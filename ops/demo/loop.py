@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
+from pydantic import Field, field_validator, model_validator
 
 from harness.loop import cli_arguments
 from ops.demo.shoppers import (
@@ -40,6 +41,7 @@ from ops.demo.shoppers import (
     select_event,
 )
 from perfusion.errors import ConfigError
+from perfusion.settings import Settings
 
 if TYPE_CHECKING:
     from ops.demo.client import ServiceClient
@@ -70,48 +72,42 @@ class ShopperPanel(Protocol):
     def utilities(self, user_id: str, images: np.ndarray) -> np.ndarray: ...
 
 
-@dataclass(frozen=True)
-class LoopSettings:
+class LoopSettings(Settings):
     """One run of the loop: how many rounds and people, and settings that make the processes quick on a CPU."""
 
-    rounds: int = field(default=3, metadata={"help": "rounds always played"})
-    max_rounds: int = field(
-        default=12, metadata={"help": "most rounds played while waiting for a version and an order"}
+    rounds: int = Field(default=3, ge=1, description="rounds always played (at most max_rounds)")
+    max_rounds: int = Field(default=12, description="most rounds played while waiting for a version and an order")
+    prompts: tuple[str, ...] = Field(default=DEFAULT_PROMPTS, description="one design per prompt")
+    order_threshold: int = Field(default=3, ge=1, description="net orders at which a design goes to production")
+    k: int = Field(default=4, ge=2, le=16, description="candidates per group (a group needs a winner and a loser)")
+    sampling_steps: int = Field(default=8, ge=1, description="denoising steps of the service per group")
+    reward_steps: int = Field(default=10, description="trainer: reward-model steps per update")
+    diffusion_steps: int = Field(default=2, description="trainer: adaptive-network steps per update")
+    groups_per_batch: int = Field(default=4, description="trainer: groups per step")
+    window_s: float = Field(default=4.0, gt=0, description="worker: follow-ups this long after an impression count")
+    lateness_s: float = Field(default=1.0, ge=0, description="worker: watermarks trail the latest event by this")
+    samples_per_request: int = Field(default=6, ge=1, description="worker: group samples that ask for an update")
+    max_wait_s: float = Field(default=15.0, gt=0, description="worker: most wall-clock seconds a sample waits")
+    behaviour: ShopperBehaviour = Field(
+        default_factory=ShopperBehaviour, description="how the shoppers turn utilities into actions"
     )
-    prompts: tuple[str, ...] = field(default=DEFAULT_PROMPTS, metadata={"help": "one design per prompt"})
-    order_threshold: int = field(default=3, metadata={"help": "net orders at which a design goes to production"})
-    k: int = field(default=4, metadata={"help": "candidates per group"})
-    sampling_steps: int = field(default=8, metadata={"help": "denoising steps of the service per group"})
-    reward_steps: int = field(default=10, metadata={"help": "trainer: reward-model steps per update"})
-    diffusion_steps: int = field(default=2, metadata={"help": "trainer: adaptive-network steps per update"})
-    groups_per_batch: int = field(default=4, metadata={"help": "trainer: groups per step"})
-    window_s: float = field(default=4.0, metadata={"help": "worker: follow-ups this long after an impression count"})
-    lateness_s: float = field(default=1.0, metadata={"help": "worker: watermarks trail the latest event by this"})
-    samples_per_request: int = field(default=6, metadata={"help": "worker: group samples that ask for an update"})
-    max_wait_s: float = field(default=15.0, metadata={"help": "worker: most wall-clock seconds a sample waits"})
-    behaviour: ShopperBehaviour = field(default_factory=ShopperBehaviour)
-    seed: int = field(default=0, metadata={"help": "seed of the shoppers' choices and the noise of each group"})
-    partitions: int = field(default=1, metadata={"help": "partitions of the run's topics (1: one watermark)"})
-    startup_timeout_s: float = field(default=300.0, metadata={"help": "how long the service may take to answer"})
-    shown_users: int = field(default=3, metadata={"help": "users whose Feast features are printed each round"})
+    seed: int = Field(default=0, description="seed of the shoppers' choices and the noise of each group")
+    partitions: int = Field(default=1, ge=1, description="partitions of the run's topics (1: one watermark)")
+    startup_timeout_s: float = Field(default=300.0, description="how long the service may take to answer")
+    shown_users: int = Field(default=3, description="users whose Feast features are printed each round")
 
-    def __post_init__(self) -> None:
-        if not 1 <= self.rounds <= self.max_rounds:
-            raise ConfigError(f"rounds must be between 1 and max_rounds={self.max_rounds}, got {self.rounds}")
-        if not self.prompts:
-            raise ConfigError("prompts must name at least one design, e.g. ('a red dress',)")
-        if not 2 <= self.k <= 16:
-            raise ConfigError(f"k must be between 2 and 16 (a group needs a winner and a loser), got {self.k}")
-        if self.window_s <= 0 or self.lateness_s < 0 or self.max_wait_s <= 0 or self.samples_per_request < 1:
-            raise ConfigError(
-                "window_s, max_wait_s and samples_per_request must be positive and lateness_s >= 0, got "
-                f"{self.window_s}, {self.max_wait_s}, {self.samples_per_request} and {self.lateness_s}"
-            )
-        if self.order_threshold < 1 or self.sampling_steps < 1 or self.partitions < 1:
-            raise ConfigError(
-                "order_threshold, sampling_steps and partitions must be at least 1, got "
-                f"{self.order_threshold}, {self.sampling_steps} and {self.partitions}"
-            )
+    @field_validator("prompts")
+    @classmethod
+    def _a_design_at_least(cls, prompts: tuple[str, ...]) -> tuple[str, ...]:
+        if not prompts:
+            raise ValueError("prompts must name at least one design, e.g. ('a red dress',)")
+        return prompts
+
+    @model_validator(mode="after")
+    def _rounds_within_max_rounds(self) -> LoopSettings:
+        if self.rounds > self.max_rounds:
+            raise ValueError(f"rounds must be between 1 and max_rounds={self.max_rounds}, got {self.rounds}")
+        return self
 
     def worker_arguments(self) -> list[str]:
         """``perfusion worker`` with windows short enough that a group closes seconds after its impression."""

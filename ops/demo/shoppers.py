@@ -19,28 +19,31 @@ import random
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Literal, cast
 
 import numpy as np
 from numpy.typing import NDArray
+from pydantic import Field
 
 from perfusion.contracts.records import Click, Order, Return, Select
 from perfusion.errors import ConfigError
+from perfusion.settings import Settings
 from simulator.marketplace import BehaviourConfig, Marketplace
 
 ActionKind = Literal["click", "order", "return"]
 
 
-@dataclass(frozen=True)
-class ShopperBehaviour:
+class ShopperBehaviour(Settings):
     """How utilities (roughly unit scale, centred near 0) become clicks, orders and returns."""
 
-    click_rate: float = field(default=0.7, metadata={"help": "click probability of a top-position image of utility 0"})
-    sharpness: float = field(default=2.0, metadata={"help": "how strongly utility moves each probability (logit)"})
-    order_rate: float = field(default=0.6, metadata={"help": "order probability after a click, at utility 0"})
-    return_rate: float = field(default=0.3, metadata={"help": "return probability of an order, at utility 0"})
+    click_rate: float = Field(
+        default=0.7, gt=0.0, lt=1.0, description="click probability of a top-position image of utility 0"
+    )
+    sharpness: float = Field(default=2.0, ge=0.0, description="how strongly utility moves each probability (logit)")
+    order_rate: float = Field(default=0.6, gt=0.0, lt=1.0, description="order probability after a click, at utility 0")
+    return_rate: float = Field(default=0.3, gt=0.0, lt=1.0, description="return probability of an order, at utility 0")
 
     def marketplace_behaviour(self) -> BehaviourConfig:
         """The same shopper in the marketplace's terms: logits of the rates at utility 0, ``sharpness`` as the slope,
@@ -59,14 +62,6 @@ class ShopperBehaviour:
             expectation=shortfall * delivery_sd,
             delivery_sd=delivery_sd,
         )
-
-    def __post_init__(self) -> None:
-        for name in ("click_rate", "order_rate", "return_rate"):
-            value = getattr(self, name)
-            if not 0.0 < value < 1.0:
-                raise ConfigError(f"{name} must be strictly between 0 and 1, got {value}")
-        if self.sharpness < 0:
-            raise ConfigError(f"sharpness must be >= 0, got {self.sharpness}")
 
 
 def _logit(rate: float) -> float:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from perfusion.errors import ConfigError
+from pydantic import Field, field_validator
+
 from perfusion.paths import ASSETS_DIR
 from perfusion.sampler_config import SERVING_SAMPLER, SamplerConfig
+from perfusion.settings import Settings
 from trainer.settings import ARMS
 
 # Every arm of the trainer's but the one that differs only in its reward model (PerFusionRM without plug-ins): the
@@ -17,77 +18,62 @@ EVALUATION_ARMS: tuple[str, ...] = tuple(arm for arm in ARMS if arm != "perfusio
 BASELINE_ARM = "base"
 
 
-@dataclass(frozen=True)
-class EvaluationConfig:
+class EvaluationConfig(Settings):
     """Size and settings of one evaluation run."""
 
-    arms: tuple[str, ...] = field(default=EVALUATION_ARMS, metadata={"help": "arms of trainer.settings.ARMS"})
-    rounds: int = field(default=2, metadata={"help": "trainer updates per arm; rounds 0..rounds are measured"})
-    train_users: int = field(default=16, metadata={"help": "shoppers whose events drive the loop"})
-    cold_users: int = field(default=4, metadata={"help": "held-out shoppers with a profile only"})
-    merchants: int = field(default=2, metadata={"help": "merchants posting the designs and selecting"})
-    impressions_per_user: int = field(default=2, metadata={"help": "live impressions per training user per round"})
-    k: int = field(default=4, metadata={"help": "candidates per impression"})
-    sampling_steps: int = field(
+    arms: tuple[str, ...] = Field(default=EVALUATION_ARMS, description="arms of trainer.settings.ARMS")
+    rounds: int = Field(default=2, ge=1, description="trainer updates per arm; rounds 0..rounds are measured")
+    train_users: int = Field(default=16, ge=1, description="shoppers whose events drive the loop")
+    cold_users: int = Field(default=4, ge=1, description="held-out shoppers with a profile only")
+    merchants: int = Field(default=2, ge=1, description="merchants posting the designs and selecting")
+    impressions_per_user: int = Field(default=2, ge=1, description="live impressions per training user per round")
+    k: int = Field(default=4, ge=2, le=16, description="candidates per impression")
+    sampling_steps: int = Field(
         default=SERVING_SAMPLER.steps,
-        metadata={"help": "steps of the serving sampler (SERVING_SAMPLER, trailing DDIM) per generated group"},
+        ge=1,
+        description="steps of the serving sampler (SERVING_SAMPLER, trailing DDIM) per generated group",
     )
-    reward_steps: int = field(default=40, metadata={"help": "reward-model steps per trainer update"})
-    diffusion_steps: int = field(default=8, metadata={"help": "generator steps per trainer update"})
-    adaptive_learning_rate: float | None = field(
-        default=None, metadata={"help": "AdamW learning rate of the adaptive network (None: the trainer's)"}
+    reward_steps: int = Field(default=40, description="reward-model steps per trainer update")
+    diffusion_steps: int = Field(default=8, description="generator steps per trainer update")
+    adaptive_learning_rate: float | None = Field(
+        default=None, description="AdamW learning rate of the adaptive network (None: the trainer's)"
     )
-    unet_learning_rate: float | None = field(
-        default=None, metadata={"help": "AdamW learning rate of the fine-tuned U-Net arms (None: the trainer's)"}
+    unet_learning_rate: float | None = Field(
+        default=None, description="AdamW learning rate of the fine-tuned U-Net arms (None: the trainer's)"
     )
-    groups_per_batch: int = field(default=8, metadata={"help": "groups per trainer step"})
-    offline_rm_steps: int = field(
-        default=150, metadata={"help": "steps of each reward model in the offline comparison"}
-    )
-    gate_reward_tolerance: float = field(
+    groups_per_batch: int = Field(default=8, description="groups per trainer step")
+    offline_rm_steps: int = Field(default=150, description="steps of each reward model in the offline comparison")
+    gate_reward_tolerance: float = Field(
         default=1.0,
-        metadata={
-            "help": "the trainer's publish gate on held-out RM GAUC; 1.0 turns it off, since the trainer's held-out "
-            "slice (10% of a round's few dozen groups) holds one to five groups and its GAUC moves in steps of 1/3"
-        },
+        description="the trainer's publish gate on held-out RM GAUC; 1.0 turns it off, since the trainer's held-out "
+        "slice (10% of a round's few dozen groups) holds one to five groups and its GAUC moves in steps of 1/3",
     )
-    gate_generator_tolerance: float = field(
+    gate_generator_tolerance: float = Field(
         default=0.5,
-        metadata={
-            "help": "the trainer's publish gate on generated images, in RM score standard deviations; the same for "
-            "every arm (the trainer's default 0.1 lets a reward model trained on a few dozen groups veto updates)"
-        },
+        description="the trainer's publish gate on generated images, in RM score standard deviations; the same for "
+        "every arm (the trainer's default 0.1 lets a reward model trained on a few dozen groups veto updates)",
     )
-    bootstrap_samples: int = field(default=1000, metadata={"help": "bootstrap resamplings of users"})
-    seed: int = field(default=0, metadata={"help": "seed of users, plan, generation and marketplace draws"})
-    torch_threads: int = field(default=1, metadata={"help": "torch threads (small models run best on one)"})
-    parallel_arms: int = field(
+    bootstrap_samples: int = Field(default=1000, ge=100, description="bootstrap resamplings of users")
+    seed: int = Field(default=0, description="seed of users, plan, generation and marketplace draws")
+    torch_threads: int = Field(default=1, description="torch threads (small models run best on one)")
+    parallel_arms: int = Field(
         default=0,
-        metadata={
-            "help": "arms run at once, each in a process of its own (an arm's Feast store and state are process-wide "
-            "settings); 0 = one arm per two CPU cores (an arm and its stream worker keep about that busy)"
-        },
+        ge=0,
+        description="arms run at once, each in a process of its own (an arm's Feast store and state are process-wide "
+        "settings); 0 = one arm per two CPU cores (an arm and its stream worker keep about that busy)",
     )
-    wait_s: float = field(default=300.0, metadata={"help": "longest wait for the worker's samples and features"})
-    base_checkpoint: Path = field(default=ASSETS_DIR / "base", metadata={"help": "the base model"})
+    wait_s: float = Field(default=300.0, description="longest wait for the worker's samples and features")
+    base_checkpoint: Path = Field(default=ASSETS_DIR / "base", description="the base model")
 
-    def __post_init__(self) -> None:
-        from trainer.settings import ARMS
-
-        unknown = [arm for arm in self.arms if arm not in ARMS]
-        if unknown or not self.arms:
-            raise ConfigError(f"arms must be a non-empty subset of {', '.join(ARMS)}; got {list(self.arms)}")
-        if BASELINE_ARM not in self.arms:
-            raise ConfigError(f"arms must include {BASELINE_ARM!r}, the baseline every lift is measured against")
-        for name in ("rounds", "train_users", "cold_users", "merchants", "impressions_per_user", "sampling_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.parallel_arms < 0:
-            raise ConfigError(f"parallel_arms must be >= 0 (0: one arm per two CPU cores), got {self.parallel_arms}")
-        if not 2 <= self.k <= 16:
-            raise ConfigError(f"k must be between 2 and 16, got {self.k}")
-        if self.bootstrap_samples < 100:
-            raise ConfigError(f"bootstrap_samples must be at least 100, got {self.bootstrap_samples}")
+    @field_validator("arms")
+    @classmethod
+    def _known_arms_with_the_baseline(cls, arms: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [arm for arm in arms if arm not in ARMS]
+        if unknown or not arms:
+            raise ValueError(f"arms must be a non-empty subset of {', '.join(ARMS)}; got {list(arms)}")
+        if BASELINE_ARM not in arms:
+            raise ValueError(f"arms must include {BASELINE_ARM!r}, the baseline every lift is measured against")
+        return arms
 
     @property
     def sampler(self) -> SamplerConfig:

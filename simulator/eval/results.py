@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -152,11 +151,8 @@ class _WithoutDefaults(GenerateJsonSchema):
 
 
 def results_schema() -> dict[str, Any]:
-    """The JSON Schema of ``results.json``, with the configuration's help texts as descriptions."""
+    """The JSON Schema of ``results.json``, the configuration's fields described and bounded as they are checked."""
     schema = EvaluationResults.model_json_schema(schema_generator=_WithoutDefaults)
-    config_properties = schema["$defs"][EvaluationConfig.__name__]["properties"]
-    for config_field in fields(EvaluationConfig):
-        config_properties[config_field.name]["description"] = config_field.metadata["help"]
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 

@@ -28,19 +28,22 @@ the loop. The simulator's ground truth scores the images only after training, as
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
+from pydantic import Field, field_validator
 
 from perfusion.errors import ConfigError
 from perfusion.sampler_config import SERVING_SAMPLER
+from perfusion.settings import Settings
 from simulator.eval.config import EvaluationConfig
 from simulator.eval.plan import TRAIN_PROMPTS
+from simulator.eval.results import Estimate, Record
 from simulator.eval.stats import interval
 from simulator.probes.logged_groups import (
     PROBE_LABELS,
@@ -59,47 +62,115 @@ log = logging.getLogger(__name__)
 PROBE_ARMS: tuple[str, ...] = ("pairwise_dpo", "group_without_adaptive", "adaptive_with_pairwise_dpo", "perfusion")
 
 
-@dataclass(frozen=True)
-class ProbeConfig:
+class ProbeConfig(Settings):
     """Size and settings of one probe."""
 
-    arms: tuple[str, ...] = field(default=PROBE_ARMS, metadata={"help": "arms whose generator update is probed"})
-    train_users: int = field(default=20, metadata={"help": "shoppers whose groups train the update"})
-    groups_per_user: int = field(default=4, metadata={"help": "logged base-model groups per user"})
-    k: int = field(default=4, metadata={"help": "candidates per group"})
-    sampling_steps: int = field(
+    arms: tuple[str, ...] = Field(default=PROBE_ARMS, description="arms whose generator update is probed")
+    train_users: int = Field(default=20, ge=1, description="shoppers whose groups train the update")
+    groups_per_user: int = Field(default=4, ge=1, description="logged base-model groups per user")
+    k: int = Field(default=4, description="candidates per group")
+    sampling_steps: int = Field(
         default=SERVING_SAMPLER.steps,
-        metadata={"help": "steps of the serving sampler (SERVING_SAMPLER, trailing DDIM) per generated group"},
+        ge=1,
+        description="steps of the serving sampler (SERVING_SAMPLER, trailing DDIM) per generated group",
     )
-    diffusion_steps: int = field(default=16, metadata={"help": "generator steps of the update"})
-    groups_per_batch: int = field(default=8, metadata={"help": "groups per generator step"})
-    adaptive_learning_rate: float | None = field(default=None, metadata={"help": "None: the trainer's"})
-    unet_learning_rate: float | None = field(default=None, metadata={"help": "None: the trainer's"})
-    bootstrap_samples: int = field(default=1000, metadata={"help": "bootstrap resamplings of users"})
-    labels: str = field(
+    diffusion_steps: int = Field(default=16, ge=1, description="generator steps of the update")
+    groups_per_batch: int = Field(default=8, ge=1, description="groups per generator step")
+    adaptive_learning_rate: float | None = Field(default=None, description="None: the trainer's")
+    unet_learning_rate: float | None = Field(default=None, description="None: the trainer's")
+    bootstrap_samples: int = Field(default=1000, description="bootstrap resamplings of users")
+    labels: str = Field(
         default="clicks",
-        metadata={
-            "help": "what makes a logged candidate a positive: 'clicks' (the shoppers' clicks and orders) or "
-            "'true-utility' (each group's best image by the simulator's utility, the one positive): a diagnostic "
-            "upper bound without click noise, never a way to train the system"
-        },
+        description="what makes a logged candidate a positive: 'clicks' (the shoppers' clicks and orders) or "
+        "'true-utility' (each group's best image by the simulator's utility, the one positive): a diagnostic "
+        "upper bound without click noise, never a way to train the system",
     )
-    seed: int = field(default=0, metadata={"help": "seed of users (as the evaluation's), data and training"})
-    torch_threads: int = field(default=1, metadata={"help": "torch threads"})
-    base_checkpoint: Path = field(default=EvaluationConfig().base_checkpoint, metadata={"help": "the base model"})
+    seed: int = Field(default=0, description="seed of users (as the evaluation's), data and training")
+    torch_threads: int = Field(default=1, description="torch threads")
+    base_checkpoint: Path = Field(default=EvaluationConfig().base_checkpoint, description="the base model")
 
-    def __post_init__(self) -> None:
+    @field_validator("arms")
+    @classmethod
+    def _arms_with_an_update(cls, arms: tuple[str, ...]) -> tuple[str, ...]:
         from trainer.settings import ARMS
 
         trainable = [arm for arm, (objective, _, _) in ARMS.items() if objective != "none"]
-        unknown = [arm for arm in self.arms if arm not in trainable]
-        if unknown or not self.arms:
-            raise ConfigError(f"probe arms must be a non-empty subset of {', '.join(trainable)}; got {list(self.arms)}")
-        if self.labels not in PROBE_LABELS:
-            raise ConfigError(f"probe labels must be one of {', '.join(PROBE_LABELS)}; got {self.labels!r}")
-        for name in ("train_users", "groups_per_user", "sampling_steps", "diffusion_steps", "groups_per_batch"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        unknown = [arm for arm in arms if arm not in trainable]
+        if unknown or not arms:
+            raise ValueError(f"probe arms must be a non-empty subset of {', '.join(trainable)}; got {list(arms)}")
+        return arms
+
+    @field_validator("labels")
+    @classmethod
+    def _known_labels(cls, labels: str) -> str:
+        if labels not in PROBE_LABELS:
+            raise ValueError(f"probe labels must be one of {', '.join(PROBE_LABELS)}; got {labels!r}")
+        return labels
+
+
+# ---------------------------------------------------------------------------------------------------------- records
+
+
+class UserEstimate(Estimate):
+    """A mean over users with its 95% bootstrap interval over them."""
+
+    users: int = Field(ge=0, description="users it averages over")
+
+
+class ArmProbe(Record):
+    """One arm's update, trained generator against base on the same prompts and seeds."""
+
+    own_u_over_other_segment_u: UserEstimate | None = Field(
+        description="utility of images drawn with the user's own u less with another segment's user's u; None for "
+        "an arm whose generator takes no u"
+    )
+    utility_vs_base: UserEstimate = Field(description="true utility per image less base's, over every user")
+    by_segment: dict[str, UserEstimate] = Field(description="the same over each shopper segment's users")
+    mean_abs_pixel_diff: float = Field(ge=0, description="mean absolute pixel difference (0 to 255) from base's")
+    train_implicit_accuracy: float = Field(description="the update's implicit-reward accuracy on its batches")
+    groups_used: int = Field(ge=0, description="groups the update trained on")
+    seconds: float = Field(ge=0)
+
+
+class SegmentFromU(Record):
+    """Leave-one-user-out nearest-centroid accuracy of the segment from u and from its blocks."""
+
+    whole_u: float
+    profile: float = Field(description="from the profile blocks (age group, region)")
+    preference: float = Field(description="from the preference block (descriptors of clicked images)")
+    chance: float = Field(description="1 / segments")
+
+
+class ProbeSummary(Record):
+    """Every number of one probe, as :func:`run_probe` returns it."""
+
+    config: ProbeConfig
+    logged_groups: int = Field(ge=0)
+    groups_with_a_positive: int = Field(ge=0)
+    segment_from_u_accuracy: SegmentFromU
+    arms: dict[str, ArmProbe]
+    wall_seconds: float = Field(ge=0)
+
+
+class ProbeResults(ProbeSummary):
+    """The content of the probe's JSON."""
+
+    command: str = Field(description="the command that reproduces the numbers (output folders left out)")
+
+    @classmethod
+    def of(cls, summary: ProbeSummary, command: str) -> ProbeResults:
+        return cls(**dict(summary), command=command)
+
+    @classmethod
+    def read(cls, path: Path) -> ProbeResults:
+        """``path`` validated; ``json.loads`` and not pydantic's parser, since the file may hold ``NaN``."""
+        return cls.model_validate(json.loads(path.read_text()))
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, allow_nan=True) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------- the run
 
 
 def trained_generator(
@@ -169,7 +240,7 @@ def partner_from_another_segment(users: list[str], segments: dict[str, str]) -> 
     return partners
 
 
-def run_probe(config: ProbeConfig) -> dict[str, Any]:
+def run_probe(config: ProbeConfig) -> ProbeSummary:
     """Every arm of ``config``: one update on the same logged groups, scored against base per segment."""
     from trainer.settings import ARMS
 
@@ -194,7 +265,7 @@ def run_probe(config: ProbeConfig) -> dict[str, Any]:
         for block, columns in _separability_blocks().items()
     }
     log.info("probe: segment from u, leave-one-user-out accuracy %s", features)
-    arms: dict[str, Any] = {}
+    arms: dict[str, ArmProbe] = {}
     for arm in config.arms:
         arm_started = time.monotonic()
         generator, report = trained_generator(arm, config, logged, serving, text_encoder)
@@ -216,27 +287,27 @@ def run_probe(config: ProbeConfig) -> dict[str, Any]:
         personalisation = (
             _mean_with_interval([float(np.mean(v)) for v in own_over_partner.values()], config) if takes_u else None
         )
-        arms[arm] = {
-            "own_u_over_other_segment_u": personalisation,
-            "utility_vs_base": _mean_with_interval(list(per_user.values()), config),
-            "by_segment": {
+        arms[arm] = ArmProbe(
+            own_u_over_other_segment_u=personalisation,
+            utility_vs_base=_mean_with_interval(list(per_user.values()), config),
+            by_segment={
                 segment: _mean_with_interval([v for u, v in per_user.items() if segments[u] == segment], config)
                 for segment in sorted(set(segments.values()))
             },
-            "mean_abs_pixel_diff": float(np.mean(shifts)),
-            "train_implicit_accuracy": report.generator.implicit_accuracy,
-            "groups_used": report.generator.groups_used,
-            "seconds": time.monotonic() - arm_started,
-        }
-        log.info("probe arm %s: %s", arm, arms[arm]["utility_vs_base"])
-    return {
-        "config": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()},
-        "logged_groups": len(logged.samples),
-        "groups_with_a_positive": int(sum(1 for count in graded if count)),
-        "segment_from_u_accuracy": {**features, "chance": 1.0 / len(set(segments.values()))},
-        "arms": arms,
-        "wall_seconds": time.monotonic() - started,
-    }
+            mean_abs_pixel_diff=float(np.mean(shifts)),
+            train_implicit_accuracy=report.generator.implicit_accuracy,
+            groups_used=report.generator.groups_used,
+            seconds=time.monotonic() - arm_started,
+        )
+        log.info("probe arm %s: %s", arm, arms[arm].utility_vs_base)
+    return ProbeSummary(
+        config=config,
+        logged_groups=len(logged.samples),
+        groups_with_a_positive=int(sum(1 for count in graded if count)),
+        segment_from_u_accuracy=SegmentFromU.model_validate({**features, "chance": 1.0 / len(set(segments.values()))}),
+        arms=arms,
+        wall_seconds=time.monotonic() - started,
+    )
 
 
 def _separability_blocks() -> dict[str, slice]:
@@ -252,30 +323,30 @@ def _separability_blocks() -> dict[str, slice]:
     }
 
 
-def _mean_with_interval(values: list[float], config: ProbeConfig) -> dict[str, Any]:
+def _mean_with_interval(values: list[float], config: ProbeConfig) -> UserEstimate:
     array = np.asarray(values, dtype=np.float64)
     rng = np.random.default_rng([config.seed, len(values)])
     boot = array[rng.integers(0, array.size, size=(config.bootstrap_samples, array.size))].mean(axis=1)
-    return {"value": float(array.mean()), "ci95": interval(boot), "users": int(array.size)}
+    low, high = interval(boot)
+    return UserEstimate(value=float(array.mean()), ci95=(low, high), users=int(array.size))
 
 
-def render_probe_markdown(result: dict[str, Any], command: str) -> str:
+def render_probe_markdown(results: ProbeResults) -> str:
     """The probe's table: utility difference overall and per segment, pixel movement, training accuracy."""
     from simulator.eval.report import markdown_table, signed_interval
 
-    arms = result["arms"]
-    segments = sorted({segment for values in arms.values() for segment in values["by_segment"]})
-    config = result["config"]
+    arms, config = results.arms, results.config
+    segments = sorted({segment for values in arms.values() for segment in values.by_segment})
 
     lines = [
         "# Offline probe: what one generator update learns from logged groups",
         "",
-        f"Reproduce: `{command}` (wall time {result['wall_seconds'] / 60:.1f} min on this machine).",
+        f"Reproduce: `{results.command}` (wall time {results.wall_seconds / 60:.1f} min on this machine).",
         "",
-        f"{config['train_users']} training users, {config['groups_per_user']} base-model groups each "
-        f"({result['logged_groups']} groups, {result['groups_with_a_positive']} with a positive; positives: "
-        f"{PROBE_LABELS[config.get('labels', 'clicks')]}), K = "
-        f"{config['k']}; one update of {config['diffusion_steps']} generator steps of {config['groups_per_batch']} "
+        f"{config.train_users} training users, {config.groups_per_user} base-model groups each "
+        f"({results.logged_groups} groups, {results.groups_with_a_positive} with a positive; positives: "
+        f"{PROBE_LABELS[config.labels]}), K = "
+        f"{config.k}; one update of {config.diffusion_steps} generator steps of {config.groups_per_batch} "
         "groups per arm, with the trainer's code and the arm's learning rate; then the same prompts and seeds for "
         "every training user, trained generator against base. Values: mean true utility per image less base's, 95% "
         "bootstrap interval over users (overall) or over the segment's users. See simulator/probes/generator_probe.py.",
@@ -285,15 +356,15 @@ def render_probe_markdown(result: dict[str, Any], command: str) -> str:
     rows = [
         [
             arm,
-            signed_interval(values["utility_vs_base"]),
-            *(signed_interval(values["by_segment"][s]) for s in segments),
-            signed_interval(values["own_u_over_other_segment_u"]) if values["own_u_over_other_segment_u"] else "n/a",
-            f"{values['mean_abs_pixel_diff']:.2f}",
-            f"{values['train_implicit_accuracy']:.2f}",
+            signed_interval(values.utility_vs_base),
+            *(signed_interval(values.by_segment[s]) for s in segments),
+            signed_interval(values.own_u_over_other_segment_u) if values.own_u_over_other_segment_u else "n/a",
+            f"{values.mean_abs_pixel_diff:.2f}",
+            f"{values.train_implicit_accuracy:.2f}",
         ]
         for arm, values in arms.items()
     ]
-    accuracy = result["segment_from_u_accuracy"]
+    accuracy = results.segment_from_u_accuracy
     features = [
         "",
         "\"Own u over another segment's\": for the arms with the adaptive network, the user's true utility per image "
@@ -302,9 +373,9 @@ def render_probe_markdown(result: dict[str, Any], command: str) -> str:
         "the arm's generator takes no u).",
         "",
         f"What u tells apart: leave-one-user-out nearest-centroid accuracy of the segment from u, "
-        f"{accuracy['whole_u']:.2f} for the whole vector, {accuracy['profile']:.2f} from the profile blocks (age "
-        f"group, region), {accuracy['preference']:.2f} from the preference block (descriptors of clicked images); "
-        f"chance {accuracy['chance']:.2f}.",
+        f"{accuracy.whole_u:.2f} for the whole vector, {accuracy.profile:.2f} from the profile blocks (age "
+        f"group, region), {accuracy.preference:.2f} from the preference block (descriptors of clicked images); "
+        f"chance {accuracy.chance:.2f}.",
         "",
     ]
     return "\n".join([*lines, *markdown_table(header, rows), *features])

@@ -20,17 +20,19 @@ system. Ground truth is read here, in the simulator, and never passed to a model
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field, field_validator
 
-from perfusion.errors import ConfigError
+from perfusion.settings import Settings
 from simulator.eval.config import EvaluationConfig
 from simulator.eval.plan import HELDOUT_PROMPTS, TRAIN_PROMPTS
+from simulator.eval.results import Estimate, Interval, Record
 from simulator.eval.reward_models import TRUE_UTILITY_CEILING, fit_reward_model, reward_model_scores
 from simulator.eval.stats import bootstrap_gauc, interval
 from simulator.probes.generator_probe import ProbeConfig
@@ -49,35 +51,86 @@ REWARD_PROBE_MODELS: tuple[tuple[str, bool, bool], ...] = (
 HELDOUT_FIRST_GROUP = 500
 
 
-@dataclass(frozen=True)
-class RewardProbeConfig:
+class RewardProbeConfig(Settings):
     """Size and settings of one reward-model probe."""
 
-    users: int = field(default=40, metadata={"help": "shoppers (the evaluation's training panel)"})
-    train_groups: int = field(default=16, metadata={"help": "logged groups per user the reward models learn from"})
-    heldout_groups: int = field(default=8, metadata={"help": "new groups per user they are scored on"})
-    k: int = field(default=4, metadata={"help": "candidates per group"})
-    sampling_steps: int = field(default=4, metadata={"help": "DDIM steps per generated group"})
-    steps: int = field(default=300, metadata={"help": "optimizer steps of each reward model"})
-    groups_per_batch: int = field(default=16, metadata={"help": "groups per step"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (the offline comparison's)"})
-    labels: str = field(default="clicks", metadata={"help": f"what makes a positive: {' or '.join(PROBE_LABELS)}"})
-    bootstrap_samples: int = field(default=1000, metadata={"help": "bootstrap resamplings of held-out groups"})
-    seed: int = field(default=0, metadata={"help": "seed of users, data and training"})
-    torch_threads: int = field(default=1, metadata={"help": "torch threads"})
-    base_checkpoint: Path = field(default=EvaluationConfig().base_checkpoint, metadata={"help": "the base model"})
+    users: int = Field(default=40, ge=1, description="shoppers (the evaluation's training panel)")
+    train_groups: int = Field(default=16, ge=1, description="logged groups per user the reward models learn from")
+    heldout_groups: int = Field(default=8, ge=1, description="new groups per user they are scored on")
+    k: int = Field(default=4, description="candidates per group")
+    sampling_steps: int = Field(default=4, ge=1, description="DDIM steps per generated group")
+    steps: int = Field(default=300, ge=1, description="optimizer steps of each reward model")
+    groups_per_batch: int = Field(default=16, ge=1, description="groups per step")
+    learning_rate: float = Field(default=1e-3, description="AdamW learning rate (the offline comparison's)")
+    labels: str = Field(default="clicks", description=f"what makes a positive: {' or '.join(PROBE_LABELS)}")
+    bootstrap_samples: int = Field(default=1000, description="bootstrap resamplings of held-out groups")
+    seed: int = Field(default=0, description="seed of users, data and training")
+    torch_threads: int = Field(default=1, description="torch threads")
+    base_checkpoint: Path = Field(default=EvaluationConfig().base_checkpoint, description="the base model")
 
-    def __post_init__(self) -> None:
-        if self.labels not in PROBE_LABELS:
-            raise ConfigError(f"labels must be one of {', '.join(PROBE_LABELS)}; got {self.labels!r}")
-        for name in ("users", "train_groups", "heldout_groups", "sampling_steps", "steps", "groups_per_batch"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.train_groups >= HELDOUT_FIRST_GROUP:
-            raise ConfigError(f"train_groups must be below {HELDOUT_FIRST_GROUP}, got {self.train_groups}")
+    @field_validator("labels")
+    @classmethod
+    def _known_labels(cls, labels: str) -> str:
+        if labels not in PROBE_LABELS:
+            raise ValueError(f"labels must be one of {', '.join(PROBE_LABELS)}; got {labels!r}")
+        return labels
+
+    @field_validator("train_groups")
+    @classmethod
+    def _before_the_heldout_groups(cls, train_groups: int) -> int:
+        if train_groups >= HELDOUT_FIRST_GROUP:
+            raise ValueError(f"train_groups must be below {HELDOUT_FIRST_GROUP}, got {train_groups}")
+        return train_groups
 
 
-def run_reward_probe(config: RewardProbeConfig) -> dict[str, Any]:
+# ---------------------------------------------------------------------------------------------------------- records
+
+
+class RewardModelProbe(Record):
+    """One reward model (or the true-utility ceiling) scored on the held-out groups."""
+
+    heldout_gauc: float
+    heldout_gauc_ci95: Interval
+    heldout_map: float
+    train_gauc: float | None = Field(description="GAUC on its own training groups; None for the ceiling")
+
+
+class RewardProbeSummary(Record):
+    """Every number of one reward-model probe, as :func:`run_reward_probe` returns it."""
+
+    config: RewardProbeConfig
+    train_groups: int = Field(ge=0, description="logged groups the models learn from")
+    heldout_groups: int = Field(ge=0, description="new groups they are scored on")
+    heldout_groups_with_both_classes: int = Field(ge=0, description="held-out groups with a positive and a negative")
+    models: dict[str, RewardModelProbe]
+    paired_gauc_differences: dict[str, Estimate] = Field(
+        description="held-out GAUC of one model less another's, over the same resampled groups"
+    )
+    wall_seconds: float = Field(ge=0)
+
+
+class RewardProbeResults(RewardProbeSummary):
+    """The content of the probe's JSON."""
+
+    command: str = Field(description="the command that reproduces the numbers (output folders left out)")
+
+    @classmethod
+    def of(cls, summary: RewardProbeSummary, command: str) -> RewardProbeResults:
+        return cls(**dict(summary), command=command)
+
+    @classmethod
+    def read(cls, path: Path) -> RewardProbeResults:
+        """``path`` validated; ``json.loads`` and not pydantic's parser, since the file may hold ``NaN``."""
+        return cls.model_validate(json.loads(path.read_text()))
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, allow_nan=True) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------- the run
+
+
+def run_reward_probe(config: RewardProbeConfig) -> RewardProbeSummary:
     """Log the groups, train the four reward models, score the held-out groups."""
     from perfusion.metrics import gauc, mean_average_precision
     from trainer.batches import collate_groups
@@ -94,7 +147,7 @@ def run_reward_probe(config: RewardProbeConfig) -> dict[str, Any]:
         groups_per_user=config.train_groups,
     )
     train = log_base_groups(logging_config, panel, users, serving)
-    heldout_config = ProbeConfig(**{**asdict(logging_config), "groups_per_user": config.heldout_groups})
+    heldout_config = logging_config.with_overrides(groups_per_user=config.heldout_groups)
     heldout = log_base_groups(
         heldout_config, panel, users, serving, TRAIN_PROMPTS + HELDOUT_PROMPTS, first_group=HELDOUT_FIRST_GROUP
     )
@@ -125,70 +178,71 @@ def run_reward_probe(config: RewardProbeConfig) -> dict[str, Any]:
         [panel.utilities(sample.user_id, _group_pixels(heldout, sample)) for sample in heldout.samples]
     ).astype(np.float64)
     boot = bootstrap_gauc(scores, labels, groups, config.seed, config.bootstrap_samples)
-    models: dict[str, Any] = {}
+    models: dict[str, RewardModelProbe] = {}
     for name, model_scores in scores.items():
-        models[name] = {
-            "heldout_gauc": float(gauc(model_scores, labels, groups)),
-            "heldout_gauc_ci95": interval(boot[name]),
-            "heldout_map": float(mean_average_precision(model_scores, labels, groups)),
-            "train_gauc": train_gauc.get(name),
-        }
+        low, high = interval(boot[name])
+        models[name] = RewardModelProbe(
+            heldout_gauc=float(gauc(model_scores, labels, groups)),
+            heldout_gauc_ci95=(low, high),
+            heldout_map=float(mean_average_precision(model_scores, labels, groups)),
+            train_gauc=train_gauc.get(name),
+        )
     lifts = {
         "plugins_pretrained": ("perfusion_rm_pretrained", "rm_without_plugins_pretrained"),
         "plugins_scratch": ("perfusion_rm_scratch", "rm_without_plugins_scratch"),
         "pretraining_with_plugins": ("perfusion_rm_pretrained", "perfusion_rm_scratch"),
         "pretraining_without_plugins": ("rm_without_plugins_pretrained", "rm_without_plugins_scratch"),
     }
-    return {
-        "config": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()},
-        "train_groups": len(train.samples),
-        "heldout_groups": len(heldout.samples),
-        "heldout_groups_with_both_classes": int(
+    return RewardProbeSummary(
+        config=config,
+        train_groups=len(train.samples),
+        heldout_groups=len(heldout.samples),
+        heldout_groups_with_both_classes=int(
             sum(1 for sample in heldout.samples if 0 < sum(c.grade > 0 for c in sample.candidates) < config.k)
         ),
-        "models": models,
-        "paired_gauc_differences": {
-            lift: {
-                "value": models[first]["heldout_gauc"] - models[second]["heldout_gauc"],
-                "ci95": interval(boot[first] - boot[second]),
-            }
+        models=models,
+        paired_gauc_differences={
+            lift: Estimate.model_validate(
+                {
+                    "value": models[first].heldout_gauc - models[second].heldout_gauc,
+                    "ci95": interval(boot[first] - boot[second]),
+                }
+            )
             for lift, (first, second) in lifts.items()
         },
-        "wall_seconds": time.monotonic() - started,
-    }
+        wall_seconds=time.monotonic() - started,
+    )
 
 
 def _group_pixels(logged: LoggedGroups, sample: Any) -> Any:
     return np.stack([logged.pixels[candidate.image_id] for candidate in sample.candidates])
 
 
-def render_reward_probe_markdown(result: dict[str, Any], command: str) -> str:
+def render_reward_probe_markdown(results: RewardProbeResults) -> str:
     from simulator.eval.report import signed_interval
 
-    config = result["config"]
+    config = results.config
     lines = [
         "# Offline probe: how well the reward model ranks a user's new groups",
         "",
-        f"Reproduce: `{command}` (wall time {result['wall_seconds'] / 60:.1f} min on this machine).",
+        f"Reproduce: `{results.command}` (wall time {results.wall_seconds / 60:.1f} min on this machine).",
         "",
-        f"{config['users']} users; {config['train_groups']} logged base-model groups each to learn from "
-        f"({result['train_groups']} groups), {config['heldout_groups']} new groups each to be scored on "
-        f"({result['heldout_groups']}, {result['heldout_groups_with_both_classes']} with a positive and a negative); "
-        f"K = {config['k']}; positives: {PROBE_LABELS[config['labels']]}; {config['steps']} steps of "
-        f"{config['groups_per_batch']} groups per model. See simulator/probes/reward_probe.py.",
+        f"{config.users} users; {config.train_groups} logged base-model groups each to learn from "
+        f"({results.train_groups} groups), {config.heldout_groups} new groups each to be scored on "
+        f"({results.heldout_groups}, {results.heldout_groups_with_both_classes} with a positive and a negative); "
+        f"K = {config.k}; positives: {PROBE_LABELS[config.labels]}; {config.steps} steps of "
+        f"{config.groups_per_batch} groups per model. See simulator/probes/reward_probe.py.",
         "",
         "| reward model | held-out GAUC | held-out MAP | training GAUC |",
         "| --- | --- | --- | --- |",
     ]
-    for name, row in result["models"].items():
-        low, high = row["heldout_gauc_ci95"]
-        fitted = "n/a" if row["train_gauc"] is None else f"{row['train_gauc']:.3f}"
-        lines.append(
-            f"| {name} | {row['heldout_gauc']:.3f} [{low:.3f}, {high:.3f}] | {row['heldout_map']:.3f} | {fitted} |"
-        )
+    for name, row in results.models.items():
+        low, high = row.heldout_gauc_ci95
+        fitted = "n/a" if row.train_gauc is None else f"{row.train_gauc:.3f}"
+        lines.append(f"| {name} | {row.heldout_gauc:.3f} [{low:.3f}, {high:.3f}] | {row.heldout_map:.3f} | {fitted} |")
     lines += ["", "Paired differences in held-out GAUC (bootstrap over the same resampled groups):", ""]
-    for lift, row in result["paired_gauc_differences"].items():
-        lines.append(f"- {lift.replace('_', ' ')}: {signed_interval(row)}")
+    for lift, difference in results.paired_gauc_differences.items():
+        lines.append(f"- {lift.replace('_', ' ')}: {signed_interval(difference)}")
     lines += [
         "",
         f"`{TRUE_UTILITY_CEILING}` ranks the held-out groups by the simulator's true utilities: the GAUC an oracle of "

@@ -30,16 +30,16 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field
 
-from perfusion.errors import ConfigError
 from perfusion.paths import ASSETS_DIR
 from perfusion.sampler_config import SamplerConfig
+from perfusion.settings import Settings
 from simulator.eval.plan import HELDOUT_PROMPTS, TRAIN_PROMPTS
 from simulator.eval.results import Record
 from simulator.ground_truth import PIXEL_FEATURE_NAMES, pixel_features
@@ -72,24 +72,16 @@ _KIND_ORDER = {"ddim": 0, "dpm-solver": 1}
 Role = Literal["today", "candidate", "reference"]
 
 
-@dataclass(frozen=True)
-class SamplerProbeConfig:
+class SamplerProbeConfig(Settings):
     """Size and settings of one sampler probe."""
 
-    seeds_per_prompt: int = field(default=2, metadata={"help": "samples per held-out prompt (115 prompts)"})
-    coverage_seeds: int = field(default=16, metadata={"help": "samples (and catalog renders) per evaluation prompt"})
-    k: int = field(default=4, metadata={"help": "candidates per timed group"})
-    timing_groups: int = field(default=5, metadata={"help": "timed groups per sampler (after one warm-up group)"})
-    batch_size: int = field(default=128, metadata={"help": "images denoised at once (2x rows per forward)"})
-    torch_threads: int = field(default=2, metadata={"help": "torch threads"})
-    base_checkpoint: Path = field(default=ASSETS_DIR / "base", metadata={"help": "the base model folder"})
-
-    def __post_init__(self) -> None:
-        for name in ("seeds_per_prompt", "coverage_seeds", "timing_groups", "batch_size", "torch_threads"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 1 <= self.k <= 16:
-            raise ConfigError(f"k must be between 1 and 16, got {self.k}")
+    seeds_per_prompt: int = Field(default=2, ge=1, description="samples per held-out prompt (115 prompts)")
+    coverage_seeds: int = Field(default=16, ge=1, description="samples (and catalog renders) per evaluation prompt")
+    k: int = Field(default=4, ge=1, le=16, description="candidates per timed group")
+    timing_groups: int = Field(default=5, ge=1, description="timed groups per sampler (after one warm-up group)")
+    batch_size: int = Field(default=128, ge=1, description="images denoised at once (2x rows per forward)")
+    torch_threads: int = Field(default=2, ge=1, description="torch threads")
+    base_checkpoint: Path = Field(default=ASSETS_DIR / "base", description="the base model folder")
 
 
 # ---------------------------------------------------------------------------------------------------------- records

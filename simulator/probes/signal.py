@@ -36,7 +36,6 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +43,7 @@ import numpy as np
 from pydantic import Field
 
 from perfusion.errors import ConfigError
+from perfusion.settings import Settings
 from simulator.eval.config import EvaluationConfig
 from simulator.eval.plan import TRAIN_PROMPTS, Population, design_owner
 from simulator.eval.results import Estimate, Record
@@ -61,39 +61,28 @@ CATALOG_SIZE = 32  # catalog renders at the size the panel's features were scale
 ACCEPTANCE: dict[str, float] = {"within_group_sd": 0.8, "single_click_best": 0.5}
 
 
-@dataclass(frozen=True)
-class SignalConfig:
+class SignalConfig(Settings):
     """Size and settings of one group-signal report."""
 
-    users: int = field(
+    users: int = Field(
         default=EvaluationConfig().train_users,
-        metadata={"help": "training shoppers of the evaluation's panel: each is shown groups, all view every one"},
+        ge=2,
+        description="training shoppers of the evaluation's panel: each is shown groups, all view every one (at "
+        "least 2: a panel to share contrast with)",
     )
-    groups_per_user: int = field(
-        default=16, metadata={"help": "groups shown to each user, the training prompts in turn"}
+    groups_per_user: int = Field(
+        default=16, ge=1, description="groups shown to each user, the training prompts in turn"
     )
-    k: int = field(default=EvaluationConfig().k, metadata={"help": "candidates per group"})
-    sampling_steps: int | None = field(
+    k: int = Field(default=EvaluationConfig().k, ge=2, le=16, description="candidates per group")
+    sampling_steps: int | None = Field(
         default=None,
-        metadata={"help": "steps of the serving sampler (None: the serving generator's default sampler as it is)"},
+        ge=1,
+        description="steps of the serving sampler (None: the serving generator's default sampler as it is)",
     )
-    bootstrap_samples: int = field(default=1000, metadata={"help": "bootstrap resamplings of users"})
-    seed: int = field(default=0, metadata={"help": "seed of the panel (as the evaluation's), click and merchant draws"})
-    torch_threads: int = field(default=1, metadata={"help": "torch threads (a small U-Net runs best on one)"})
-    base_checkpoint: Path = field(default=EvaluationConfig().base_checkpoint, metadata={"help": "the base model"})
-
-    def __post_init__(self) -> None:
-        if self.users < 2:
-            raise ConfigError(f"users must be at least 2 (a panel to share contrast with), got {self.users}")
-        for name in ("groups_per_user", "torch_threads"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 2 <= self.k <= 16:
-            raise ConfigError(f"k must be between 2 and 16, got {self.k}")
-        if self.sampling_steps is not None and self.sampling_steps < 1:
-            raise ConfigError(f"sampling_steps must be at least 1 (or None for the default), got {self.sampling_steps}")
-        if self.bootstrap_samples < 100:
-            raise ConfigError(f"bootstrap_samples must be at least 100, got {self.bootstrap_samples}")
+    bootstrap_samples: int = Field(default=1000, ge=100, description="bootstrap resamplings of users")
+    seed: int = Field(default=0, description="seed of the panel (as the evaluation's), click and merchant draws")
+    torch_threads: int = Field(default=1, ge=1, description="torch threads (a small U-Net runs best on one)")
+    base_checkpoint: Path = Field(default=EvaluationConfig().base_checkpoint, description="the base model")
 
     @property
     def labels(self) -> str:

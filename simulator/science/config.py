@@ -9,14 +9,17 @@ Every trainer setting the config leaves at None is the trainer's own default (tr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import Field, field_validator, model_validator
 
 from perfusion.errors import ConfigError
 from perfusion.models.user_pathways import USER_PATHWAYS
 from perfusion.paths import ASSETS_DIR
 from perfusion.sampler_config import SERVING_SAMPLER, SamplerConfig
+from perfusion.settings import Settings
 
 BASELINE = "base"
 BEST_OF_N = "base_best_of_n"
@@ -80,75 +83,75 @@ class ArmSpec:
         return ARMS[self.trainer_arm][0] != "none"
 
 
-@dataclass(frozen=True)
-class ScienceConfig:
+class ScienceConfig(Settings):
     """One seed of the science evaluation."""
 
-    arms: tuple[str, ...] = field(default=SCIENCE_ARMS, metadata={"help": "arms (see the module docstring)"})
-    seed: int = field(default=VALIDATION_SEED, metadata={"help": "panel, logs, training noise and plan"})
-    shoppers_per_segment: int = field(default=10, metadata={"help": "training shoppers of each of the 4 segments"})
-    cold_shoppers: int = field(default=8, metadata={"help": "shoppers with a profile and no behaviour"})
-    merchants_per_segment: int = field(default=2, metadata={"help": "merchants of each segment, with profiles"})
-    logged_groups: int = field(
-        default=12, metadata={"help": "round-0 base groups each training shopper sees (chosen on seed 100)"}
+    arms: tuple[str, ...] = Field(default=SCIENCE_ARMS, description="arms (see the module docstring)")
+    seed: int = Field(default=VALIDATION_SEED, description="panel, logs, training noise and plan")
+    shoppers_per_segment: int = Field(default=10, ge=1, description="training shoppers of each of the 4 segments")
+    cold_shoppers: int = Field(default=8, ge=0, description="shoppers with a profile and no behaviour")
+    merchants_per_segment: int = Field(default=2, ge=1, description="merchants of each segment, with profiles")
+    logged_groups: int = Field(
+        default=12, ge=1, description="round-0 base groups each training shopper sees (chosen on seed 100)"
     )
-    merchant_groups: int = field(default=4, metadata={"help": "round-0 groups of their designs each merchant sees"})
-    eval_showings: int = field(
-        default=2, metadata={"help": "showings per training shopper after the update (train and held-out prompts)"}
+    merchant_groups: int = Field(default=4, ge=0, description="round-0 groups of their designs each merchant sees")
+    eval_showings: int = Field(
+        default=2, ge=1, description="showings per training shopper after the update (train and held-out prompts)"
     )
-    k: int = field(default=4, metadata={"help": "candidates per group"})
-    best_of: int = field(default=16, metadata={"help": "N of base_best_of_n: candidates drawn, the K best shown"})
-    sampling_steps: int = field(default=SERVING_SAMPLER.steps, metadata={"help": "serving sampler steps"})
-    reward_steps: int = field(default=150, metadata={"help": "reward-model steps of the update"})
-    diffusion_steps: int | None = field(default=None, metadata={"help": "generator steps (None: the trainer's)"})
-    groups_per_batch: int | None = field(default=None, metadata={"help": "groups per step (None: the trainer's)"})
-    draws_per_group: int | None = field(default=None, metadata={"help": "(t, noise) draws (None: the trainer's)"})
-    beta: float | None = field(default=None, metadata={"help": "implicit-reward scale (None: the trainer's)"})
-    supervised_weight: float | None = field(default=None, metadata={"help": "lambda (None: the trainer's)"})
-    adaptive_learning_rate: float | None = field(default=None, metadata={"help": "None: the trainer's"})
-    unet_learning_rate: float | None = field(default=None, metadata={"help": "None: the trainer's"})
-    rounds: int = field(default=1, metadata={"help": "updates: 1 = the one-update protocol, 2+ = a closed loop"})
-    closed_loop_groups: int = field(
-        default=2, metadata={"help": "groups per shopper the arm's own generator shows between two updates"}
+    k: int = Field(default=4, ge=2, le=16, description="candidates per group")
+    best_of: int = Field(
+        default=16, ge=2, le=16, description="N of base_best_of_n: candidates drawn, the K best shown (8 to 16)"
     )
-    panel: str | None = field(
+    sampling_steps: int = Field(default=SERVING_SAMPLER.steps, ge=1, description="serving sampler steps")
+    reward_steps: int = Field(default=150, ge=0, description="reward-model steps of the update")
+    diffusion_steps: int | None = Field(default=None, description="generator steps (None: the trainer's)")
+    groups_per_batch: int | None = Field(default=None, description="groups per step (None: the trainer's)")
+    draws_per_group: int | None = Field(default=None, description="(t, noise) draws (None: the trainer's)")
+    beta: float | None = Field(default=None, description="implicit-reward scale (None: the trainer's)")
+    supervised_weight: float | None = Field(default=None, description="lambda (None: the trainer's)")
+    adaptive_learning_rate: float | None = Field(default=None, description="None: the trainer's")
+    unet_learning_rate: float | None = Field(default=None, description="None: the trainer's")
+    rounds: int = Field(default=1, ge=1, description="updates: 1 = the one-update protocol, 2+ = a closed loop")
+    closed_loop_groups: int = Field(
+        default=2, description="groups per shopper the arm's own generator shows between two updates"
+    )
+    panel: str | None = Field(
         default=None,
-        metadata={"help": "module:Class of a PreferencePanel built as Class(n_users=..., seed=...); None: pixels"},
+        description="module:Class of a PreferencePanel built as Class(n_users=..., seed=...); None: pixels",
     )
-    bootstrap_samples: int = field(default=1000, metadata={"help": "bootstrap resamplings of users"})
-    torch_threads: int = field(default=1, metadata={"help": "torch threads of each arm's process"})
-    parallel_arms: int = field(default=2, metadata={"help": "arms trained and drawn at once, a process each"})
-    base_checkpoint: Path = field(default=ASSETS_DIR / "base", metadata={"help": "the base model"})
+    bootstrap_samples: int = Field(default=1000, ge=100, description="bootstrap resamplings of users")
+    torch_threads: int = Field(default=1, ge=1, description="torch threads of each arm's process")
+    parallel_arms: int = Field(default=2, ge=1, description="arms trained and drawn at once, a process each")
+    base_checkpoint: Path = Field(default=ASSETS_DIR / "base", description="the base model")
 
-    def __post_init__(self) -> None:
-        specs = [ArmSpec.parse(arm) for arm in self.arms]
-        if BASELINE not in self.arms:
-            raise ConfigError(f"arms must include {BASELINE!r}, the baseline every lift is measured against")
+    @field_validator("arms")
+    @classmethod
+    def _distinct_known_arms_with_the_baseline(cls, arms: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            specs = [ArmSpec.parse(arm) for arm in arms]
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        if BASELINE not in arms:
+            raise ValueError(f"arms must include {BASELINE!r}, the baseline every lift is measured against")
         if len({spec.name for spec in specs}) != len(specs):
-            raise ConfigError(f"arms must be distinct, got {list(self.arms)}")
-        for name in (
-            "shoppers_per_segment",
-            "merchants_per_segment",
-            "logged_groups",
-            "eval_showings",
-            "sampling_steps",
-            "rounds",
-            "parallel_arms",
-            "torch_threads",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.cold_shoppers < 0 or self.merchant_groups < 0 or self.reward_steps < 0:
-            raise ConfigError("cold_shoppers, merchant_groups and reward_steps must be >= 0")
-        if not 2 <= self.k <= self.best_of or not 8 <= self.best_of <= 16:
-            raise ConfigError(
+            raise ValueError(f"arms must be distinct, got {list(arms)}")
+        return arms
+
+    @field_validator("panel")
+    @classmethod
+    def _module_and_class(cls, panel: str | None) -> str | None:
+        if panel is not None and ":" not in panel:
+            raise ValueError(f"panel must be 'module:Class', got {panel!r}")
+        return panel
+
+    @model_validator(mode="after")
+    def _k_within_best_of(self) -> ScienceConfig:
+        if not self.k <= self.best_of or not self.best_of >= 8:
+            raise ValueError(
                 f"need 2 <= k <= best_of and best_of in 8..16 (the service's best-of-N), got k={self.k}, "
                 f"best_of={self.best_of}"
             )
-        if self.bootstrap_samples < 100:
-            raise ConfigError(f"bootstrap_samples must be at least 100, got {self.bootstrap_samples}")
-        if self.panel is not None and ":" not in self.panel:
-            raise ConfigError(f"panel must be 'module:Class', got {self.panel!r}")
+        return self
 
     @property
     def specs(self) -> list[ArmSpec]:

@@ -3,7 +3,6 @@ it and drawn (arms in parallel processes), then scored. The decision rule is doc
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import tempfile
 import time
@@ -60,7 +59,7 @@ def run_seed(config: ScienceConfig, grid_png: Path | None = None) -> dict[str, A
         grid_png.write_bytes(png)
         grid["file"] = grid_png.name
     return {
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},
+        "config": config.model_dump(mode="json"),
         "round_zero": {
             "events": logged.events,
             "group_samples": len(logged.samples),

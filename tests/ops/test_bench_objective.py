@@ -74,7 +74,8 @@ def test_function_report_with_two_positives_and_its_summary() -> None:
     [
         ({"group_size": 1}, "group_size must be at least 2"),
         ({"num_positives": 4}, "num_positives must be between 1 and group_size - 1 = 3, got 4"),
-        ({"repeats": 0}, "repeats must be >= 1"),
+        ({"repeats": 0}, "repeats must be at least 1, got 0"),
+        ({"warmup": -1}, "warmup must be at least 0, got -1"),
     ],
 )
 def test_config_rejects_groups_without_comparisons(overrides: dict[str, int], message: str) -> None:

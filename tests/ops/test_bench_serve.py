@@ -23,6 +23,10 @@ def test_config_rejects_bad_values():
         ServeBenchConfig(k=0)
     with pytest.raises(ConfigError, match="publishes"):
         ServeBenchConfig(publishes=0)
+    with pytest.raises(ConfigError, match=r"poll must be positive, got 0\.0"):
+        ServeBenchConfig(poll=0.0)
+    with pytest.raises(ConfigError, match="warmup must be at least 0, got -1"):
+        ServeBenchConfig(warmup=-1)
     with pytest.raises(ConfigError, match=r"--best-of-n 17 with --k 4: best-of-N.s n must be between 8 and 16, got 17"):
         ServeBenchConfig(best_of_n=17)
     with pytest.raises(

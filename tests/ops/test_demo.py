@@ -80,6 +80,8 @@ def test_choose_actions_needs_one_utility_per_image():
 def test_behaviour_rejects_rates_outside_zero_one():
     with pytest.raises(ConfigError, match="click_rate"):
         ShopperBehaviour(click_rate=1.0)
+    with pytest.raises(ConfigError, match=r"sharpness must be at least 0\.0, got -1\.0"):
+        ShopperBehaviour(sharpness=-1.0)
 
 
 def test_merchant_selects_what_the_panel_likes_on_average():
@@ -207,6 +209,16 @@ def test_loop_settings_validate_and_build_command_lines_the_cli_accepts():
         LoopSettings(rounds=5, max_rounds=3)
     with pytest.raises(ConfigError, match="k must be between 2 and 16"):
         LoopSettings(k=1)
+    with pytest.raises(ConfigError, match="prompts must name at least one design"):
+        LoopSettings(prompts=())
+    with pytest.raises(ConfigError, match=r"window_s must be positive, got 0\.0"):
+        LoopSettings(window_s=0.0)
+    with pytest.raises(ConfigError, match=r"lateness_s must be at least 0, got -1\.0"):
+        LoopSettings(lateness_s=-1.0)
+    with pytest.raises(ConfigError, match="partitions must be at least 1, got 0"):
+        LoopSettings(partitions=0)
+    with pytest.raises(ConfigError, match=r"behaviour\.return_rate must be in"):
+        LoopSettings(behaviour={"return_rate": 1.0})
     settings = LoopSettings()
     parser = build_parser()
     for arguments in (settings.worker_arguments(), settings.trainer_arguments(), settings.service_arguments(8123)):

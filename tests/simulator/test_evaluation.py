@@ -135,6 +135,20 @@ def test_config_refuses_unknown_arms_and_a_missing_baseline() -> None:
         EvaluationConfig(arms=("perfusion",))
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"rounds": 0}, "rounds must be at least 1, got 0"),
+        ({"impressions_per_user": 0}, "impressions_per_user must be at least 1, got 0"),
+        ({"k": 1}, "k must be between 2 and 16, got 1"),
+        ({"bootstrap_samples": 99}, "bootstrap_samples must be at least 100, got 99"),
+    ],
+)
+def test_config_refuses_sizes_out_of_bounds_naming_the_field(overrides: dict[str, int], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        EvaluationConfig(**overrides)
+
+
 def test_quick_eval_runs_every_arm_and_computes_every_metric(
     kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

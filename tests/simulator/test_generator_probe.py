@@ -10,9 +10,19 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from perfusion.errors import ConfigError
-from simulator.probes.generator_probe import ProbeConfig, partner_from_another_segment, segment_separability
+from perfusion.paths import REPO_ROOT
+from simulator.probes.generator_probe import (
+    ProbeConfig,
+    ProbeResults,
+    partner_from_another_segment,
+    render_probe_markdown,
+    segment_separability,
+)
+
+COMMITTED_PROBE = REPO_ROOT / "docs" / "results" / "probe.json"
 
 
 def _vectors(values: dict[str, list[float]]) -> dict[str, np.ndarray]:
@@ -64,6 +74,26 @@ def test_probe_refuses_arms_without_a_generator_update() -> None:
         ProbeConfig(arms=("base",))
     with pytest.raises(ConfigError, match="groups_per_user"):
         ProbeConfig(groups_per_user=0)
+
+
+def test_the_committed_probe_reads_back_byte_for_byte_and_renders_its_table() -> None:
+    results = ProbeResults.read(COMMITTED_PROBE)
+    assert results.to_json() == COMMITTED_PROBE.read_text()
+    assert results.arms["pairwise_dpo"].own_u_over_other_segment_u is None  # no u: no personalisation check
+    markdown = render_probe_markdown(results)
+    perfusion = results.arms["perfusion"]
+    assert f"Reproduce: `{results.command}`" in markdown
+    assert f"| perfusion | {perfusion.utility_vs_base.value:+.3f} [" in markdown
+    assert f"{results.segment_from_u_accuracy.whole_u:.2f} for the whole vector" in markdown
+
+
+def test_a_probe_file_that_drifts_from_the_records_is_refused(tmp_path: Path) -> None:
+    payload = json.loads(COMMITTED_PROBE.read_text())
+    payload["arms"]["perfusion"]["utility_vs_base"].pop("users")
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps(payload))
+    with pytest.raises(ValidationError):
+        ProbeResults.read(path)
 
 
 @pytest.mark.slow

@@ -90,6 +90,23 @@ def test_behaviour_config_refuses_bad_values() -> None:
         BehaviourConfig(delivery_sd=0.0)
     with pytest.raises(ConfigError, match="max_selected"):
         BehaviourConfig(max_selected=0)
+    with pytest.raises(ConfigError, match=r"click_slope must be at least 0, got -0\.5"):
+        BehaviourConfig(click_slope=-0.5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"shoppers": 0}, "shoppers must be at least 1, got 0"),
+        ({"designs": 0}, "designs must be at least 1, got 0"),
+        ({"candidates_per_impression": 17}, "candidates_per_impression must be between 1 and 16, got 17"),
+        ({"taste_sharpness": 1.5}, "taste_sharpness must be between 0.0 and 1.0, got 1.5"),
+        ({"mean_gap_s": 0.0}, "mean_gap_s must be positive, got 0.0"),
+    ],
+)
+def test_traffic_config_refuses_bad_values_naming_the_field(overrides: dict[str, float], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TrafficConfig(**overrides)
 
 
 def test_response_events_are_valid_and_graded_as_decided() -> None:

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from perfusion.errors import ConfigError
-from simulator.probes.reward_probe import REWARD_PROBE_MODELS, RewardProbeConfig
+from perfusion.paths import REPO_ROOT
+from simulator.probes.reward_probe import (
+    REWARD_PROBE_MODELS,
+    RewardProbeConfig,
+    RewardProbeResults,
+    render_reward_probe_markdown,
+)
+
+COMMITTED_REWARD_PROBE = REPO_ROOT / "docs" / "results" / "reward_probe_clicks.json"
 
 
 def test_settings_refuse_bad_values_with_the_field() -> None:
@@ -18,6 +26,25 @@ def test_settings_refuse_bad_values_with_the_field() -> None:
         RewardProbeConfig(train_groups=0)
     with pytest.raises(ConfigError, match="train_groups must be below"):
         RewardProbeConfig(train_groups=10_000)
+
+
+def test_the_committed_reward_probe_reads_back_byte_for_byte_and_renders_its_table() -> None:
+    results = RewardProbeResults.read(COMMITTED_REWARD_PROBE)
+    assert results.to_json() == COMMITTED_REWARD_PROBE.read_text()
+    assert results.models["true_utility_ceiling"].train_gauc is None
+    markdown = render_reward_probe_markdown(results)
+    row = results.models["perfusion_rm_pretrained"]
+    assert f"| perfusion_rm_pretrained | {row.heldout_gauc:.3f} [" in markdown
+    assert f"Reproduce: `{results.command}`" in markdown and "- plugins pretrained: " in markdown
+
+
+def test_the_committed_reward_probe_config_is_checked_as_a_run_checks_it(tmp_path: Path) -> None:
+    payload = json.loads(COMMITTED_REWARD_PROBE.read_text())
+    payload["config"]["labels"] = "orders"
+    path = tmp_path / "reward_probe.json"
+    path.write_text(json.dumps(payload))
+    with pytest.raises(ConfigError, match="labels must be one of"):
+        RewardProbeResults.read(path)
 
 
 @pytest.mark.slow

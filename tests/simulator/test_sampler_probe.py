@@ -97,6 +97,8 @@ def test_config_refuses_bad_sizes() -> None:
         SamplerProbeConfig(seeds_per_prompt=0)
     with pytest.raises(ConfigError, match="k must be between 1 and 16"):
         SamplerProbeConfig(k=0)
+    with pytest.raises(ConfigError, match="batch_size must be at least 1, got 0"):
+        SamplerProbeConfig(batch_size=0)
 
 
 @pytest.fixture

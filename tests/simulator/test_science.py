@@ -34,6 +34,33 @@ def test_arm_names_parse_into_trainer_arms_pathways_and_best_of_n() -> None:
         ScienceConfig(k=4, best_of=6)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"arms": ("base", "sft", "sft")}, "arms must be distinct"),
+        ({"panel": "simulator.ground_truth"}, "panel must be 'module:Class'"),
+        ({"shoppers_per_segment": 0}, "shoppers_per_segment must be at least 1, got 0"),
+        ({"cold_shoppers": -1}, "cold_shoppers must be at least 0, got -1"),
+        ({"k": 1}, "k must be between 2 and 16, got 1"),
+        ({"bootstrap_samples": 50}, "bootstrap_samples must be at least 100, got 50"),
+    ],
+)
+def test_config_refuses_bad_values_naming_the_field(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ScienceConfig(**overrides)
+
+
+def test_the_config_in_the_results_is_every_field_with_paths_as_text() -> None:
+    config = ScienceConfig.quick(arms=("base", "perfusion@base_tokens"), beta=500.0)
+    dumped = config.model_dump(mode="json")
+    assert list(dumped) == list(ScienceConfig.model_fields)
+    assert dumped["arms"] == ["base", "perfusion@base_tokens"] and dumped["beta"] == 500.0
+    assert dumped["base_checkpoint"] == str(config.base_checkpoint) and dumped["diffusion_steps"] == 2
+    assert ScienceConfig(**dumped) == config  # a seed's JSON reads back as its config
+    assert [spec.user_pathway for spec in config.specs] == [None, "base_tokens"]
+    assert config.trainer_overrides()["beta"] == 500.0 and config.sampler.steps == 2
+
+
 def _totals(images: float, utility: float, clicks: float, orders: float, returns: float) -> list[float]:
     row = [0.0] * 8
     row[IMAGES], row[UTILITY], row[CLICKS], row[ORDERS], row[RETURNS] = images, utility, clicks, orders, returns

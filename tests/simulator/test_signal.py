@@ -193,7 +193,11 @@ def test_config_refuses_bad_sizes_and_every_field_has_a_flag() -> None:
         SignalConfig(k=1)
     with pytest.raises(ConfigError, match="sampling_steps"):
         SignalConfig(sampling_steps=0)
-    assert {field for field, _, _ in FLAGS.values()} == {f.name for f in dataclasses.fields(SignalConfig)}
+    with pytest.raises(ConfigError, match="bootstrap_samples must be at least 100, got 10"):
+        SignalConfig(bootstrap_samples=10)
+    with pytest.raises(ConfigError, match="groups_per_user must be at least 1, got 0"):
+        SignalConfig(groups_per_user=0)
+    assert {field for field, _, _ in FLAGS.values()} == set(SignalConfig.model_fields)
 
 
 @pytest.fixture
