@@ -207,10 +207,8 @@ class DesignRegistry(SqliteStore):
                 "WHERE design_id = ?",
                 (design_id,),
             ).fetchone()
-        if row is None:
-            return DemandStatus(design, net_orders=0, threshold_reached=False, production_triggered=False,
-                                production_ts=None)  # fmt: skip
-        net_orders, reached, triggered, production_ts = row
+        # No record yet: the worker has counted nothing for it (no orders, nothing triggered).
+        net_orders, reached, triggered, production_ts = row if row is not None else (0, False, False, None)
         return DemandStatus(
             design=design,
             net_orders=int(net_orders),

@@ -1,12 +1,15 @@
 """The generator service against the real broker: designs, candidates and events land on the topic, keyed by user;
-orders followed back from the topic show up in GET /designs/{id}; and no refused request (no key, wrong role,
-someone else's order, a reused id, a bad clock, an impression never served) puts anything on the topic."""
+orders counted by the real worker and followed back from its demand topic show up in GET /designs/{id}; and no
+refused request (no key, wrong role, someone else's order, a reused id, a bad clock, an impression never served)
+puts anything on the topic."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from kafka import KafkaConsumer
 
+from harness.loop import LoopPlace, cli_arguments, loop_process
 from perfusion.contracts.records import parse_event
 from perfusion.contracts.topics import TopicNames, ensure_topics
 from perfusion.image_store import ImageStore
@@ -83,6 +87,20 @@ def tiny_service(
     return app, keys, sink
 
 
+@contextlib.contextmanager
+def running_worker(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, partitions: int) -> Iterator[Any]:
+    """``perfusion worker`` on the test's topics and Feast folder, with demand applied a few quiet seconds after an
+    order (the service's demand view is what its demand agent publishes)."""
+    place = LoopPlace(
+        kafka_bootstrap, state_dir=tmp_path / "worker", topic_prefix=topic_prefix, partitions=partitions,
+        feast_dir=tmp_path / "feast", online_store="sqlite", extra_environment={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    arguments = cli_arguments("worker", "--demand-allowed-lateness-s=1", "--demand-idle-after-s=2")
+    with loop_process(place, "worker", arguments, tmp_path, stop_grace_s=60.0) as worker:
+        yield worker.process
+    print((tmp_path / "worker.log").read_text(errors="replace")[-3000:])
+
+
 @pytest.mark.slow
 def test_design_candidates_and_events_reach_kafka(
     kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -94,7 +112,7 @@ def test_design_candidates_and_events_reach_kafka(
     merchant = keys.create("merchant", "m-7").authorization
     shopper = keys.create("shopper", "shopper-3").authorization
     order_system = keys.create("order_system", "shop-orders").authorization
-    with TestClient(app) as client:
+    with running_worker(kafka_bootstrap, topic_prefix, tmp_path, partitions=2) as worker, TestClient(app) as client:
         created = client.post("/designs", json={"prompt": "a teal hoodie", "order_threshold": 5}, headers=merchant)
         assert created.status_code == 201, created.text
         design_id = created.json()["design_id"]
@@ -125,10 +143,12 @@ def test_design_candidates_and_events_reach_kafka(
         keys = {event.kind: key for key, event in records}
         assert keys["impression"] == keys["order"] == b"shopper-3" and keys["design"] == b"m-7"
 
-        deadline = time.monotonic() + 30
+        # The worker (starting meanwhile) counts the order; its demand agent's record comes back to the service.
+        deadline = time.monotonic() + 300
         status = client.get(f"/designs/{design_id}", headers=merchant).json()
         while status["net_orders"] < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
+            assert worker.poll() is None, "the worker exited"
+            time.sleep(0.5)
             status = client.get(f"/designs/{design_id}", headers=merchant).json()
         assert status["net_orders"] == 2 and status["production_triggered"] is False
     sink.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -119,10 +120,8 @@ def test_two_processes_never_both_accept_one_event_id_nor_return_more_than_an_or
 
 def test_a_writer_waits_for_another_connections_transaction_instead_of_failing(tmp_path: Path) -> None:
     one, two = EventLedger(tmp_path / "service.sqlite"), EventLedger(tmp_path / "service.sqlite")
-    blocker = sqlite3.connect(tmp_path / "service.sqlite", isolation_level=None)
+    blocker = sqlite3.connect(tmp_path / "service.sqlite", isolation_level=None, check_same_thread=False)
     blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock for a moment
-    import threading
-
     threading.Timer(0.5, lambda: blocker.execute("COMMIT")).start()
     started = time.monotonic()
     two.admit(_order("order-waited"))
