@@ -6,7 +6,8 @@ naming the field, the bound and the value, from :func:`perfusion.settings.descri
 ``from_env``: a model's shape comes from its arguments or its config.json, never from the environment.
 
 Saved forms: :meth:`FrozenConfig.to_dict` is what config.json holds (tuples as lists) and :meth:`FrozenConfig.from_dict`
-reads it back, refusing keys the config does not know with the message its class names (``saved_name``).
+reads it back. A key the config does not know, in code or in a saved form, is refused with the words its class
+names (``saved_name``): "unknown base model config keys ['sample_sise']; known keys are [...]".
 """
 
 from __future__ import annotations
@@ -26,9 +27,13 @@ class FrozenConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
     saved_name: ClassVar[str] = "config"
-    """What error messages call a saved form of this config: "unknown <saved_name> keys [...]"."""
+    """What error messages call this config: "unknown <saved_name> keys [...]"."""
 
     def __init__(self, **values: Any) -> None:
+        known = sorted(type(self).model_fields)
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown {type(self).saved_name} keys {unknown}; known keys are {known}")
         try:
             super().__init__(**values)
         except ValidationError as exc:
@@ -46,8 +51,4 @@ class FrozenConfig(BaseModel):
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Self:
         """The config a saved form describes; keys this config does not know are refused."""
-        known = sorted(cls.model_fields)
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ConfigError(f"unknown {cls.saved_name} keys {unknown}; known keys are {known}")
         return cls(**values)

@@ -10,7 +10,7 @@ This module imports nothing heavy, so that settings and command-line flags can t
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, ValidatorFunctionWrapHandler, field_validator
 
@@ -38,6 +38,8 @@ _REFUSALS: dict[str, str] = {
 
 class SamplerConfig(FrozenConfig):
     """A deterministic sampler over the base model's training schedule, and its classifier-free guidance."""
+
+    saved_name: ClassVar[str] = "sampler config"
 
     kind: str = Field(
         default="ddim",
