@@ -37,9 +37,9 @@ from pydantic import ValidationError
 from perfusion.contracts.records import GroupSample, ModelUpdated, TrainRequest
 from perfusion.contracts.topics import TopicNames
 from perfusion.errors import InfrastructureError, PerfusionError
-from perfusion.feature_store import merged_history
+from perfusion.feature_store import USER_VECTOR_SERVICE, merged_history
 from perfusion.image_store import ImageStore, UnknownImage
-from perfusion.user_features import USER_FEATURE_REFS, user_vector
+from perfusion.user_features import user_vector
 from trainer.batches import GroupBatch, collate_groups
 from trainer.gate import GateDecision, belongs_to_heldout, run_gate
 from trainer.metrics import TrainerMetrics, serve_metrics
@@ -71,7 +71,8 @@ class UserVectorSource(Protocol):
 
 
 class FeastUserVectors:
-    """User vectors from Feast's offline store, joined point in time at each sample's impression_ts."""
+    """User vectors from Feast's offline store: the ``user_vector`` feature service, joined point in time at each
+    sample's impression_ts."""
 
     def __init__(self, store: FeatureStore) -> None:
         self.store = store
@@ -92,7 +93,8 @@ class FeastUserVectors:
             }
         )
         with merged_history(self.store):
-            frame = self.store.get_historical_features(entity_df=entity_df, features=list(USER_FEATURE_REFS)).to_df()
+            service = self.store.get_feature_service(USER_VECTOR_SERVICE)
+            frame = self.store.get_historical_features(entity_df=entity_df, features=service).to_df()
         rows_by_key: dict[tuple[str, float], dict[str, Any]] = {}
         for row in frame.to_dict("records"):
             key = keys[int(row.pop("key_row"))]

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -31,6 +31,9 @@ from simulator.eval.plan import (
 from simulator.ground_truth import PixelPreferencePanel
 from simulator.marketplace import BehaviourConfig, Marketplace, grades_of
 from simulator.traffic import TrafficConfig, TrafficSimulator, encode, produce_events
+
+if TYPE_CHECKING:
+    from perfusion.feature_store import FeatureStoreSettings
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +81,10 @@ class ArmRun:
     seconds: float = 0.0
 
 
-# What this process itself reads of an arm's place: Feast's folder and store, the broker and the topic prefix.
+# What this process itself reads of an arm's place from the environment: the state folder, the broker and the topic
+# prefix. Its Feast store is passed instead (LoopPlace.feature_store).
 ARM_VARIABLES = (
     "PERFUSION_STATE_DIR",
-    "PERFUSION_FEAST_DIR",
-    "PERFUSION_ONLINE_STORE",
     "KAFKA_BOOTSTRAP_SERVERS",
     "PERFUSION_TOPIC_PREFIX",
     "FEAST_USAGE",
@@ -91,8 +93,8 @@ ARM_VARIABLES = (
 
 @contextlib.contextmanager
 def arm_environment(arm_dir: Path, bootstrap: str, topic_prefix: str) -> Iterator[LoopPlace]:
-    """Point this process's Feast and state at the arm's folder (restored afterwards); yields the arm's place, from
-    which the worker gets the same environment."""
+    """Point this process's state at the arm's folder (restored afterwards); yields the arm's place, from which the
+    worker gets the same environment and this process its Feast store (:meth:`LoopPlace.feature_store`)."""
     place = LoopPlace(bootstrap, state_dir=arm_dir / "state", topic_prefix=topic_prefix, online_store="sqlite")
     environment = place.environment({})
     with process_environment({name: environment[name] for name in ARM_VARIABLES}):
@@ -170,7 +172,9 @@ class ImpressionTimeUserVectors:
         return [self.by_impression[sample.sample_id] for sample in samples]
 
 
-def push_profiles(panel: PixelPreferencePanel, users: Sequence[str], ts: float) -> None:
+def push_profiles(
+    panel: PixelPreferencePanel, users: Sequence[str], ts: float, feature_store: FeatureStoreSettings | None = None
+) -> None:
     """What the shop knows at sign-up (age group, region) for every shopper, into the arm's Feast store."""
     from datetime import UTC, datetime
 
@@ -180,17 +184,19 @@ def push_profiles(panel: PixelPreferencePanel, users: Sequence[str], ts: float) 
         {"user_id": user, **panel.profile(user), "event_timestamp": datetime.fromtimestamp(ts, tz=UTC)}
         for user in users
     ]
-    FeaturePusher.open().push(USER_PROFILE_PUSH, rows)
+    FeaturePusher.open(feature_store).push(USER_PROFILE_PUSH, rows)
 
 
-def push_merchant_profiles(panel: PixelPreferencePanel, merchants: Sequence[str], ts: float) -> None:
+def push_merchant_profiles(
+    panel: PixelPreferencePanel, merchants: Sequence[str], ts: float, feature_store: FeatureStoreSettings | None = None
+) -> None:
     """Every merchant's store profile (the region their store sells in), so that a merchant is a viewer of their own
     groups with a u of their own (the merchant flag among it)."""
     from perfusion.feature_store import FeaturePusher
     from perfusion.user_features import MERCHANT_PROFILE_PUSH, merchant_profile_rows
 
     regions = {merchant: panel.profile(merchant)["region"] for merchant in merchants}
-    FeaturePusher.open().push(MERCHANT_PROFILE_PUSH, merchant_profile_rows(regions, ts))
+    FeaturePusher.open(feature_store).push(MERCHANT_PROFILE_PUSH, merchant_profile_rows(regions, ts))
 
 
 def count_records(bootstrap: str, topics: Sequence[str]) -> int:
@@ -216,11 +222,12 @@ def wait_for_loop(
     worker: subprocess.Popen[bytes],
     wait_s: float,
     log_path: Path,
+    feature_store: FeatureStoreSettings | None = None,
 ) -> None:
     """Until the worker has closed ``expected_groups`` groups and pushed every user's latest features."""
     from perfusion.feature_store import open_feature_store, read_online_features
 
-    store = open_feature_store()
+    store = open_feature_store(feature_store)
     deadline = time.monotonic() + wait_s
     while True:
         if worker.poll() is not None:
@@ -266,10 +273,11 @@ def run_arm(
     marketplace = Marketplace(panel, BehaviourConfig())
     traffic = TrafficSimulator(TrafficConfig(seed=config.seed, model_version="base"))
     with arm_environment(arm_dir, bootstrap, topic_prefix) as place:
-        apply_feature_repo()
+        feature_store = place.feature_store()
+        apply_feature_repo(feature_store)
         ensure_topics(bootstrap, topics, partitions=1)
-        push_profiles(panel, population.train_users + population.cold_users, origin - 86_400.0)
-        push_merchant_profiles(panel, population.merchants, origin - 86_400.0)
+        push_profiles(panel, population.train_users + population.cold_users, origin - 86_400.0, feature_store)
+        push_merchant_profiles(panel, population.merchants, origin - 86_400.0, feature_store)
         settings = TrainerSettings.for_arm(
             arm,
             bootstrap_servers=bootstrap,
@@ -289,7 +297,7 @@ def run_arm(
         )
         images = ImageStore(arm_dir / "images")
         generator = ArmGenerator(config.base_checkpoint, arm_dir / "models", text_encoder, config.sampler)
-        reader = FeastFeatureReader(open_feature_store())
+        reader = FeastFeatureReader(open_feature_store(feature_store))
         recorded_vectors = ImpressionTimeUserVectors()
         trainer = build_trainer(settings, text_encoder=text_encoder, user_vectors=recorded_vectors)
         live_groups = 0
@@ -377,6 +385,7 @@ def run_arm(
                     worker,
                     config.wait_s,
                     arm_dir / "worker.log",
+                    feature_store,
                 )
                 summary = trainer.run(once=True)
                 run.refusals = len(summary.refusals)
