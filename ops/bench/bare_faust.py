@@ -32,7 +32,7 @@ from streams.settings import StreamSettings
 
 if TYPE_CHECKING:
     from faust.streams import Stream
-    from faust.types import AgentT, StreamT
+    from faust.types import StreamT
 
     from streams.app import StreamApp
 
@@ -75,8 +75,7 @@ def bare_app(settings: StreamSettings, parse: str = "event") -> StreamApp:
             if invalid:
                 finished.labels(outcome="dead_letter").inc(invalid)
 
-    agent: AgentT = stream_app.app.agent(stream_app.topics.events, name="bare-events")(bare)
-    stream_app.agents["ops.bench.bare_faust"] = agent
+    stream_app.app.agent(stream_app.topics.events, name="bare-events")(bare)
     return stream_app
 
 

@@ -71,7 +71,7 @@ class StreamBenchSettings(Settings):
     """What ``perfusion bench streams`` measures; built from its flags alone (no environment variable is read)."""
 
     events: int = Field(
-        default=20_000,
+        default=50_000,
         ge=100,
         description="events pre-filled once and read by the raw consumer, the bare Faust agent and the worker",
     )
@@ -180,6 +180,7 @@ def run_stream_benchmark(settings: StreamBenchSettings) -> dict[str, Any]:
         }
         with process_environment(feast_environment):  # this process's Feast clients, and the children's
             apply_feature_repo()
+            phase("broker_and_feast")
             prefix = f"bench-{uuid.uuid4().hex[:8]}."
             names = TopicNames.for_prefix(prefix)
             ensure_topics(bootstrap, names, settings.partitions)

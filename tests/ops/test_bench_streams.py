@@ -62,7 +62,15 @@ def test_report_has_every_figure_both_ceilings_and_the_targets(
     assert math.isclose(cpu["worker_beyond_bare_faust"], cpu["worker_process"] - cpu["bare_faust_process"])
     assert set(written["stage_costs"]["per_event_us"]) >= {"parse_and_validate", "feast_push_one_row_per_user"}
     assert cpu["stages"] == written["stage_costs"]["per_event_us"]
-    assert set(written["phase_seconds"]) >= {"raw_consumer", "bare_faust", "worker", "freshness", "total"}
+    assert set(written["phase_seconds"]) >= {
+        "prefill",
+        "raw_consumer",
+        "bare_faust",
+        "worker",
+        "freshness",
+        "stage_costs",
+        "total",
+    }
     text = summary(written)
     assert "raw aiokafka consumer" in text and "bare Faust agent (parse_event per message" in text
 
@@ -81,7 +89,7 @@ def test_flags_are_the_settings_fields() -> None:
     add_arguments(parser)
     args = parser.parse_args(["--rate", "2000", "--bare-parse", "json", "--freshness-s", "20"])
     settings = StreamBenchSettings(**flag_overrides(args, StreamBenchSettings))
-    assert (settings.rate, settings.bare_parse, settings.freshness_s, settings.events) == (2000.0, "json", 20.0, 20_000)
+    assert (settings.rate, settings.bare_parse, settings.freshness_s, settings.events) == (2000.0, "json", 20.0, 50_000)
 
 
 def test_bare_agent_parses_as_the_worker_gate_does() -> None:
