@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
 from perfusion.settings import Settings, add_flags, flag_overrides
 
@@ -65,10 +66,14 @@ FRESHNESS_SENT_FRACTION = 0.95
 """The freshness target counts only when the traffic was sent at this share of the offered rate or more."""
 STAGE_COST_EVENTS = 5000
 BARE_FAUST_MODULE = "ops.bench.bare_faust"
+ENV_PREFIX = "PERFUSION_BENCH_STREAMS_"
 
 
 class StreamBenchSettings(Settings):
-    """What ``perfusion bench streams`` measures; built from its flags alone (no environment variable is read)."""
+    """What ``perfusion bench streams`` measures. Its variables have their own prefix
+    (``PERFUSION_BENCH_STREAMS_RATE``), so that none of the worker's (``PERFUSION_PARTITIONS``) changes the bench."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX)
 
     events: int = Field(
         default=50_000,
@@ -110,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    return run_stream_benchmark(StreamBenchSettings(**flag_overrides(args, StreamBenchSettings)))
+    return run_stream_benchmark(StreamBenchSettings.from_env(**flag_overrides(args, StreamBenchSettings)))
 
 
 def _rate_text(measured: dict[str, Any]) -> str:

@@ -84,11 +84,16 @@ def test_settings_refuse_too_few_events_and_unknown_settings() -> None:
         StreamBenchSettings(bare_parse="yaml")  # type: ignore[arg-type]
 
 
-def test_flags_are_the_settings_fields() -> None:
+def test_flags_are_the_settings_fields_over_the_bench_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERFUSION_BENCH_STREAMS_FRESHNESS_S", "20")
+    monkeypatch.setenv("PERFUSION_BENCH_STREAMS_RATE", "750")
+    monkeypatch.setenv("PERFUSION_PARTITIONS", "8")  # the worker's variable: not the bench's
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--rate", "2000", "--bare-parse", "json", "--freshness-s", "20"])
-    settings = StreamBenchSettings(**flag_overrides(args, StreamBenchSettings))
+    args = parser.parse_args(["--rate", "2000", "--bare-parse", "json"])
+    assert "PERFUSION_BENCH_STREAMS_RATE" in parser.format_help()
+    settings = StreamBenchSettings.from_env(**flag_overrides(args, StreamBenchSettings))
+    assert settings.partitions == 4
     assert (settings.rate, settings.bare_parse, settings.freshness_s, settings.events) == (2000.0, "json", 20.0, 50_000)
 
 
