@@ -360,7 +360,8 @@ class SchemaStrategies:
         options += self._outside_enum(schema) + self._out_of_bounds(schema) + self._non_finite(schema)
         options += self._control_characters(schema)
         options += self._broken_branch(schema) + self._broken_object(schema) + self._broken_items(schema)
-        return st.one_of([option for option in options if option is not None])
+        # Each way to break it equally likely (st.one_of favours its first branches).
+        return st.sampled_from([option for option in options if option is not None]).flatmap(lambda option: option)
 
     def _wrong_type(self, schema: Mapping[str, Any]) -> st.SearchStrategy[Broken] | None:
         wrong = [name for name in JSON_TYPES if name not in self.allowed_types(schema)]
@@ -533,12 +534,13 @@ class SchemaStrategies:
         # In a URL every value is text: where the schema takes a string, no type is wrong (the text is still sent).
         textual = "string" in self.allowed_types(parameter.schema)
         unbroken = ("wrong-type", "non-finite", "deep-nesting") if textual else ()
-        broken_text = self.broken(parameter.schema).map(
-            lambda b: (
-                "null" if b.value is None else _url_text(b.value),
-                None if b.kind in unbroken else f"{where}: {b.kind}",
-            )
-        )
+
+        def as_text(broken: Broken) -> tuple[str | None, str | None]:
+            text = "null" if broken.value is None else _url_text(broken.value)
+            fits = broken.kind in unbroken and self.fits(text, parameter.schema)
+            return text, None if fits else f"{where}: {broken.kind}"
+
+        broken_text = self.broken(parameter.schema).map(as_text)
         choices = [valid, valid, broken_text]
         if parameter.location == "path":
             choices.append(st.sampled_from(HOSTILE_PATH_VALUES).map(lambda v: (v, f"{where}: hostile")))

@@ -90,8 +90,8 @@ THING_TYPES = {
     "tags": {"array"},
     "note": {"string", "null"},
 }
-EXAMPLES = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-FIND = settings(max_examples=300, deadline=None, database=None)
+EXAMPLES = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FIND = settings(max_examples=200, deadline=None, database=None)
 strategies = SchemaStrategies(DOCUMENT)
 
 
@@ -232,7 +232,7 @@ def breaks_what_it_says(broken: Broken) -> bool:
     return True
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(strategies.broken(THING_REF))
 def test_each_broken_value_breaks_what_it_says(broken: Broken) -> None:
     assert breaks_what_it_says(broken)
@@ -258,8 +258,8 @@ def test_every_kind_of_break_is_drawn() -> None:
     assert "count" not in dropped.value and "name" in dropped.value
     too_many = find(strategies.broken(properties["count"]), lambda b: b.kind == "out-of-bounds", settings=FIND)
     assert too_many.value in (0, 11)
-    nested = find(strategies.broken(THING_REF), lambda b: b.at[:1] == ("tags",) and len(b.at) == 2, settings=FIND)
-    assert isinstance(nested.at[1], int) and breaks_what_it_says(nested)
+    item = find(strategies.broken(properties["tags"]), lambda b: len(b.at) == 1, settings=FIND)
+    assert isinstance(item.at[0], int) and item.value[item.at[0]] not in ("a", "b")
 
 
 def test_the_union_is_broken_by_a_tag_no_branch_has() -> None:
@@ -283,7 +283,7 @@ def test_non_finite_numbers_and_raw_tokens_are_written_as_json_tokens() -> None:
     assert surrogate == b'"x\\ud800"'
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(strategies.requests(operations(DOCUMENT)[0]))
 def test_a_request_fills_its_path_and_says_what_breaks_the_schema(request: Request) -> None:
     thing_id = request.path_values["thing_id"]
