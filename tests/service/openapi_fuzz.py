@@ -36,18 +36,8 @@ from hypothesis import strategies as st
 HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
 JSON_TYPES = ("null", "boolean", "integer", "number", "string", "array", "object")
 # Path segments no valid id looks like: traversal (plain and encoded), NUL, bidi override, overlong, look-alikes.
-HOSTILE_PATH_VALUES = (
-    "../../keys.json",
-    "..%2F..%2Fetc%2Fpasswd",
-    "..",
-    "\x00",
-    "\u202e",
-    "a" * 300,
-    " ",
-    "%00",
-    "gen-" + "0" * 16,
-    "é/../ü",
-)
+HOSTILE_PATH_VALUES: tuple[str, ...] = ("../../keys.json", "..%2F..%2Fetc%2Fpasswd", "..", "\x00", "\u202e")
+HOSTILE_PATH_VALUES += ("a" * 300, " ", "%00", "gen-" + "0" * 16, "é/../ü")
 NON_FINITE_TOKENS = ("NaN", "Infinity", "-Infinity", "1e999")
 DEEP_NESTING = 3000  # levels: past Python's default recursion limit
 CONTROL_CHARACTERS = "\x00\x01\x08\x0b\x1b\x1f\x7f\u2028"
@@ -111,7 +101,8 @@ class Operation:
 
 @dataclass(frozen=True)
 class Request:
-    """A request drawn for ``operation``; ``breaks`` lists what of it breaks the schema (empty: valid by it)."""
+    """A request drawn for ``operation``; ``breaks`` lists what of it was drawn off the schema (empty: valid by it),
+    a hostile path value and control characters included, which may still fit it."""
 
     operation: Operation
     path: str  # filled in, each value percent-encoded
@@ -244,16 +235,15 @@ class SchemaStrategies:
         declared = schema.get("type")
         if isinstance(declared, list):
             return st.one_of([self._valid_by_keyword({**schema, "type": one}) for one in declared])
-        by_type = {
+        by_type: dict[str, Callable[[Mapping[str, Any]], st.SearchStrategy[Any]]] = {
             "object": self._object,
             "array": self._array,
             "string": self._string,
-            "integer": self._integer,
-            "number": self._number,
         }
+        by_type.update(integer=self._integer, number=self._number)
         if declared in by_type:
             return by_type[declared](schema)
-        return {"boolean": st.booleans(), "null": st.none()}.get(declared, any_json)
+        return {"boolean": st.booleans(), "null": st.none()}.get(str(declared), any_json)
 
     def _enum(self, schema: Mapping[str, Any]) -> st.SearchStrategy[Any]:
         return st.just(schema["const"]) if "const" in schema else st.sampled_from(list(schema["enum"]))
@@ -553,7 +543,9 @@ class SchemaStrategies:
         nothing: tuple[bytes | None, str | None] = (None, None)
         if operation.body is None:
             return st.just(nothing)
-        valid = self.valid(operation.body).map(lambda v: (encode_json(v), None))
+        valid: st.SearchStrategy[tuple[bytes | None, str | None]] = self.valid(operation.body).map(
+            lambda v: (encode_json(v), None)
+        )
         broken = self.broken(operation.body).map(lambda b: (encode_json(b.value), f"body {b.describe()}"))
         choices = [valid, valid, broken, broken]
         if hostile is not None:

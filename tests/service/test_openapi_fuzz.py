@@ -8,9 +8,10 @@ import json
 import math
 import re
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
-from hypothesis import HealthCheck, find, given, settings
+from hypothesis import HealthCheck, Phase, find, given, settings
 from hypothesis import strategies as st
 
 from tests.service.openapi_fuzz import (
@@ -91,7 +92,8 @@ THING_TYPES = {
     "note": {"string", "null"},
 }
 EXAMPLES = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-FIND = settings(max_examples=200, deadline=None, database=None)
+# find() without shrinking: the first example found is enough, and shrinking is most of its time.
+FIND = settings(max_examples=300, deadline=None, database=None, phases=[Phase.generate])
 strategies = SchemaStrategies(DOCUMENT)
 
 
@@ -155,7 +157,7 @@ def test_a_valid_draw_of_the_union_is_one_branch_by_its_discriminator(value: Any
 
 def test_every_branch_of_the_union_and_the_bounds_are_drawn() -> None:
     assert find(strategies.valid(ANIMAL), lambda v: v["kind"] == "dog", settings=FIND)["good"] in (True, False)
-    assert find(strategies.valid(ANIMAL), lambda v: v["kind"] == "cat", settings=FIND)["lives"] == 0
+    assert find(strategies.valid(ANIMAL), lambda v: v["kind"] == "cat", settings=FIND)["lives"] in range(10)
     assert find(strategies.valid(THING_REF), lambda v: v["count"] == 10, settings=FIND)["count"] == 10
     assert len(find(strategies.valid(THING_REF), lambda v: len(v["name"]) == 5, settings=FIND)["name"]) == 5
 
@@ -238,6 +240,10 @@ def test_each_broken_value_breaks_what_it_says(broken: Broken) -> None:
     assert breaks_what_it_says(broken)
 
 
+def of_kind(kind: str) -> Callable[[Broken], bool]:
+    return lambda broken: broken.kind == kind
+
+
 def test_every_kind_of_break_is_drawn() -> None:
     properties = THING["properties"]
     where = {
@@ -251,13 +257,13 @@ def test_every_kind_of_break_is_drawn() -> None:
         "outside-enum": properties["tags"]["items"],
     }
     for kind, schema in where.items():
-        assert find(strategies.broken(schema), lambda b, kind=kind: b.kind == kind, settings=FIND).kind == kind
+        assert find(strategies.broken(schema), of_kind(kind), settings=FIND).kind == kind
     dropped = find(
         strategies.broken(THING_REF), lambda b: b.kind == "missing-required" and b.at == ("count",), settings=FIND
     )
     assert "count" not in dropped.value and "name" in dropped.value
     too_many = find(strategies.broken(properties["count"]), lambda b: b.kind == "out-of-bounds", settings=FIND)
-    assert too_many.value in (0, 11)
+    assert type(too_many.value) is int and not 1 <= too_many.value <= 10
     item = find(strategies.broken(properties["tags"]), lambda b: len(b.at) == 1, settings=FIND)
     assert isinstance(item.at[0], int) and item.value[item.at[0]] not in ("a", "b")
 
