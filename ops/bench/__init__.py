@@ -1,7 +1,8 @@
 """Benchmarks behind ``perfusion bench NAME``: one module per benchmark, registered in ``BENCHMARK_MODULES``.
 
-A benchmark module keeps its module-level imports to the standard library (``perfusion --help`` imports it to
-build the parser) and provides:
+A benchmark module keeps its module-level imports light: the standard library, pydantic and the settings modules
+its flags are generated from, never torch, Faust or the simulator (``perfusion --help`` imports it to build the
+parser). It provides:
 
 - ``HELP``: one line for ``perfusion bench --help``;
 - ``add_arguments(parser)``: its options (``--out`` is added for every benchmark);
