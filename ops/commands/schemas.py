@@ -81,6 +81,7 @@ def exported_files() -> dict[str, str]:
     from perfusion.contracts import records
     from perfusion.contracts.topics import (
         DEAD_LETTERS,
+        DESIGN_DEMAND,
         EVENTS,
         GROUP_DROPS,
         GROUP_SAMPLES,
@@ -98,6 +99,7 @@ def exported_files() -> dict[str, str]:
         ("group-sample", records.GroupSample, GROUP_SAMPLES, "sample_id"),
         ("group-drop", records.GroupDrop, GROUP_DROPS, "sample_id, or sample_id/user_id of an orphan follow-up"),
         ("production-order", records.ProductionOrder, PRODUCTION_ORDERS, "design_id"),
+        ("design-demand", records.DesignDemand, DESIGN_DEMAND, "design_id"),
         ("train-request", records.TrainRequest, TRAIN_REQUESTS, "request_id"),
         ("model-updated", records.ModelUpdated, MODEL_UPDATES, "version"),
     ]

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     text_encoder = base_text_encoder(base_folder)
     generator = load_serving_generator(base_folder, store_root, text_encoder, service.sampler(), service.best_of)
     metrics = ServiceMetrics()
-    designs = DesignRegistry.default()
+    designs = DesignRegistry.default(service)
     watcher = ModelWatcher(
         ModelStore(store_root),
         generator,
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         bootstrap_servers=bootstrap,
         updates_topic=topics.model_updates,
     )
-    follower = DemandFollower(designs, bootstrap, topics.events, topics.production_orders)
+    follower = DemandFollower(designs, bootstrap, topics.design_demand)
     event_sink = KafkaEventSink(bootstrap, topics.events)
     app = create_app(
         generator=generator,
