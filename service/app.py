@@ -501,6 +501,8 @@ def create_app(
             events_topic=events_topic,
             checkout_dependencies=[rate_limited("events")],
             checkout_responses=problem_responses(401, 403, 404, 409, 413, 422, 429, 503),
+            key_responses=problem_responses(401, 503),
+            listing_responses=problem_responses(401, 403, 422, 503),
         )
     )
     _declare_event_schemas(app)

@@ -177,16 +177,19 @@ def _encodable(text: str) -> bool:
 # The kinds a client posts to /events (designs come through POST /designs, impressions only from the service).
 POSTED_EVENT_RECORDS = (Click, Order, Return, Select)
 SERVER_ASSIGNED = ("event_id", "ts")  # left out, the service assigns them
+# Left out by a shopper or a merchant, it is the caller's own id; the order system must name the shopper (422).
+CALLER_DEFAULTED = ("user_id",)
 
 
 def posted_event_schemas() -> dict[str, dict[str, Any]]:
     """The JSON Schema of each posted kind as this edge accepts it, by component name (``ClickEvent``, ...): the
-    record's schema with ``kind`` required, ``event_id`` and ``ts`` optional, the current ``schema_version`` only,
-    no other fields."""
+    record's schema with ``kind`` required, ``event_id``, ``ts`` and ``user_id`` optional, the current
+    ``schema_version`` only, no other fields."""
     schemas = {}
     for record in POSTED_EVENT_RECORDS:
         schema = record.model_json_schema(ref_template="#/components/schemas/{model}")
-        schema["required"] = ["kind", *(name for name in schema.get("required", []) if name not in SERVER_ASSIGNED)]
+        optional = (*SERVER_ASSIGNED, *CALLER_DEFAULTED)
+        schema["required"] = ["kind", *(name for name in schema.get("required", []) if name not in optional)]
         schema["properties"]["schema_version"] = {"const": SCHEMA_VERSION, "default": SCHEMA_VERSION}
         schema["additionalProperties"] = False
         schemas[f"{record.__name__}Event"] = schema

@@ -108,10 +108,13 @@ def pages_router(
     events_topic: str,
     checkout_dependencies: Sequence[params.Depends] = (),
     checkout_responses: Mapping[int | str, dict[str, Any]] | None = None,
+    key_responses: Mapping[int | str, dict[str, Any]] | None = None,
+    listing_responses: Mapping[int | str, dict[str, Any]] | None = None,
 ) -> APIRouter:
     """The pages, their files and the storefront's endpoints; ``post_event`` is the app's admission and producer
     of ``POST /events``, by which the checkout's Order goes to Kafka. ``checkout_dependencies`` run before a
-    checkout (the app's rate limit), and ``checkout_responses`` are the statuses its schema lists."""
+    checkout (the app's rate limit); ``checkout_responses``, ``key_responses`` (``GET /whoami``) and
+    ``listing_responses`` (``GET /shop/designs``) are the problem statuses their schemas list."""
     router = APIRouter()
     files = {path.name: path.read_bytes() for path in WEB_DIR.iterdir() if path.suffix in ASSET_TYPES}
 
@@ -134,11 +137,11 @@ def pages_router(
             raise StarletteHTTPException(404, f"name: no file {name!r} under /web/; the pages use {known}")
         return web_file(name)
 
-    @router.get("/whoami", response_model=WhoAmI)
+    @router.get("/whoami", response_model=WhoAmI, responses=dict(key_responses or {}))
     async def whoami(principal: Caller) -> WhoAmI:
         return WhoAmI(role=principal.role, principal=principal.id)
 
-    @router.get("/shop/designs", response_model=ListedDesigns)
+    @router.get("/shop/designs", response_model=ListedDesigns, responses=dict(listing_responses or {}))
     def listed_designs(
         principal: Caller,
         limit: Annotated[int, Query(ge=1, le=MAX_LISTED_DESIGNS, description="most designs answered")] = 24,

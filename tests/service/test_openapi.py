@@ -18,6 +18,8 @@ ROUTE_STATUSES = {
     ("post", "/designs"): {401, 403, 413, 422, 503},
     ("get", "/designs/{design_id}"): {401, 403, 404, 422, 503},
     ("get", "/readyz"): {503},
+    ("get", "/whoami"): {401},
+    ("get", "/shop/designs"): {401, 403, 422},
 }
 
 
@@ -65,5 +67,6 @@ def test_the_events_body_is_one_of_the_posted_kinds_told_apart_by_kind(schema: d
         event = components[ref.rsplit("/", 1)[1]]
         assert event["properties"]["kind"]["const"] == kind
         assert "kind" in event["required"] and "event_id" not in event["required"] and "ts" not in event["required"]
+        assert "user_id" not in event["required"]  # a shopper's or merchant's own id when left out
         assert event["additionalProperties"] is False
     assert {"quantity", "impression_id"} <= set(components["OrderEvent"]["required"])
