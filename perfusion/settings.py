@@ -157,8 +157,8 @@ class KafkaClientSettings(Settings):
 
 
 def _kind(settings_cls: type[BaseModel]) -> str:
-    """ "stream" for StreamSettings, "trainer" for TrainerSettings: the word error messages use."""
-    return settings_cls.__name__.removesuffix("Settings").lower() or "the"
+    """ "stream" for StreamSettings, "pretrain" for PretrainConfig: the word error messages use."""
+    return settings_cls.__name__.removesuffix("Settings").removesuffix("Config").lower() or "the"
 
 
 def env_variable(settings_cls: type[Settings], path: Sequence[str]) -> str:
