@@ -173,7 +173,7 @@ def run_serve_benchmark(config: ServeBenchConfig, bootstrap_servers: str | None 
     from ops.demo.loop import push_profiles
     from perfusion.checkpoints import ModelStore
     from perfusion.contracts.topics import TopicNames, ensure_topics
-    from perfusion.feature_store import apply_feature_repo, open_feature_store
+    from perfusion.feature_store import FeatureStoreSettings, apply_feature_repo, open_feature_store
     from perfusion.image_store import ImageStore
     from perfusion.sampling import BASE_CHECKPOINT_DIR, base_text_encoder
     from service.app import create_app
@@ -192,9 +192,10 @@ def run_serve_benchmark(config: ServeBenchConfig, bootstrap_servers: str | None 
     ensure_topics(bootstrap, topics, 1)
     with tempfile.TemporaryDirectory(prefix="perfusion-bench-serve-") as tmp:
         state = Path(tmp)
-        with process_environment({"PERFUSION_STATE_DIR": str(state), "PERFUSION_FEAST_DIR": str(state / "feast")}):
-            apply_feature_repo()
-            push_profiles(_OneProfile(), [PERSONALIZED_USER])
+        feature_store = FeatureStoreSettings.from_env(feast_dir=state / "feast")
+        with process_environment({"PERFUSION_STATE_DIR": str(state)}):
+            apply_feature_repo(feature_store)
+            push_profiles(_OneProfile(), [PERSONALIZED_USER], feature_store)
             store = ModelStore(state / "models")
             text_encoder = base_text_encoder(base_folder)
             # Best-of-N on while the first version loads, so that its reward model loads with it; the arms then
@@ -206,7 +207,7 @@ def run_serve_benchmark(config: ServeBenchConfig, bootstrap_servers: str | None 
                 store, generator, metrics, config.poll, bootstrap_servers=bootstrap, updates_topic=topics.model_updates
             )
             watcher.check_now()  # serve the first published version from the start
-            reader = TimedFeatureReader(FeastFeatureReader(open_feature_store()))
+            reader = TimedFeatureReader(FeastFeatureReader(open_feature_store(feature_store)))
             sink = KafkaEventSink(bootstrap, topics.events)
             designs = DesignRegistry(state / "service" / "designs.sqlite")
             keys = KeyStore(state / "service" / "keys.json")

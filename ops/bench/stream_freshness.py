@@ -14,6 +14,7 @@ from ops.bench.stream_rates import wait_until_drained
 
 if TYPE_CHECKING:
     from perfusion.contracts.records import AnyEvent
+    from perfusion.feature_store import FeatureStoreSettings
 
 
 def freshness(
@@ -26,11 +27,12 @@ def freshness(
     sampled_users: int,
     timeout_s: float,
     worker: subprocess.Popen[bytes],
+    feature_store: FeatureStoreSettings,
 ) -> dict[str, Any]:
     """Send ``events`` to ``topic`` at ``rate`` events/s, each stamped with its send time; the first ``warmup`` are
     not measured, and the worker's group (``group_id``) is let drain after them. A poller reads ``last_active_ts``
     of up to ``sampled_users`` users from the Feast online store and records when each measured event of theirs
-    became visible."""
+    became visible (in the store ``feature_store`` names: the worker's)."""
     from kafka import KafkaProducer
 
     from perfusion.feature_store import open_feature_store
@@ -40,7 +42,7 @@ def freshness(
     sampled = set(users[:: max(1, len(users) // sampled_users)][:sampled_users])
     sent_at: dict[str, list[float]] = {user: [] for user in sampled}
     latencies: list[float] = []
-    store = open_feature_store()
+    store = open_feature_store(feature_store)
     stop = threading.Event()
     read_times: list[float] = []
 

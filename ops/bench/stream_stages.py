@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from perfusion.contracts.records import AnyEvent
+    from perfusion.feature_store import FeatureStoreSettings
 
 
-def stage_costs(events: Sequence[AnyEvent]) -> dict[str, Any]:
+def stage_costs(events: Sequence[AnyEvent], feature_store: FeatureStoreSettings) -> dict[str, Any]:
     """CPU microseconds per event (this process's CPU time, :func:`time.process_time`) of each step, on ``events``:
     parsing and validation (once per event, by the events agent), the preference update with its state encoding,
     the group builder and the demand counter over a JSON store, and one Feast push of every touched user's row
-    (the Feast store of the environment's ``PERFUSION_FEAST_DIR``)."""
+    (to the store ``feature_store`` names)."""
     from perfusion.contracts.records import parse_event
     from perfusion.feature_store import FeaturePusher
     from streams.demand import DemandCounter
@@ -53,7 +54,7 @@ def stage_costs(events: Sequence[AnyEvent]) -> dict[str, Any]:
     counter = DemandCounter(settings.demand, _JsonDictStore(), partition=0)
     timed("demand_counter", lambda: [counter.process(event) for event in parsed], len(parsed))
     rows = [feature_row(user, updater.features(UserPreferenceState.from_bytes(raw))) for user, raw in states.items()]
-    pusher = FeaturePusher.open()
+    pusher = FeaturePusher.open(feature_store)
     wall_started, cpu_started = time.perf_counter(), time.process_time()
     pusher.push_user_preferences(rows)
     push_seconds, push_cpu_seconds = time.perf_counter() - wall_started, time.process_time() - cpu_started

@@ -163,7 +163,7 @@ def run_stream_benchmark(settings: StreamBenchSettings) -> dict[str, Any]:
     from harness.loop import LoopPlace, process_environment, running_broker
     from ops.bench.stream_rates import raw_consumer_rate
     from perfusion.contracts.topics import TopicNames, ensure_topics
-    from perfusion.feature_store import apply_feature_repo
+    from perfusion.feature_store import FeatureStoreSettings, apply_feature_repo
 
     phases: dict[str, float] = {}
     clock = [time.monotonic()]
@@ -178,13 +178,10 @@ def run_stream_benchmark(settings: StreamBenchSettings) -> dict[str, Any]:
         tempfile.TemporaryDirectory(prefix="perfusion-bench-streams-") as scratch,
     ):
         feast_dir = Path(scratch) / "feast"
-        feast_environment = {
-            "PERFUSION_FEAST_DIR": str(feast_dir),
-            "PERFUSION_ONLINE_STORE": os.environ.get("PERFUSION_ONLINE_STORE", "sqlite"),
-            "FEAST_USAGE": os.environ.get("FEAST_USAGE", "False"),
-        }
-        with process_environment(feast_environment):  # this process's Feast clients, and the children's
-            apply_feature_repo()
+        # This process's Feast clients are given the store; the children get it through the place's environment.
+        feature_store = FeatureStoreSettings.from_env(feast_dir=feast_dir)
+        with process_environment({"FEAST_USAGE": os.environ.get("FEAST_USAGE", "False")}):
+            apply_feature_repo(feature_store)
             phase("broker_and_feast")
             prefix = f"bench-{uuid.uuid4().hex[:8]}."
             names = TopicNames.for_prefix(prefix)
@@ -203,7 +200,7 @@ def run_stream_benchmark(settings: StreamBenchSettings) -> dict[str, Any]:
             phase("worker_stop")
             from ops.bench.stream_stages import stage_costs
 
-            stages = stage_costs(events[: min(len(events), STAGE_COST_EVENTS)])
+            stages = stage_costs(events[: min(len(events), STAGE_COST_EVENTS)], feature_store)
             phase("stage_costs")
     phases["total"] = round(sum(phases.values()), 2)
     return _report(settings, raw, bare, worker, freshness, stages, phases)
@@ -254,7 +251,7 @@ def _worker_rate_and_freshness(
         topic = TopicNames.for_prefix(place.topic_prefix).events
         fresh = freshness(
             place.bootstrap, topic, group_id, traffic, settings.rate, warmup, settings.sampled_users,
-            settings.timeout_s, supervised.process,
+            settings.timeout_s, supervised.process, place.feature_store(),
         )  # fmt: skip
         phase("freshness")
     return {**worker, "group_id": group_id}, fresh

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from ops.demo.client import ServiceClient
     from ops.demo.observer import ObservedLoop
     from ops.demo.principals import DemoClients
+    from perfusion.feature_store import FeatureStoreSettings
     from service.schemas import DesignStatusResponse
 
 Emit = Callable[[str], None]
@@ -251,7 +252,7 @@ def format_summary(outcome: LoopOutcome) -> str:
     )
 
 
-def push_profiles(panel: ShopperPanel, user_ids: Sequence[str]) -> None:
+def push_profiles(panel: ShopperPanel, user_ids: Sequence[str], feature_store: FeatureStoreSettings) -> None:
     """Each shopper's sign-up profile (age group, region) to Feast's user_profile view, online and offline."""
     from datetime import UTC, datetime
 
@@ -259,17 +260,19 @@ def push_profiles(panel: ShopperPanel, user_ids: Sequence[str]) -> None:
 
     signed_up = datetime.fromtimestamp(time.time() - 86_400.0, tz=UTC)
     rows = [{"user_id": user_id, **panel.profile(user_id), "event_timestamp": signed_up} for user_id in user_ids]
-    FeaturePusher.open().push("user_profile_push", rows)
+    FeaturePusher.open(feature_store).push("user_profile_push", rows)
 
 
-def push_merchant_profiles(merchant_ids: Sequence[str]) -> None:
+def push_merchant_profiles(merchant_ids: Sequence[str], feature_store: FeatureStoreSettings) -> None:
     """Each merchant's profile to Feast's merchant_profile view (their stores sell in the regions in turn), so that
     their u says they are merchants from their first review on."""
     from perfusion.feature_store import FeaturePusher
     from perfusion.user_features import MERCHANT_PROFILE_PUSH, NUM_REGIONS, merchant_profile_rows
 
     regions = {merchant_id: index % NUM_REGIONS for index, merchant_id in enumerate(merchant_ids)}
-    FeaturePusher.open().push(MERCHANT_PROFILE_PUSH, merchant_profile_rows(regions, time.time() - 86_400.0))
+    FeaturePusher.open(feature_store).push(
+        MERCHANT_PROFILE_PUSH, merchant_profile_rows(regions, time.time() - 86_400.0)
+    )
 
 
 def _served_images(client: ServiceClient, image_ids: Sequence[str]) -> NDArray[np.uint8]:
@@ -434,18 +437,20 @@ def run_loop(
         f"==> API keys for {len(merchants)} merchants, {len(shoppers)} shoppers, the order system and an operator "
         f"in {keys_file} (stored hashed)"
     )
-    local = {key: env[key] for key in ("PERFUSION_STATE_DIR", "PERFUSION_FEAST_DIR", "FEAST_USAGE")}
+    # Feast's store is passed to what this process opens; the state folder is still this process's for the rest.
+    feature_store = place.feature_store()
+    local = {key: env[key] for key in ("PERFUSION_STATE_DIR", "FEAST_USAGE")}
     with process_environment(local):
-        applied = apply_feature_repo()
+        applied = apply_feature_repo(feature_store)
         emit(f"==> Feast repo applied in {applied.feast_dir}: {', '.join(applied.feature_views)}")
         ensure_topics(bootstrap, names, settings.partitions)
-        push_profiles(panel, shoppers)
-        push_merchant_profiles(merchants)
+        push_profiles(panel, shoppers, feature_store)
+        push_merchant_profiles(merchants, feature_store)
         emit(
             f"==> {len(shoppers)} shoppers' and {len(merchants)} merchants' profiles pushed to Feast; topics prefixed "
             f"{topic_prefix!r}"
         )
-        store = open_feature_store()
+        store = open_feature_store(feature_store)
         port = free_port()
         observer = LoopObserver(bootstrap, names)
         with (
