@@ -54,7 +54,11 @@ class TrainerSettings(KafkaClientSettings):
     base_checkpoint: Path | None = Field(
         default=None, description="folder of the pretrained base model; None = assets/base"
     )
-    image_root: Path | None = Field(default=None, description="folder of generated images; None = <state dir>/images")
+    image_root: Path | None = Field(
+        default=None,
+        description="folder of generated images; None = the service's image store (PERFUSION_IMAGES_URL: a folder or "
+        "an fsspec URL), else <state dir>/images",
+    )
     feature_repo: Path | None = Field(
         default=None, description="Feast feature repo; None = the project's features/ (as the worker uses it)"
     )
@@ -234,8 +238,11 @@ class TrainerSettings(KafkaClientSettings):
     def resolved_base_checkpoint(self) -> Path:
         return self.base_checkpoint if self.base_checkpoint is not None else ASSETS_DIR / "base"
 
-    def resolved_image_root(self) -> Path:
-        return self.image_root if self.image_root is not None else state_dir() / "images"
+    def resolved_image_root(self) -> Path | str:
+        """The image store the trainer reads the logged candidates from: the one the service writes to."""
+        from perfusion.image_store import default_image_store_url
+
+        return self.image_root if self.image_root is not None else default_image_store_url()
 
     # --- metrics
     metrics_port: int = Field(

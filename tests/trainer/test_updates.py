@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -228,3 +230,14 @@ def test_each_generator_trains_at_its_own_learning_rate() -> None:
     defaults = TrainerSettings()
     # The adaptive network's residuals start at 0 and must grow within one update: it gets the larger default.
     assert defaults.adaptive_learning_rate > defaults.unet_learning_rate
+
+
+def test_the_trainer_reads_images_from_the_store_the_service_writes_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PERFUSION_IMAGES_URL", "memory://shared-images")
+    assert TrainerSettings().resolved_image_root() == "memory://shared-images"
+    assert TrainerSettings(image_root=tmp_path).resolved_image_root() == tmp_path  # a folder given wins
+    monkeypatch.delenv("PERFUSION_IMAGES_URL")
+    monkeypatch.setenv("PERFUSION_STATE_DIR", str(tmp_path / "state"))
+    assert TrainerSettings().resolved_image_root() == str((tmp_path / "state" / "images").resolve())
