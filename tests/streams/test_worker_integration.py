@@ -90,10 +90,11 @@ def read_dead_letters(bootstrap: str, topic: str, expected: int, deadline: float
     return letters
 
 
-def online_features(user_ids: list[str]) -> dict[str, dict[str, Any]]:
+def online_features(user_ids: list[str], now: float) -> dict[str, dict[str, Any]]:
+    """The online rows as of ``now`` (windowed counts read 0 once their window has passed ``now``)."""
     from perfusion.feature_store import open_feature_store, read_online_features
 
-    rows = read_online_features(open_feature_store(), "user_preferences", user_ids)
+    rows = read_online_features(open_feature_store(), "user_preferences", user_ids, now=now)
     return {row["user_id"]: row for row in rows}
 
 
@@ -118,7 +119,9 @@ def test_worker_pushes_exact_features_to_feast_and_dead_letters_malformed_events
     actual: dict[str, dict[str, Any]] = {}
     while time.monotonic() < deadline:
         assert running_worker.poll() is None, "the worker exited"
-        actual = online_features(sorted(expected))
+        # Read as of the first event: the exact values the worker pushed, before any window has passed (the
+        # log spans hours, so at the wall clock the 1 h counts of users idle since have aged to 0).
+        actual = online_features(sorted(expected), now=events[0].ts)
         if all(actual[u]["last_active_ts"] == pytest.approx(expected[u]["last_active_ts"]) for u in expected):
             break
         time.sleep(2.0)
