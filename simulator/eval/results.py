@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
@@ -123,7 +123,20 @@ class EvaluationSummary(Record):
     config: EvaluationConfig
 
 
-class EvaluationResults(EvaluationSummary):
+class ResultsFile(BaseModel):
+    """What a results record written as a JSON file adds: reading it back and writing it, with ``json`` rather than
+    pydantic's parser and serializer, since the file may hold ``NaN``."""
+
+    @classmethod
+    def read(cls, path: Path) -> Self:
+        """``path`` validated."""
+        return cls.model_validate(json.loads(path.read_text()))
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, allow_nan=True) + "\n"
+
+
+class EvaluationResults(EvaluationSummary, ResultsFile):
     """The content of ``results.json``."""
 
     command: str = Field(description="the command that reproduces the numbers (output folders left out)")
@@ -132,14 +145,6 @@ class EvaluationResults(EvaluationSummary):
     @classmethod
     def of(cls, summary: EvaluationSummary, command: str, wall_seconds: float) -> EvaluationResults:
         return cls(**dict(summary), command=command, wall_seconds=wall_seconds)
-
-    @classmethod
-    def read(cls, path: Path) -> EvaluationResults:
-        """``path`` validated; ``json.loads`` and not pydantic's parser, since the file may hold ``NaN``."""
-        return cls.model_validate(json.loads(path.read_text()))
-
-    def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2, allow_nan=True) + "\n"
 
 
 class _WithoutDefaults(GenerateJsonSchema):

@@ -28,7 +28,6 @@ the loop. The simulator's ground truth scores the images only after training, as
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from perfusion.sampler_config import SERVING_SAMPLER
 from perfusion.settings import Settings
 from simulator.eval.config import EvaluationConfig
 from simulator.eval.plan import TRAIN_PROMPTS
-from simulator.eval.results import Estimate, Record
+from simulator.eval.results import Estimate, Record, ResultsFile
 from simulator.eval.stats import interval
 from simulator.probes.logged_groups import (
     PROBE_LABELS,
@@ -152,7 +151,7 @@ class ProbeSummary(Record):
     wall_seconds: float = Field(ge=0)
 
 
-class ProbeResults(ProbeSummary):
+class ProbeResults(ProbeSummary, ResultsFile):
     """The content of the probe's JSON."""
 
     command: str = Field(description="the command that reproduces the numbers (output folders left out)")
@@ -160,14 +159,6 @@ class ProbeResults(ProbeSummary):
     @classmethod
     def of(cls, summary: ProbeSummary, command: str) -> ProbeResults:
         return cls(**dict(summary), command=command)
-
-    @classmethod
-    def read(cls, path: Path) -> ProbeResults:
-        """``path`` validated; ``json.loads`` and not pydantic's parser, since the file may hold ``NaN``."""
-        return cls.model_validate(json.loads(path.read_text()))
-
-    def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2, allow_nan=True) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------- the run

@@ -20,7 +20,6 @@ system. Ground truth is read here, in the simulator, and never passed to a model
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from pydantic import Field, field_validator
 from perfusion.settings import Settings
 from simulator.eval.config import EvaluationConfig
 from simulator.eval.plan import HELDOUT_PROMPTS, TRAIN_PROMPTS
-from simulator.eval.results import Estimate, Interval, Record
+from simulator.eval.results import Estimate, Interval, Record, ResultsFile
 from simulator.eval.reward_models import TRUE_UTILITY_CEILING, fit_reward_model, reward_model_scores
 from simulator.eval.stats import bootstrap_gauc, interval
 from simulator.probes.generator_probe import ProbeConfig
@@ -109,7 +108,7 @@ class RewardProbeSummary(Record):
     wall_seconds: float = Field(ge=0)
 
 
-class RewardProbeResults(RewardProbeSummary):
+class RewardProbeResults(RewardProbeSummary, ResultsFile):
     """The content of the probe's JSON."""
 
     command: str = Field(description="the command that reproduces the numbers (output folders left out)")
@@ -117,14 +116,6 @@ class RewardProbeResults(RewardProbeSummary):
     @classmethod
     def of(cls, summary: RewardProbeSummary, command: str) -> RewardProbeResults:
         return cls(**dict(summary), command=command)
-
-    @classmethod
-    def read(cls, path: Path) -> RewardProbeResults:
-        """``path`` validated; ``json.loads`` and not pydantic's parser, since the file may hold ``NaN``."""
-        return cls.model_validate(json.loads(path.read_text()))
-
-    def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2, allow_nan=True) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------- the run

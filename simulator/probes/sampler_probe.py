@@ -26,7 +26,6 @@ as it is, so a new checkpoint is measured by running the command again.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -41,7 +40,7 @@ from perfusion.paths import ASSETS_DIR
 from perfusion.sampler_config import SamplerConfig
 from perfusion.settings import Settings
 from simulator.eval.plan import HELDOUT_PROMPTS, TRAIN_PROMPTS
-from simulator.eval.results import Record
+from simulator.eval.results import Record, ResultsFile
 from simulator.ground_truth import PIXEL_FEATURE_NAMES, pixel_features
 
 if TYPE_CHECKING:
@@ -133,7 +132,7 @@ class SamplerProbeSummary(Record):
         return next(row for row in self.rows if row.role == "reference")
 
 
-class SamplerProbeResults(SamplerProbeSummary):
+class SamplerProbeResults(SamplerProbeSummary, ResultsFile):
     """The content of the probe's JSON."""
 
     command: str = Field(description="the command that reproduces the numbers (output folders left out)")
@@ -141,13 +140,6 @@ class SamplerProbeResults(SamplerProbeSummary):
     @classmethod
     def of(cls, summary: SamplerProbeSummary, command: str) -> SamplerProbeResults:
         return cls(**dict(summary), command=command)
-
-    @classmethod
-    def read(cls, path: Path) -> SamplerProbeResults:
-        return cls.model_validate(json.loads(path.read_text()))
-
-    def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2, allow_nan=True) + "\n"
 
 
 # --------------------------------------------------------------------------------------------------------- the rule

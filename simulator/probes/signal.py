@@ -32,7 +32,6 @@ groups, never a training input: nothing it computes reaches the loop.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import tempfile
 import time
@@ -46,7 +45,7 @@ from perfusion.errors import ConfigError
 from perfusion.settings import Settings
 from simulator.eval.config import EvaluationConfig
 from simulator.eval.plan import TRAIN_PROMPTS, Population, design_owner
-from simulator.eval.results import Estimate, Record
+from simulator.eval.results import Estimate, Record, ResultsFile
 from simulator.ground_truth import PixelPreferencePanel
 from simulator.marketplace import BehaviourConfig, Marketplace
 from simulator.probes.logged_groups import LoggedGroups, log_base_groups
@@ -145,7 +144,7 @@ class SignalSummary(Record):
     wall_seconds: float = Field(ge=0)
 
 
-class SignalResults(SignalSummary):
+class SignalResults(SignalSummary, ResultsFile):
     """The content of the report's JSON."""
 
     command: str = Field(description="the command that reproduces the numbers (output folders left out)")
@@ -153,14 +152,6 @@ class SignalResults(SignalSummary):
     @classmethod
     def of(cls, summary: SignalSummary, command: str) -> SignalResults:
         return cls(**dict(summary), command=command)
-
-    @classmethod
-    def read(cls, path: Path) -> SignalResults:
-        """``path`` validated; ``json.loads`` and not pydantic's parser, since the file may hold ``NaN``."""
-        return cls.model_validate(json.loads(path.read_text()))
-
-    def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2, allow_nan=True) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------ catalog groups
