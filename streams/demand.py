@@ -8,7 +8,7 @@ them; so any arrival order within the lateness, and any duplication (dedupe by e
 design fires when its net orders have reached its threshold at some point of event time (the peak counts, a later return
 does not undo a decision). A design without a known threshold waits for its DesignCreated, or uses ``default_threshold``
 when that is set. An event that arrives behind the watermark is applied at once and counted as ``late``: demand is never
-dropped.
+dropped, unless it is older than the dedupe retention (Retention, below).
 
 A routed counter (events come from several source partitions, each reporting how far it has been read) follows the
 slowest source that is still moving, so events of partitions read at different paces are applied in event-time
@@ -16,7 +16,7 @@ order. A source that has reported nothing new for ``idle_after_s`` wall-clock se
 back (:meth:`DemandCounter.advance_idle`, called on a timer), and when every source is idle event time moves on with
 the wall clock from the furthest one: an order that crosses a threshold with no traffic after it fires about
 ``max(idle_after_s, allowed_lateness_s)`` seconds later, whatever the other partitions do. An event that arrives
-behind the watermark is applied at once (counted ``late``), never dropped. The sources' progress is stored with the
+behind the watermark is applied at once (counted ``late``). The sources' progress is stored with the
 counter's state: a restarted counter resumes from it.
 
 "Exactly once" here means: the state says a design fired at most once, and no crash loses a ProductionOrder.
@@ -33,24 +33,53 @@ sends them and then calls :func:`mark_published`, which keeps the published reco
 crash before that makes the next owner send the same record again, and the demand topic, keyed by design_id and
 compacted, holds each design's latest state. None of this changes when or how often a design fires.
 
-State lives in a ``MutableMapping`` under ``d:<design_id>`` (counters, threshold, events not yet applied),
-``o:<order_id>`` (quantity, return ids seen, units returned), ``w:<partition>`` (the watermark) and ``s:<partition>``
-(the progress of each source partition); values are JSON-compatible.
+State lives in a ``MutableMapping`` under ``d:<design_id>`` (counters, threshold, events not yet applied, the ids and
+event times of the design's own events applied), ``o:<partition>:<order_id>`` (the order's event time and quantity,
+its returns' ids, units returned, when the record expires), ``w:<partition>`` (the watermark) and ``s:<partition>``
+(the progress of each source partition); values are JSON-compatible. An order's key names its partition (a return is
+routed by the design_id of its order), so a restarted counter finds its own records by key, decoding no other's.
+
+Retention. What grows with traffic is kept for a stated span of *event time* on the partition's watermark (never the
+wall clock), then deleted (a tombstone in the table's changelog, so a compacted changelog stays bounded too):
+
+- an order's record, until the watermark passes the order's event time by ``return_window_s`` (and each of its
+  returns' by the dedupe retention). A return counts against its order when stamped at most ``return_window_s``
+  after it, or at most the dedupe retention before it (clocks disagree); any other is counted
+  ``return_outside_window`` and logged, never taken off net orders. A return whose order is not counted by the time
+  its record expires is counted ``return_unknown_order`` and logged;
+- event ids, for the *dedupe retention* ``allowed_lateness_s + redelivery_horizon_s`` after their event time: an
+  order's id and its returns' live in its record, a DesignCreated's in the design's ``applied`` list, dropped from it
+  then. ``redelivery_horizon_s`` is how far the watermark may move on between an event's first delivery and a
+  redelivery (a replay from the last committed offset after a crash or a rebalance, a client's retry) that is still
+  recognised as a duplicate;
+- an event further behind the watermark than the dedupe retention is dropped, counted ``expired`` and logged: its
+  id may be forgotten, so counting it could count a redelivery twice. So nothing is counted twice whatever the
+  horizon (a redelivery finds its id or is refused); the horizon decides how late a new event may be and still count;
+- a design's own state (``d:``: threshold, counters, whether it fired) is kept for the design's life: it is what
+  makes a design fire once, and it grows with the catalogue, not with orders.
+
+So a partition holds one record per order stamped within ``return_window_s`` of the watermark (or with returns of
+the last dedupe retention waiting for it), one key per design and two progress keys. The rules are on event time and
+expiry follows the events the watermark passed, so production orders stay those of :func:`batch_production_orders`
+for any arrival order within the lateness.
 """
 
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, MutableMapping
-from typing import Any
+from typing import Any, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from perfusion.contracts.records import AnyEvent, DesignCreated, DesignDemand, Order, ProductionOrder, Return
 from perfusion.settings import Settings
+
+log = logging.getLogger(__name__)
 
 DemandEvent = DesignCreated | Order | Return
 
@@ -59,7 +88,7 @@ _DONE = "done"
 
 
 class DemandSettings(Settings):
-    """How demand is counted per design."""
+    """How demand is counted per design, and how long what it remembers is kept (module docstring, Retention)."""
 
     allowed_lateness_s: float = Field(
         default=60.0,
@@ -79,6 +108,37 @@ class DemandSettings(Settings):
         description="a source partition that reports no progress for this many wall-clock seconds is taken to move "
         "on with the wall clock, so demand already routed is applied without other traffic (0 = never)",
     )
+    return_window_s: float = Field(
+        default=30 * 86_400.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="a return counts against its order when stamped at most this many seconds after it; the order's "
+        "record is deleted once the watermark passes the order's event time by this much (event time, seconds; at "
+        "least allowed_lateness_s + redelivery_horizon_s)",
+    )
+    redelivery_horizon_s: float = Field(
+        default=3600.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="event time the watermark may move on between an event's first delivery and a redelivery still "
+        "recognised as a duplicate: event ids are kept allowed_lateness_s + this after their event time, and an "
+        "event further behind the watermark is dropped and counted expired (seconds)",
+    )
+
+    @property
+    def dedupe_retention_s(self) -> float:
+        """Event-time seconds an event id is remembered after its event time, on the watermark."""
+        return self.allowed_lateness_s + self.redelivery_horizon_s
+
+    @model_validator(mode="after")
+    def _window_keeps_order_ids(self) -> Self:
+        if self.return_window_s < self.dedupe_retention_s:
+            raise ValueError(
+                f"return_window_s must be at least allowed_lateness_s + redelivery_horizon_s "
+                f"({self.dedupe_retention_s:g} s), got {self.return_window_s:g}: an order's record holds its id, "
+                "which must outlive every redelivery that is not refused as expired"
+            )
+        return self
 
 
 def is_demand_event(event: AnyEvent) -> bool:
@@ -89,8 +149,8 @@ def design_key(design_id: str) -> str:
     return f"d:{design_id}"
 
 
-def order_key(order_id: str) -> str:
-    return f"o:{order_id}"
+def order_key(partition: int, order_id: str) -> str:
+    return f"o:{partition}:{order_id}"
 
 
 def watermark_key(partition: int) -> str:
@@ -103,6 +163,20 @@ def source_progress_key(partition: int) -> str:
 
 def _new_design(partition: int) -> dict[str, Any]:
     return {"p": partition, "threshold": None, "net": 0, "peak": 0, "fired": None, "pending": [], "applied": []}
+
+
+def _new_order_record() -> dict[str, Any]:
+    # ts and quantity are the order's (None until it is seen); waiting: [ts, units, id] of returns applied before it;
+    # expires: the watermark past which the record is deleted.
+    return {
+        "ts": None,
+        "quantity": None,
+        "applied": False,
+        "returned": 0,
+        "waiting": [],
+        "returns": [],
+        "expires": None,
+    }
 
 
 class DemandCounter:
@@ -136,6 +210,8 @@ class DemandCounter:
         self.counts: Counter[str] = Counter()
         self._store = store
         self._due: list[tuple[float, str]] = []  # (earliest pending event time, design_id), lazily rebuilt
+        # (watermark past which to look at the key, key): order records, and designs' applied ids; lazily rebuilt.
+        self._expiring: list[tuple[float, str]] = []
         self._indexed = False
         self._unconfirmed: list[ProductionOrder] = []
         self._touched: set[str] = set()  # designs whose state was written since the last take_touched
@@ -150,7 +226,7 @@ class DemandCounter:
         """Fold one event in; returns the production orders to send (then :meth:`confirm` them)."""
         self._ensure_index()
         outputs, self._unconfirmed = self._unconfirmed, []
-        if isinstance(event, DesignCreated | Order | Return):
+        if isinstance(event, DesignCreated | Order | Return) and not self._refused_as_expired(event):
             late = event.ts < self._watermark
             if self._admit(event) and late:
                 self.counts["late"] += 1
@@ -209,7 +285,8 @@ class DemandCounter:
         return self.advance(read_to - self.settings.allowed_lateness_s)
 
     def advance(self, watermark: float) -> list[ProductionOrder]:
-        """Move the watermark forward (never back) and apply every pending event it has passed."""
+        """Move the watermark forward (never back), apply every pending event it has passed, then delete what the
+        retention policy no longer keeps."""
         self._ensure_index()
         if watermark <= self._watermark:
             return []
@@ -219,8 +296,11 @@ class DemandCounter:
             _, design_id = heapq.heappop(self._due)
             outputs.extend(self._apply_due(design_id, watermark))
         # Stored at every advance (logged once per batch), so a restarted counter resumes from the watermark its
-        # committed events left and judges lateness as it did before the crash.
+        # committed events left and judges lateness as it did before the crash. Stored before the expiry deletes
+        # anything: the changelog logs keys in the order they were first changed, so a crash in the middle of a
+        # flush that logged a tombstone has logged this watermark too, which refuses a redelivery of what it deleted.
         self._store[watermark_key(self.partition)] = watermark
+        self._expire(watermark)
         return outputs
 
     def confirm(self, orders: Iterable[ProductionOrder]) -> None:
@@ -235,6 +315,9 @@ class DemandCounter:
     def design_state(self, design_id: str) -> dict[str, Any] | None:
         return self._store.get(design_key(design_id))
 
+    def order_record(self, order_id: str) -> dict[str, Any] | None:
+        return self._store.get(order_key(self.partition, order_id))
+
     def take_touched(self) -> set[str]:
         """The designs whose state was written since the last call (for :func:`demand_updates`), and forget them."""
         touched, self._touched = self._touched, set()
@@ -242,28 +325,49 @@ class DemandCounter:
 
     # ------------------------------------------------------------------------------------------------ arrival
 
+    def _refused_as_expired(self, event: DemandEvent) -> bool:
+        """An event further behind the watermark than the dedupe retention: its id may be forgotten, so it is
+        dropped (a redelivery of it is never counted twice)."""
+        behind_s = self._watermark - event.ts
+        if behind_s <= self.settings.dedupe_retention_s:
+            return False
+        self.counts["expired"] += 1
+        log.warning(
+            "dropped %s %s of design %s: stamped %.0f s behind the watermark, past the dedupe retention of %.0f s",
+            event.kind, event.event_id, event.design_id, behind_s, self.settings.dedupe_retention_s,
+        )  # fmt: skip
+        return True
+
     def _admit(self, event: DemandEvent) -> bool:
-        """Dedupe and queue one event for application in event-time order; False for a duplicate."""
+        """Dedupe and queue one event for application in event-time order; False for a duplicate or a return
+        outside its order's window."""
         key = design_key(event.design_id)
         state = self._store.get(key) or _new_design(self.partition)
         if isinstance(event, Order | Return):
             # An order is one key of its own; a return is remembered by the order it names.
-            key_of_order = order_key(event.event_id if isinstance(event, Order) else event.order_id)
-            record = self._store.get(key_of_order) or {"quantity": None, "returned": 0, "waiting": 0, "returns": []}
+            order_id = event.event_id if isinstance(event, Order) else event.order_id
+            key_of_order = order_key(self.partition, order_id)
+            record = self._store.get(key_of_order) or _new_order_record()
             if isinstance(event, Order):
                 if record["quantity"] is not None:
                     self.counts["duplicate"] += 1
                     return False
-                record = {**record, "quantity": event.quantity, "applied": False}
+                keep_until = event.ts + self.settings.return_window_s
+                record = {**record, "ts": event.ts, "quantity": event.quantity}
             else:
                 if event.event_id in record["returns"]:
                     self.counts["duplicate"] += 1
                     return False
+                if record["ts"] is not None and not self._within_window(event.ts, record["ts"]):
+                    self._outside_window(event.event_id, order_id, event.ts - record["ts"])
+                    return False
+                keep_until = event.ts + self.settings.dedupe_retention_s
                 record = {**record, "returns": [*record["returns"], event.event_id]}
-            self._store[key_of_order] = record
-            entry = [event.ts, event.event_id, event.kind, key_of_order[2:], event.quantity]
+            self._keep_order_record(key_of_order, record, keep_until)
+            entry = [event.ts, event.event_id, event.kind, order_id, event.quantity]
         else:
-            if any(pending[1] == event.event_id for pending in state["pending"]) or event.event_id in state["applied"]:
+            seen = [entry[1] for entry in state["pending"]] + [applied[0] for applied in state["applied"]]
+            if event.event_id in seen:
                 self.counts["duplicate"] += 1
                 return False
             entry = [event.ts, event.event_id, event.kind, None, event.order_threshold]
@@ -271,6 +375,26 @@ class DemandCounter:
         self._touched.add(event.design_id)
         heapq.heappush(self._due, (event.ts, event.design_id))
         return True
+
+    def _keep_order_record(self, key: str, record: dict[str, Any], until: float) -> None:
+        """Store an order record, kept at least until the watermark passes ``until``."""
+        expires = record["expires"]
+        if expires is None or until > expires:
+            record = {**record, "expires": until}
+            heapq.heappush(self._expiring, (until, key))
+        self._store[key] = record
+
+    def _within_window(self, return_ts: float, order_ts: float) -> bool:
+        """Whether a return stamped ``return_ts`` counts against an order stamped ``order_ts`` (event time alone,
+        so the answer is the same whatever the arrival order)."""
+        settings = self.settings
+        return order_ts - settings.dedupe_retention_s <= return_ts <= order_ts + settings.return_window_s
+
+    def _outside_window(self, return_id: str, order_id: str, after_order_s: float) -> None:
+        self.counts["return_outside_window"] += 1
+        window = f"[-{self.settings.dedupe_retention_s:.0f} s, {self.settings.return_window_s:.0f} s]"
+        log.info("return %s of order %s not counted: stamped %.0f s after it, outside the return window %s",
+                 return_id, order_id, after_order_s, window)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------ application
 
@@ -293,11 +417,12 @@ class DemandCounter:
                     state["threshold"] = amount
                 else:
                     self.counts["second_design_event"] += 1
-                state["applied"] = [*state["applied"], event_id]
+                state["applied"] = [*state["applied"], [event_id, ts]]
+                heapq.heappush(self._expiring, (ts + self.settings.dedupe_retention_s, key))
             elif kind == "order":
                 state["net"] += amount - self._apply_order(order_id)
             else:
-                state["net"] -= self._apply_return(order_id, amount)
+                state["net"] -= self._apply_return(order_id, event_id, ts, amount)
             state["peak"] = max(state["peak"], state["net"])
             fired = self._maybe_fire(design_id, state, ts)
             if fired is not None:
@@ -307,20 +432,36 @@ class DemandCounter:
         return outputs
 
     def _apply_order(self, order_id: str) -> int:
-        """Marks the order counted; returns the units of returns that were waiting for it."""
-        record = self._store[order_key(order_id)]
-        backlog = min(record["waiting"], record["quantity"])
-        self._store[order_key(order_id)] = {**record, "applied": True, "waiting": 0, "returned": backlog}
+        """Marks the order counted; returns the units of returns that were waiting for it (those within its
+        window, at most its quantity)."""
+        key = order_key(self.partition, order_id)
+        record = self._store[key]  # kept until the watermark passes the order: it is there when the order applies
+        backlog = 0
+        for return_ts, units, return_id in record["waiting"]:
+            if self._within_window(return_ts, record["ts"]):
+                backlog += units
+            else:
+                self._outside_window(return_id, order_id, return_ts - record["ts"])
+        backlog = min(backlog, record["quantity"])
+        self._store[key] = {**record, "applied": True, "waiting": [], "returned": backlog}
         return backlog
 
-    def _apply_return(self, order_id: str, quantity: int) -> int:
-        """Units this return takes off net orders: none until its order is counted, then at most what is left."""
-        record = self._store[order_key(order_id)]
-        if not record.get("applied"):
-            self._store[order_key(order_id)] = {**record, "waiting": record["waiting"] + quantity}
+    def _apply_return(self, order_id: str, return_id: str, ts: float, quantity: int) -> int:
+        """Units this return takes off net orders: none until its order is counted, then at most what is left, and
+        none when it is outside the order's window."""
+        key = order_key(self.partition, order_id)
+        record = self._store.get(key)
+        if record is None:  # not reached: a record outlives the events it holds ids of
+            self.counts["return_unknown_order"] += 1
+            return 0
+        if not record["applied"]:
+            self._store[key] = {**record, "waiting": [*record["waiting"], [ts, quantity, return_id]]}
+            return 0
+        if not self._within_window(ts, record["ts"]):
+            self._outside_window(return_id, order_id, ts - record["ts"])
             return 0
         taken = min(quantity, record["quantity"] - record["returned"])
-        self._store[order_key(order_id)] = {**record, "returned": record["returned"] + taken}
+        self._store[key] = {**record, "returned": record["returned"] + taken}
         return taken
 
     def _maybe_fire(self, design_id: str, state: dict[str, Any], ts: float) -> ProductionOrder | None:
@@ -333,22 +474,52 @@ class DemandCounter:
         self.counts["fired"] += 1
         return production_order
 
+    # ------------------------------------------------------------------------------------------------ expiry
+
+    def _expire(self, watermark: float) -> None:
+        """Delete the order records and forget the design event ids that the watermark has passed the retention of.
+        Runs after the events the watermark passed were applied, so no pending event loses the record it names."""
+        retention_s = self.settings.dedupe_retention_s
+        while self._expiring and self._expiring[0][0] < watermark:
+            due, key = heapq.heappop(self._expiring)
+            state = self._store.get(key)
+            if state is None:
+                continue
+            if key.startswith("d:"):
+                kept = [applied for applied in state["applied"] if applied[1] + retention_s >= watermark]
+                if len(kept) < len(state["applied"]):
+                    self._store[key] = {**state, "applied": kept}
+            elif state["expires"] == due:  # else it was kept longer since, and has an entry for that
+                if state["waiting"]:
+                    self.counts["return_unknown_order"] += len(state["waiting"])
+                    log.info("returns %s of order %s not counted: the order was not seen within the dedupe retention",
+                             [waiting[2] for waiting in state["waiting"]], key.split(":", 2)[2])  # fmt: skip
+                del self._store[key]
+                self.counts["order_records_expired"] += 1
+
     # ------------------------------------------------------------------------------------------------ index
 
     def _ensure_index(self) -> None:
         if self._indexed:
             return
-        self._due = []
-        for key, state in list(self._store.items()):
-            if not key.startswith("d:") or state.get("p") != self.partition:
+        self._due, self._expiring = [], []
+        retention_s = self.settings.dedupe_retention_s
+        own_orders = order_key(self.partition, "")
+        for key in list(self._store):
+            if key.startswith(own_orders):  # an order record of this partition
+                self._expiring.append((self._store[key]["expires"], key))
+            state = self._store[key] if key.startswith("d:") else None
+            if state is None or state.get("p") != self.partition:
                 continue
             if state["pending"]:
                 self._due.append((min(entry[0] for entry in state["pending"]), key[2:]))
+            self._expiring.extend((applied[1] + retention_s, key) for applied in state["applied"])
             if state["fired"] == _EMITTING:
                 self._unconfirmed.append(ProductionOrder.model_validate(state["order"], strict=False))
             if _unpublished(key[2:], state, self.settings) is not None:
                 self._touched.add(key[2:])  # a change whose record a crash kept from being sent: send it now
         heapq.heapify(self._due)
+        heapq.heapify(self._expiring)
         self._indexed = True
 
 
