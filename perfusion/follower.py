@@ -25,9 +25,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from perfusion.errors import ConfigError
+from perfusion.kafka_security import kafka_python_kwargs
 
 if TYPE_CHECKING:
     from kafka import KafkaConsumer
+
+    from perfusion.settings import KafkaSecuritySettings
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +100,8 @@ class TopicFollower:
     within each partition.
 
     ``on_broker_error`` (optional) is told of every consumer error, for a metric; ``consumer_options`` go to
-    ``KafkaConsumer`` as given (for example ``metadata_max_age_ms``, to see partitions created later sooner).
+    ``KafkaConsumer`` as given (for example ``metadata_max_age_ms``, to see partitions created later sooner);
+    ``security`` is how the consumer authenticates (None: PLAINTEXT).
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class TopicFollower:
         backoff: ReconnectBackoff | None = None,
         on_broker_error: BrokerErrorHook | None = None,
         consumer_options: dict[str, object] | None = None,
+        security: KafkaSecuritySettings | None = None,
     ) -> None:
         if not topics:
             raise ConfigError(f"follower {name!r} was given no topics; name at least one")
@@ -126,6 +131,7 @@ class TopicFollower:
         self.backoff = backoff if backoff is not None else ReconnectBackoff()
         self.on_broker_error = on_broker_error
         self.consumer_options = dict(consumer_options or {})
+        self.security = security
         self.last_failure: RecordFailure | None = None
         self._handled = 0
         self._failed = 0
@@ -195,6 +201,7 @@ class TopicFollower:
             auto_offset_reset=self.start_at,
             enable_auto_commit=False,
             client_id=f"perfusion-{self.name}",
+            **kafka_python_kwargs(self.security),
             **self.consumer_options,
         )
 

@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Self
 
 from pydantic import (
     AliasChoices,
     BaseModel,
     Field,
+    SecretStr,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
     ValidatorFunctionWrapHandler,
     field_validator,
+    model_validator,
 )
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
@@ -137,8 +140,112 @@ class Settings(BaseSettings):
         return type(self)(**{**values, **overrides})
 
 
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+SASL_PROTOCOLS = ("SASL_PLAINTEXT", "SASL_SSL")
+SSL_PROTOCOLS = ("SSL", "SASL_SSL")
+
+
+class KafkaSecuritySettings(Settings):
+    """How the loop's clients authenticate to Kafka and encrypt their connections, as a managed Kafka asks.
+
+    Each field reads the ``KAFKA_*`` variable its description names (besides
+    ``PERFUSION_KAFKA_SECURITY__<FIELD>`` as a section of a process's settings); :mod:`perfusion.kafka_security`
+    turns it into the keyword arguments of kafka-python, aiokafka and Faust. The password is a secret: it is never
+    part of a repr, a log line or a settings dump.
+    """
+
+    protocol: str = Field(
+        default="PLAINTEXT",
+        validation_alias="KAFKA_SECURITY_PROTOCOL",
+        description="security.protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
+    )
+    sasl_mechanism: str | None = Field(
+        default=None,
+        validation_alias="KAFKA_SASL_MECHANISM",
+        description="SASL mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512); needed by the SASL protocols",
+    )
+    sasl_username: str = Field(
+        default="", validation_alias="KAFKA_SASL_USERNAME", description="SASL user name (PLAIN and SCRAM)"
+    )
+    sasl_password: SecretStr | None = Field(
+        default=None,
+        validation_alias="KAFKA_SASL_PASSWORD",
+        description="SASL password; give it by the variable (a flag's value shows in the process list)",
+    )
+    ssl_cafile: Path | None = Field(
+        default=None,
+        validation_alias="KAFKA_SSL_CAFILE",
+        description="PEM file of the CA that signed the brokers' certificates; unset = the system's CAs",
+    )
+    ssl_certfile: Path | None = Field(
+        default=None,
+        validation_alias="KAFKA_SSL_CERTFILE",
+        description="PEM file of this client's certificate (mutual TLS)",
+    )
+    ssl_keyfile: Path | None = Field(
+        default=None,
+        validation_alias="KAFKA_SSL_KEYFILE",
+        description="PEM file of this client's private key (mutual TLS; with ssl_certfile)",
+    )
+    ssl_check_hostname: bool = Field(
+        default=True,
+        validation_alias="KAFKA_SSL_CHECK_HOSTNAME",
+        description="check that a broker's certificate names the host connected to",
+    )
+
+    @field_validator("protocol", "sasl_mechanism", mode="after")
+    @classmethod
+    def _known_name(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        known = KAFKA_SECURITY_PROTOCOLS if info.field_name == "protocol" else SASL_MECHANISMS
+        if value.upper() not in known:
+            raise ValueError(f"{info.field_name} must be one of {', '.join(known)}, got {value!r}")
+        return value.upper()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        sasl = self.protocol in SASL_PROTOCOLS
+        if sasl and self.sasl_mechanism is None:
+            raise ValueError(
+                f"sasl_mechanism must be set for protocol {self.protocol}: one of {', '.join(SASL_MECHANISMS)} "
+                "(KAFKA_SASL_MECHANISM)"
+            )
+        given = [name for name in ("sasl_mechanism", "sasl_username", "sasl_password") if getattr(self, name)]
+        if not sasl and given:
+            raise ValueError(
+                f"{given[0]} needs protocol SASL_PLAINTEXT or SASL_SSL, got {self.protocol} (KAFKA_SECURITY_PROTOCOL)"
+            )
+        if sasl and (not self.sasl_username or not self.sasl_password or not self.sasl_password.get_secret_value()):
+            raise ValueError(
+                f"sasl_username and sasl_password must both be set for sasl_mechanism {self.sasl_mechanism} "
+                "(KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD)"
+            )
+        files = {"ssl_cafile": self.ssl_cafile, "ssl_certfile": self.ssl_certfile, "ssl_keyfile": self.ssl_keyfile}
+        given = [name for name, path in files.items() if path is not None]
+        if given and self.protocol not in SSL_PROTOCOLS:
+            raise ValueError(f"{given[0]} needs protocol SSL or SASL_SSL, got {self.protocol}")
+        for name in given:
+            path = files[name]
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {path} does not exist or is not a file (KAFKA_{name.upper()})")
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError("ssl_keyfile needs ssl_certfile, the certificate of that key (KAFKA_SSL_CERTFILE)")
+        return self
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.protocol in SASL_PROTOCOLS
+
+    @property
+    def uses_ssl(self) -> bool:
+        return self.protocol in SSL_PROTOCOLS
+
+
 class KafkaClientSettings(Settings):
-    """What every process that talks to the loop's Kafka shares: the broker and the topic prefix."""
+    """What every process that talks to the loop's Kafka shares: the broker, its security, the topic prefix, and
+    how the loop's topics are replicated when a process creates them."""
 
     bootstrap_servers: str = Field(
         default="",
@@ -150,6 +257,44 @@ class KafkaClientSettings(Settings):
         pattern=TOPIC_PREFIX_PATTERN,
         description="prepended to every topic, table and consumer-group name (tests use a unique one)",
     )
+    kafka_security: KafkaSecuritySettings = Field(
+        default_factory=KafkaSecuritySettings,
+        description="security protocol, SASL credentials and TLS files of every Kafka client",
+    )
+    topic_replication_factor: int = Field(
+        default=1,
+        ge=1,
+        le=32,
+        description="replicas of each topic the loop creates (its topics, Faust's changelogs and internal topics); "
+        "1 for the local broker, 3 on a production cluster",
+    )
+    topic_min_insync_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=32,
+        description="min.insync.replicas of each topic the loop creates: the replicas an acks=all write waits for; "
+        "at most topic_replication_factor (2 with 3 replicas)",
+    )
+
+    @model_validator(mode="after")
+    def _insync_within_replicas(self) -> Self:
+        if self.topic_min_insync_replicas > self.topic_replication_factor:
+            raise ValueError(
+                f"topic_min_insync_replicas must be at most topic_replication_factor "
+                f"({self.topic_replication_factor}), got {self.topic_min_insync_replicas}: no write could succeed"
+            )
+        return self
+
+    @classmethod
+    def environment_values(cls) -> dict[str, Any]:
+        """As :meth:`Settings.environment_values`, with the security section also read from the ``KAFKA_*``
+        variables an operator knows (``KAFKA_SECURITY_PROTOCOL``, ``KAFKA_SASL_PASSWORD``, ...); a
+        ``PERFUSION_KAFKA_SECURITY__<FIELD>`` variable wins over its ``KAFKA_*`` name."""
+        values = super().environment_values()
+        from_kafka_names = KafkaSecuritySettings.environment_values()
+        if from_kafka_names:
+            values["kafka_security"] = {**from_kafka_names, **values.get("kafka_security", {})}
+        return values
 
     def resolved_bootstrap_servers(self) -> str:
         """The broker address: this setting, else the project's running broker (:mod:`perfusion.server_files`)."""

@@ -13,10 +13,13 @@ from typing import TYPE_CHECKING, Protocol
 
 from perfusion.contracts.records import Event
 from perfusion.errors import InfrastructureError
+from perfusion.kafka_security import kafka_python_kwargs
 
 if TYPE_CHECKING:
     from kafka import KafkaProducer
     from kafka.admin import KafkaAdminClient
+
+    from perfusion.settings import KafkaSecuritySettings
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +36,20 @@ class EventSink(Protocol):
 
 
 class KafkaEventSink:
-    """A kafka-python producer that sends each event synchronously (acks=all) to one topic, keyed by user id."""
+    """A kafka-python producer that sends each event synchronously (acks=all) to one topic, keyed by user id; it and
+    the readiness check's admin client connect with ``security`` (None: PLAINTEXT)."""
 
-    def __init__(self, bootstrap_servers: str, topic: str, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topic: str,
+        timeout_s: float = 5.0,
+        security: KafkaSecuritySettings | None = None,
+    ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
         self.timeout_s = timeout_s
+        self.security = security
         self._producer: KafkaProducer | None = None
         self._admin: KafkaAdminClient | None = None
         self._lock = threading.Lock()
@@ -56,6 +67,7 @@ class KafkaEventSink:
                     max_block_ms=int(self.timeout_s * 1000),
                     request_timeout_ms=int(self.timeout_s * 1000),
                     client_id="perfusion-service",
+                    **kafka_python_kwargs(self.security),
                 )
             return self._producer
 
@@ -87,6 +99,7 @@ class KafkaEventSink:
                         client_id="perfusion-service-readiness",
                         request_timeout_ms=timeout_ms,
                         bootstrap_timeout_ms=timeout_ms,
+                        **kafka_python_kwargs(self.security),
                     )
                 admin = self._admin
             described = admin.describe_topics([self.topic])

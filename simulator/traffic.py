@@ -28,7 +28,7 @@ from pydantic import Field
 from perfusion.attributes import ATTRIBUTE_KINDS, Attributes, descriptor_blocks, one_hot_descriptor
 from perfusion.contracts.records import AnyEvent, Candidate, Click, DesignCreated, Impression, Order, Return, Select
 from perfusion.errors import ConfigError
-from perfusion.settings import Settings
+from perfusion.settings import KafkaSecuritySettings, Settings
 from simulator.marketplace import GroupResponse
 
 log = logging.getLogger(__name__)
@@ -307,15 +307,23 @@ def encode(event: AnyEvent) -> tuple[bytes, bytes]:
 
 
 def produce_events(
-    messages: Iterable[tuple[bytes, bytes]], bootstrap_servers: str, topic: str, rate: float | None = None
+    messages: Iterable[tuple[bytes, bytes]],
+    bootstrap_servers: str,
+    topic: str,
+    rate: float | None = None,
+    security: KafkaSecuritySettings | None = None,
 ) -> int:
-    """Send (key, value) pairs with kafka-python at about ``rate`` messages/s (None = as fast as possible);
-    returns how many were sent, all acknowledged by the broker."""
+    """Send (key, value) pairs with kafka-python at about ``rate`` messages/s (None = as fast as possible), connecting
+    with ``security`` (None: PLAINTEXT); returns how many were sent, all acknowledged by the broker."""
     from kafka import KafkaProducer
+
+    from perfusion.kafka_security import kafka_python_kwargs
 
     if rate is not None and rate <= 0:
         raise ConfigError(f"rate must be positive (messages per second), got {rate}")
-    producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5)
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5, **kafka_python_kwargs(security)
+    )
     sent = 0
     started = time.monotonic()
     try:

@@ -2,7 +2,10 @@
 
 :func:`create_app` builds the app from :class:`~streams.settings.StreamSettings`, declares the topics, and calls
 each agent module's ``register(context)`` with an :class:`AgentContext`. Tables use Faust's in-memory store backed
-by changelog topics, so a restarted worker rebuilds its state from Kafka. Faust's ``processing_guarantee`` stays
+by changelog topics, so a restarted worker rebuilds its state from Kafka. The app connects with the settings'
+``kafka_security`` (Faust's ``broker_credentials``), and every topic it creates itself (changelogs, repartition
+topics, the leader topic) gets the settings' replication factor and ``min.insync.replicas``, as the loop's own topics
+do (:func:`~perfusion.contracts.topics.ensure_topics`). Faust's ``processing_guarantee`` stays
 at-least-once (its exactly-once mode has open bugs); agents make their effects idempotent by deduplicating on
 ``event_id`` and writing downstream records under deterministic keys.
 
@@ -15,6 +18,7 @@ import asyncio
 import importlib
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +27,7 @@ from faust.types import AgentT
 
 from perfusion.contracts.records import DeadLetter
 from perfusion.contracts.topics import ensure_topics
+from perfusion.kafka_security import faust_credentials
 from streams.agents import AGENT_MODULES
 from streams.agents.events import EVENT_STAGE_MODULES
 from streams.context import AgentContext, FeatureSink
@@ -38,6 +43,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class LoopApp(faust.App):
+    """A Faust app whose internal topics (the ones Faust creates: changelogs, repartition and leader topics) are
+    created with :attr:`internal_topic_configs` besides their own configs (``min.insync.replicas``)."""
+
+    internal_topic_configs: Mapping[str, str] = {}
+
+    def topic(
+        self, *topics: str, internal: bool = False, config: Mapping[str, Any] | None = None, **options: Any
+    ) -> Any:
+        if internal:
+            config = {**self.internal_topic_configs, **(config or {})}
+        return super().topic(*topics, internal=internal, config=config, **options)
+
+
 @dataclass(frozen=True)
 class StreamApp:
     """A built app with the agents each module registered, by module path."""
@@ -51,7 +70,12 @@ class StreamApp:
 
     def ensure_topics(self) -> list[str]:
         """Create the loop's topics on the broker (before anything produces)."""
-        return ensure_topics(self.settings.resolved_bootstrap_servers(), self.topics.names, self.settings.partitions)
+        return ensure_topics(
+            self.settings.resolved_bootstrap_servers(),
+            self.topics.names,
+            self.settings.partitions,
+            client=self.settings,
+        )
 
 
 def create_app(
@@ -66,9 +90,10 @@ def create_app(
     data_dir = settings.resolved_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
     seek_uncommitted_partitions_to_beginning()
-    app = faust.App(
+    app = LoopApp(
         settings.group_id,
         broker=f"kafka://{settings.resolved_bootstrap_servers()}",
+        broker_credentials=faust_credentials(settings.kafka_security),
         store="memory://",
         datadir=str(data_dir),
         autodiscover=False,
@@ -77,13 +102,14 @@ def create_app(
         web_bind=settings.http_host,
         web_host=settings.http_host,
         topic_partitions=settings.partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=settings.topic_replication_factor,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
         broker_session_timeout=settings.session_timeout_s,
         # The broker expects a few heartbeats per session; Faust's default (3 s) suits the default 60 s session.
         broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 4),
     )
+    app.internal_topic_configs = {"min.insync.replicas": str(settings.topic_min_insync_replicas)}
     topics = declare_topics(app, settings)
     metrics = WorkerMetrics()
     if settings.http_port > 0:

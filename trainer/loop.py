@@ -39,6 +39,7 @@ from perfusion.contracts.topics import TopicNames
 from perfusion.errors import InfrastructureError, PerfusionError
 from perfusion.feature_store import USER_VECTOR_SERVICE, merged_history
 from perfusion.image_store import ImageStore, UnknownImage
+from perfusion.kafka_security import kafka_python_kwargs
 from perfusion.user_features import user_vector
 from trainer.batches import GroupBatch, collate_groups
 from trainer.gate import GateDecision, belongs_to_heldout, run_gate
@@ -344,6 +345,7 @@ class Trainer:
                 client_id="perfusion-trainer",
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
+                **kafka_python_kwargs(self.settings.kafka_security),
             )
         except KafkaError as exc:
             raise InfrastructureError(
@@ -431,7 +433,10 @@ class Trainer:
 
         consumer, partitions = self._open_consumer()
         producer = KafkaProducer(
-            bootstrap_servers=self.settings.resolved_bootstrap_servers(), acks="all", client_id="perfusion-trainer"
+            bootstrap_servers=self.settings.resolved_bootstrap_servers(),
+            acks="all",
+            client_id="perfusion-trainer",
+            **kafka_python_kwargs(self.settings.kafka_security),
         )
         try:
             end_offsets = consumer.end_offsets(partitions) if once else {}

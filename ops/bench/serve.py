@@ -187,9 +187,12 @@ def run_serve_benchmark(config: ServeBenchConfig, bootstrap_servers: str | None 
     from streams.settings import StreamSettings
 
     base_folder = config.base or BASE_CHECKPOINT_DIR
-    bootstrap = bootstrap_servers or StreamSettings.from_env().resolved_bootstrap_servers()
+    from perfusion.kafka_security import kafka_python_kwargs
+
+    kafka = StreamSettings.from_env()
+    bootstrap = bootstrap_servers or kafka.resolved_bootstrap_servers()
     topics = TopicNames.for_prefix(f"bench-serve-{int(time.time())}.")
-    ensure_topics(bootstrap, topics, 1)
+    ensure_topics(bootstrap, topics, 1, client=kafka)
     with tempfile.TemporaryDirectory(prefix="perfusion-bench-serve-") as tmp:
         state = Path(tmp)
         feature_store = FeatureStoreSettings.from_env(feast_dir=state / "feast")
@@ -208,7 +211,7 @@ def run_serve_benchmark(config: ServeBenchConfig, bootstrap_servers: str | None 
             )
             watcher.check_now()  # serve the first published version from the start
             reader = TimedFeatureReader(FeastFeatureReader(open_feature_store(feature_store)))
-            sink = KafkaEventSink(bootstrap, topics.events)
+            sink = KafkaEventSink(bootstrap, topics.events, security=kafka.kafka_security)
             designs = DesignRegistry(state / "service" / "designs.sqlite")
             keys = KeyStore(state / "service" / "keys.json")
             operator = keys.create("operator", "bench")  # may create designs and ask candidates for any user
@@ -224,7 +227,9 @@ def run_serve_benchmark(config: ServeBenchConfig, bootstrap_servers: str | None 
                 background=(watcher,),
                 keys=keys,
             )
-            producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+            producer = KafkaProducer(
+                bootstrap_servers=bootstrap, acks="all", **kafka_python_kwargs(kafka.kafka_security)
+            )
             try:
                 with TestClient(app, headers=operator.authorization) as client:
                     report = _measure(config, client, generator, store, producer, topics.model_updates, reader)

@@ -15,6 +15,7 @@ from ops.bench.stream_rates import wait_until_drained
 if TYPE_CHECKING:
     from perfusion.contracts.records import AnyEvent
     from perfusion.feature_store import FeatureStoreSettings
+    from perfusion.settings import KafkaSecuritySettings
 
 
 def freshness(
@@ -28,6 +29,7 @@ def freshness(
     timeout_s: float,
     worker: subprocess.Popen[bytes],
     feature_store: FeatureStoreSettings,
+    security: KafkaSecuritySettings | None = None,
 ) -> dict[str, Any]:
     """Send ``events`` to ``topic`` at ``rate`` events/s, each stamped with its send time; the first ``warmup`` are
     not measured, and the worker's group (``group_id``) is let drain after them. A poller reads ``last_active_ts``
@@ -36,6 +38,7 @@ def freshness(
     from kafka import KafkaProducer
 
     from perfusion.feature_store import open_feature_store
+    from perfusion.kafka_security import kafka_python_kwargs
 
     count = len(events) - warmup
     users = sorted({event.user_id for event in events})
@@ -63,7 +66,7 @@ def freshness(
 
     poller = threading.Thread(target=poll, name="freshness-poller", daemon=True)
     poller.start()
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=1)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=1, **kafka_python_kwargs(security))
     started = time.monotonic()
     drain_s = 0.0
     try:
@@ -72,7 +75,7 @@ def freshness(
                 # The warm-up's first events, stamped with the current time, closed every group the throughput
                 # run left open: let the worker finish that burst before the measured traffic starts.
                 producer.flush()
-                drain_s = wait_until_drained(bootstrap, group_id, timeout_s)
+                drain_s = wait_until_drained(bootstrap, group_id, timeout_s, security)
                 started = time.monotonic() - index / rate
             ahead = index / rate - (time.monotonic() - started)
             if ahead > 0:

@@ -16,9 +16,12 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from perfusion.errors import InfrastructureError
+
+if TYPE_CHECKING:
+    from perfusion.settings import KafkaSecuritySettings
 
 POLL_S = 0.1
 """Seconds between two readings of a process's finished events (each reading is one scrape of its /metrics)."""
@@ -26,12 +29,21 @@ FINISHED_EVENTS_METRIC = "perfusion_worker_events_total"
 
 
 async def raw_consumer_rate(
-    bootstrap: str, topic: str, partitions: int, expected: int, timeout_s: float
+    bootstrap: str,
+    topic: str,
+    partitions: int,
+    expected: int,
+    timeout_s: float,
+    security: KafkaSecuritySettings | None = None,
 ) -> dict[str, Any]:
     """A raw aiokafka consumer reading ``topic`` from the beginning: events/s from its first to its last batch."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    from perfusion.kafka_security import aiokafka_kwargs
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, **aiokafka_kwargs(security)
+    )
     await consumer.start()
     try:
         assigned = [TopicPartition(topic, partition) for partition in range(partitions)]
@@ -151,13 +163,19 @@ def group_lag(admin: Any, consumer: Any, group_id: str) -> int:
     return sum(max(0, ends[TopicPartition(*key)] - offset) for key, offset in committed.items())
 
 
-def wait_until_drained(bootstrap: str, group_id: str, timeout_s: float) -> float:
+def wait_until_drained(
+    bootstrap: str, group_id: str, timeout_s: float, security: KafkaSecuritySettings | None = None
+) -> float:
     """Seconds until the group has no lag left on any of its topics (at most ``timeout_s``)."""
     from kafka import KafkaConsumer
     from kafka.admin import KafkaAdminClient
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    from perfusion.kafka_security import kafka_python_kwargs
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **kafka_python_kwargs(security))
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **kafka_python_kwargs(security)
+    )
     started = time.monotonic()
     try:
         while time.monotonic() - started < timeout_s:

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from perfusion.settings import Settings, add_flags, flag_overrides
+from perfusion.settings import KafkaClientSettings, Settings, add_flags, flag_overrides
 
 if TYPE_CHECKING:
     from harness.loop import LoopPlace
@@ -185,12 +185,21 @@ def run_stream_benchmark(settings: StreamBenchSettings) -> dict[str, Any]:
             phase("broker_and_feast")
             prefix = f"bench-{uuid.uuid4().hex[:8]}."
             names = TopicNames.for_prefix(prefix)
-            ensure_topics(bootstrap, names, settings.partitions)
+            # This process's clients connect as the children do (KAFKA_SECURITY_PROTOCOL, ...: the environment).
+            kafka = KafkaClientSettings.from_env(bootstrap_servers=bootstrap)
+            ensure_topics(bootstrap, names, settings.partitions, client=kafka)
             events = _simulated_events(settings, settings.events, seed=settings.seed, start_ts=time.time() - 3600.0)
-            _produce(bootstrap, names.events, [(e.user_id.encode(), e.to_bytes()) for e in events])
+            _produce(bootstrap, names.events, [(e.user_id.encode(), e.to_bytes()) for e in events], kafka)
             phase("prefill")
             raw = asyncio.run(
-                raw_consumer_rate(bootstrap, names.events, settings.partitions, settings.events, settings.timeout_s)
+                raw_consumer_rate(
+                    bootstrap,
+                    names.events,
+                    settings.partitions,
+                    settings.events,
+                    settings.timeout_s,
+                    kafka.kafka_security,
+                )
             )
             phase("raw_consumer")
             place = LoopPlace(bootstrap, state_dir=Path(scratch) / "state", topic_prefix=prefix, feast_dir=feast_dir)
@@ -252,6 +261,7 @@ def _worker_rate_and_freshness(
         fresh = freshness(
             place.bootstrap, topic, group_id, traffic, settings.rate, warmup, settings.sampled_users,
             settings.timeout_s, supervised.process, place.feature_store(),
+            KafkaClientSettings.from_env(bootstrap_servers=place.bootstrap).kafka_security,
         )  # fmt: skip
         phase("freshness")
     return {**worker, "group_id": group_id}, fresh
@@ -342,7 +352,7 @@ def _simulated_events(settings: StreamBenchSettings, count: int, seed: int, star
     return TrafficSimulator(traffic).events(count)
 
 
-def _produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+def _produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], kafka: KafkaClientSettings) -> None:
     from simulator.traffic import produce_events
 
-    produce_events(messages, bootstrap, topic)
+    produce_events(messages, bootstrap, topic, security=kafka.kafka_security)

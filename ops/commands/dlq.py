@@ -12,7 +12,8 @@ bug was fixed), it is folded; one the stages have already seen is dropped by its
 twice counts once; invalid still, it is dead-lettered again, with the replay header among its headers.
 
 The broker is found as every command finds it (``--bootstrap-servers``, ``KAFKA_BOOTSTRAP_SERVERS``, else the
-project's running broker) and the topic names take ``--topic-prefix`` (``PERFUSION_TOPIC_PREFIX``).
+project's running broker), reached with the Kafka security settings (``KAFKA_SECURITY_PROTOCOL``, ...), and the topic
+names take ``--topic-prefix`` (``PERFUSION_TOPIC_PREFIX``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from perfusion.errors import ConfigError
-from perfusion.settings import KafkaClientSettings, add_flags, flag_overrides
+from perfusion.settings import KafkaClientSettings, KafkaSecuritySettings, add_flags, flag_overrides
 
 if TYPE_CHECKING:
     from perfusion.contracts.records import DeadLetter
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     selection = letter_filter(args)
     bootstrap = settings.resolved_bootstrap_servers()
     topic = TopicNames.for_prefix(settings.topic_prefix).dead_letters
-    letters, unreadable = read_dead_letters(bootstrap, topic)
+    letters, unreadable = read_dead_letters(bootstrap, topic, settings.kafka_security)
     for position, error in unreadable:
         print(f"{position}  unreadable dead letter: {error}")
     chosen = selection.select(letters)
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             print(describe(read))
         print(f"{len(chosen)} of {len(letters)} dead letters on {topic}")
         return 0
-    return replay(bootstrap, chosen, dry_run=args.dry_run)
+    return replay(bootstrap, chosen, dry_run=args.dry_run, security=settings.kafka_security)
 
 
 def letter_filter(args: argparse.Namespace, now: float | None = None) -> LetterFilter:
@@ -140,7 +141,9 @@ def parse_when(flag: str, text: str | None, now: float | None = None) -> float |
     return when.timestamp()
 
 
-def read_dead_letters(bootstrap: str, topic: str) -> tuple[list[ReadLetter], list[tuple[MessagePosition, str]]]:
+def read_dead_letters(
+    bootstrap: str, topic: str, security: KafkaSecuritySettings | None = None
+) -> tuple[list[ReadLetter], list[tuple[MessagePosition, str]]]:
     """Every dead letter of ``topic`` up to its end now, oldest first (by the time each was dead-lettered), and the
     messages of the topic that are no dead letter, with why."""
     from kafka import KafkaConsumer, TopicPartition
@@ -149,6 +152,7 @@ def read_dead_letters(bootstrap: str, topic: str) -> tuple[list[ReadLetter], lis
 
     from perfusion.contracts.records import DeadLetter
     from perfusion.errors import InfrastructureError
+    from perfusion.kafka_security import kafka_python_kwargs
     from streams.dead_letters import MessagePosition
 
     try:
@@ -158,6 +162,7 @@ def read_dead_letters(bootstrap: str, topic: str) -> tuple[list[ReadLetter], lis
             group_id=None,
             max_partition_fetch_bytes=2**21,
             allow_auto_create_topics=False,  # a wrong prefix must not create a one-partition topic
+            **kafka_python_kwargs(security),
         )
     except KafkaError as exc:
         raise InfrastructureError(
@@ -215,10 +220,13 @@ def shown_key(key_b64: str | None) -> str:
     return text if text.isprintable() and " " not in text else f"b64:{key_b64}"
 
 
-def replay(bootstrap: str, chosen: Sequence[ReadLetter], dry_run: bool) -> int:
+def replay(
+    bootstrap: str, chosen: Sequence[ReadLetter], dry_run: bool, security: KafkaSecuritySettings | None = None
+) -> int:
     """Send each letter's message again (or say what would be sent); 1 when some letter could not be replayed."""
     from kafka import KafkaProducer
 
+    from perfusion.kafka_security import kafka_python_kwargs
     from streams.dead_letters import NotReplayable, ReplayMessage, replay_message
 
     ready: list[tuple[ReadLetter, ReplayMessage]] = []
@@ -231,7 +239,7 @@ def replay(bootstrap: str, chosen: Sequence[ReadLetter], dry_run: bool) -> int:
             print(f"{read.position}  not replayed: {exc}")
     verb = "would replay" if dry_run else "replayed"
     if not dry_run and ready:
-        producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+        producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, **kafka_python_kwargs(security))
         try:
             futures = [
                 producer.send(message.topic, key=message.key, value=message.value, headers=message.headers)

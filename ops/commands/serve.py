@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     settings = StreamSettings.from_env()
     bootstrap = settings.resolved_bootstrap_servers()
     topics = TopicNames.for_prefix(settings.topic_prefix)
-    ensure_topics(bootstrap, topics, settings.partitions)
+    ensure_topics(bootstrap, topics, settings.partitions, client=settings)
 
     base_folder = service.base or BASE_CHECKPOINT_DIR
     store_root = service.models or state_dir() / "models"
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         updates_topic=topics.model_updates,
     )
     follower = DemandFollower(designs, bootstrap, topics.design_demand)
-    event_sink = KafkaEventSink(bootstrap, topics.events)
+    event_sink = KafkaEventSink(bootstrap, topics.events, security=settings.kafka_security)
     app = create_app(
         generator=generator,
         event_sink=event_sink,

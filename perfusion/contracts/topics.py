@@ -3,13 +3,21 @@
 Inbound events of all kinds share ``perfusion.events``, keyed by ``user_id`` so that one user's events stay ordered
 in one partition. Outbound records have one topic each, keyed so that a replay overwrites rather than duplicates
 (group samples and group drops by impression id, production orders by design id, training requests by request id).
-``perfusion.design-demand`` holds each design's demand state (the worker's demand agent sends one whenever it
-changes), keyed by design id and created compacted (:meth:`TopicNames.compacted`): its latest record per key is the
-state.
+Three topics are read as their latest record per key and created compacted (``cleanup.policy=compact``,
+:meth:`TopicNames.compacted`), so that the broker keeps one record per key for as long as the topic lives instead of
+deleting records by age:
+
+- ``perfusion.design-demand``: each design's demand state (the worker's demand agent sends one whenever it changes),
+  keyed by design id; the service's design registry keeps the latest record per design.
+- ``perfusion.production-orders``: at most one order per design, keyed by design id; a replay after a crash repeats
+  the same order under the same key, which compaction folds into one.
+- ``perfusion.model-updates``: one ``ModelUpdated`` per published version, keyed by the version; the service only
+  takes a record as a hint to read the store's LATEST, and the demo lists the versions announced.
 
 Names take a ``topic_prefix`` (the settings' ``topic_prefix``; tests use a unique prefix per test).
 :func:`ensure_topics` creates them with kafka-python's admin client before anything produces, so a producer never
-auto-creates a one-partition topic.
+auto-creates a one-partition topic; it takes the replication factor, ``min.insync.replicas`` and the client's
+security from the process's :class:`~perfusion.settings.KafkaClientSettings`.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ import logging
 from dataclasses import dataclass, fields
 
 from perfusion.errors import ConfigError, InfrastructureError
+from perfusion.kafka_security import kafka_python_kwargs
+from perfusion.settings import KafkaClientSettings
 
 log = logging.getLogger(__name__)
 
@@ -76,25 +86,36 @@ class TopicNames:
 
     def compacted(self) -> list[str]:
         """The topics whose latest record per key is all a reader needs: created with ``cleanup.policy=compact``."""
-        return [self.design_demand]
+        return [self.design_demand, self.production_orders, self.model_updates]
 
 
-def topic_options(names: TopicNames, name: str, partitions: int) -> dict[str, object]:
-    """What :func:`ensure_topics` creates topic ``name`` with (kafka-python's ``create_topics`` options)."""
-    options: dict[str, object] = {"num_partitions": partitions, "replication_factor": 1}
+def topic_options(
+    names: TopicNames, name: str, partitions: int, client: KafkaClientSettings | None = None
+) -> dict[str, object]:
+    """What :func:`ensure_topics` creates topic ``name`` with (kafka-python's ``create_topics`` options): the
+    replication factor and ``min.insync.replicas`` of ``client`` (1 and 1 without), and ``cleanup.policy=compact``
+    for the compacted topics."""
+    settings = client if client is not None else KafkaClientSettings()
+    configs = {"min.insync.replicas": str(settings.topic_min_insync_replicas)}
     if name in names.compacted():
-        options["configs"] = {"cleanup.policy": "compact"}
-    return options
+        configs["cleanup.policy"] = "compact"
+    return {"num_partitions": partitions, "replication_factor": settings.topic_replication_factor, "configs": configs}
 
 
-def ensure_topics(bootstrap_servers: str, names: TopicNames, partitions: int) -> list[str]:
-    """Create the topics that do not exist yet (the compacted ones with ``cleanup.policy=compact``); returns the
-    names created. Existing topics are left as they are."""
+def ensure_topics(
+    bootstrap_servers: str, names: TopicNames, partitions: int, client: KafkaClientSettings | None = None
+) -> list[str]:
+    """Create the topics that do not exist yet (:func:`topic_options`: replicated as ``client`` says, the compacted
+    ones with ``cleanup.policy=compact``), connecting with ``client``'s security; returns the names created.
+    Existing topics are left as they are."""
     from kafka.admin import KafkaAdminClient
     from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+    security = client.kafka_security if client is not None else None
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="perfusion-topics")
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap_servers, client_id="perfusion-topics", **kafka_python_kwargs(security)
+        )
     except KafkaError as exc:
         raise InfrastructureError(
             f"cannot reach Kafka at {bootstrap_servers!r} ({exc}); start it with `perfusion broker up` "
@@ -106,7 +127,7 @@ def ensure_topics(bootstrap_servers: str, names: TopicNames, partitions: int) ->
         created: list[str] = []
         for name in missing:
             try:
-                admin.create_topics({name: topic_options(names, name, partitions)}, wait_for_metadata=True)
+                admin.create_topics({name: topic_options(names, name, partitions, client)}, wait_for_metadata=True)
                 created.append(name)
             except TopicAlreadyExistsError:
                 pass  # another process created it between list and create

@@ -34,6 +34,7 @@ from simulator.traffic import TrafficConfig, TrafficSimulator, encode, produce_e
 
 if TYPE_CHECKING:
     from perfusion.feature_store import FeatureStoreSettings
+    from perfusion.settings import KafkaSecuritySettings
 
 log = logging.getLogger(__name__)
 
@@ -199,10 +200,12 @@ def push_merchant_profiles(
     FeaturePusher.open(feature_store).push(MERCHANT_PROFILE_PUSH, merchant_profile_rows(regions, ts))
 
 
-def count_records(bootstrap: str, topics: Sequence[str]) -> int:
+def count_records(bootstrap: str, topics: Sequence[str], security: KafkaSecuritySettings | None = None) -> int:
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    from perfusion.kafka_security import kafka_python_kwargs
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, **kafka_python_kwargs(security))
     try:
         partitions = [
             TopicPartition(topic, partition)
@@ -223,6 +226,7 @@ def wait_for_loop(
     wait_s: float,
     log_path: Path,
     feature_store: FeatureStoreSettings | None = None,
+    security: KafkaSecuritySettings | None = None,
 ) -> None:
     """Until the worker has closed ``expected_groups`` groups and pushed every user's latest features."""
     from perfusion.feature_store import open_feature_store, read_online_features
@@ -232,7 +236,7 @@ def wait_for_loop(
     while True:
         if worker.poll() is not None:
             raise EvaluationError(f"the stream worker exited with {worker.returncode}; see {log_path}")
-        groups = count_records(bootstrap, topics)
+        groups = count_records(bootstrap, topics, security)
         rows = read_online_features(store, "user_preferences", sorted(last_event_ts))
         fresh = all((row["last_active_ts"] or 0.0) >= last_event_ts[row["user_id"]] - 1e-3 for row in rows)
         if groups >= expected_groups and fresh:
@@ -275,7 +279,6 @@ def run_arm(
     with arm_environment(arm_dir, bootstrap, topic_prefix) as place:
         feature_store = place.feature_store()
         apply_feature_repo(feature_store)
-        ensure_topics(bootstrap, topics, partitions=1)
         push_profiles(panel, population.train_users + population.cold_users, origin - 86_400.0, feature_store)
         push_merchant_profiles(panel, population.merchants, origin - 86_400.0, feature_store)
         settings = TrainerSettings.for_arm(
@@ -295,6 +298,10 @@ def run_arm(
             gate_generator_tolerance=config.gate_generator_tolerance,
             seed=config.seed,
         )
+        # The arm's Kafka clients connect as the trainer's settings say (from KAFKA_SECURITY_PROTOCOL, ...), as the
+        # worker, which inherits this process's environment, does.
+        security = settings.kafka_security
+        ensure_topics(bootstrap, topics, partitions=1, client=settings)
         images = ImageStore(arm_dir / "images")
         generator = ArmGenerator(config.base_checkpoint, arm_dir / "models", text_encoder, config.sampler)
         reader = FeastFeatureReader(open_feature_store(feature_store))
@@ -376,7 +383,7 @@ def run_arm(
                 for prompt in TRAIN_PROMPTS:
                     owner = design_owner(population, prompt)
                     events.append(traffic.design_event(design_id(round_index + 1, prompt), owner, prompt, next_start))
-                produce_events((encode(event) for event in events), bootstrap, topics.events)
+                produce_events((encode(event) for event in events), bootstrap, topics.events, security=security)
                 wait_for_loop(
                     bootstrap,
                     [topics.group_samples, topics.group_drops],
@@ -386,6 +393,7 @@ def run_arm(
                     config.wait_s,
                     arm_dir / "worker.log",
                     feature_store,
+                    security,
                 )
                 summary = trainer.run(once=True)
                 run.refusals = len(summary.refusals)
