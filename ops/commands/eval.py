@@ -4,8 +4,10 @@ group-signal report (``signal``, :mod:`ops.commands.eval_signal`), the choice of
 (``sampler``, :mod:`ops.commands.eval_sampler`) and the preregistered science evaluation (``science``,
 :mod:`ops.commands.eval_science`).
 
-Every option of a mode except the output folders changes the numbers, so each one given reaches the reproduction
-command the reports print (:func:`command_line`).
+A mode's flags are its config's fields (:mod:`perfusion.config_flags`: ``--sampling-steps`` sets
+``sampling_steps``), beside the options that are not fields (``--quick``, ``--arms``, the output folders). Every
+option except the output folders changes the numbers, so each one given reaches the reproduction command the reports
+print (:func:`command_line`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,19 @@ import logging
 import shlex
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ops.commands import eval_sampler, eval_science, eval_signal
+from perfusion.config_flags import (
+    ConfigFlagsParser,
+    add_config_flags_when_used,
+    config_flags,
+    config_from_flags,
+    flag_arguments,
+)
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +42,35 @@ def register(subparsers: Any) -> None:
         "eval",
         help="evaluate the arms: the live loop with 95%% CIs, or offline probes of one update",
         description="loop: every arm through rounds of the live loop; probe: one generator update per arm on "
-        "logged groups; reward-probe: reward models trained on logged groups. Each writes JSON and markdown.",
+        "logged groups; reward-probe: reward models trained on logged groups. Each writes JSON and markdown. "
+        "Every mode's flags but its outputs and --quick, --arms or --pool are its config's fields.",
     )
-    modes = parser.add_subparsers(dest="mode", metavar="MODE", required=True)
+    # Each mode's parser adds its config's flags when it is used, so that building the CLI imports no config.
+    modes = parser.add_subparsers(dest="mode", metavar="MODE", required=True, parser_class=ConfigFlagsParser)
     _register_loop(modes)
     _register_probe(modes)
     _register_reward_probe(modes)
     eval_signal.register(modes)
     eval_sampler.register(modes)
     eval_science.register(modes)
+
+
+def _evaluation_config() -> type[BaseModel]:
+    from simulator.eval.config import EvaluationConfig
+
+    return EvaluationConfig
+
+
+def _probe_config() -> type[BaseModel]:
+    from simulator.probes.generator_probe import ProbeConfig
+
+    return ProbeConfig
+
+
+def _reward_probe_config() -> type[BaseModel]:
+    from simulator.probes.reward_probe import RewardProbeConfig
+
+    return RewardProbeConfig
 
 
 def _register_loop(modes: Any) -> None:
@@ -49,19 +81,11 @@ def _register_loop(modes: Any) -> None:
         "simulated shoppers and merchants judging the pixels, events on Kafka, updates, publishes. Writes "
         "results.json, PNG plots and results.md (and, with --docs, docs/results.md).",
     )
-    parser.add_argument("--quick", action="store_true", help="CI size: every arm, one update, a handful of users")
-    parser.add_argument("--rounds", type=int, default=None, help="trainer updates per arm")
-    parser.add_argument("--users", type=int, default=None, help="live (training) users")
-    parser.add_argument("--cold-users", type=int, default=None, help="held-out cold-start users")
-    parser.add_argument("--impressions", type=int, default=None, help="live impressions per user per round")
-    parser.add_argument("--steps", type=int, default=None, help="DDIM sampling steps")
-    parser.add_argument("--arms", nargs="+", default=None, help="arms to run (default: all six)")
-    _add_generator_options(parser)
-    parser.add_argument("--gate-tolerance", type=float, default=None, help="trainer's generator gate, in RM stds")
-    _add_run_options(parser)
     parser.add_argument(
-        "--parallel", type=int, default=None, help="arms run at once, one process each (default: one per two CPU cores)"
+        "--quick", action="store_true", help="CI size: every arm, one update, a handful of users (flags apply over it)"
     )
+    parser.add_argument("--arms", nargs="+", default=None, help="arms to run (default: all six)")
+    add_config_flags_when_used(parser, _evaluation_config, exclude=("arms",))
     _add_output_options(parser, "docs/results.md")
     parser.add_argument(
         "--notes", type=Path, default=None, help="append this hand-written analysis to the markdown (kept on reruns)"
@@ -78,12 +102,8 @@ def _register_probe(modes: Any) -> None:
         "them with the trainer's code, and scores trained against base per segment, with a personalisation check. "
         "Writes probe.json and probe.md (or --docs).",
     )
-    _add_logged_group_options(parser)
-    parser.add_argument("--users", type=int, default=None, help="training users")
-    parser.add_argument("--steps", type=int, default=None, help="DDIM sampling steps")
     parser.add_argument("--arms", nargs="+", default=None, help="arms whose update is probed (default: the four)")
-    _add_generator_options(parser)
-    _add_run_options(parser)
+    add_config_flags_when_used(parser, _probe_config, exclude=("arms",))
     _add_output_options(parser, "docs/generator-probe.md")
     _set_handler(parser, "probe", run_probe)
 
@@ -93,38 +113,13 @@ def _register_reward_probe(modes: Any) -> None:
         "reward-probe",
         help="reward models (with and without plug-ins, pretrained and random towers) trained on logged groups "
         "and scored on new groups of the same users (no broker)",
-        description="Logs --probe-groups base-model groups per user to learn from and new ones to score on, trains "
-        "four reward models with the trainer's step, and reports held-out GAUC and MAP with paired differences. "
-        "Writes reward_probe.json and reward_probe.md (or --docs).",
+        description="Logs --train-groups base-model groups per user to learn from and --heldout-groups new ones to "
+        "score on, trains four reward models with the trainer's step, and reports held-out GAUC and MAP with paired "
+        "differences. Writes reward_probe.json and reward_probe.md (or --docs).",
     )
-    _add_logged_group_options(parser)
-    parser.add_argument("--rm-steps", type=int, default=None, help="steps of each reward model")
-    parser.add_argument("--users", type=int, default=None, help="shoppers")
-    parser.add_argument("--steps", type=int, default=None, help="DDIM sampling steps")
-    _add_run_options(parser)
+    add_config_flags_when_used(parser, _reward_probe_config)
     _add_output_options(parser, "docs/reward-probe.md")
     _set_handler(parser, "reward-probe", run_reward_probe)
-
-
-def _add_logged_group_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--probe-groups", type=int, default=None, help="logged groups per user")
-    parser.add_argument(
-        "--probe-labels",
-        default=None,
-        help="'clicks' trains on clicks and orders (default); 'true-utility', a diagnostic upper bound, on each "
-        "group's best image by the simulator's true utility",
-    )
-
-
-def _add_generator_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--generator-steps", type=int, default=None, help="generator steps per trainer update")
-    parser.add_argument("--adaptive-lr", type=float, default=None, help="learning rate of the adaptive network")
-    parser.add_argument("--unet-lr", type=float, default=None, help="learning rate of the fine-tuned U-Net arms")
-
-
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=None, help="seed of users, plan and draws")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
 
 
 def _add_output_options(parser: argparse.ArgumentParser, docs_example: str) -> None:
@@ -133,7 +128,8 @@ def _add_output_options(parser: argparse.ArgumentParser, docs_example: str) -> N
 
 
 def _set_handler(parser: argparse.ArgumentParser, mode: str, handler: Any) -> None:
-    """The mode's handler, and its options that reach the reproduction command, in the order they were added."""
+    """The mode's handler, and its options other than the config's flags that reach the reproduction command, in
+    the order they were added."""
     reproduced = tuple(
         (action.dest, action.option_strings[0])
         for action in parser._actions
@@ -143,9 +139,13 @@ def _set_handler(parser: argparse.ArgumentParser, mode: str, handler: Any) -> No
 
 
 def command_line(args: argparse.Namespace) -> str:
-    """The command that reproduces this run's numbers (output folders left out)."""
+    """The command that reproduces this run's numbers (output folders left out): the mode's own options, then
+    the config flags given."""
     parts = ["perfusion", "eval", args.reproduced_mode]
+    config_dests = {flag.dest for flag in config_flags(args).flags}  # on a parser that added them at once
     for name, flag in args.reproduced_options:
+        if name in config_dests:
+            continue
         value = getattr(args, name)
         if value is True:
             parts.append(flag)
@@ -153,7 +153,7 @@ def command_line(args: argparse.Namespace) -> str:
             parts += [flag, *value]
         elif value not in (None, False):
             parts += [flag, str(value)]
-    return " ".join(shlex.quote(part) for part in parts)
+    return shlex.join([*parts, *flag_arguments(args)])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -163,28 +163,14 @@ def run(args: argparse.Namespace) -> int:
 
         # Checked before the run, not after it: a full evaluation takes most of an hour.
         raise ConfigError(f"--notes {args.notes} is not a file; write the analysis there first or leave --notes out")
-    from harness.loop import running_broker
     from simulator.eval.config import EvaluationConfig
+
+    arms = {"arms": tuple(args.arms)} if args.arms else {}
+    config = config_from_flags(args, EvaluationConfig.quick if args.quick else EvaluationConfig, **arms)
+    from harness.loop import running_broker
     from simulator.eval.report import write_report
     from simulator.eval.runner import run_evaluation
 
-    overrides = {
-        "rounds": args.rounds,
-        "train_users": args.users,
-        "cold_users": args.cold_users,
-        "impressions_per_user": args.impressions,
-        "sampling_steps": args.steps,
-        "arms": tuple(args.arms) if args.arms else None,
-        "seed": args.seed,
-        "gate_generator_tolerance": args.gate_tolerance,
-        "diffusion_steps": args.generator_steps,
-        "adaptive_learning_rate": args.adaptive_lr,
-        "unet_learning_rate": args.unet_lr,
-        "torch_threads": args.threads,
-        "parallel_arms": args.parallel,
-    }
-    values = {key: value for key, value in overrides.items() if value is not None}
-    config = EvaluationConfig.quick(**values) if args.quick else EvaluationConfig(**values)
     command = command_line(args)
     with (
         running_broker(announce=lambda message: print(f"==> {message}", flush=True)) as bootstrap,
@@ -202,19 +188,7 @@ def run_probe(args: argparse.Namespace) -> int:
     from simulator.probes.generator_probe import ProbeConfig, ProbeResults, render_probe_markdown
     from simulator.probes.generator_probe import run_probe as probe
 
-    overrides = {
-        "arms": tuple(args.arms) if args.arms else None,
-        "train_users": args.users,
-        "groups_per_user": args.probe_groups,
-        "labels": args.probe_labels,
-        "sampling_steps": args.steps,
-        "diffusion_steps": args.generator_steps,
-        "adaptive_learning_rate": args.adaptive_lr,
-        "unet_learning_rate": args.unet_lr,
-        "seed": args.seed,
-        "torch_threads": args.threads,
-    }
-    config = ProbeConfig(**{key: value for key, value in overrides.items() if value is not None})
+    config = config_from_flags(args, ProbeConfig, **({"arms": tuple(args.arms)} if args.arms else {}))
     results = ProbeResults.of(probe(config), command_line(args))
     return _write_probe(args, "probe", results.to_json(), render_probe_markdown(results), results.wall_seconds)
 
@@ -235,16 +209,7 @@ def run_reward_probe(args: argparse.Namespace) -> int:
     from simulator.probes.reward_probe import RewardProbeConfig, RewardProbeResults, render_reward_probe_markdown
     from simulator.probes.reward_probe import run_reward_probe as probe
 
-    overrides = {
-        "users": args.users,
-        "train_groups": args.probe_groups,
-        "labels": args.probe_labels,
-        "sampling_steps": args.steps,
-        "steps": args.rm_steps,
-        "seed": args.seed,
-        "torch_threads": args.threads,
-    }
-    config = RewardProbeConfig(**{key: value for key, value in overrides.items() if value is not None})
+    config = config_from_flags(args, RewardProbeConfig)
     results = RewardProbeResults.of(probe(config), command_line(args))
     markdown = render_reward_probe_markdown(results)
     return _write_probe(args, "reward_probe", results.to_json(), markdown, results.wall_seconds)

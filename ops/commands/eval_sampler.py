@@ -4,7 +4,8 @@ Measures each candidate sampler (DDIM leading 4 steps, the sampler before the pr
 DPM-Solver++ trailing at 4 and 6) against DDIM trailing at 25 steps: attribute accuracy per kind on the catalog's
 held-out prompts, the simulator's garment-mask coverage on the evaluation's prompts (catalog renders as the reference
 row), seconds per group of K; then applies the rule fixed in docs/sampler.md. Writes ``<out>/sampler.json`` and the
-markdown (``--docs`` or ``<out>/sampler.md``). Every option but the output folders reaches the reproduction command.
+markdown (``--docs`` or ``<out>/sampler.md``). The flags are SamplerProbeConfig's fields
+(:mod:`perfusion.config_flags`); every option but the output folders reaches the reproduction command.
 """
 
 from __future__ import annotations
@@ -12,19 +13,13 @@ from __future__ import annotations
 import argparse
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-# Flag -> (the SamplerProbeConfig field it sets, its type, help). The help texts repeat the config's so that
-# ``perfusion --help`` does not import the simulator.
-FLAGS: dict[str, tuple[str, type, str]] = {
-    "--seeds": ("seeds_per_prompt", int, "samples per held-out prompt, of 115 (default 2)"),
-    "--coverage-seeds": ("coverage_seeds", int, "samples and catalog renders per evaluation prompt (default 16)"),
-    "--k": ("k", int, "candidates per timed group (default 4)"),
-    "--timing-groups": ("timing_groups", int, "timed groups per sampler after a warm-up, the least counts (default 5)"),
-    "--batch-size": ("batch_size", int, "images denoised at once (default 128)"),
-    "--threads": ("torch_threads", int, "torch threads (default 2)"),
-    "--base": ("base_checkpoint", Path, "the base model folder (default assets/base)"),
-}
+from perfusion.config_flags import add_config_flags_when_used, config_from_flags, flag_arguments
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
 JSON_NAME = "sampler.json"
 MARKDOWN_NAME = "sampler.md"
 
@@ -39,31 +34,21 @@ def register(eval_subparsers: Any) -> None:
         "mask's coverage (catalog renders as the reference row) and seconds per group of K, and the steps the rule "
         f"of docs/sampler.md chooses. Writes {JSON_NAME} and {MARKDOWN_NAME} (or --docs).",
     )
-    for flag, (_, kind, help_text) in FLAGS.items():
-        parser.add_argument(flag, type=kind, default=None, help=help_text)
+    add_config_flags_when_used(parser, _sampler_probe_config)
     parser.add_argument("--out", type=Path, default=Path("docs/results"), help=f"folder for {JSON_NAME}")
     parser.add_argument("--docs", type=Path, default=None, help="write the markdown here (docs/sampler.md)")
     parser.set_defaults(handler=run_sampler_report)
 
 
-def given_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The SamplerProbeConfig fields the command line sets, by field name."""
-    values = {field: getattr(args, _dest(flag)) for flag, (field, _, _) in FLAGS.items()}
-    return {field: value for field, value in values.items() if value is not None}
+def _sampler_probe_config() -> type[BaseModel]:
+    from simulator.probes.sampler_probe import SamplerProbeConfig
+
+    return SamplerProbeConfig
 
 
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run's numbers (output folders left out)."""
-    parts = ["perfusion", "eval", "sampler"]
-    for flag in FLAGS:
-        value = getattr(args, _dest(flag))
-        if value is not None:
-            parts += [flag, str(value)]
-    return " ".join(shlex.quote(part) for part in parts)
-
-
-def _dest(flag: str) -> str:
-    return flag.removeprefix("--").replace("-", "_")
+    return shlex.join(["perfusion", "eval", "sampler", *flag_arguments(args)])
 
 
 def run_sampler_report(args: argparse.Namespace) -> int:
@@ -78,7 +63,7 @@ def run_sampler_report(args: argparse.Namespace) -> int:
         run_sampler_probe,
     )
 
-    results = SamplerProbeResults.of(run_sampler_probe(SamplerProbeConfig(**given_options(args))), command_line(args))
+    results = SamplerProbeResults.of(run_sampler_probe(config_from_flags(args, SamplerProbeConfig)), command_line(args))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / JSON_NAME).write_text(results.to_json())
     markdown = args.docs or args.out / MARKDOWN_NAME

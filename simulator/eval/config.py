@@ -63,7 +63,7 @@ class EvaluationConfig(Settings):
         "settings); 0 = one arm per two CPU cores (an arm and its stream worker keep about that busy)",
     )
     wait_s: float = Field(default=300.0, description="longest wait for the worker's samples and features")
-    base_checkpoint: Path = Field(default=ASSETS_DIR / "base", description="the base model")
+    base_checkpoint: Path = Field(default=ASSETS_DIR / "base", description="the base model folder")
 
     @field_validator("arms")
     @classmethod

@@ -75,8 +75,12 @@ class ProbeConfig(Settings):
     )
     diffusion_steps: int = Field(default=16, ge=1, description="generator steps of the update")
     groups_per_batch: int = Field(default=8, ge=1, description="groups per generator step")
-    adaptive_learning_rate: float | None = Field(default=None, description="None: the trainer's")
-    unet_learning_rate: float | None = Field(default=None, description="None: the trainer's")
+    adaptive_learning_rate: float | None = Field(
+        default=None, description="learning rate of the adaptive network (None: the trainer's)"
+    )
+    unet_learning_rate: float | None = Field(
+        default=None, description="learning rate of the fine-tuned U-Net arms (None: the trainer's)"
+    )
     bootstrap_samples: int = Field(default=1000, description="bootstrap resamplings of users")
     labels: str = Field(
         default="clicks",
@@ -86,7 +90,7 @@ class ProbeConfig(Settings):
     )
     seed: int = Field(default=0, description="seed of users (as the evaluation's), data and training")
     torch_threads: int = Field(default=1, description="torch threads")
-    base_checkpoint: Path = Field(default=EvaluationConfig().base_checkpoint, description="the base model")
+    base_checkpoint: Path = Field(default=EvaluationConfig().base_checkpoint, description="the base model folder")
 
     @field_validator("arms")
     @classmethod
@@ -226,7 +230,7 @@ def partner_from_another_segment(users: list[str], segments: dict[str, str]) -> 
         later = users[index + 1 :] + users[:index]
         partner = next((other for other in later if segments[other] != segments[user]), None)
         if partner is None:
-            raise ConfigError("the personalisation check needs users from at least two segments; add --users")
+            raise ConfigError("the personalisation check needs users from at least two segments; add --train-users")
         partners[user] = partner
     return partners
 

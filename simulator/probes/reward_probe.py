@@ -65,7 +65,7 @@ class RewardProbeConfig(Settings):
     bootstrap_samples: int = Field(default=1000, description="bootstrap resamplings of held-out groups")
     seed: int = Field(default=0, description="seed of users, data and training")
     torch_threads: int = Field(default=1, description="torch threads")
-    base_checkpoint: Path = Field(default=EvaluationConfig().base_checkpoint, description="the base model")
+    base_checkpoint: Path = Field(default=EvaluationConfig().base_checkpoint, description="the base model folder")
 
     @field_validator("labels")
     @classmethod

@@ -81,7 +81,7 @@ class SignalConfig(Settings):
     bootstrap_samples: int = Field(default=1000, ge=100, description="bootstrap resamplings of users")
     seed: int = Field(default=0, description="seed of the panel (as the evaluation's), click and merchant draws")
     torch_threads: int = Field(default=1, ge=1, description="torch threads (a small U-Net runs best on one)")
-    base_checkpoint: Path = Field(default=EvaluationConfig().base_checkpoint, description="the base model")
+    base_checkpoint: Path = Field(default=EvaluationConfig().base_checkpoint, description="the base model folder")
 
     @property
     def labels(self) -> str:

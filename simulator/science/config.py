@@ -87,7 +87,10 @@ class ScienceConfig(Settings):
     """One seed of the science evaluation."""
 
     arms: tuple[str, ...] = Field(default=SCIENCE_ARMS, description="arms (see the module docstring)")
-    seed: int = Field(default=VALIDATION_SEED, description="panel, logs, training noise and plan")
+    seed: int = Field(
+        default=VALIDATION_SEED,
+        description="seed of the panel, logs, training noise and plan (validation: 100; test seeds: 0, 1, 2)",
+    )
     shoppers_per_segment: int = Field(default=10, ge=1, description="training shoppers of each of the 4 segments")
     cold_shoppers: int = Field(default=8, ge=0, description="shoppers with a profile and no behaviour")
     merchants_per_segment: int = Field(default=2, ge=1, description="merchants of each segment, with profiles")
@@ -104,13 +107,19 @@ class ScienceConfig(Settings):
     )
     sampling_steps: int = Field(default=SERVING_SAMPLER.steps, ge=1, description="serving sampler steps")
     reward_steps: int = Field(default=150, ge=0, description="reward-model steps of the update")
-    diffusion_steps: int | None = Field(default=None, description="generator steps (None: the trainer's)")
-    groups_per_batch: int | None = Field(default=None, description="groups per step (None: the trainer's)")
-    draws_per_group: int | None = Field(default=None, description="(t, noise) draws (None: the trainer's)")
+    diffusion_steps: int | None = Field(default=None, description="generator steps of the update (None: the trainer's)")
+    groups_per_batch: int | None = Field(default=None, description="groups per generator step (None: the trainer's)")
+    draws_per_group: int | None = Field(default=None, description="(t, noise) draws per group (None: the trainer's)")
     beta: float | None = Field(default=None, description="implicit-reward scale (None: the trainer's)")
-    supervised_weight: float | None = Field(default=None, description="lambda (None: the trainer's)")
-    adaptive_learning_rate: float | None = Field(default=None, description="None: the trainer's")
-    unet_learning_rate: float | None = Field(default=None, description="None: the trainer's")
+    supervised_weight: float | None = Field(
+        default=None, description="lambda, the weight of the positives' supervised term (None: the trainer's)"
+    )
+    adaptive_learning_rate: float | None = Field(
+        default=None, description="learning rate of the adaptive network (None: the trainer's)"
+    )
+    unet_learning_rate: float | None = Field(
+        default=None, description="learning rate of the fine-tuned U-Net arms (None: the trainer's)"
+    )
     rounds: int = Field(default=1, ge=1, description="updates: 1 = the one-update protocol, 2+ = a closed loop")
     closed_loop_groups: int = Field(
         default=2, description="groups per shopper the arm's own generator shows between two updates"
@@ -122,7 +131,7 @@ class ScienceConfig(Settings):
     bootstrap_samples: int = Field(default=1000, ge=100, description="bootstrap resamplings of users")
     torch_threads: int = Field(default=1, ge=1, description="torch threads of each arm's process")
     parallel_arms: int = Field(default=2, ge=1, description="arms trained and drawn at once, a process each")
-    base_checkpoint: Path = Field(default=ASSETS_DIR / "base", description="the base model")
+    base_checkpoint: Path = Field(default=ASSETS_DIR / "base", description="the base model folder")
 
     @field_validator("arms")
     @classmethod

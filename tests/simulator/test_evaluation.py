@@ -160,14 +160,14 @@ def test_quick_eval_runs_every_arm_and_computes_every_metric(
     # One arm per generator code path (none, fine-tuned U-Net, adaptive network) keeps the test within minutes;
     # `perfusion eval loop --quick` without --arms runs all six.
     arms = ("base", "group_without_adaptive", "perfusion")
-    # Two arms at a time, each in a process of its own (the --parallel path).
+    # Two arms at a time, each in a process of its own (the --parallel-arms path).
     argv = [
         "eval",
         "loop",
         "--quick",
         "--arms",
         *arms,
-        "--parallel",
+        "--parallel-arms",
         "2",
         "--out",
         str(out),
@@ -215,6 +215,7 @@ def test_reproduction_command_names_every_setting_given(mode: str) -> None:
     # Every option but the output folders changes the numbers, so every one must reach the command.
     parser = build_parser()
     mode_parser = _subcommands(_subcommands(parser)["eval"])[mode]
+    mode_parser.load_config_flags()  # a mode's config flags are added when its parser is first used
     settings = [
         action
         for action in mode_parser._actions

@@ -101,9 +101,9 @@ def test_probe_trains_each_arm_and_scores_every_segment(tmp_path: Path) -> None:
     from ops.cli import main
 
     out = tmp_path / "probe"
-    argv = ["eval", "probe", "--arms", "perfusion", "pairwise_dpo", "--users", "4", "--probe-groups", "2"]
+    argv = ["eval", "probe", "--arms", "perfusion", "pairwise_dpo", "--train-users", "4", "--groups-per-user", "2"]
     # A large U-Net learning rate, so that two steps visibly move the fine-tuned copy's images.
-    argv += ["--steps", "3", "--generator-steps", "2", "--unet-lr", "1e-2", "--out", str(out)]
+    argv += ["--sampling-steps", "3", "--diffusion-steps", "2", "--unet-learning-rate", "1e-2", "--out", str(out)]
     assert main(argv) == 0
     result = json.loads((out / "probe.json").read_text())
     assert result["logged_groups"] == 8

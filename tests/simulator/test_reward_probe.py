@@ -52,7 +52,7 @@ def test_a_tiny_run_trains_and_scores_every_reward_model(tmp_path: Path) -> None
     from ops.cli import main
 
     out = tmp_path / "probe"
-    argv = ["eval", "reward-probe", "--users", "4", "--probe-groups", "2", "--steps", "2", "--rm-steps", "3"]
+    argv = ["eval", "reward-probe", "--users", "4", "--train-groups", "2", "--sampling-steps", "2", "--steps", "3"]
     assert main([*argv, "--out", str(out)]) == 0
     result = json.loads((out / "reward_probe.json").read_text())
     # 4 users x 2 training groups; held-out: the default 8 new groups each.

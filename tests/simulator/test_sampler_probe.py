@@ -13,6 +13,7 @@ import torch
 
 from ops.commands import eval_sampler
 from perfusion.checkpoints import save_component
+from perfusion.config_flags import given_values
 from perfusion.errors import ConfigError
 from perfusion.models.attribute_classifier import AttributeClassifier, AttributeClassifierConfig
 from perfusion.models.base import QUICK_CONFIG, build_unet, unet_component_config
@@ -121,8 +122,10 @@ def test_a_run_on_a_tiny_checkpoint_writes_json_and_markdown(
     parser = argparse.ArgumentParser()
     eval_sampler.register(parser.add_subparsers())
     out = tmp_path / "out"
-    argv = ["sampler", "--seeds", "1", "--coverage-seeds", "1", "--timing-groups", "1", "--k", "2", "--threads", "1"]
-    args = parser.parse_args([*argv, "--base", str(tiny_checkpoint), "--out", str(out)])
+    argv = ["sampler", "--seeds-per-prompt", "1", "--coverage-seeds", "1", "--timing-groups", "1", "--k", "2"]
+    args = parser.parse_args(
+        [*argv, "--torch-threads", "1", "--base-checkpoint", str(tiny_checkpoint), "--out", str(out)]
+    )
     assert args.handler(args) == 0
 
     results = SamplerProbeResults.read(out / "sampler.json")
@@ -137,7 +140,7 @@ def test_a_run_on_a_tiny_checkpoint_writes_json_and_markdown(
         assert set(r.accuracy) == {"garment", "colour", "pattern", "sleeve", "fit"}
         assert 0 <= r.coverage <= 1 and r.seconds_per_group > 0
     assert 0 < results.catalog_coverage < 1
-    assert results.command.startswith("perfusion eval sampler --seeds 1 --coverage-seeds 1")
+    assert results.command.startswith("perfusion eval sampler --seeds-per-prompt 1 --coverage-seeds 1")
     markdown = (out / "sampler.md").read_text()
     assert "## The rule (fixed before the measurement)" in markdown and "| DDIM trailing | 2 | 999 | 1 |" in markdown
     assert "catalog renders" in markdown and f"Reproduce: `{results.command}`" in markdown
@@ -146,7 +149,7 @@ def test_a_run_on_a_tiny_checkpoint_writes_json_and_markdown(
 def test_given_options_name_config_fields() -> None:
     parser = argparse.ArgumentParser()
     eval_sampler.register(parser.add_subparsers())
-    args: Any = parser.parse_args(["sampler", "--seeds", "3", "--batch-size", "64"])
-    assert eval_sampler.given_options(args) == {"seeds_per_prompt": 3, "batch_size": 64}
-    assert eval_sampler.command_line(args) == "perfusion eval sampler --seeds 3 --batch-size 64"
-    SamplerProbeConfig(**eval_sampler.given_options(args))
+    args: Any = parser.parse_args(["sampler", "--seeds-per-prompt", "3", "--batch-size", "64"])
+    assert given_values(args) == {"seeds_per_prompt": 3, "batch_size": 64}
+    assert eval_sampler.command_line(args) == "perfusion eval sampler --seeds-per-prompt 3 --batch-size 64"
+    SamplerProbeConfig(**given_values(args))

@@ -87,7 +87,7 @@ def test_quick_science_runs_every_kind_of_arm_and_writes_its_report(tmp_path: Pa
 
     out = tmp_path / "science"
     arms = ["base", "group_without_adaptive", "perfusion@base_tokens", "base_best_of_n", "perfusion_reward_ranked"]
-    argv = ["eval", "science", "--quick", "--seed", "7", "--parallel", "1", "--arms", *arms, "--out", str(out)]
+    argv = ["eval", "science", "--quick", "--seed", "7", "--parallel-arms", "1", "--arms", *arms, "--out", str(out)]
     assert main(argv) == 0
     result = json.loads((out / "science_seed7.json").read_text())
     assert set(result["arms"]) == set(arms)
@@ -154,7 +154,7 @@ def test_a_closed_loop_arm_logs_its_own_rounds_and_updates_each_time(tmp_path: P
     from ops.cli import main
 
     out = tmp_path / "loop"
-    argv = ["eval", "science", "--quick", "--seed", "3", "--parallel", "1", "--rounds", "2"]
+    argv = ["eval", "science", "--quick", "--seed", "3", "--parallel-arms", "1", "--rounds", "2"]
     assert main([*argv, "--closed-loop-groups", "1", "--arms", "base", "perfusion", "--out", str(out)]) == 0
     result = json.loads((out / "science_seed3.json").read_text())
     assert result["config"]["rounds"] == 2

@@ -184,7 +184,8 @@ def test_catalog_groups_render_k_items_of_the_prompts_garment() -> None:
 
 
 def test_config_refuses_bad_sizes_and_every_field_has_a_flag() -> None:
-    from ops.commands.eval_signal import FLAGS
+    from ops.commands.eval_signal import register
+    from perfusion.config_flags import config_flags
     from simulator.probes.signal import SignalConfig
 
     with pytest.raises(ConfigError, match="users"):
@@ -197,7 +198,10 @@ def test_config_refuses_bad_sizes_and_every_field_has_a_flag() -> None:
         SignalConfig(bootstrap_samples=10)
     with pytest.raises(ConfigError, match="groups_per_user must be at least 1, got 0"):
         SignalConfig(groups_per_user=0)
-    assert {field for field, _, _ in FLAGS.values()} == set(SignalConfig.model_fields)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="mode"))
+    flags = config_flags(parser.parse_args(["signal"])).flags
+    assert {flag.field for flag in flags} == set(SignalConfig.model_fields)
 
 
 @pytest.fixture
@@ -219,13 +223,15 @@ def tiny_base(tmp_path: Path) -> Path:
 
 
 def test_the_reproduction_command_holds_every_option_but_the_outputs() -> None:
-    from ops.commands.eval_signal import command_line, given_options, register
+    from ops.commands.eval_signal import command_line, register
+    from perfusion.config_flags import given_values
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="mode"))
-    args = parser.parse_args(["signal", "--users", "6", "--steps", "3", "--base", "a b", "--out", "o", "--docs", "d"])
-    assert command_line(args) == "perfusion eval signal --users 6 --steps 3 --base 'a b'"
-    assert given_options(args) == {"users": 6, "sampling_steps": 3, "base_checkpoint": Path("a b")}
+    argv = ["signal", "--users", "6", "--sampling-steps", "3", "--base-checkpoint", "a b", "--out", "o", "--docs", "d"]
+    args = parser.parse_args(argv)
+    assert command_line(args) == "perfusion eval signal --users 6 --sampling-steps 3 --base-checkpoint 'a b'"
+    assert given_values(args) == {"users": 6, "sampling_steps": 3, "base_checkpoint": Path("a b")}
 
 
 @pytest.mark.slow
@@ -236,8 +242,9 @@ def test_signal_report_on_a_tiny_base_writes_valid_json_and_markdown(tmp_path: P
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="mode"))
     out = tmp_path / "out"
-    # The serving generator's own sampler: the report samples as the service does unless --steps asks.
-    argv = ["signal", "--users", "4", "--groups", "2", "--bootstrap", "100", "--threads", "1", "--base", str(tiny_base)]
+    # The serving generator's own sampler: the report samples as the service does unless --sampling-steps asks.
+    argv = ["signal", "--users", "4", "--groups-per-user", "2", "--bootstrap-samples", "100", "--torch-threads", "1"]
+    argv += ["--base-checkpoint", str(tiny_base)]
     args = parser.parse_args([*argv, "--out", str(out), "--docs", str(tmp_path / "g.md")])
     assert args.handler(args) == 0
     results = SignalResults.read(out / JSON_NAME)
