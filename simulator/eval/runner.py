@@ -54,7 +54,7 @@ def arm_inputs(config: EvaluationConfig) -> tuple[PixelPreferencePanel, Populati
 def run_arm_in_own_process(
     arm: str, config: EvaluationConfig, bootstrap: str, work_dir: Path, origin: float, grid_prompt: str
 ) -> ArmRun:
-    """:func:`run_arm` in a worker process of ``--parallel``, on :func:`arm_inputs` rebuilt from the config, so the
+    """:func:`run_arm` in a worker process of ``--parallel-arms``, on :func:`arm_inputs` rebuilt from the config, so the
     arm sees exactly what it sees when run in turn."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{arm}] %(levelname)s %(name)s: %(message)s")
     panel, population, text_encoder = arm_inputs(config)
