@@ -10,7 +10,8 @@ settings, read from ``KAFKA_SECURITY_PROTOCOL``, ``KAFKA_SASL_MECHANISM``, ``KAF
   ``ssl_certfile``, ``ssl_keyfile``, ``ssl_check_hostname``);
 - :func:`aiokafka_kwargs` for aiokafka's clients, which take TLS as an ``ssl_context``;
 - :func:`faust_credentials` for ``faust.App(broker_credentials=...)``: ``SASLCredentials`` (with the TLS context
-  under SASL_SSL) or ``SSLCredentials``.
+  under SASL_SSL) or ``SSLCredentials``;
+- :func:`security_environment`: the variables that give a child process the same settings.
 
 PLAINTEXT gives no arguments at all, so a client built for the local broker is built as before. The password
 leaves its ``SecretStr`` only here, into the client's arguments.
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import ssl
 from typing import TYPE_CHECKING, Any
+
+from pydantic import SecretStr
 
 from perfusion.settings import KafkaSecuritySettings
 
@@ -96,3 +99,17 @@ def faust_credentials(security: KafkaSecuritySettings | None) -> CredentialsT | 
             mechanism=credentials["sasl_mechanism"],
         )
     return SSLCredentials(context)
+
+
+def security_environment(security: KafkaSecuritySettings) -> dict[str, str]:
+    """The ``KAFKA_*`` variables that give a child process (``perfusion worker`` ...) these settings, the password
+    among them: for the child's environment, never for a log."""
+    environment: dict[str, str] = {}
+    for name, info in KafkaSecuritySettings.model_fields.items():
+        value = getattr(security, name)
+        if value is None or value == "":
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        environment[str(info.validation_alias)] = str(value).lower() if isinstance(value, bool) else str(value)
+    return environment

@@ -6,16 +6,27 @@ storage on first use, launches ``java kafka.Kafka`` detached and waits until an 
 The state folder (default ``state_dir()/kafka``) holds:
 
 - ``bootstrap``: ``host:port`` of the PLAINTEXT listener, read by the worker, the CLI and :func:`bootstrap_servers`
+- ``sasl_bootstrap``: ``host:port`` of the SASL_PLAINTEXT listener, when ``sasl`` is on (below)
 - ``pid``: the JVM's pid; ``stop()`` signals it only when that pid's command line names this folder's config
 - ``server.log`` (the broker's log4j output), ``jvm.log`` (stdout/stderr), ``data/`` (the log dirs)
+
+With ``sasl`` (``PERFUSION_BROKER_SASL=true``) the broker also listens with SASL_PLAINTEXT on ``sasl_port``, where a
+client must authenticate as the configured user (``sasl_username``, ``sasl_password``) with PLAIN, SCRAM-SHA-256 or
+SCRAM-SHA-512, as on a managed Kafka: the PLAIN user is in the listener's JAAS config, the SCRAM credentials are
+written into the KRaft metadata by ``kafka-storage format --add-scram`` (a state folder formatted before, or a
+changed password, gets them through the admin API's AlterUserScramCredentials once the broker answers). The
+PLAINTEXT listener stays for the broker itself (inter-broker traffic, the start probe). ``server.properties`` holds
+the password and is readable by its owner only.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib.resources
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -24,7 +35,7 @@ import time
 import uuid
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from harness.infra.process import (
@@ -49,6 +60,10 @@ logger = logging.getLogger(__name__)
 KAFKA_VERSION = "4.4.0"
 BOOTSTRAP_ENV = KAFKA_BOOTSTRAP_ENV
 _INSTALLED_MARKER = ".installed"
+SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+SASL_CREDENTIAL_PATTERN = r"^[A-Za-z0-9._@+-]*$"
+"""What a SASL user name or password of the local broker may hold: nothing that JAAS's quoting or the
+``[name=...,password=...]`` syntax of ``--add-scram`` would read otherwise."""
 
 
 default_kafka_state_dir = kafka_state_dir
@@ -75,6 +90,29 @@ class KafkaBrokerConfig(Settings):
         description="C1 JIT only (-XX:TieredStopAtLevel=1): starts in about half the time on 2 cores, "
         "lower peak throughput; turn off for load tests",
     )
+    sasl: bool = Field(
+        default=False,
+        description="also listen with SASL_PLAINTEXT (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512) on sasl_port",
+    )
+    sasl_port: int = Field(default=0, ge=0, le=65535, description="SASL_PLAINTEXT port when sasl is on; 0 picks one")
+    sasl_username: str = Field(
+        default="perfusion",
+        min_length=1,
+        pattern=SASL_CREDENTIAL_PATTERN,
+        description="the user the SASL listener accepts (PLAIN and both SCRAM mechanisms)",
+    )
+    sasl_password: SecretStr | None = Field(
+        default=None, description="that user's password; required with sasl (letters, digits, ._@+-)"
+    )
+
+    @model_validator(mode="after")
+    def _sasl_password_given(self) -> KafkaBrokerConfig:
+        password = self.sasl_password.get_secret_value() if self.sasl_password is not None else ""
+        if self.sasl and not password:
+            raise ValueError("sasl_password must be set when sasl is on (PERFUSION_BROKER_SASL_PASSWORD)")
+        if not re.fullmatch(SASL_CREDENTIAL_PATTERN, password):
+            raise ValueError("sasl_password may hold only letters, digits and ._@+- (it is written into JAAS config)")
+        return self
 
     @property
     def libs_dir(self) -> Path:
@@ -111,6 +149,15 @@ class KafkaBroker(LocalServer):
     @property
     def address_file(self) -> Path:
         return self.bootstrap_file
+
+    @property
+    def sasl_bootstrap_file(self) -> Path:
+        return self.state_dir / "sasl_bootstrap"
+
+    @property
+    def _sasl_credentials_file(self) -> Path:
+        """A digest of the SCRAM user and password the metadata holds (not the password), to provision them once."""
+        return self.state_dir / "sasl_credentials.sha256"
 
     @property
     def server_log(self) -> Path:
@@ -190,7 +237,9 @@ class KafkaBroker(LocalServer):
         partial = archive.with_name(f"{archive.name}.{os.getpid()}.partial")
         logger.info("building the broker's class archive %s (one throwaway start)", archive)
         with tempfile.TemporaryDirectory(prefix="perfusion-kafka-archive-") as scratch:
-            throwaway = KafkaBroker(self.config.with_overrides(state_dir=Path(scratch), port=0, controller_port=0))
+            throwaway = KafkaBroker(
+                self.config.with_overrides(state_dir=Path(scratch), port=0, controller_port=0, sasl=False)
+            )
             throwaway._archive_classes_to = partial
             try:
                 throwaway.start()
@@ -201,6 +250,10 @@ class KafkaBroker(LocalServer):
                 return
         if partial.exists():
             partial.replace(archive)
+
+    def _remove_runtime_files(self) -> None:
+        super()._remove_runtime_files()
+        self.sasl_bootstrap_file.unlink(missing_ok=True)
 
     # -- status -----------------------------------------------------------------------------------------------
     def status(self) -> ServerStatus:
@@ -221,6 +274,16 @@ class KafkaBroker(LocalServer):
             raise InfrastructureError(f"the Kafka broker in {self.state_dir} is not running; run `perfusion broker up`")
         return current.address
 
+    def sasl_bootstrap(self) -> str:
+        """``host:port`` of the running broker's SASL_PLAINTEXT listener; raises when there is none."""
+        self.bootstrap()
+        if not self.sasl_bootstrap_file.exists():
+            raise InfrastructureError(
+                f"the Kafka broker in {self.state_dir} has no SASL listener; start it with sasl on "
+                "(PERFUSION_BROKER_SASL=true and PERFUSION_BROKER_SASL_PASSWORD)"
+            )
+        return self.sasl_bootstrap_file.read_text().strip()
+
     # -- start ------------------------------------------------------------------------------------------------
     def _start_unlocked(self) -> ServerStatus:
         current = self.status()
@@ -228,8 +291,9 @@ class KafkaBroker(LocalServer):
             return current
         libs = self._resolve_jars() if self._archive_classes_to else self.install()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        port, controller_port = self._choose_ports()
-        self._write_config(port, controller_port)
+        port, controller_port, sasl_port = self._choose_ports()
+        self.sasl_bootstrap_file.unlink(missing_ok=True)
+        self._write_config(port, controller_port, sasl_port)
         java = require_binary("java", "openjdk-17-jre-headless")
         classpath = f"{libs}/*"
         self._format_storage(java, classpath)
@@ -255,52 +319,82 @@ class KafkaBroker(LocalServer):
         write_atomically(self.pid_file, f"{self._process.pid}\n")
         self._started_here = True
         self._wait_until_answering(address)
+        if sasl_port:
+            self._provision_scram_credentials(address)
+            write_atomically(self.sasl_bootstrap_file, f"{self.config.host}:{sasl_port}\n")
         write_atomically(self.bootstrap_file, address + "\n")
         logger.info("Kafka %s answered on %s after %.1f s", self.config.version, address, time.monotonic() - started)
         return ServerStatus(self.name, running=True, pid=self._process.pid, address=address)
 
-    def _choose_ports(self) -> tuple[int, int]:
+    def _choose_ports(self) -> tuple[int, int, int]:
+        """The PLAINTEXT, CONTROLLER and SASL_PLAINTEXT ports (the last 0 without sasl): as configured, else the last
+        run's when free, else free ones; never two the same."""
         host = self.config.host
         previous = self._previous_ports()
-        port = self.config.port or (previous[0] if previous and port_is_free(host, previous[0]) else free_port(host))
-        controller_port = self.config.controller_port
-        if not controller_port:
-            reuse = previous and previous[1] != port and port_is_free(host, previous[1])
-            controller_port = previous[1] if previous and reuse else free_port(host)
-            while controller_port == port:
-                controller_port = free_port(host)
-        for name, value in (("port", port), ("controller_port", controller_port)):
-            if not port_is_free(host, value):
+        wanted = {
+            "port": self.config.port,
+            "controller_port": self.config.controller_port,
+            "sasl_port": self.config.sasl_port if self.config.sasl else -1,
+        }
+        chosen: dict[str, int] = {}
+        for name, configured in wanted.items():
+            if configured < 0:
+                chosen[name] = 0
+                continue
+            if configured:
+                chosen[name] = configured
+                continue
+            last = previous.get(name)
+            if last and last not in chosen.values() and port_is_free(host, last):
+                chosen[name] = last
+                continue
+            candidate = free_port(host)
+            while candidate in chosen.values():
+                candidate = free_port(host)
+            chosen[name] = candidate
+        for name, value in chosen.items():
+            if value and not port_is_free(host, value):
                 raise InfrastructureError(f"{name} {value} on {host} is in use; choose another or pass 0 to pick one")
-        return port, controller_port
+        return chosen["port"], chosen["controller_port"], chosen["sasl_port"]
 
-    def _previous_ports(self) -> tuple[int, int] | None:
-        """The ports of the last run, so that the address stays the same across down/up when possible."""
+    def _previous_ports(self) -> dict[str, int]:
+        """The ports of the last run by name, so that the addresses stay the same across down/up when possible."""
         if not self.properties_file.exists():
-            return None
+            return {}
         values = dict(
             line.split("=", 1)
             for line in self.properties_file.read_text().splitlines()
             if "=" in line and line[0] != "#"
         )
-        try:
-            port = int(values["advertised.listeners"].rsplit(":", 1)[1])
-            controller_port = int(values["controller.quorum.voters"].rsplit(":", 1)[1])
-        except (KeyError, ValueError, IndexError):
-            return None
-        return port, controller_port
+        ports: dict[str, int] = {}
+        for listener in values.get("advertised.listeners", "").split(","):
+            name, _, address = listener.partition("://")
+            key = {"PLAINTEXT": "port", "SASL_PLAINTEXT": "sasl_port"}.get(name)
+            if key is not None and address.rsplit(":", 1)[-1].isdigit():
+                ports[key] = int(address.rsplit(":", 1)[1])
+        voters = values.get("controller.quorum.voters", "")
+        if voters.rsplit(":", 1)[-1].isdigit():
+            ports["controller_port"] = int(voters.rsplit(":", 1)[1])
+        return ports
 
-    def _write_config(self, port: int, controller_port: int) -> None:
+    def _write_config(self, port: int, controller_port: int, sasl_port: int = 0) -> None:
         host = self.config.host
+        listeners = f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}"
+        advertised = f"PLAINTEXT://{host}:{port}"
+        protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+        if sasl_port:
+            listeners += f",SASL_PLAINTEXT://{host}:{sasl_port}"
+            advertised += f",SASL_PLAINTEXT://{host}:{sasl_port}"
+            protocols += ",SASL_PLAINTEXT:SASL_PLAINTEXT"
         properties = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@{host}:{controller_port}",
-            "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
-            "advertised.listeners": f"PLAINTEXT://{host}:{port}",
+            "listeners": listeners,
+            "advertised.listeners": advertised,
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "listener.security.protocol.map": protocols,
             "log.dirs": str(self.data_dir),
             "num.partitions": str(self.config.num_partitions),
             "auto.create.topics.enable": "true",
@@ -313,10 +407,11 @@ class KafkaBroker(LocalServer):
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
             "log.retention.hours": "168",
+            **(self._sasl_properties() if sasl_port else {}),
         }
         text = "# Written by harness.infra.kafka_broker on every start.\n"
         text += "".join(f"{key}={value}\n" for key, value in properties.items())
-        write_atomically(self.properties_file, text)
+        write_private(self.properties_file, text)
         log4j = (
             "status = warn\n"
             "appender.file.type = File\n"
@@ -329,21 +424,82 @@ class KafkaBroker(LocalServer):
         )
         write_atomically(self.state_dir / "log4j2.properties", log4j)
 
+    def _sasl_properties(self) -> dict[str, str]:
+        """The SASL_PLAINTEXT listener's mechanisms and JAAS configs: the PLAIN user inline, SCRAM from metadata."""
+        user, password = self._sasl_user()
+        plain = (
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'username="{user}" password="{password}" user_{user}="{password}";'
+        )
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        properties = {
+            "sasl.enabled.mechanisms": ",".join(("PLAIN", *SCRAM_MECHANISMS)),
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config": plain,
+        }
+        for mechanism in SCRAM_MECHANISMS:
+            properties[f"listener.name.sasl_plaintext.{mechanism.lower()}.sasl.jaas.config"] = scram
+        return properties
+
+    def _sasl_user(self) -> tuple[str, str]:
+        password = self.config.sasl_password
+        return self.config.sasl_username, password.get_secret_value() if password is not None else ""
+
+    def _scram_digest(self) -> str:
+        user, password = self._sasl_user()
+        return hashlib.sha256(f"{user}\0{password}".encode()).hexdigest()
+
+    def _scram_arguments(self) -> list[str]:
+        user, password = self._sasl_user()
+        return [f"{mechanism}=[name={user},password={password}]" for mechanism in SCRAM_MECHANISMS]
+
+    def _provision_scram_credentials(self, address: str) -> None:
+        """Give the SCRAM user its credentials through the running broker's PLAINTEXT listener, unless the metadata
+        has them already (written by ``format --add-scram``, or by an earlier call with the same password)."""
+        from kafka import KafkaAdminClient
+        from kafka.admin import UserScramCredentialUpsertion
+        from kafka.errors import KafkaError
+
+        if self._sasl_credentials_file.exists() and self._sasl_credentials_file.read_text().strip() == (
+            self._scram_digest()
+        ):
+            return
+        user, password = self._sasl_user()
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=address, request_timeout_ms=10_000, client_id="perfusion-scram")
+            try:
+                upserts = [UserScramCredentialUpsertion(user, mechanism, password) for mechanism in SCRAM_MECHANISMS]
+                errors = admin.alter_user_scram_credentials(upserts)
+            finally:
+                admin.close()
+        except KafkaError as exc:
+            errors = {user: f"{type(exc).__name__}: {exc}"}
+        if any(errors.values()):
+            raise InfrastructureError(f"giving SASL user {user!r} its SCRAM credentials failed: {errors}")
+        write_private(self._sasl_credentials_file, self._scram_digest() + "\n")
+
     def _format_storage(self, java: str, classpath: str) -> None:
-        """``kafka-storage format`` on first use; data written by an earlier run is kept."""
+        """``kafka-storage format`` on first use (with the SCRAM credentials when sasl is on); data written by an
+        earlier run is kept."""
         if (self.data_dir / "meta.properties").exists():
             return
         cluster_id = new_cluster_id()
         command = [java, "-Xmx256m", "-XX:TieredStopAtLevel=1", "-cp", classpath, "kafka.tools.StorageTool", "format"]
         command += ["--cluster-id", cluster_id, "--config", str(self.properties_file)]
+        if self.config.sasl:
+            for credentials in self._scram_arguments():
+                command += ["--add-scram", credentials]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             output = (result.stdout + result.stderr).strip()[-2000:]
+            if self.config.sasl:
+                output = output.replace(self._sasl_user()[1], "***")
             raise InfrastructureError(
                 f"formatting Kafka storage in {self.data_dir} failed (exit {result.returncode}); delete "
                 f"{self.data_dir} and retry, or {self.config.libs_dir.parent} and run `perfusion broker install` "
                 f"when the jars are damaged.\n{output}"
             )
+        if self.config.sasl:
+            write_private(self._sasl_credentials_file, self._scram_digest() + "\n")
 
     def _wait_until_answering(self, address: str) -> None:
         # The probe's connection attempts are expected to fail a few times; keep kafka-python's INFO chatter out.
@@ -393,6 +549,16 @@ class KafkaBroker(LocalServer):
         )
 
     # -- stop -------------------------------------------------------------------------------------------------
+
+
+def write_private(path: Path, text: str) -> None:
+    """:func:`write_atomically`, readable and writable by the owner only (the file may hold a password)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+    partial.replace(path)
 
 
 def new_cluster_id() -> str:
