@@ -31,6 +31,7 @@ from perfusion.kafka_security import faust_credentials
 from streams.agents import AGENT_MODULES
 from streams.agents.events import EVENT_STAGE_MODULES
 from streams.context import AgentContext, FeatureSink
+from streams.direct_topic import DirectTopic
 from streams.liveness import CrashHandler, exit_worker_process
 from streams.metrics import WorkerMetrics
 from streams.settings import StreamSettings
@@ -95,6 +96,7 @@ def create_app(
         broker=f"kafka://{settings.resolved_bootstrap_servers()}",
         broker_credentials=faust_credentials(settings.kafka_security),
         store="memory://",
+        Topic=DirectTopic,  # raw sends skip Faust's per-record machinery (streams.direct_topic)
         datadir=str(data_dir),
         autodiscover=False,
         web_enabled=settings.http_port > 0,

@@ -180,8 +180,9 @@ def forget_on_rebalance(app: faust.App, per_partition: MutableMapping[Any, Any])
     app.on_partitions_assigned.connect(forget)
 
 
-Send = tuple["TopicT", bytes, bytes] | tuple["TopicT", bytes, bytes, int]
-"""(topic, key, value) or (topic, key, value, partition): one record to send."""
+Send = tuple["TopicT", bytes, bytes | None] | tuple["TopicT", bytes, bytes | None, int]
+"""(topic, key, value) or (topic, key, value, partition): one record to send, bytes as they go (value None: a
+tombstone)."""
 
 
 async def send_and_wait(sends: Sequence[Send]) -> None:
@@ -193,7 +194,15 @@ async def send_and_wait(sends: Sequence[Send]) -> None:
     async def send_all() -> None:
         pending = []
         for topic, key, value, *partition in sends:
-            pending.append(await topic.send(key=key, value=value, partition=partition[0] if partition else None))
+            pending.append(
+                await topic.send(
+                    key=key,
+                    value=value,
+                    partition=partition[0] if partition else None,
+                    key_serializer="raw",
+                    value_serializer="raw",
+                )
+            )
         await asyncio.gather(*pending)
 
     await retry_until_done(f"sending {len(sends)} records", send_all)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from pydantic import TypeAdapter
 
 from streams.preferences import PreferenceUpdater, UserPreferenceState, feature_row
-from streams.table_store import forget_on_rebalance
+from streams.table_store import Send, forget_on_rebalance, send_and_wait
 
 if TYPE_CHECKING:
     from faust.types import TableT
@@ -53,24 +53,23 @@ class StagedImpressionMemory:
     def forget(self, impression_id: str) -> None:
         self._staged[impression_id.encode()] = (self.partition, None)
 
-    def commit(self) -> None:
-        """Write the staged changes to the table and its changelog."""
+    def commit(self) -> list[Send]:
+        """Write the staged changes to the table; returns their changelog records, for the caller to send."""
         staged, self._staged = self._staged, {}
+        changelog = self.table.changelog_topic
+        records: list[Send] = []
         for key, (partition, descriptors) in staged.items():
             if descriptors is not None:
-                put_in_partition(self.table, partition, key, _DESCRIPTORS_ADAPTER.dump_json(dict(descriptors)))
-            elif key in self.table:
+                value = _DESCRIPTORS_ADAPTER.dump_json(dict(descriptors))
+                self.table.data[key] = value
+                records.append((changelog, key, value, partition))
+            elif key in self.table.data:
                 del self.table.data[key]
-                self.table.send_changelog(partition, key, None, value_serializer="raw")
+                records.append((changelog, key, None, partition))
+        return records
 
     def discard(self) -> None:
         self._staged.clear()
-
-
-def put_in_partition(table: TableT, partition: int, key: bytes, value: bytes) -> None:
-    """Set ``table[key]`` and log it to changelog ``partition`` (the source event's partition)."""
-    table.data[key] = value
-    table.send_changelog(partition, key, value)
 
 
 class PreferenceStage:
@@ -110,13 +109,19 @@ class PreferenceStage:
 
     async def commit(self) -> None:
         touched, self._touched = self._touched, {}
-        self._memory.commit()
+        changelog = self._memory.commit()
         rows = [
             feature_row(user_id, self._updater.features(state), self._updater.push_stamp(state))
             for user_id, (state, _) in touched.items()
         ]
+        states = self._user_states
         for user_id, (state, partition) in touched.items():
-            put_in_partition(self._user_states, partition, user_id.encode(), state.to_bytes())
+            key, value = user_id.encode(), state.to_bytes()
+            states.data[key] = value
+            changelog.append((states.changelog_topic, key, value, partition))
+        # Acknowledged by the broker before the batch is: a killed worker restores at least what its committed
+        # offsets imply (streams.table_store).
+        await send_and_wait(changelog)
         if rows:
             with self._metrics.feast_push_seconds.time():
                 await self._push_features(rows)

@@ -435,6 +435,17 @@ def test_agent_in_process_pushes_features_dedupes_and_dead_letters(tmp_path: Pat
         return acknowledged()
 
     stream_app.topics.dead_letters.send = send_to_dead_letters  # type: ignore[method-assign]
+    logged: dict[str, dict[bytes, bytes | None]] = {"preference-users": {}, "preference-impressions": {}}
+    for table_name, records in logged.items():
+
+        async def log_change(
+            key: bytes | None = None, value: bytes | None = None, records: dict = records, **_: Any
+        ) -> asyncio.Future:
+            assert key is not None
+            records[key] = value
+            return acknowledged()
+
+        stream_app.app.tables[table_name].changelog_topic.send = log_change  # type: ignore[method-assign]
     malformed = [b"{not json", json.dumps({"kind": "click", "event_id": "x"}).encode()]
 
     async def drive() -> None:
@@ -450,6 +461,9 @@ def test_agent_in_process_pushes_features_dedupes_and_dead_letters(tmp_path: Pat
 
     asyncio.run(drive())
     assert crashed == []
+    # Each pushed user's state reached its table's changelog before the batch was acknowledged.
+    assert {key.decode() for key in logged["preference-users"]} == {row["user_id"] for row in pushed}
+    assert logged["preference-impressions"], "no impression descriptors were logged"
     latest = {row["user_id"]: row for row in pushed}
     expected = reference_features(events, settings)
     assert set(latest) == set(expected)
