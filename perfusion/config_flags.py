@@ -126,9 +126,9 @@ def add_config_flags(
     parser: argparse.ArgumentParser, config_cls: type[BaseModel], exclude: Sequence[str] = ()
 ) -> ConfigFlags:
     """One flag per field of ``config_cls`` but those ``exclude`` names (top-level fields or sections), default None
-    (not given), in an argument group of their own; the namespace gets the :class:`ConfigFlags` as
-    :data:`CONFIG_FLAGS`. A field without a description, or a flag whose destination the parser already uses, is
-    refused: every flag's help is its field's description."""
+    (not given; a field without a default is a required flag), in an argument group of their own; the namespace
+    gets the :class:`ConfigFlags` as :data:`CONFIG_FLAGS`. A field without a description, or a flag whose
+    destination the parser already uses, is refused: every flag's help is its field's description."""
     if CONFIG_FLAGS in parser._defaults:
         raise ConfigError(
             f"{parser.prog} already has the flags of {parser._defaults[CONFIG_FLAGS].config_cls.__name__}"
@@ -148,16 +148,17 @@ def add_config_flags(
             raise ConfigError(f"{config_cls.__name__}.{'.'.join(path)} has no description, which its flag's help needs")
         if dest in taken:
             raise ConfigError(f"{parser.prog}: {flag_name(path)} would overwrite the option of destination {dest!r}")
-        default = info.get_default(call_default_factory=True)
-        help_text = f"{info.description} (default {_shown(default)})".replace("%", "%%")
+        required = info.is_required() and len(path) == 1  # a section's field may have its section's default
+        shown = "required" if required else f"default {_shown(info.get_default(call_default_factory=True))}"
         flag = flag_name(path)
         group.add_argument(
             flag,
             dest=dest,
             type=_FieldValue(flag, info),
             default=None,
+            required=required,
             metavar=_metavar(info.annotation),
-            help=help_text,
+            help=f"{info.description} ({shown})".replace("%", "%%"),
         )
         flags.append(ConfigFlag(path, flag, dest, info))
     recorded = ConfigFlags(config_cls, tuple(flags))
