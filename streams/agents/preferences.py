@@ -114,18 +114,19 @@ class PreferenceStage:
             feature_row(user_id, self._updater.features(state), self._updater.push_stamp(state))
             for user_id, (state, _) in touched.items()
         ]
+        # Feast first, then the states' changelog, both before the batch is acknowledged. The other order has a
+        # hole: a worker killed after the changelog and before the push would restore states that hold the batch's
+        # events, read those events again as duplicates, and never push their features.
+        if rows:
+            with self._metrics.feast_push_seconds.time():
+                await self._push_features(rows)
+            self._metrics.feast_push_rows.inc(len(rows))
         states = self._user_states
         for user_id, (state, partition) in touched.items():
             key, value = user_id.encode(), state.to_bytes()
             states.data[key] = value
             changelog.append((states.changelog_topic, key, value, partition))
-        # Acknowledged by the broker before the batch is: a killed worker restores at least what its committed
-        # offsets imply (streams.table_store).
         await send_and_wait(changelog)
-        if rows:
-            with self._metrics.feast_push_seconds.time():
-                await self._push_features(rows)
-            self._metrics.feast_push_rows.inc(len(rows))
 
     def discard(self) -> None:
         self._touched = {}

@@ -413,8 +413,12 @@ def test_agent_in_process_pushes_features_dedupes_and_dead_letters(tmp_path: Pat
     pushed: list[dict[str, Any]] = []
     letters: list[DeadLetter] = []
 
+    pushed_so_far: set[str] = set()
+    logged_before_its_push: list[str] = []
+
     async def feature_sink(rows: list[dict[str, Any]]) -> None:
         pushed.extend(rows)
+        pushed_so_far.update(row["user_id"] for row in rows)
 
     settings = StreamSettings(
         bootstrap_servers="localhost:9", topic_prefix="inproc.", data_dir=tmp_path, push_batch_within_s=0.05
@@ -443,6 +447,8 @@ def test_agent_in_process_pushes_features_dedupes_and_dead_letters(tmp_path: Pat
         ) -> asyncio.Future:
             assert key is not None
             records[key] = value
+            if records is logged["preference-users"] and key.decode() not in pushed_so_far:
+                logged_before_its_push.append(key.decode())
             return acknowledged()
 
         stream_app.app.tables[table_name].changelog_topic.send = log_change  # type: ignore[method-assign]
@@ -464,6 +470,7 @@ def test_agent_in_process_pushes_features_dedupes_and_dead_letters(tmp_path: Pat
     # Each pushed user's state reached its table's changelog before the batch was acknowledged.
     assert {key.decode() for key in logged["preference-users"]} == {row["user_id"] for row in pushed}
     assert logged["preference-impressions"], "no impression descriptors were logged"
+    assert logged_before_its_push == [], "a state reached the changelog before Feast had its features"
     latest = {row["user_id"]: row for row in pushed}
     expected = reference_features(events, settings)
     assert set(latest) == set(expected)
