@@ -17,6 +17,9 @@ What the worker's ``GET /metrics`` exports (:mod:`streams.web`):
 - ``perfusion_worker_feast_push_seconds``: a batch's Feast push, from handing the rows over until Feast took
   them (retries after an outage included), and ``perfusion_worker_feast_push_rows_total``,
   ``perfusion_worker_feast_push_failures_total`` (attempts that failed and were retried)
+- ``perfusion_worker_batch_events``: messages per micro-batch of the events agent, and
+  ``perfusion_worker_batch_age_seconds``: when a micro-batch is finished (every effect done, features in Feast),
+  seconds since its oldest message's Kafka timestamp: the worker's part of an event's way to its features
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # Seconds. A Feast push of one micro-batch takes milliseconds to a second on this machine; an outage, much longer.
 _PUSH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
+# Seconds from a batch's oldest message to the batch finished: the micro-batch window (0.2 s) and up when caught up.
+_BATCH_AGE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 120.0, 600.0)
+_BATCH_EVENTS_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000)
 
 MAX_REASON_LABELS = 50
 """Distinct reason labels of the dead-letter counter; any further reason is counted as ``other``."""
@@ -111,6 +117,18 @@ class WorkerMetrics:
             "Feast push attempts that failed and were retried",
             registry=self.registry,
         )
+        self.batch_events = Histogram(
+            "perfusion_worker_batch_events",
+            "Messages in one micro-batch of the events agent",
+            buckets=_BATCH_EVENTS_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_age_seconds = Histogram(
+            "perfusion_worker_batch_age_seconds",
+            "Seconds from a micro-batch's oldest message (its Kafka timestamp) until the batch was finished",
+            buckets=_BATCH_AGE_BUCKETS,
+            registry=self.registry,
+        )
         self._reason_labels: set[str] = set()
         self._reason_labels_lock = threading.Lock()
         self._lag_partitions: set[tuple[str, str]] = set()
@@ -124,6 +142,13 @@ class WorkerMetrics:
                 else:
                     self._reason_labels.add(label)
         self.dead_letters.labels(topic=topic, reason=label).inc()
+
+    def observe_batch(self, events: int, oldest_timestamp_s: float | None, now_s: float) -> None:
+        """One finished micro-batch of ``events`` messages, the oldest stamped ``oldest_timestamp_s`` (seconds since
+        the epoch; None when no message had a timestamp)."""
+        self.batch_events.observe(events)
+        if oldest_timestamp_s is not None:
+            self.batch_age_seconds.observe(max(0.0, now_s - oldest_timestamp_s))
 
     def set_consumer_lag(self, lag_by_partition: Iterable[tuple[str, int, int]]) -> None:
         """The lag of every partition owned now, as ``(topic, partition, lag)``; partitions owned before and not

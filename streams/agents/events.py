@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -187,6 +188,8 @@ def register(context: AgentContext) -> AgentT:
         ):
             continuity.check(batch, context.on_skipped_records)
             await agent.process([read_message(event) for event in batch])
+            stamps = [event.message.timestamp for event in batch if event.message.timestamp]
+            context.metrics.observe_batch(len(batch), min(stamps, default=None), time.time())
             for event in batch:
                 partition, offset = event.message.partition, event.message.offset
                 finished_offsets[partition] = max(finished_offsets.get(partition, 0), offset + 1)

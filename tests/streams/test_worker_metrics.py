@@ -8,6 +8,8 @@ import json
 import logging
 from pathlib import Path
 
+import pytest
+
 from perfusion.contracts.records import InvalidEvent, parse_event
 from simulator.traffic import encode
 from streams.dead_letters import MessagePosition
@@ -81,6 +83,20 @@ def test_the_lag_gauge_follows_the_partitions_owned() -> None:
         if sample.name == "perfusion_worker_consumer_lag"
     }
     assert lag == {"1": 3, "2": 7}
+
+
+def test_a_batch_is_observed_by_its_size_and_the_age_of_its_oldest_message() -> None:
+    metrics = WorkerMetrics()
+    metrics.observe_batch(120, oldest_timestamp_s=1_000.0, now_s=1_000.35)
+    metrics.observe_batch(3, oldest_timestamp_s=None, now_s=1_001.0)  # no timestamps: counted, not aged
+    metrics.observe_batch(1, oldest_timestamp_s=1_002.0, now_s=1_001.5)  # a producer clock ahead: age 0, not < 0
+    sample = metrics.registry.get_sample_value
+    assert sample("perfusion_worker_batch_events_count") == 3
+    assert sample("perfusion_worker_batch_events_sum") == 124
+    assert sample("perfusion_worker_batch_age_seconds_count") == 2
+    assert sample("perfusion_worker_batch_age_seconds_sum") == pytest.approx(0.35)
+    assert sample("perfusion_worker_batch_age_seconds_bucket", {"le": "0.3"}) == 1  # the 0 s one
+    assert sample("perfusion_worker_batch_age_seconds_bucket", {"le": "0.5"}) == 2
 
 
 def test_a_json_log_line_names_where_the_record_was_read() -> None:
