@@ -1,7 +1,7 @@
 """Command-line flags generated from the fields of a configuration that a command builds in code: a
 :class:`~perfusion.frozen_config.FrozenConfig`, or a :class:`~perfusion.settings.Settings` that reads only its
-arguments (the evaluation's configs). The flags of a process's settings, read over the environment, are
-:func:`perfusion.settings.add_flags`'s.
+arguments (the evaluation's configs). A process's settings, which the environment sets too, have
+:func:`perfusion.settings.add_flags`'s flags instead.
 
 - :func:`add_config_flags` gives a parser one flag per field: ``--field-name`` (the field's name with dashes), its
   help the field's description and default, its value parsed as the field's type (a wrong one is an argparse error
