@@ -10,13 +10,14 @@ stage in turn. Before any of that, the batch's offsets are checked for a gap (:m
 the consumer skipped make the worker restart instead of being lost.
 
 The error policy, one for every stage. A stage first *folds* the batch into state it can still take back, then
-*commits*: table writes, outputs acknowledged by the broker, changelog flushed, Feast push. If folding raises, no
-one event can be blamed yet: every stage *discards* what it folded, and the batch is folded again one event at a
-time, each committed on its own; an event that raises again is discarded from every stage and dead-lettered with
-the stage's exception as its reason, and the rest go on. So every event of a batch ends in state or in the
-dead-letter topic, and only then is the batch acknowledged. Committing raises only for what is not about the
-events (the broker, Feast): those effects are retried until they succeed (:mod:`streams.liveness`), and anything
-else that escapes ends the worker rather than let Faust skip the batch.
+*commits*: table writes, outputs acknowledged by the broker, changelog flushed, Feast push (the stages' commits run
+concurrently: their effects are independent). If folding raises, no one event can be blamed yet: every stage
+*discards* what it folded, and the batch is folded again one event at a time, each committed on its own; an event
+that raises again is discarded from every stage and dead-lettered with the stage's exception as its reason, and the
+rest go on. So every event of a batch ends in state or in the dead-letter topic, and only then is the batch
+acknowledged. Committing raises only for what is not about the events (the broker, Feast): those effects are retried
+until they succeed (:mod:`streams.liveness`), and anything else that escapes ends the worker rather than let Faust
+skip the batch.
 
 An event whose Kafka key is not its ``user_id`` (no key, or a wrong one) would put a user's events on two
 partitions; it is not folded but sent again to ``perfusion.events`` under the right key, and folded when it comes
@@ -28,6 +29,7 @@ run.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import time
@@ -141,8 +143,9 @@ class EventsAgent:
             await event_stage.fold(batch)
 
     async def _commit(self) -> None:
-        for _, event_stage in self._stages:
-            await event_stage.commit()
+        # The stages' effects are independent of one another (their own tables, topics and Feast rows), so they are
+        # finished at once: one wait for the broker's acknowledgements and the Feast push, not one per stage.
+        await asyncio.gather(*(event_stage.commit() for _, event_stage in self._stages))
 
     def _discard(self) -> None:
         for _, event_stage in self._stages:
