@@ -42,6 +42,10 @@ if TYPE_CHECKING:
     from mode.types.signals import BaseSignalT
 
 
+# json.dumps with separators builds an encoder per call; the group builder writes a state per event.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 class JsonTableStore(MutableMapping[str, Any]):
     """One partition's view of a raw-bytes Faust table as a mapping of str keys to JSON values.
 
@@ -58,7 +62,15 @@ class JsonTableStore(MutableMapping[str, Any]):
         self._undo: dict[bytes, bytes | None] = {}  # raw value of each key before its first change since checkpoint
 
     def __getitem__(self, key: str) -> Any:
-        raw = self.table.data[key.encode()]
+        return self._decoded_value(key, self.table.data[key.encode()])
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """``self[key]``, or ``default`` for a key the table does not hold (one lookup, not the mapping mixin's
+        exception round trip: the group builder reads a state per event)."""
+        raw = self.table.data.get(key.encode())
+        return default if raw is None else self._decoded_value(key, raw)
+
+    def _decoded_value(self, key: str, raw: bytes) -> Any:
         cached = self._decoded.get(key)
         if cached is not None and cached[0] is raw:
             return cached[1]
@@ -69,7 +81,7 @@ class JsonTableStore(MutableMapping[str, Any]):
     def __setitem__(self, key: str, value: Any) -> None:
         encoded = key.encode()
         self._remember_for_undo(encoded)
-        raw = json.dumps(value, separators=(",", ":")).encode()
+        raw = _COMPACT_JSON.encode(value).encode()
         self.table.data[encoded] = raw
         self._decoded[key] = (raw, value)
         self._unlogged[encoded] = None

@@ -102,3 +102,14 @@ def test_reads_decode_json_and_iteration_lists_every_key() -> None:
     store: Any = JsonTableStore(table, partition=0)  # type: ignore[arg-type]
     assert store["o:1"] == {"quantity": 2}
     assert sorted(store) == ["o:1"] and len(store) == 1
+
+
+def test_get_reads_like_indexing_and_gives_the_default_for_a_missing_key() -> None:
+    table = TableWithChangelog()
+    store: Any = JsonTableStore(table, partition=0)  # type: ignore[arg-type]
+    store["i:a"] = {"status": "open", "due": 12.5}
+    assert store.get("i:a") == store["i:a"] == {"status": "open", "due": 12.5}
+    assert store.get("i:missing") is None and store.get("i:missing", 0) == 0
+    table.data[b"i:a"] = b'{"status":"closed"}'  # rewritten by another partition's store: never read from the cache
+    assert store.get("i:a") == {"status": "closed"}
+    assert table.data[b"i:a"] == b'{"status":"closed"}' and store.get("i:b", "x") == "x"
