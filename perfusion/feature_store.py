@@ -227,6 +227,7 @@ class FeaturePusher:
 
     def __init__(self, store: FeatureStore, merge_every_s: float = HISTORY_MERGE_EVERY_S) -> None:
         self._store = store
+        self._views_fed: dict[str, list[str]] = {}  # push source -> the feature views it feeds
         self._history_files: dict[str, Path] = {}
         self._history_schemas: dict[Path, Any] = {}  # pyarrow schema of each history file; merges keep it
         self._merge_every_s = merge_every_s
@@ -242,14 +243,22 @@ class FeaturePusher:
     def _history_file(self, push_source: str) -> Path:
         """The offline history file of the view fed by ``push_source``."""
         if push_source not in self._history_files:
-            for view in self._store.list_feature_views():
-                history_file = history_file_of(self._store, view)
-                if view.stream_source is not None and view.stream_source.name == push_source and history_file:
-                    self._history_files[push_source] = history_file
-                    break
-            else:
-                raise ConfigError(f"no feature view is fed by push source {push_source!r}")
+            self._resolve(push_source)
         return self._history_files[push_source]
+
+    def _resolve(self, push_source: str) -> None:
+        """Find the views ``push_source`` feeds (what ``FeatureStore.push`` looks up from the registry on every
+        call, a few milliseconds each) and the history file of the first with one."""
+        views = [
+            view
+            for view in self._store.list_feature_views()
+            if view.stream_source is not None and view.stream_source.name == push_source
+        ]
+        history_files = [path for path in (history_file_of(self._store, view) for view in views) if path]
+        if not history_files:
+            raise ConfigError(f"no feature view is fed by push source {push_source!r}")
+        self._views_fed[push_source] = [view.name for view in views]
+        self._history_files[push_source] = history_files[0]
 
     @classmethod
     def open(cls, settings: FeatureStoreSettings | None = None) -> FeaturePusher:
@@ -268,13 +277,13 @@ class FeaturePusher:
         a thread). A retry after a failure may write a row twice offline, identically: harmless to point-in-time
         joins."""
         import pandas as pd
-        from feast.data_source import PushMode
 
         if not rows:
             return
         frame = pd.DataFrame(list(rows))
-        self._store.push(push_source, frame, to=PushMode.ONLINE)
         history_file = self._history_file(push_source)
+        for view_name in self._views_fed[push_source]:  # FeatureStore.push(to=ONLINE), the views looked up once
+            self._store.write_to_online_store(view_name, frame)
         append_history(history_file, frame, self._history_schema(history_file))
         if time.monotonic() - self._last_merge >= self._merge_every_s:
             # Readers merge before they read anyway; this keeps the file itself at most a minute behind for
