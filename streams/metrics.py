@@ -162,6 +162,9 @@ class WorkerMetrics:
             self.consumer_lag.remove(*labels)
         self._lag_partitions = owned
 
-    def render(self) -> bytes:
-        """The registry in the Prometheus text exposition format."""
-        return generate_latest(self.registry)
+    def render(self, names: Iterable[str] = ()) -> bytes:
+        """The registry in the Prometheus text exposition format; only the samples ``names`` lists when it lists
+        any (``GET /metrics?name[]=...``, as Prometheus's own exposition filters: a poller of one counter does not
+        make the worker render every histogram)."""
+        names = list(names)
+        return generate_latest(self.registry.restricted_registry(names) if names else self.registry)

@@ -4,7 +4,8 @@
   loop blocked by one long call does not answer at all (a probe's timeout is the signal);
 - ``GET /readyz``: 200 once the consumer runs and owns partitions, with no rebalance or table recovery under way;
   503 otherwise, with what is missing. A worker in a group with more workers than partitions stays unready;
-- ``GET /metrics``: the worker's metrics (:mod:`streams.metrics`) in Prometheus's text format.
+- ``GET /metrics``: the worker's metrics (:mod:`streams.metrics`) in Prometheus's text format; ``?name[]=<sample>``
+  (repeatable) renders only those samples.
 
 Faust imports its web views at module level: import this module only where Faust may be imported.
 """
@@ -94,4 +95,5 @@ def register_pages(app: faust.App, metrics: WorkerMetrics) -> None:
     class Metrics(View):
         async def get(self, request: Request) -> Response:
             # aiohttp refuses a content type with a charset as an argument; as a header it passes unchanged.
-            return self.bytes(metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+            names = [value for key, value in request.query.items() if key == "name[]"]  # a multidict: every pair
+            return self.bytes(metrics.render(names), headers={"Content-Type": METRICS_CONTENT_TYPE})

@@ -99,6 +99,17 @@ def test_a_batch_is_observed_by_its_size_and_the_age_of_its_oldest_message() -> 
     assert sample("perfusion_worker_batch_age_seconds_bucket", {"le": "0.5"}) == 2
 
 
+def test_a_render_restricted_to_names_holds_those_samples_alone() -> None:
+    metrics = WorkerMetrics()
+    metrics.events.labels(outcome="folded").inc(7)
+    metrics.observe_batch(7, oldest_timestamp_s=1.0, now_s=1.5)
+    whole = metrics.render().decode()
+    only = metrics.render(["perfusion_worker_events_total"]).decode()
+    assert "perfusion_worker_batch_age_seconds_bucket" in whole
+    samples = [line for line in only.splitlines() if line and not line.startswith("#")]
+    assert samples == ['perfusion_worker_events_total{outcome="folded"} 7.0']
+
+
 def test_a_json_log_line_names_where_the_record_was_read() -> None:
     position = MessagePosition("perfusion.events", 2, 41)
     record = logging.LogRecord(
