@@ -30,10 +30,12 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> bool:
 
 
 def produce(bootstrap: str, topic: str, values: list[bytes], partition: int = 0) -> None:
+    """Each value under a key of its own: compacted topics (production orders, model updates) refuse a record
+    without a key."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
     try:
-        for value in values:
-            producer.send(topic, value=value, partition=partition)
+        for index, value in enumerate(values):
+            producer.send(topic, key=f"{partition}-{index}".encode(), value=value, partition=partition)
         producer.flush(timeout=10)
     finally:
         producer.close()
