@@ -27,6 +27,7 @@ BENCHMARK_MODULES: dict[str, str] = {
     "objective": "ops.bench.objective",
     "streams": "ops.bench.streams",
     "serve": "ops.bench.serve",
+    "recovery": "ops.bench.recovery",
 }
 
 
