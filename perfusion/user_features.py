@@ -45,13 +45,16 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from perfusion.attributes import DESCRIPTOR_DIM, one_hot_descriptor
 from perfusion.errors import PerfusionError
+
+if TYPE_CHECKING:
+    from perfusion.feature_store import FeatureStoreSettings
 
 PREFERENCES_VIEW = "user_preferences"
 PROFILE_VIEW = "user_profile"
@@ -264,6 +267,26 @@ def user_vectors_from_columns(
     num_rows = next(iter(lengths.values()), 0)
     rows = [{name: values[index] for name, values in columns.items()} for index in range(num_rows)]
     return user_vectors(rows, as_of)
+
+
+def push_sign_up_profiles(
+    shopper_profiles: Mapping[str, Mapping[str, int]],
+    store_regions: Mapping[str, int],
+    signed_up_ts: float,
+    feature_store: FeatureStoreSettings | None = None,
+) -> None:
+    """What the shop knows at sign-up, into Feast (online and offline), stamped ``signed_up_ts`` (seconds since the
+    epoch): each shopper's profile (``age_group``, ``region``) into the ``user_profile`` view, each merchant's store
+    region into ``merchant_profile`` (:func:`merchant_profile_rows`). ``feature_store`` None: the environment's."""
+    from perfusion.feature_store import USER_PROFILE_PUSH, FeaturePusher
+
+    stamp = datetime.fromtimestamp(signed_up_ts, tz=UTC)
+    pusher = FeaturePusher.open(feature_store)
+    pusher.push(
+        USER_PROFILE_PUSH,
+        [{"user_id": user_id, **profile, "event_timestamp": stamp} for user_id, profile in shopper_profiles.items()],
+    )
+    pusher.push(MERCHANT_PROFILE_PUSH, merchant_profile_rows(store_regions, signed_up_ts))
 
 
 def merchant_profile_rows(store_regions: Mapping[str, int], signed_up_ts: float) -> list[dict[str, Any]]:

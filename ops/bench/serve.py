@@ -170,12 +170,12 @@ def run_serve_benchmark(config: ServeBenchConfig, bootstrap_servers: str | None 
 
     from harness.loop import process_environment
     from ops.demo.client import histogram_mean
-    from ops.demo.loop import push_profiles
     from perfusion.checkpoints import ModelStore
     from perfusion.contracts.topics import TopicNames, ensure_topics
     from perfusion.feature_store import FeatureStoreSettings, apply_feature_repo, open_feature_store
     from perfusion.image_store import ImageStore
     from perfusion.sampling import BASE_CHECKPOINT_DIR, base_text_encoder
+    from perfusion.user_features import push_sign_up_profiles
     from service.app import create_app
     from service.auth import KeyStore
     from service.designs import DesignRegistry
@@ -198,7 +198,9 @@ def run_serve_benchmark(config: ServeBenchConfig, bootstrap_servers: str | None 
         feature_store = FeatureStoreSettings.from_env(feast_dir=state / "feast")
         with process_environment({"PERFUSION_STATE_DIR": str(state)}):
             apply_feature_repo(feature_store)
-            push_profiles(_OneProfile(), [PERSONALIZED_USER], feature_store)
+            push_sign_up_profiles(
+                {PERSONALIZED_USER: _OneProfile().profile(PERSONALIZED_USER)}, {}, time.time() - 86_400.0, feature_store
+            )
             store = ModelStore(state / "models")
             text_encoder = base_text_encoder(base_folder)
             # Best-of-N on while the first version loads, so that its reward model loads with it; the arms then

@@ -47,7 +47,6 @@ if TYPE_CHECKING:
     from ops.demo.client import ServiceClient
     from ops.demo.observer import ObservedLoop
     from ops.demo.principals import DemoClients
-    from perfusion.feature_store import FeatureStoreSettings
     from service.schemas import DesignStatusResponse
 
 Emit = Callable[[str], None]
@@ -252,29 +251,6 @@ def format_summary(outcome: LoopOutcome) -> str:
     )
 
 
-def push_profiles(panel: ShopperPanel, user_ids: Sequence[str], feature_store: FeatureStoreSettings) -> None:
-    """Each shopper's sign-up profile (age group, region) to Feast's user_profile view, online and offline."""
-    from datetime import UTC, datetime
-
-    from perfusion.feature_store import FeaturePusher
-
-    signed_up = datetime.fromtimestamp(time.time() - 86_400.0, tz=UTC)
-    rows = [{"user_id": user_id, **panel.profile(user_id), "event_timestamp": signed_up} for user_id in user_ids]
-    FeaturePusher.open(feature_store).push("user_profile_push", rows)
-
-
-def push_merchant_profiles(merchant_ids: Sequence[str], feature_store: FeatureStoreSettings) -> None:
-    """Each merchant's profile to Feast's merchant_profile view (their stores sell in the regions in turn), so that
-    their u says they are merchants from their first review on."""
-    from perfusion.feature_store import FeaturePusher
-    from perfusion.user_features import MERCHANT_PROFILE_PUSH, NUM_REGIONS, merchant_profile_rows
-
-    regions = {merchant_id: index % NUM_REGIONS for index, merchant_id in enumerate(merchant_ids)}
-    FeaturePusher.open(feature_store).push(
-        MERCHANT_PROFILE_PUSH, merchant_profile_rows(regions, time.time() - 86_400.0)
-    )
-
-
 def _served_images(client: ServiceClient, image_ids: Sequence[str]) -> NDArray[np.uint8]:
     return np.stack([client.image(image_id) for image_id in image_ids])  # [K, H, W, 3]
 
@@ -413,6 +389,7 @@ def run_loop(
     from ops.feature_table import format_feature_table
     from perfusion.contracts.topics import TopicNames, ensure_topics
     from perfusion.feature_store import apply_feature_repo, open_feature_store, read_online_features
+    from perfusion.user_features import NUM_REGIONS, push_sign_up_profiles
 
     started = time.monotonic()
     topic_prefix = f"demo-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}."
@@ -444,8 +421,14 @@ def run_loop(
         applied = apply_feature_repo(feature_store)
         emit(f"==> Feast repo applied in {applied.feast_dir}: {', '.join(applied.feature_views)}")
         ensure_topics(bootstrap, names, settings.partitions)
-        push_profiles(panel, shoppers, feature_store)
-        push_merchant_profiles(merchants, feature_store)
+        # Every merchant's store sells in the regions in turn, so that their u says they are merchants from their
+        # first review on.
+        push_sign_up_profiles(
+            {shopper: panel.profile(shopper) for shopper in shoppers},
+            {merchant: index % NUM_REGIONS for index, merchant in enumerate(merchants)},
+            time.time() - 86_400.0,
+            feature_store,
+        )
         emit(
             f"==> {len(shoppers)} shoppers' and {len(merchants)} merchants' profiles pushed to Feast; topics prefixed "
             f"{topic_prefix!r}"

@@ -173,33 +173,6 @@ class ImpressionTimeUserVectors:
         return [self.by_impression[sample.sample_id] for sample in samples]
 
 
-def push_profiles(
-    panel: PixelPreferencePanel, users: Sequence[str], ts: float, feature_store: FeatureStoreSettings | None = None
-) -> None:
-    """What the shop knows at sign-up (age group, region) for every shopper, into the arm's Feast store."""
-    from datetime import UTC, datetime
-
-    from perfusion.feature_store import USER_PROFILE_PUSH, FeaturePusher
-
-    rows = [
-        {"user_id": user, **panel.profile(user), "event_timestamp": datetime.fromtimestamp(ts, tz=UTC)}
-        for user in users
-    ]
-    FeaturePusher.open(feature_store).push(USER_PROFILE_PUSH, rows)
-
-
-def push_merchant_profiles(
-    panel: PixelPreferencePanel, merchants: Sequence[str], ts: float, feature_store: FeatureStoreSettings | None = None
-) -> None:
-    """Every merchant's store profile (the region their store sells in), so that a merchant is a viewer of their own
-    groups with a u of their own (the merchant flag among it)."""
-    from perfusion.feature_store import FeaturePusher
-    from perfusion.user_features import MERCHANT_PROFILE_PUSH, merchant_profile_rows
-
-    regions = {merchant: panel.profile(merchant)["region"] for merchant in merchants}
-    FeaturePusher.open(feature_store).push(MERCHANT_PROFILE_PUSH, merchant_profile_rows(regions, ts))
-
-
 def count_records(bootstrap: str, topics: Sequence[str], security: KafkaSecuritySettings | None = None) -> int:
     from kafka import KafkaConsumer, TopicPartition
 
@@ -264,7 +237,7 @@ def run_arm(
     from perfusion.contracts.topics import TopicNames, ensure_topics
     from perfusion.feature_store import apply_feature_repo, open_feature_store
     from perfusion.image_store import ImageStore
-    from perfusion.user_features import user_vector
+    from perfusion.user_features import push_sign_up_profiles, user_vector
     from service.features import FeastFeatureReader, user_condition
     from trainer.loop import build_trainer
     from trainer.settings import TrainerSettings
@@ -279,8 +252,12 @@ def run_arm(
     with arm_environment(arm_dir, bootstrap, topic_prefix) as place:
         feature_store = place.feature_store()
         apply_feature_repo(feature_store)
-        push_profiles(panel, population.train_users + population.cold_users, origin - 86_400.0, feature_store)
-        push_merchant_profiles(panel, population.merchants, origin - 86_400.0, feature_store)
+        push_sign_up_profiles(
+            {user: panel.profile(user) for user in population.train_users + population.cold_users},
+            {merchant: panel.profile(merchant)["region"] for merchant in population.merchants},
+            origin - 86_400.0,
+            feature_store,
+        )
         settings = TrainerSettings.for_arm(
             arm,
             bootstrap_servers=bootstrap,

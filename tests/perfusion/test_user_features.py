@@ -4,6 +4,7 @@ cold and unknown users, batching."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from perfusion.user_features import (
     USER_VECTOR_SLICES,
     UserFeatureError,
     merchant_profile_rows,
+    push_sign_up_profiles,
     taste_part,
     user_vector,
     user_vectors,
@@ -268,3 +270,22 @@ def test_merchant_profile_rows_for_the_push_source() -> None:
     ]
     with pytest.raises(UserFeatureError, match=r"store_region must be an integer in 0\.\.3, got 7"):
         merchant_profile_rows({"m1": 7}, signed_up_ts=1.0)
+
+
+def test_sign_up_profiles_reach_the_online_store_of_the_settings_given(tmp_path: Path) -> None:
+    from perfusion.feature_store import (
+        FeatureStoreSettings,
+        apply_feature_repo,
+        open_feature_store,
+        read_online_features,
+    )
+
+    settings = FeatureStoreSettings(feast_dir=tmp_path / "feast")
+    apply_feature_repo(settings)
+    push_sign_up_profiles(
+        {"s1": {"age_group": 2, "region": 1}}, {"m1": 3}, signed_up_ts=1_700_000_000.0, feature_store=settings
+    )
+    store = open_feature_store(settings)
+    [shopper] = read_online_features(store, "user_profile", ["s1"])
+    [merchant] = read_online_features(store, "merchant_profile", ["m1"])
+    assert (shopper["age_group"], shopper["region"], merchant["store_region"]) == (2, 1, 3)

@@ -20,7 +20,7 @@ import pytest
 
 from perfusion.contracts.records import AnyEvent, DesignCreated, GroupSample
 from perfusion.contracts.topics import TopicNames, ensure_topics
-from perfusion.user_features import USER_VECTOR_SLICES, user_vector
+from perfusion.user_features import USER_VECTOR_SLICES, push_sign_up_profiles, user_vector
 from simulator.science.inloop import InProcessLoop
 from simulator.traffic import TrafficConfig, TrafficSimulator, encode, produce_events
 from streams.settings import StreamSettings
@@ -47,20 +47,6 @@ def profiles_of(simulator: TrafficSimulator) -> tuple[dict[str, dict[str, int]],
     profiles = {user: {"age_group": index % 5, "region": index % 4} for index, user in enumerate(shoppers)}
     store_regions = {merchant.user_id: (index + 1) % 4 for index, merchant in enumerate(simulator.merchants)}
     return profiles, store_regions
-
-
-def push_profiles(profiles: dict[str, dict[str, int]], store_regions: dict[str, int], ts: float) -> None:
-    """The profiles into this test's Feast store, as the Kafka evaluation pushes them (simulator/eval/arm.py)."""
-    from datetime import UTC, datetime
-
-    from perfusion.feature_store import USER_PROFILE_PUSH, FeaturePusher
-    from perfusion.user_features import MERCHANT_PROFILE_PUSH, merchant_profile_rows
-
-    pusher = FeaturePusher.open()
-    stamp = datetime.fromtimestamp(ts, tz=UTC)
-    rows = [{"user_id": user, **values, "event_timestamp": stamp} for user, values in profiles.items()]
-    pusher.push(USER_PROFILE_PUSH, rows)
-    pusher.push(MERCHANT_PROFILE_PUSH, merchant_profile_rows(store_regions, ts))
 
 
 def clock_events(after_ts: float, settings: StreamSettings) -> list[DesignCreated]:
@@ -183,7 +169,7 @@ def test_one_event_log_gives_the_workers_samples_and_user_vectors_in_process(
     inloop.apply([*log, *clocks])
 
     apply_feature_repo()
-    push_profiles(profiles, store_regions, start_ts - 86_400.0)
+    push_sign_up_profiles(profiles, store_regions, start_ts - 86_400.0)
     ensure_topics(kafka_bootstrap, names, settings.partitions)
     place = LoopPlace(
         kafka_bootstrap, state_dir=state_dir, topic_prefix=topic_prefix, feast_dir=feast_dir, online_store="sqlite"
