@@ -268,8 +268,10 @@ def test_a_model_update_wakes_the_watcher_past_a_malformed_record(
         assert watcher.updates_follower is not None and watcher.updates_follower.wait_positioned(30)
         version = publish(store, trained_like_adaptive(generator.unet, seed=18))
         update = ModelUpdated(version=version, path=str(store.path(version)), ts=1.0)
-        producer.send(topics.model_updates, value=b'{"version": ' + b"[" * 20_000 + b"]" * 20_000 + b"}")
-        producer.send(topics.model_updates, value=update.to_bytes())
+        # Keyed as the trainer keys its updates (by version): the compacted topic refuses a record without a key.
+        poison = b'{"version": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+        producer.send(topics.model_updates, key=b"poison", value=poison)
+        producer.send(topics.model_updates, key=version.encode(), value=update.to_bytes())
         producer.flush(timeout=10)
         for _ in range(600):
             if generator.model_version == version:
