@@ -490,3 +490,31 @@ def _report(
             "empty run's; rss_mb: RSS a second after it, less the empty run's",
         }
     return report
+
+
+def extrapolated_report(measured: list[dict[str, Any]], keys: int) -> dict[str, Any]:
+    """What the restore of ``keys`` order records extrapolates to from measured reports of fewer (a line through
+    the two largest measured sizes, per figure of ``restore``); marked as not measured."""
+    points = sorted((report for report in measured if "restore" in report), key=lambda r: r["config"]["keys"])[-2:]
+    if len(points) < 2:
+        raise ValueError("extrapolating needs two reports of different sizes, each with a baseline")
+    (small, large) = (point["restore"] for point in points)
+    if small["order_records"] == large["order_records"]:
+        raise ValueError(f"both reports measure {small['order_records']} order records")
+    span = large["order_records"] - small["order_records"]
+    figures = ("wall_s", "cpu_s", "ready_to_fired_s", "cpu_to_fired_s", "rss_mb")
+    return {
+        "benchmark": "recovery",
+        "measured": False,
+        "extrapolated_to_order_records": keys,
+        "extrapolated_from": {point["config"]["keys"]: point["restore"] for point in points},
+        "restore": {
+            name: round(large[name] + (large[name] - small[name]) * (keys - large["order_records"]) / span, 1)
+            for name in figures
+        },
+        "per_1000_order_records": {name: round((large[name] - small[name]) / span * 1000, 4) for name in figures},
+        "store": points[-1]["store"],
+        "note": "NOT MEASURED: a straight line through the restore figures of the two measured sizes (filled run "
+        "less the empty one), extended to this size; Faust's replay is one pass over the changelog records, so "
+        "time and CPU grow about linearly with them, and the memory with the keys held",
+    }

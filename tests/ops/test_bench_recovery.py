@@ -23,6 +23,7 @@ from ops.bench.recovery import (
     add_arguments,
     by_design_partition,
     changelog_records,
+    extrapolated_report,
     fill_demand_state,
     probe_events,
     run_recovery_benchmark,
@@ -147,3 +148,20 @@ def test_a_real_worker_restores_a_small_table_and_fires_the_probe_from_it(
     )
     assert report["store"]["used"] == "memory://"
     assert "filled (300 order records" in summary(report)
+
+
+def test_an_extrapolation_is_a_line_through_the_two_largest_sizes_and_says_it_was_not_measured() -> None:
+    def measured(keys: int, wall_s: float, rss_mb: float) -> dict[str, Any]:
+        restore = {"order_records": keys, "wall_s": wall_s, "cpu_s": wall_s / 2, "ready_to_fired_s": 1.0,
+                   "cpu_to_fired_s": wall_s, "rss_mb": rss_mb}  # fmt: skip
+        return {"config": {"keys": keys}, "restore": restore, "store": store_backends()}
+
+    reports = [measured(100_000, 30.0, 200.0), measured(10_000, 3.0, 20.0), measured(1_000, 99.0, 99.0)]
+    extrapolated = extrapolated_report(reports, 1_000_000)
+    assert extrapolated["measured"] is False and "NOT MEASURED" in extrapolated["note"]
+    assert sorted(extrapolated["extrapolated_from"]) == [10_000, 100_000]
+    assert extrapolated["restore"]["wall_s"] == 300.0 and extrapolated["restore"]["rss_mb"] == 2000.0
+    assert extrapolated["restore"]["ready_to_fired_s"] == 1.0
+    assert extrapolated["per_1000_order_records"]["cpu_s"] == 0.15
+    with pytest.raises(ValueError, match="two reports"):
+        extrapolated_report(reports[:1], 1_000_000)
