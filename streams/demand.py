@@ -366,8 +366,8 @@ class DemandCounter:
             self._keep_order_record(key_of_order, record, keep_until)
             entry = [event.ts, event.event_id, event.kind, order_id, event.quantity]
         else:
-            seen = [entry[1] for entry in state["pending"]] + [applied[0] for applied in state["applied"]]
-            if event.event_id in seen:
+            ids = [a[0] if isinstance(a, list) else a for a in state["applied"]]  # str: logged before retention
+            if event.event_id in ids or any(pending[1] == event.event_id for pending in state["pending"]):
                 self.counts["duplicate"] += 1
                 return False
             entry = [event.ts, event.event_id, event.kind, None, event.order_threshold]
@@ -435,7 +435,9 @@ class DemandCounter:
         """Marks the order counted; returns the units of returns that were waiting for it (those within its
         window, at most its quantity)."""
         key = order_key(self.partition, order_id)
-        record = self._store[key]  # kept until the watermark passes the order: it is there when the order applies
+        record = self._store.get(key)  # kept until the watermark passes the order: there when the order applies,
+        if record is None:  # unless it was logged under the key format before partitions (o:<order_id>)
+            return 0
         backlog = 0
         for return_ts, units, return_id in record["waiting"]:
             if self._within_window(return_ts, record["ts"]):
@@ -451,8 +453,7 @@ class DemandCounter:
         none when it is outside the order's window."""
         key = order_key(self.partition, order_id)
         record = self._store.get(key)
-        if record is None:  # not reached: a record outlives the events it holds ids of
-            self.counts["return_unknown_order"] += 1
+        if record is None:  # a record outlives the events it names, unless logged under the key format before it
             return 0
         if not record["applied"]:
             self._store[key] = {**record, "waiting": [*record["waiting"], [ts, quantity, return_id]]}
@@ -486,7 +487,7 @@ class DemandCounter:
             if state is None:
                 continue
             if key.startswith("d:"):
-                kept = [applied for applied in state["applied"] if applied[1] + retention_s >= watermark]
+                kept = [a for a in state["applied"] if isinstance(a, list) and a[1] + retention_s >= watermark]
                 if len(kept) < len(state["applied"]):
                     self._store[key] = {**state, "applied": kept}
             elif state["expires"] == due:  # else it was kept longer since, and has an entry for that
@@ -513,7 +514,8 @@ class DemandCounter:
                 continue
             if state["pending"]:
                 self._due.append((min(entry[0] for entry in state["pending"]), key[2:]))
-            self._expiring.extend((applied[1] + retention_s, key) for applied in state["applied"])
+            # An id without its event time (logged before retention) is forgotten at the design's next expiry.
+            self._expiring.extend((a[1] + retention_s, key) for a in state["applied"] if isinstance(a, list))
             if state["fired"] == _EMITTING:
                 self._unconfirmed.append(ProductionOrder.model_validate(state["order"], strict=False))
             if _unpublished(key[2:], state, self.settings) is not None:

@@ -279,3 +279,21 @@ def test_the_demand_agent_logs_a_tombstone_after_the_watermark_that_refuses_a_re
     assert watermarks and watermarks[-1] > expires
     # The redelivered o1 was refused: d1 fired once, at o2, with 2 net orders.
     assert [ProductionOrder.model_validate_json(value or b"").net_orders for _, value, _ in orders_sent] == [2]
+
+
+def test_state_logged_before_retention_is_read_without_a_crash() -> None:
+    """Design ids without event times and an order recorded under the key without a partition (``o:<order_id>``):
+    the counter goes on, dedupes by the old ids and counts the pending order."""
+    store: dict[str, Any] = {
+        "d:d1": {"p": 0, "threshold": 2, "net": 1, "peak": 1, "fired": None, "applied": ["create-d1"],
+                 "pending": [[T0 + 5, "o2", "order", "o2", 1]]},
+        "o:o2": {"quantity": 1, "returned": 0, "waiting": 0, "returns": [], "applied": False},
+        "w:0": T0,
+    }  # fmt: skip
+    counter = DemandCounter(EXPIRING, store, partition=0)
+    assert fold(counter, [design("d1", T0 + 1, 2)]) == [] and counter.counts["duplicate"] == 1
+    fired = fold(counter, [design("d2", T0 + 6, 1), clock(T0 + 30)])
+    assert [(production.design_id, production.net_orders) for production in fired] == [("d1", 2)]
+    fold(counter, [clock(T0 + 100)])
+    assert store["d:d2"]["applied"] == [] and store["d:d1"]["applied"] == ["create-d1"]
+    assert "o:o2" in store  # an old record is neither read nor deleted
