@@ -30,7 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from perfusion.contracts.records import DesignDemand
 from perfusion.contracts.topics import TopicNames
@@ -39,6 +39,9 @@ from perfusion.follower import FollowedRecord, TopicFollower
 from service.problems import Refusal
 from service.settings import ServiceSettings
 from service.sqlite_store import SqliteStore, sqlite_path
+
+if TYPE_CHECKING:
+    from perfusion.settings import KafkaSecuritySettings
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +228,12 @@ class DemandFollower:
     production-orders topics): the follower follows the design-demand topic of their prefix."""
 
     def __init__(
-        self, registry: DesignRegistry, bootstrap_servers: str, *topics: str, poll_timeout_s: float = 0.5
+        self,
+        registry: DesignRegistry,
+        bootstrap_servers: str,
+        *topics: str,
+        poll_timeout_s: float = 0.5,
+        security: KafkaSecuritySettings | None = None,
     ) -> None:
         self.registry = registry
         self.demand_topic = TopicNames.of_topic(*topics).design_demand
@@ -236,6 +244,7 @@ class DemandFollower:
             self._handle,
             start_at="earliest",
             poll_timeout_s=poll_timeout_s,
+            security=security,
         )
 
     def start(self) -> None:

@@ -19,12 +19,15 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from perfusion.contracts.records import ModelUpdated
 from perfusion.errors import PerfusionError
 from perfusion.follower import FollowedRecord, TopicFollower
 from service.metrics import ServiceMetrics
+
+if TYPE_CHECKING:
+    from perfusion.settings import KafkaSecuritySettings
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ class ModelWatcher:
         poll_interval_s: float = 0.25,
         bootstrap_servers: str | None = None,
         updates_topic: str | None = None,
+        security: KafkaSecuritySettings | None = None,
     ) -> None:
         if poll_interval_s <= 0:
             raise ValueError(f"poll_interval_s must be positive, got {poll_interval_s}")
@@ -66,6 +70,7 @@ class ModelWatcher:
         self.poll_interval_s = poll_interval_s
         self.bootstrap_servers = bootstrap_servers
         self.updates_topic = updates_topic
+        self.security = security
         self.refused: dict[str, str] = {}  # version -> reason
         self._check_lock = threading.Lock()
         self._wake = threading.Event()
@@ -121,6 +126,7 @@ class ModelWatcher:
                 self._on_update,
                 start_at="latest",
                 on_broker_error=lambda _: self.metrics.kafka_errors.labels(operation="consume_model_updates").inc(),
+                security=self.security,
             )
             self.updates_follower.start()
 

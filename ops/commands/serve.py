@@ -62,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
         poll_interval_s=service.poll,
         bootstrap_servers=bootstrap,
         updates_topic=topics.model_updates,
+        security=settings.kafka_security,
     )
-    follower = DemandFollower(designs, bootstrap, topics.design_demand)
+    follower = DemandFollower(designs, bootstrap, topics.design_demand, security=settings.kafka_security)
     event_sink = KafkaEventSink(bootstrap, topics.events, security=settings.kafka_security)
     app = create_app(
         generator=generator,

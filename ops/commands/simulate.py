@@ -36,13 +36,15 @@ def run(args: argparse.Namespace) -> int:
     settings = StreamSettings.from_env(topic_prefix=args.topic_prefix)
     bootstrap = settings.resolved_bootstrap_servers()
     names = TopicNames.for_prefix(settings.topic_prefix)
-    ensure_topics(bootstrap, names, settings.partitions)
+    ensure_topics(bootstrap, names, settings.partitions, client=settings)
     rate = args.rate or None
     # Event time follows the sending pace: one impression episode about every (events per episode / rate) s.
     gap = 2.0 / args.rate if args.rate else 0.01
     start = time.time() - (0.0 if rate else gap * args.events)
     simulator = TrafficSimulator(TrafficConfig(seed=args.seed, shoppers=args.shoppers, start_ts=start, mean_gap_s=gap))
     events = simulator.events(args.events)
-    sent = produce_events((encode(event) for event in events), bootstrap, names.events, rate=rate)
+    sent = produce_events(
+        (encode(event) for event in events), bootstrap, names.events, rate=rate, security=settings.kafka_security
+    )
     print(f"sent {sent} events for {len({e.user_id for e in events})} users to {names.events} on {bootstrap}")
     return 0

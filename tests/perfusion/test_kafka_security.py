@@ -267,3 +267,17 @@ def test_a_missing_file_named_by_a_variable_is_refused(monkeypatch: pytest.Monke
     monkeypatch.setenv("KAFKA_SSL_CAFILE", str(tmp_path / "missing.pem"))
     with pytest.raises(ConfigError, match=r"kafka_security\.ssl_cafile .*missing\.pem does not exist"):
         KafkaClientSettings.from_env()
+
+
+def test_the_services_demand_follower_connects_with_the_security_it_is_given(tmp_path: Path) -> None:
+    from service.designs import DemandFollower, DesignRegistry
+
+    security = sasl_plaintext()
+    follower = DemandFollower(
+        DesignRegistry(tmp_path / "service.sqlite"), "broker:9093", "t.perfusion.events", security=security
+    )
+    assert follower.follower.security is security
+    assert (
+        DemandFollower(DesignRegistry(tmp_path / "other.sqlite"), "broker:9093", "t.perfusion.events").follower.security
+        is None
+    )
