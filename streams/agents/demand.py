@@ -35,12 +35,13 @@ flush, so the compacted changelog a restarted worker replays holds what the poli
 
 State store: Faust's memory store (``memory://``, :mod:`streams.app`). A restarted worker replays the whole
 changelog before it processes anything, so its recovery time grows with the table. ``perfusion bench recovery``
-(:mod:`ops.bench.recovery`; docs/streams-performance.md, "Bounded state and recovery") measured on this loaded
-2-core machine about 0.29 ms of CPU per changelog record for the replay (100,000 order records: 28.7 s of CPU,
-276 s of wall time; 1,000,000 extrapolated, not measured: about 5 minutes on a free core) and about 1.6 KB of
-memory per record once the counters have read them. RocksDB (``rocksdb://``) would keep the table on local disk
-and replay only the changelog's tail after a restart on the same disk, but faust-streaming's RocksDB store needs
-``rocksdict`` or ``python-rocksdb``, and neither is installed, so it is not offered here.
+(:mod:`ops.bench.recovery`; docs/streams-performance.md, "Bounded state and recovery") measured on this 2-core
+machine, for 1,000,000 order records, 266 s from the web server's start to ready (209 s of CPU, about 0.21 ms per
+changelog record; 0.29 ms at 100,000 with the machine busier), 41 s more to the first production order (the
+counters index their records on first use), and 1.5 GB more RSS (2.2 GB in all). RocksDB (``rocksdb://``) would
+keep the table on local disk and replay only the changelog's tail after a restart on the same disk, but
+faust-streaming's RocksDB store needs ``rocksdict`` or ``python-rocksdb``, and neither is installed, so it is not
+offered here.
 """
 
 from __future__ import annotations
