@@ -39,13 +39,19 @@ def _sasl_credentials(security: KafkaSecuritySettings) -> dict[str, Any]:
     }
 
 
+def _protocol_and_sasl(security: KafkaSecuritySettings) -> dict[str, Any]:
+    """What kafka-python's and aiokafka's clients take alike: the protocol and the SASL credentials."""
+    kwargs: dict[str, Any] = {"security_protocol": security.protocol}
+    if security.uses_sasl:
+        kwargs.update(_sasl_credentials(security))
+    return kwargs
+
+
 def kafka_python_kwargs(security: KafkaSecuritySettings | None) -> dict[str, Any]:
     """Keyword arguments of kafka-python's clients; empty for PLAINTEXT (or no settings)."""
     if security is None or security.protocol == "PLAINTEXT":
         return {}
-    kwargs: dict[str, Any] = {"security_protocol": security.protocol}
-    if security.uses_sasl:
-        kwargs.update(_sasl_credentials(security))
+    kwargs = _protocol_and_sasl(security)
     if security.uses_ssl:
         kwargs["ssl_check_hostname"] = security.ssl_check_hostname
         for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
@@ -74,9 +80,7 @@ def aiokafka_kwargs(security: KafkaSecuritySettings | None) -> dict[str, Any]:
     """Keyword arguments of aiokafka's clients (TLS as ``ssl_context``); empty for PLAINTEXT (or no settings)."""
     if security is None or security.protocol == "PLAINTEXT":
         return {}
-    kwargs: dict[str, Any] = {"security_protocol": security.protocol}
-    if security.uses_sasl:
-        kwargs.update(_sasl_credentials(security))
+    kwargs = _protocol_and_sasl(security)
     if security.uses_ssl:
         kwargs["ssl_context"] = ssl_context(security)
     return kwargs

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from harness.infra.kafka_broker import KafkaBroker, KafkaBrokerConfig
-from perfusion.contracts.records import AnyEvent, DesignCreated
 from perfusion.contracts.topics import TopicNames, ensure_topics
 from perfusion.kafka_security import kafka_python_kwargs, security_environment
 from perfusion.settings import KafkaClientSettings, KafkaSecuritySettings
@@ -29,6 +28,7 @@ from tests.streams.test_streams_integration import (
     clock_events,
     expected_results,
     make_log,
+    produce,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -85,21 +85,6 @@ def test_the_sasl_listener_refuses_a_client_without_credentials_or_with_a_wrong_
     assert properties.stat().st_mode & 0o077 == 0, "server.properties holds the password: owner only"
 
 
-def produce(bootstrap: str, topic: str, events: list[AnyEvent], clocks: list[tuple[int, DesignCreated]]) -> None:
-    from kafka import KafkaProducer
-
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, **kafka_python_kwargs(scram()))
-    try:
-        for event in events:
-            producer.send(topic, key=event.user_id.encode(), value=event.to_bytes())
-        producer.flush()
-        for partition, clock in clocks:
-            producer.send(topic, key=clock.user_id.encode(), value=clock.to_bytes(), partition=partition)
-        producer.flush()
-    finally:
-        producer.close()
-
-
 def read_until(
     bootstrap: str, topics: dict[str, str], expected: dict[str, set[str]]
 ) -> dict[str, list[tuple[str, dict]]]:
@@ -145,7 +130,7 @@ def test_the_worker_with_scram_credentials_turns_events_into_group_samples_and_p
 
     arguments = cli_arguments("worker", *WORKER_FLAGS, "--loglevel", "warning")
     with loop_process(place, "worker", arguments, tmp_path, stop_grace_s=60.0) as worker:
-        produce(bootstrap, names.events, log, clock_events(max(event.ts for event in log)))
+        produce(bootstrap, names.events, log, clock_events(max(event.ts for event in log)), scram())
         outputs = read_until(
             bootstrap,
             {names.group_samples: "samples", names.production_orders: "orders"},

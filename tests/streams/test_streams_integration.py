@@ -36,6 +36,7 @@ from perfusion.contracts.records import (
     Select,
 )
 from perfusion.contracts.topics import TopicNames
+from perfusion.settings import KafkaSecuritySettings
 from streams.dead_letters import original_bytes
 from streams.demand import DemandSettings, batch_production_orders
 from streams.grouping import GroupingSettings, batch_group_outputs
@@ -191,10 +192,18 @@ def clock_events(after_ts: float) -> list[tuple[int, DesignCreated]]:
     ]  # fmt: skip
 
 
-def produce(bootstrap: str, topic: str, events: list[AnyEvent], clocks: list[tuple[int, DesignCreated]]) -> None:
+def produce(
+    bootstrap: str,
+    topic: str,
+    events: list[AnyEvent],
+    clocks: list[tuple[int, DesignCreated]],
+    security: KafkaSecuritySettings | None = None,
+) -> None:
     from kafka import KafkaProducer
 
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    from perfusion.kafka_security import kafka_python_kwargs
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, **kafka_python_kwargs(security))
     try:
         for event in events:
             producer.send(topic, key=event.user_id.encode(), value=event.to_bytes())
