@@ -73,12 +73,16 @@ class Worker:
         self.store: dict[str, Any] = {}
         self.counter = DemandCounter(self.settings, self.store, partition=0)
         self.offsets = itertools.count()
+        self.latest_ts = -math.inf
         self.follower = DemandFollower(registry, "localhost:9", "test.perfusion.design-demand")
 
-    def batch(self, events: Iterable[DesignCreated | Order | Return], watermark: float = math.inf) -> None:
+    def batch(self, events: Iterable[DesignCreated | Order | Return]) -> None:
+        """Fold ``events`` and move the watermark just past the latest event time seen, as a worker's does once its
+        sources have moved on (not to infinity: an event after that would be older than any retention)."""
         for event in events:
+            self.latest_ts = max(self.latest_ts, event.ts)
             self.counter.confirm(self.counter.process(event))
-        self.counter.confirm(self.counter.advance(watermark))
+        self.counter.confirm(self.counter.advance(self.latest_ts + 1.0))
         updates = demand_updates(self.store, self.counter.take_touched(), self.settings)
         for update in updates:
             self.follower.apply(update.to_bytes(), partition=0, offset=next(self.offsets))
