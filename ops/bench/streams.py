@@ -261,7 +261,7 @@ def _worker_rate_and_freshness(
         fresh = freshness(
             place.bootstrap, topic, group_id, traffic, settings.rate, warmup, settings.sampled_users,
             settings.timeout_s, supervised.process, place.feature_store(),
-            KafkaClientSettings.from_env(bootstrap_servers=place.bootstrap).kafka_security,
+            KafkaClientSettings.from_env(bootstrap_servers=place.bootstrap).kafka_security, _metrics_url(port),
         )  # fmt: skip
         phase("freshness")
     return {**worker, "group_id": group_id}, fresh

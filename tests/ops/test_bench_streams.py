@@ -51,6 +51,8 @@ def test_report_has_every_figure_both_ceilings_and_the_targets(
     assert written["freshness"]["samples"] > 0 and written["freshness"]["unseen_after_30s"] == 0
     assert written["freshness"]["warmup_events"] == 50 and 0 <= written["freshness"]["drain_after_warmup_s"] < 180
     assert 0 < written["freshness"]["p50_ms"] <= written["freshness"]["p99_ms"] <= written["freshness"]["max_ms"]
+    batches = written["freshness"]["worker_batches"]  # the worker's own part of the measured phase
+    assert batches["batches"] > 0 and batches["events_per_batch_mean"] >= 1 and batches["age_mean_s"] >= 0
     targets = written["targets"]
     assert set(targets) == {"worker_events_per_s", "worker_to_bare_faust", "freshness_p99_ms"}
     assert all(isinstance(target["met"], bool) for target in targets.values())
@@ -105,3 +107,40 @@ def test_bare_agent_parses_as_the_worker_gate_does() -> None:
     assert event_parser("json")(b'{"kind": "click"}') == {"kind": "click"}
     with pytest.raises(ValueError, match="parse must be one of"):
         event_parser("yaml")
+
+
+WORKER_PAGE = """# HELP perfusion_worker_batch_age_seconds Seconds from a micro-batch's oldest message
+# TYPE perfusion_worker_batch_age_seconds histogram
+perfusion_worker_batch_age_seconds_bucket{le="0.2"} 1.0
+perfusion_worker_batch_age_seconds_bucket{le="0.5"} 3.0
+perfusion_worker_batch_age_seconds_bucket{le="1.0"} 9.0
+perfusion_worker_batch_age_seconds_bucket{le="+Inf"} 10.0
+perfusion_worker_batch_age_seconds_count 10.0
+perfusion_worker_batch_age_seconds_sum 6.5
+perfusion_worker_batch_events_bucket{le="100.0"} 8.0
+perfusion_worker_batch_events_bucket{le="+Inf"} 10.0
+perfusion_worker_batch_events_count 10.0
+perfusion_worker_batch_events_sum 900.0
+perfusion_worker_events_total{outcome="folded"} 900.0
+"""
+
+
+def test_the_measured_phases_batches_are_the_difference_of_two_readings() -> None:
+    from ops.bench.stream_freshness import BATCH_HISTOGRAMS, bucket_quantile, parse_histograms, worker_batches
+
+    after = parse_histograms(WORKER_PAGE, BATCH_HISTOGRAMS)
+    assert after["perfusion_worker_batch_age_seconds"] == {
+        "le=0.2": 1.0, "le=0.5": 3.0, "le=1.0": 9.0, "le=+Inf": 10.0, "count": 10.0, "sum": 6.5,
+    }  # fmt: skip
+    before = {
+        "perfusion_worker_batch_age_seconds": {"le=0.2": 1.0, "le=0.5": 1.0, "le=1.0": 1.0, "le=+Inf": 2.0,
+                                               "count": 2.0, "sum": 4.5},
+        "perfusion_worker_batch_events": {"le=100.0": 0.0, "le=+Inf": 2.0, "count": 2.0, "sum": 500.0},
+    }  # fmt: skip
+    measured = worker_batches(before, after)
+    # 8 batches: 2 in (0.2, 0.5], 6 in (0.5, 1.0]; 400 events; ages summing to 2.0 s.
+    assert measured["batches"] == 8 and measured["events_per_batch_mean"] == 50.0 and measured["age_mean_s"] == 0.25
+    assert measured["age_p50_s_at_most"] == 1.0 and measured["age_p99_s_at_most"] == 1.0
+    assert bucket_quantile({"le=0.2": 1.0, "le=0.5": 3.0, "le=+Inf": 4.0, "count": 4.0}, 0.5) == 0.5
+    assert bucket_quantile({"le=0.2": 0.0, "le=+Inf": 4.0, "count": 4.0}, 0.5) is None  # beyond the last bound
+    assert bucket_quantile({"count": 0.0}, 0.5) is None
