@@ -1,16 +1,19 @@
 """The trainer's Prometheus metrics: one update against the real broker moves the update counter, the update
-duration and the published version; a due update without new samples is counted as skipped; ``serve_metrics``
-serves the registry over HTTP."""
+duration and the published version; a due update without new samples is counted as skipped, one the gate refuses
+as refused, publishing nothing; ``serve_metrics`` serves the registry over HTTP."""
 
 from __future__ import annotations
 
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import trainer.loop
 from perfusion.checkpoints import ModelStore
 from perfusion.text_encoder import TextEncoder
 from tests.trainer import test_trainer_integration as integration
+from trainer.gate import GateDecision
 from trainer.loop import build_trainer
 from trainer.metrics import TrainerMetrics, serve_metrics
 from trainer.settings import TrainerSettings
@@ -79,3 +82,22 @@ def test_serve_metrics_answers_with_the_registry() -> None:
     assert samples[("perfusion_trainer_updates_total", (("outcome", "published"),))] == 1
     assert samples[("perfusion_trainer_model_version_info", (("version", "v2"),))] == 1
     assert samples[("perfusion_trainer_model_version_info", (("version", "v1"),))] == 0
+
+
+def test_a_refused_update_is_counted_with_its_duration_and_publishes_nothing(
+    trainer_settings: TrainerSettings, text_encoder: TextEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    integration.produce(trainer_settings, integration.group_samples(10), "request-1")
+    # The gate's own tests cover when it refuses; here it refuses whatever the candidate, to see the refusal counted.
+    refusal = GateDecision(False, ("candidate RM's held-out GAUC is below the serving RM's",), {})
+    monkeypatch.setattr(trainer.loop, "run_gate", lambda *args, **kwargs: refusal)
+
+    refusing = build_trainer(trainer_settings, text_encoder=text_encoder)
+    summary = refusing.run(once=True)
+
+    assert summary.versions_published == [] and summary.refusals == [refusal.reasons]
+    metrics = refusing.metrics
+    assert value(metrics, "perfusion_trainer_updates_total", outcome="refused") == 1
+    assert value(metrics, "perfusion_trainer_update_seconds_count", outcome="refused") == 1
+    assert value(metrics, "perfusion_trainer_updates_total", outcome="published") is None
+    assert ModelStore(trainer_settings.resolved_model_root()).versions() == []
