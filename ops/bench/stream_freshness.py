@@ -7,13 +7,10 @@ import statistics
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ops.bench.stream_rates import wait_until_drained
+from ops.bench.stream_rates import metrics_page, wait_until_drained
 
 if TYPE_CHECKING:
     from perfusion.contracts.records import AnyEvent
@@ -144,15 +141,8 @@ Histograms = dict[str, dict[str, float]]
 def read_histograms(metrics_url: str, names: Sequence[str]) -> Histograms | None:
     """The buckets, count and sum of each histogram ``names`` lists, from a process's ``/metrics`` (None while it
     does not answer)."""
-    query = urllib.parse.urlencode(
-        [("name[]", f"{name}_{part}") for name in names for part in ("bucket", "count", "sum")]
-    )
-    try:
-        with urllib.request.urlopen(f"{metrics_url}?{query}", timeout=2.0) as response:
-            text = response.read().decode()
-    except (urllib.error.URLError, OSError):
-        return None
-    return parse_histograms(text, names)
+    text = metrics_page(metrics_url, [f"{name}_{part}" for name in names for part in ("bucket", "count", "sum")])
+    return None if text is None else parse_histograms(text, names)
 
 
 def parse_histograms(text: str, names: Sequence[str]) -> Histograms:

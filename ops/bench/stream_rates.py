@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from perfusion.errors import InfrastructureError
@@ -77,15 +78,23 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def metrics_page(metrics_url: str, samples: Sequence[str]) -> str | None:
+    """A process's ``/metrics`` restricted to ``samples`` (``?name[]=``: the process renders only those); None while
+    it does not answer (not started yet)."""
+    query = urllib.parse.urlencode([("name[]", sample) for sample in samples])
+    try:
+        with urllib.request.urlopen(f"{metrics_url}?{query}", timeout=2.0) as response:
+            return str(response.read().decode())
+    except (urllib.error.URLError, OSError):
+        return None
+
+
 def finished_events(metrics_url: str) -> int | None:
     """The events a Faust process finished, summed over outcomes, from its /metrics; None while it does not answer
     (not started yet)."""
-    try:
-        # Only the one counter: both processes render the same few lines per poll, not every histogram.
-        query = urllib.parse.urlencode({"name[]": FINISHED_EVENTS_METRIC})
-        with urllib.request.urlopen(f"{metrics_url}?{query}", timeout=2.0) as response:
-            text = response.read().decode()
-    except (urllib.error.URLError, OSError):
+    # Only the one counter: both processes render the same few lines per poll, not every histogram.
+    text = metrics_page(metrics_url, [FINISHED_EVENTS_METRIC])
+    if text is None:
         return None
     total = 0.0
     for line in text.splitlines():
