@@ -227,22 +227,28 @@ def test_the_definitions_read_no_environment() -> None:
     assert result.stdout.strip() == "offline/user_preferences.parquet"
 
 
-def test_feast_cli_in_the_repo_folder_lists_the_views_without_variables(tmp_path: Path) -> None:
-    """The repo folder beside a default state folder (``../.state/feast``), as in a checkout, applied by PerFusion."""
-    from feast.repo_config import load_repo_config
-
+def _applied_checkout(tmp_path: Path) -> Path:
+    """The repo folder beside a default state folder (``../.state/feast``), as in a checkout, applied by PerFusion;
+    returns the repo folder."""
     checkout = tmp_path / "checkout"
     shutil.copytree(FEATURE_REPO_DIR, checkout / "features", ignore=shutil.ignore_patterns("__pycache__"))
     apply_feature_repo(FeatureStoreSettings(feast_dir=checkout / ".state" / "feast"))
-    yaml_config = load_repo_config(checkout / "features", checkout / "features" / "feature_store.yaml")
-    code_config = repo_config(FeatureStoreSettings(feast_dir=checkout / ".state" / "feast"))
+    return checkout / "features"
+
+
+def test_feast_cli_in_the_repo_folder_lists_the_views_without_variables(tmp_path: Path) -> None:
+    from feast.repo_config import load_repo_config
+
+    repo = _applied_checkout(tmp_path)
+    yaml_config = load_repo_config(repo, repo / "feature_store.yaml")
+    code_config = repo_config(FeatureStoreSettings(feast_dir=repo.parent / ".state" / "feast"))
     for name in ("project", "provider", "entity_key_serialization_version"):
         assert getattr(yaml_config, name) == getattr(code_config, name), name
     assert yaml_config.online_store.type == code_config.online_store.type == "sqlite"
     feast = Path(sys.executable).with_name("feast")
     result = subprocess.run(
         [str(feast), "feature-views", "list"],
-        cwd=checkout / "features",
+        cwd=repo,
         env=_clean_environment(),
         capture_output=True,
         text=True,
@@ -252,3 +258,42 @@ def test_feast_cli_in_the_repo_folder_lists_the_views_without_variables(tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
     for view in ("user_preferences", "user_profile", "merchant_profile"):
         assert view in result.stdout, result.stdout
+
+
+def test_feast_ui_in_the_repo_folder_serves_the_views(tmp_path: Path) -> None:
+    """``feast ui`` starts (its REST registry API imports the gRPC server: the grpcio extra) and lists the views."""
+    import socket
+    import time
+
+    import httpx
+
+    repo = _applied_checkout(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    feast = Path(sys.executable).with_name("feast")
+    ui = subprocess.Popen(
+        [str(feast), "ui", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=repo,
+        env=_clean_environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        names: list[str] = []
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and ui.poll() is None:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/api/v1/feature_views", params={"project": "perfusion"})
+            except httpx.TransportError:  # not listening yet
+                time.sleep(1.0)
+                continue
+            assert response.status_code == 200, response.text[-2000:]
+            names = sorted(view["spec"]["name"] for view in response.json()["featureViews"])
+            break
+        assert ui.poll() is None, (ui.stderr.read() if ui.stderr else b"")[-3000:]
+        assert {"user_preferences", "user_profile", "merchant_profile"} <= set(names), names
+        assert httpx.get(f"http://127.0.0.1:{port}/").status_code == 200  # the UI's page itself
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)
