@@ -45,18 +45,25 @@ if TYPE_CHECKING:
 # json.dumps with separators builds an encoder per call; the group builder writes a state per event.
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 
+DECODED_VALUES_MAX = 50_000
+"""Most decoded values a :class:`JsonTableStore` keeps. Unbounded, the cache held every value a store had read: at a
+million demand records it was most of the worker's 2.2 GB (docs/streams-performance.md); a value pushed out is
+decoded again when next read."""
+
 
 class JsonTableStore(MutableMapping[str, Any]):
     """One partition's view of a raw-bytes Faust table as a mapping of str keys to JSON values.
 
     Reads see every key the worker holds; writes and deletes change the table at once and are logged to changelog
     ``partition`` by :meth:`flush_changelog`, once per key however often it changed. Decoded values are cached per
-    key together with the bytes they came from: callers replace values, never mutate them in place.
+    key together with the bytes they came from, at most ``decoded_max`` of them (the oldest decoded go first):
+    callers replace values, never mutate them in place.
     """
 
-    def __init__(self, table: TableT, partition: int) -> None:
+    def __init__(self, table: TableT, partition: int, decoded_max: int = DECODED_VALUES_MAX) -> None:
         self.table = table
         self.partition = partition
+        self._decoded_max = decoded_max
         self._decoded: dict[str, tuple[bytes, Any]] = {}  # key -> (the raw bytes decoded, the value)
         self._unlogged: dict[bytes, None] = {}  # keys changed since the last flush, in order of first change
         self._undo: dict[bytes, bytes | None] = {}  # raw value of each key before its first change since checkpoint
@@ -75,15 +82,21 @@ class JsonTableStore(MutableMapping[str, Any]):
         if cached is not None and cached[0] is raw:
             return cached[1]
         value = json.loads(raw)
-        self._decoded[key] = (raw, value)
+        self._cache(key, raw, value)
         return value
+
+    def _cache(self, key: str, raw: bytes, value: Any) -> None:
+        decoded = self._decoded
+        decoded[key] = (raw, value)
+        if len(decoded) > self._decoded_max:
+            del decoded[next(iter(decoded))]  # dicts keep insertion order: the oldest entry
 
     def __setitem__(self, key: str, value: Any) -> None:
         encoded = key.encode()
         self._remember_for_undo(encoded)
         raw = _COMPACT_JSON.encode(value).encode()
         self.table.data[encoded] = raw
-        self._decoded[key] = (raw, value)
+        self._cache(key, raw, value)
         self._unlogged[encoded] = None
 
     def __delitem__(self, key: str) -> None:

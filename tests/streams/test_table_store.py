@@ -113,3 +113,15 @@ def test_get_reads_like_indexing_and_gives_the_default_for_a_missing_key() -> No
     table.data[b"i:a"] = b'{"status":"closed"}'  # rewritten by another partition's store: never read from the cache
     assert store.get("i:a") == {"status": "closed"}
     assert table.data[b"i:a"] == b'{"status":"closed"}' and store.get("i:b", "x") == "x"
+
+
+def test_the_decoded_cache_is_bounded_and_a_value_pushed_out_reads_the_same() -> None:
+    table = TableWithChangelog()
+    store: Any = JsonTableStore(table, partition=0, decoded_max=2)  # type: ignore[arg-type]
+    for index in range(5):
+        store[f"k:{index}"] = {"n": index}
+    table.data[b"k:raw"] = b'{"n":-1}'
+    assert store["k:raw"] == {"n": -1}
+    assert len(store._decoded) == 2  # the cache, not the table: every key is still held
+    assert [store[f"k:{index}"] for index in range(5)] == [{"n": index} for index in range(5)]
+    assert len(store._decoded) == 2 and len(store) == 6
