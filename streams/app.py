@@ -14,13 +14,11 @@ Faust is imported here at module level: import this module only inside a command
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import logging
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import faust
 from faust.types import AgentT
@@ -32,14 +30,12 @@ from streams.agents import AGENT_MODULES
 from streams.agents.events import EVENT_STAGE_MODULES
 from streams.context import AgentContext, FeatureSink
 from streams.direct_topic import DirectTopic
+from streams.feast_sink import FeastSink
 from streams.liveness import CrashHandler, exit_worker_process
 from streams.metrics import WorkerMetrics
 from streams.settings import StreamSettings
 from streams.table_store import send_and_wait
 from streams.topics import Topics, declare_topics
-
-if TYPE_CHECKING:
-    from perfusion.feature_store import FeaturePusher
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +125,7 @@ def create_app(
         topics=topics,
         settings=settings,
         dead_letter_sink=send_dead_letter,
-        feature_sink=feature_sink if feature_sink is not None else FeastSink(metrics),
+        feature_sink=feature_sink if feature_sink is not None else FeastSink(metrics, writer=settings.feast_writer),
         event_stage_modules=event_stage_modules,
         on_crash=on_crash,
         metrics=metrics,
@@ -181,60 +177,14 @@ def seek_uncommitted_partitions_to_beginning() -> None:
     AIOKafkaConsumerThread.seek_to_committed = seek_to_committed_or_beginning  # type: ignore[method-assign]
 
 
-class FeastSink:
-    """Pushes rows to Feast (ONLINE_AND_OFFLINE) in a thread, so the event loop keeps consuming meanwhile.
-
-    The store is opened on first use, or beforehand by :meth:`open`: importing Feast takes seconds, which the worker
-    spends before it starts consuming rather than with a batch of events waiting on it.
-    """
-
-    def __init__(self, metrics: WorkerMetrics | None = None) -> None:
-        self._pusher: FeaturePusher | None = None
-        self._lock = threading.Lock()
-        self._metrics = metrics
-
-    def open(self) -> FeaturePusher:
-        with self._lock:
-            if self._pusher is None:
-                from perfusion.feature_store import FeaturePusher
-
-                self._pusher = FeaturePusher.open()
-            return self._pusher
-
-    def _push(self, rows: list[dict[str, Any]]) -> None:
-        self.open().push_user_preferences(rows)
-
-    async def __call__(self, rows: list[dict[str, Any]]) -> None:
-        """Push, retrying with backoff until Feast takes the rows: the batch's events are acknowledged only after
-        this returns, so a Feast outage delays features but neither loses them nor crashes the agent."""
-        attempt = 0
-        while True:
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, self._push, rows)
-                return
-            except Exception as exc:
-                if self._metrics is not None:
-                    self._metrics.feast_push_failures.inc()
-                attempt += 1
-                delay_s = min(30.0, 0.5 * 2**attempt)
-                log.warning(
-                    "Feast push of %d rows failed (%s: %s); retry %d in %.1f s",
-                    len(rows),
-                    type(exc).__name__,
-                    exc,
-                    attempt,
-                    delay_s,
-                )
-                await asyncio.sleep(delay_s)
-
-
 def run_worker(stream_app: StreamApp, loglevel: str = "info") -> None:
     """Run the worker in this process until a signal stops it."""
     from faust.worker import Worker
 
     stream_app.ensure_topics()
     if isinstance(stream_app.feature_sink, FeastSink):
-        stream_app.feature_sink.open()
+        writer_pid = stream_app.feature_sink.open()
+        log.info("Feast store open; pushes run in %s (pid %d)", stream_app.feature_sink.writer, writer_pid)
     log.info(
         "worker %s on %s: agents %s",
         stream_app.settings.group_id,

@@ -18,6 +18,7 @@ from pydantic import Field
 from perfusion.paths import state_dir
 from perfusion.settings import KafkaClientSettings
 from streams.demand import DemandSettings
+from streams.feast_sink import FeastWriter
 from streams.grouping import GroupingSettings
 from streams.training_trigger import TrainingTriggerSettings
 
@@ -50,6 +51,11 @@ class StreamSettings(KafkaClientSettings):
         gt=0.0,
         le=60.0,
         description="seconds the preference agent waits to fill a micro-batch before pushing",
+    )
+    feast_writer: FeastWriter = Field(
+        default="process",
+        description="where the preference stage's Feast pushes run: 'process' (a child process of the worker, on "
+        "another core than the event loop) or 'thread' (a thread of the worker, sharing its GIL)",
     )
     preference_half_life_s: float = Field(
         default=86_400.0,

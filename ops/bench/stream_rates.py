@@ -4,7 +4,8 @@ process's (the stream worker or the bare Faust agent) from its own count of fini
 Both Faust processes are timed the same way: ``perfusion_worker_events_total`` (every outcome) read from the
 process's ``/metrics`` every :data:`POLL_S` seconds, from the first reading past 10% of the events to the reading
 that reaches all of them, so start-up (imports, joining the group, table recovery) is left out; the CPU time of
-the process (all threads, :mod:`psutil`) over the same span gives CPU microseconds per event.
+the process and its children (all threads, :mod:`psutil`; the worker's Feast writer is a child process) over the
+same span gives CPU microseconds per event.
 """
 
 from __future__ import annotations
@@ -104,8 +105,17 @@ def finished_events(metrics_url: str) -> int | None:
 
 
 def _cpu_seconds(process: Any) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
+    """User + system CPU seconds of ``process`` and its live children (the worker's Feast writer process)."""
+    import psutil
+
+    total = 0.0
+    for member in (process, *process.children(recursive=True)):
+        try:
+            times = member.cpu_times()
+        except psutil.NoSuchProcess:  # a child that ended between the listing and the reading
+            continue
+        total += times.user + times.system
+    return total
 
 
 def process_rate(
