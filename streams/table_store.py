@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
-from collections.abc import Iterable, Iterator, MutableMapping, Sequence
+from collections.abc import Awaitable, Iterable, Iterator, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from streams.liveness import retry_until_done
@@ -44,6 +44,12 @@ if TYPE_CHECKING:
 
 # json.dumps with separators builds an encoder per call; the group builder writes a state per event.
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
+ACK_TIMEOUT_S = 30.0
+"""Seconds to wait for the broker's acknowledgements of one send before sending again. Seen on a loaded machine,
+right after a worker created its changelog topics: 12 of 25 records of one changelog partition never acknowledged
+(the producer's own timeout is 20 minutes), which stalled the events agent; sent again, they were acknowledged at
+once. Records go again under the same keys, so a resend is at most a duplicate."""
 
 DECODED_VALUES_MAX = 50_000
 """Most decoded values a :class:`JsonTableStore` keeps. Unbounded, the cache held every value a store had read: at a
@@ -141,7 +147,7 @@ class JsonTableStore(MutableMapping[str, Any]):
                 )
                 for key in keys
             ]
-            await asyncio.gather(*pending)
+            await acknowledged(pending, f"{len(pending)} changelog records (partition {self.partition})")
         except BaseException:
             self._unlogged = {**keys, **self._unlogged}
             raise
@@ -228,6 +234,20 @@ async def send_and_wait(sends: Sequence[Send]) -> None:
                     value_serializer="raw",
                 )
             )
-        await asyncio.gather(*pending)
+        await acknowledged(pending, f"{len(pending)} records")
 
     await retry_until_done(f"sending {len(sends)} records", send_all)
+
+
+async def acknowledged(pending: Sequence[Awaitable[Any]], what: str, timeout_s: float | None = None) -> None:
+    """Wait for every acknowledgement in ``pending``, raising the first error among them, or TimeoutError (which
+    :func:`~streams.liveness.retry_until_done` retries) when they are not all in after ``timeout_s`` (default
+    :data:`ACK_TIMEOUT_S`). The futures left are not cancelled: the producer still owns them."""
+    if not pending:
+        return
+    futures = [asyncio.ensure_future(ack) for ack in pending]
+    done, not_done = await asyncio.wait(futures, timeout=ACK_TIMEOUT_S if timeout_s is None else timeout_s)
+    for future in done:
+        future.result()  # the producer's error, if it failed
+    if not_done:
+        raise TimeoutError(f"{len(not_done)} of {what} not acknowledged in {timeout_s or ACK_TIMEOUT_S:.0f} s")

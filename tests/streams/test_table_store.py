@@ -125,3 +125,21 @@ def test_the_decoded_cache_is_bounded_and_a_value_pushed_out_reads_the_same() ->
     assert len(store._decoded) == 2  # the cache, not the table: every key is still held
     assert [store[f"k:{index}"] for index in range(5)] == [{"n": index} for index in range(5)]
     assert len(store._decoded) == 2 and len(store) == 6
+
+
+def test_acknowledged_raises_the_producers_error_or_a_timeout_for_an_acknowledgement_that_never_comes() -> None:
+    from streams.table_store import acknowledged
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        fine, failed, never = loop.create_future(), loop.create_future(), loop.create_future()
+        fine.set_result("metadata")
+        failed.set_exception(OSError("broker gone"))
+        await acknowledged([fine], "one record")
+        with pytest.raises(OSError, match="broker gone"):
+            await acknowledged([fine, failed], "two records")
+        with pytest.raises(TimeoutError, match="1 of 2 records not acknowledged"):
+            await acknowledged([fine, never], "2 records", timeout_s=0.05)
+        assert not never.cancelled()  # still the producer's
+
+    asyncio.run(scenario())
