@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,6 +89,7 @@ def run_science(args: argparse.Namespace) -> int:
 
 
 def pool_seeds(args: argparse.Namespace) -> int:
+    from simulator.science.plots import plot_lifts
     from simulator.science.pooled import pool
     from simulator.science.report import render_pooled_markdown
 
@@ -96,8 +98,11 @@ def pool_seeds(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "science_pooled.json"
     json_path.write_text(json.dumps(pooled, indent=2, default=str))
+    plot_path = args.out / "science-lifts.png"
+    plot_lifts(results, pooled, plot_path)
     markdown = args.docs or args.out / "science-pooled.md"
     command = "perfusion eval science --pool " + " ".join(shlex.quote(str(path)) for path in args.pool)
-    markdown.write_text(render_pooled_markdown(pooled, command))
-    print(f"wrote {json_path} and {markdown}; on every seed: {pooled['holds_on_every_seed']}")
+    plot_link = os.path.relpath(plot_path, markdown.parent)
+    markdown.write_text(render_pooled_markdown(pooled, command, plot_link))
+    print(f"wrote {json_path}, {plot_path} and {markdown}; on every seed: {pooled['holds_on_every_seed']}")
     return 0

@@ -166,8 +166,9 @@ def _reward_model_lines(comparisons: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render_pooled_markdown(pooled: dict[str, Any], command: str) -> str:
-    """The seeds pooled: every arm's lifts over base, the per-seed verdicts of the decision rule, the targets."""
+def render_pooled_markdown(pooled: dict[str, Any], command: str, plot_link: str | None = None) -> str:
+    """The seeds pooled: every arm's lifts over base, the per-seed verdicts of the decision rule, the targets, and
+    the plot of every seed's lifts (``plot_link``, relative to the markdown) when there is one."""
     lines = [
         f"# Science evaluation, seeds {', '.join(str(seed) for seed in pooled['seeds'])} pooled",
         "",
@@ -188,6 +189,8 @@ def render_pooled_markdown(pooled: dict[str, Any], command: str) -> str:
         for name, entry in pooled["pooled"].items()
     ]
     lines += markdown_table(header, rows)
+    if plot_link is not None:
+        lines += ["", f"![every arm's lifts over base, per seed and pooled]({plot_link})"]
     claims = list(pooled["holds_on_every_seed"])
     lines += ["", "## The claims, per seed", ""]
     lines += markdown_table(

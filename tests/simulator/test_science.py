@@ -114,7 +114,10 @@ def test_quick_science_runs_every_kind_of_arm_and_writes_its_report(tmp_path: Pa
     pooled = json.loads((pooled_dir / "science_pooled.json").read_text())
     assert set(pooled["pooled"]) == set(arms) - {"base"}
     assert pooled["verdicts"]["7"].keys() == pooled["holds_on_every_seed"].keys()
-    assert "## The claims, per seed" in (pooled_dir / "science-pooled.md").read_text()
+    pooled_markdown = (pooled_dir / "science-pooled.md").read_text()
+    assert "## The claims, per seed" in pooled_markdown
+    assert (pooled_dir / "science-lifts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](science-lifts.png)" in pooled_markdown
 
 
 def test_the_grid_shows_the_held_out_prompt_most_segments_saw_a_row_per_segment() -> None:
