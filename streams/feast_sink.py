@@ -116,17 +116,14 @@ class WriterProcess:
             ) from exc
 
     def kill(self) -> None:
-        atexit.unregister(self.close)
-        self._connection.close()
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join(timeout=10)
+        self.close(grace_s=0.0)
 
-    def close(self) -> None:
-        """Close the pipe (the writer returns once it has answered the push in hand) and wait for it to end."""
+    def close(self, grace_s: float = 30.0) -> None:
+        """Close the pipe (the writer returns once it has answered the push in hand), give it ``grace_s`` seconds
+        to end, then kill it."""
         atexit.unregister(self.close)
         self._connection.close()
-        self.process.join(timeout=30)
+        self.process.join(timeout=grace_s)
         if self.process.is_alive():
             self.process.kill()
             self.process.join(timeout=10)

@@ -239,15 +239,14 @@ async def send_and_wait(sends: Sequence[Send]) -> None:
     await retry_until_done(f"sending {len(sends)} records", send_all)
 
 
-async def acknowledged(pending: Sequence[Awaitable[Any]], what: str, timeout_s: float | None = None) -> None:
+async def acknowledged(pending: Sequence[Awaitable[Any]], what: str, timeout_s: float = ACK_TIMEOUT_S) -> None:
     """Wait for every acknowledgement in ``pending``, raising the first error among them, or TimeoutError (which
-    :func:`~streams.liveness.retry_until_done` retries) when they are not all in after ``timeout_s`` (default
-    :data:`ACK_TIMEOUT_S`). The futures left are not cancelled: the producer still owns them."""
+    :func:`~streams.liveness.retry_until_done` retries) when they are not all in after ``timeout_s``. The futures
+    left are not cancelled: the producer still owns them."""
     if not pending:
         return
-    futures = [asyncio.ensure_future(ack) for ack in pending]
-    done, not_done = await asyncio.wait(futures, timeout=ACK_TIMEOUT_S if timeout_s is None else timeout_s)
+    done, not_done = await asyncio.wait([asyncio.ensure_future(ack) for ack in pending], timeout=timeout_s)
     for future in done:
         future.result()  # the producer's error, if it failed
     if not_done:
-        raise TimeoutError(f"{len(not_done)} of {what} not acknowledged in {timeout_s or ACK_TIMEOUT_S:.0f} s")
+        raise TimeoutError(f"{len(not_done)} of {what} not acknowledged in {timeout_s:g} s")
