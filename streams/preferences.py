@@ -142,6 +142,7 @@ class PreferenceUpdater:
             return False
         state.recent_event_ids.append(event.event_id)
         del state.recent_event_ids[: -self._settings.seen_event_ids]
+        latest_minute = _minute(state.last_active_ts)
         state.last_active_ts = max(state.last_active_ts, event.ts)
         if isinstance(event, Impression):
             self._count(state, "impressions", event.ts)
@@ -156,7 +157,10 @@ class PreferenceUpdater:
                     kind="select", impression_id=event.impression_id, image_id=image_id, ts=event.ts
                 )
                 self._interact(state, selected, memory)
-        self._prune_minutes(state)
+        # A minute falls out of the day only when the latest minute moves on (a minute counted is always inside the
+        # day of the latest event time), so the buckets are looked over then, not at every event.
+        if _minute(state.last_active_ts) != latest_minute:
+            self._prune_minutes(state)
         return True
 
     def features(self, state: UserPreferenceState) -> dict[str, Any]:

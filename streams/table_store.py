@@ -34,6 +34,8 @@ import weakref
 from collections.abc import Awaitable, Iterable, Iterator, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from streams.liveness import retry_until_done
 
 if TYPE_CHECKING:
@@ -44,6 +46,48 @@ if TYPE_CHECKING:
 
 # json.dumps with separators builds an encoder per call; the group builder writes a state per event.
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
+def encode_state(value: Any) -> bytes:
+    """``value`` as compact JSON that decodes to what :mod:`json`'s text of it decodes to, written by orjson where
+    that holds. Integers must fit in 64 bits (orjson reads longer ones as floats): ValueError otherwise.
+
+    orjson writes an impression's state (a few hundred floats) about four times faster than :mod:`json`, but it
+    writes a non-finite float as ``null`` where :mod:`json` writes ``Infinity``, and refuses keys that are not
+    strings where :mod:`json` writes them as strings. So a value whose orjson text holds a ``null`` (a None, or a
+    float that is not finite) or that orjson refuses is written by :mod:`json` instead: one byte search, and the
+    states the worker writes per event hold no null."""
+    try:
+        raw = orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError: a key that is not a string, an integer beyond 64 bits
+        raw = b"null"
+    if b"null" not in raw:
+        return raw
+    _check_integers(value)
+    return _COMPACT_JSON.encode(value).encode()
+
+
+_INTEGER_RANGE = range(-(2**63), 2**64)  # what orjson.loads reads back as an int
+
+
+def _check_integers(value: Any) -> None:
+    if isinstance(value, int) and not isinstance(value, bool) and value not in _INTEGER_RANGE:
+        raise ValueError(f"a table state holds the integer {value}, beyond the 64 bits it is read back with")
+    if isinstance(value, dict):
+        for item in value.values():  # keys are written as strings
+            _check_integers(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_integers(item)
+
+
+def decode_state(raw: bytes) -> Any:
+    """The value :func:`encode_state` wrote: orjson, or :mod:`json` for what only it reads (``Infinity``, ``NaN``)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
+
 
 ACK_TIMEOUT_S = 30.0
 """Seconds to wait for the broker's acknowledgements of one send before sending again. Seen on a loaded machine,
@@ -87,7 +131,7 @@ class JsonTableStore(MutableMapping[str, Any]):
         cached = self._decoded.get(key)
         if cached is not None and cached[0] is raw:
             return cached[1]
-        value = json.loads(raw)
+        value = decode_state(raw)
         self._cache(key, raw, value)
         return value
 
@@ -100,7 +144,7 @@ class JsonTableStore(MutableMapping[str, Any]):
     def __setitem__(self, key: str, value: Any) -> None:
         encoded = key.encode()
         self._remember_for_undo(encoded)
-        raw = _COMPACT_JSON.encode(value).encode()
+        raw = encode_state(value)
         self.table.data[encoded] = raw
         self._cache(key, raw, value)
         self._unlogged[encoded] = None
@@ -240,13 +284,23 @@ async def send_and_wait(sends: Sequence[Send]) -> None:
 
 
 async def acknowledged(pending: Sequence[Awaitable[Any]], what: str, timeout_s: float = ACK_TIMEOUT_S) -> None:
-    """Wait for every acknowledgement in ``pending``, raising the first error among them, or TimeoutError (which
-    :func:`~streams.liveness.retry_until_done` retries) when they are not all in after ``timeout_s``. The futures
-    left are not cancelled: the producer still owns them."""
+    """Wait for every acknowledgement in ``pending``, raising the first error among them (in order), or TimeoutError
+    (which :func:`~streams.liveness.retry_until_done` retries) when they are not all in after ``timeout_s``. The
+    futures left are not cancelled: the producer still owns them.
+
+    One wait per acknowledgement not in yet, in order, rather than one :func:`asyncio.wait` over all of them: a
+    produce response acknowledges a whole batch of records at once, so after the first wait most of the others are
+    already done, and :func:`asyncio.wait` adds and removes a callback on each of the (thousands of) futures, which
+    cost the worker about 6% of its CPU."""
     if not pending:
         return
-    done, not_done = await asyncio.wait([asyncio.ensure_future(ack) for ack in pending], timeout=timeout_s)
-    for future in done:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    futures = [asyncio.ensure_future(ack) for ack in pending]  # a future passes through as it is
+    for index, future in enumerate(futures):
+        if not future.done():
+            await asyncio.wait([future], timeout=max(0.0, deadline - loop.time()))
+            if not future.done():
+                left = sum(1 for waiting in futures[index:] if not waiting.done())
+                raise TimeoutError(f"{left} of {what} not acknowledged in {timeout_s:g} s")
         future.result()  # the producer's error, if it failed
-    if not_done:
-        raise TimeoutError(f"{len(not_done)} of {what} not acknowledged in {timeout_s:g} s")

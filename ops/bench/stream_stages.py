@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from streams.table_store import encode_state
+
 if TYPE_CHECKING:
     from perfusion.contracts.records import AnyEvent
     from perfusion.feature_store import FeatureStoreSettings
@@ -93,5 +95,5 @@ class _JsonDictStore(dict[str, Any]):
     """A dict that pays the JSON encoding a changelog-backed table store pays on every write."""
 
     def __setitem__(self, key: str, value: Any) -> None:
-        json.dumps(value, separators=(",", ":"))
+        encode_state(value)
         super().__setitem__(key, value)

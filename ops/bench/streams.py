@@ -147,8 +147,12 @@ def summary(report: dict[str, Any]) -> str:
     cpu = report["cpu_per_event_us"]
     processes = ", ".join(
         f"{name} {'-' if cpu[name] is None else format(cpu[name], ',.0f')}"
-        for name in ("bare_faust_process", "worker_process", "worker_beyond_bare_faust")
-    )
+        for name in (
+            "bare_faust_process", "worker_process", "worker_main_process", "worker_feast_writer",
+            "worker_beyond_bare_faust",
+        )
+        if name in cpu
+    )  # fmt: skip
     lines.append(f"CPU per event (us): {processes}")
     lines.append(
         "  worker stages in process: " + ", ".join(f"{stage} {cost:.0f}" for stage, cost in cpu["stages"].items())
@@ -329,10 +333,13 @@ def _report(
             "bare_faust_process": bare_cpu,
             "worker_process": worker_cpu,
             "worker_beyond_bare_faust": None if bare_cpu is None or worker_cpu is None else worker_cpu - bare_cpu,
+            "worker_main_process": worker.get("cpu_us_per_event_process"),
+            "worker_feast_writer": worker.get("cpu_us_per_event_children"),
             "stages": stages["per_event_us"],
-            "note": "bare_faust_process: Kafka fetch, Faust's stream machinery and parsing; worker_beyond_bare_faust: "
-            "what the worker's stages, outputs, changelogs and Feast pushes add; stages: each stage alone in this "
-            "process (stage_costs)",
+            "note": "bare_faust_process: Kafka fetch, Faust's stream machinery and parsing; worker_process: the "
+            "worker and its Feast writer process, split into worker_main_process (one core bounds it) and "
+            "worker_feast_writer; worker_beyond_bare_faust: what the worker's stages, outputs, changelogs and Feast "
+            "pushes add; stages: each stage alone in this process (stage_costs)",
         },
         "stage_costs": stages,
         "targets": targets,

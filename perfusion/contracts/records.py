@@ -40,6 +40,7 @@ import re
 import time
 from typing import Annotated, Any, Final, Literal
 
+import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -325,6 +326,10 @@ def parse_event(raw: bytes, now: float | None = None) -> AnyEvent:
 
 # An impression of MAX_K candidates has 2 + 2 * MAX_K brackets; a message with more is looked at closely.
 _BRACKETS_OF_THE_LARGEST_EVENT = 2 + 2 * MAX_K
+# 19 digits in a row: maybe an integer beyond orjson's 64 bits (read as a float) or beyond MAX_INTEGER_DIGITS. Found
+# by mapping every digit to "0" and every other byte to "." and searching for the run: a tenth of a regex's time.
+_DIGITS_AS_ZEROS = bytes(ord("0") if ord("0") <= byte <= ord("9") else ord(".") for byte in range(256))
+_LONG_DIGIT_RUN = b"0" * 19
 # An escape pair, a quote or a bracket: all a scan of the nesting needs to see (escapes consumed whole, so an escaped
 # quote never ends a string). No backtracking: linear in the message.
 _NESTING_TOKEN = re.compile(rb'\\.|["\[\]{}]', re.DOTALL)
@@ -355,6 +360,20 @@ def _bounded_json(raw: bytes) -> object:
         raise InvalidEvent(f"event is {len(raw)} bytes, more than {MAX_EVENT_BYTES}; an event is a small JSON object")
     if raw.count(b"[") + raw.count(b"{") > _BRACKETS_OF_THE_LARGEST_EVENT and _nested_deeper_than(raw, MAX_JSON_DEPTH):
         raise InvalidEvent(f"JSON nested deeper than {MAX_JSON_DEPTH} levels; an event is an object of a few levels")
+    if _LONG_DIGIT_RUN not in raw.translate(_DIGITS_AS_ZEROS):
+        # orjson, several times faster than json with a Python call per number, reads what it accepts exactly as
+        # that does: finite floats only (no NaN or Infinity), strict UTF-8, and integers exactly up to 64 bits,
+        # which a message without a run of 19 digits cannot exceed. What it refuses is read again below, so that a
+        # refusal names its fault as it always has.
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return _exact_json(raw)
+
+
+def _exact_json(raw: bytes) -> object:
+    """``json.loads`` with every number checked by a Python call; every failure is an :class:`InvalidEvent`."""
     try:
         return json.loads(raw, parse_int=_bounded_int, parse_float=_finite_float, parse_constant=_no_constant)
     except InvalidEvent:

@@ -44,7 +44,7 @@ class StagedImpressionMemory:
         key = impression_id.encode()
         if key in self._staged:
             return self._staged[key][1]
-        raw = self.table.get(key)
+        raw = self.table.data.get(key)  # not Table.get: its missing key is an exception caught, per follow-up
         return None if raw is None else _DESCRIPTORS_ADAPTER.validate_json(raw)
 
     def put(self, impression_id: str, descriptors: Mapping[str, list[float]]) -> None:
@@ -138,7 +138,7 @@ class PreferenceStage:
         if state is not None:
             self._decoded.move_to_end(user_id)
             return state
-        raw = self._user_states.get(user_id.encode())
+        raw = self._user_states.data.get(user_id.encode())
         state = UserPreferenceState(user_id=user_id) if raw is None else UserPreferenceState.from_bytes(raw)
         self._decoded[user_id] = state
         while len(self._decoded) > _DECODED_STATES_MAX:

@@ -355,3 +355,38 @@ def test_dead_letter_is_a_frozen_record() -> None:
     assert DeadLetter.model_validate_json(letter.to_bytes()) == letter
     with pytest.raises(ValueError):
         letter.reason = "other"  # type: ignore[misc]
+
+
+_WIRE_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**22), 10**22) | st.floats() | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=10,
+)
+
+
+def _read(read: Any, raw: bytes) -> tuple[str, Any]:
+    try:
+        return "value", read(raw)
+    except InvalidEvent as exc:
+        return "refused", str(exc)
+
+
+@settings(max_examples=400)
+@given(
+    st.one_of(
+        st.tuples(_WIRE_VALUES, st.booleans()).map(
+            lambda case: json.dumps(case[0], ensure_ascii=case[1]).encode("utf-8", "surrogatepass")
+        ),
+        st.binary(max_size=40),
+        st.sampled_from([b"1e400", b'"\\ud800"', b"\xef\xbb\xbf{}", b"[NaN]", b"-9223372036854775809", b"1" * 25]),
+    )
+)
+def test_the_fast_json_read_gives_what_the_exact_read_gives_or_refuses_it_the_same_way(raw: bytes) -> None:
+    from perfusion.contracts.records import _bounded_json, _exact_json
+
+    fast, exact = _read(_bounded_json, raw), _read(_exact_json, raw)
+    assert fast[0] == exact[0]
+    if fast[0] == "value":
+        assert json.dumps(fast[1]) == json.dumps(exact[1])  # the same types and values (a float stays a float)
+    else:
+        assert fast[1] == exact[1]

@@ -4,11 +4,15 @@ acknowledged every record (so a batch's offsets are never committed ahead of its
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from streams.table_store import JsonTableStore, flush_changelogs
+from streams.table_store import JsonTableStore, decode_state, encode_state, flush_changelogs
 
 
 class RecordingChangelog:
@@ -115,6 +119,36 @@ def test_get_reads_like_indexing_and_gives_the_default_for_a_missing_key() -> No
     assert table.data[b"i:a"] == b'{"status":"closed"}' and store.get("i:b", "x") == "x"
 
 
+def test_state_json_reads_back_what_the_standard_library_would_have_written() -> None:
+    # orjson writes what it writes the same way (floats shortest, UTF-8 as it is) ...
+    assert encode_state({"due": 12.5, "ids": ["a", "é"], "n": 3}) == '{"due":12.5,"ids":["a","é"],"n":3}'.encode()
+    # ... and what it would write differently goes through json: infinity (orjson: null), None, an int key
+    assert encode_state({"due": math.inf}) == b'{"due":Infinity}'
+    assert encode_state({"order": None}) == b'{"order":null}'
+    assert encode_state({1: [2]}) == b'{"1":[2]}'
+    assert decode_state(b'{"due":Infinity}') == {"due": math.inf}  # written before orjson: still read
+    assert decode_state(b'{"w":-Infinity,"x":[1e+16,0.00001]}') == {"w": -math.inf, "x": [1e16, 1e-05]}
+    with pytest.raises(ValueError):
+        decode_state(b'{"due":')
+    with pytest.raises(ValueError, match="beyond the 64 bits"):
+        encode_state({"n": [2**64]})  # orjson would read it back as a float
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text() | st.integers(), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(_JSON_VALUES)
+def test_state_json_decodes_to_what_json_would_give(value: Any) -> None:
+    expected = json.loads(json.dumps(value, separators=(",", ":")))
+    decoded = decode_state(encode_state(value))
+    # NaN is not equal to itself: compare the texts of the two decodings
+    assert json.dumps(decoded, sort_keys=False) == json.dumps(expected, sort_keys=False)
+
+
 def test_the_decoded_cache_is_bounded_and_a_value_pushed_out_reads_the_same() -> None:
     table = TableWithChangelog()
     store: Any = JsonTableStore(table, partition=0, decoded_max=2)  # type: ignore[arg-type]
@@ -141,5 +175,25 @@ def test_acknowledged_raises_the_producers_error_or_a_timeout_for_an_acknowledge
         with pytest.raises(TimeoutError, match="1 of 2 records not acknowledged"):
             await acknowledged([fine, never], "2 records", timeout_s=0.05)
         assert not never.cancelled()  # still the producer's
+
+    asyncio.run(scenario())
+
+
+def test_acknowledged_returns_only_once_acknowledgements_arriving_later_and_out_of_order_are_all_in() -> None:
+    from streams.table_store import acknowledged
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        acks = [loop.create_future() for _ in range(5)]
+        for delay, ack in zip([0.04, 0.01, 0.03, 0.0, 0.02], acks, strict=True):
+            loop.call_later(delay, ack.set_result, None)
+        await acknowledged(acks, "5 records")
+        assert all(ack.done() for ack in acks)
+        late_failure = [loop.create_future() for _ in range(3)]
+        loop.call_later(0.0, late_failure[0].set_result, None)
+        loop.call_later(0.02, late_failure[2].set_exception, OSError("not the leader"))
+        loop.call_later(0.01, late_failure[1].set_result, None)
+        with pytest.raises(OSError, match="not the leader"):
+            await acknowledged(late_failure, "3 records")
 
     asyncio.run(scenario())
