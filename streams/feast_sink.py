@@ -67,11 +67,17 @@ def _writer_main(connection: Connection, parent_pid: int, feature_store: Feature
         except EOFError:  # the worker closed the pipe: it is stopping
             return
         try:
-            pusher.push_user_preferences(rows)
+            pusher.push_user_preferences(rows, merge_due_history=False)
         except Exception as exc:
             connection.send(f"{type(exc).__name__}: {exc}")
-        else:
-            connection.send(None)
+            continue
+        connection.send(None)
+        # After the answer: the worker folds its next batch while the history is merged (a few tenths of a second
+        # once a minute, which a batch waiting on it would add to the freshness of every event in it).
+        try:
+            pusher.merge_due_history()
+        except Exception as exc:  # its parts stay pending: merged next time, or by a reader before it reads
+            log.warning("merging the offline history failed (%s: %s); its parts stay pending", type(exc).__name__, exc)
 
 
 class WriterProcess:

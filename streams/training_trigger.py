@@ -56,6 +56,12 @@ class TrainingTriggerSettings(Settings):
     )
 
 
+def by_version_topic_name(group_id: str) -> str:
+    """The internal topic that carries ``(sample_id, model_version)`` of every group sample to the counter, keyed by
+    model version (one partition counts each version)."""
+    return group_id + BY_VERSION_SUFFIX
+
+
 def version_key(model_version: str) -> str:
     return f"v:{model_version}"
 
@@ -201,7 +207,8 @@ class TrainingTrigger:
 
 
 def routed_sample(sample: GroupSample) -> bytes:
-    """What the route forwards to the counter: the two fields it needs, not the whole sample (kilobytes)."""
+    """What the group builder's stage sends the counter for each sample: the two fields it needs, not the whole
+    sample (kilobytes)."""
     return json.dumps({"sample_id": sample.sample_id, "model_version": sample.model_version}).encode()
 
 

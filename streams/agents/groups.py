@@ -3,8 +3,10 @@
 The attribution logic is :class:`streams.grouping.GroupBuilder`; this stage of the events agent
 (:mod:`streams.agents.events`) wires one builder per partition of ``perfusion.events`` to a changelog-backed Faust
 table, sends samples to ``perfusion.group-samples`` keyed by
-``sample_id`` and drops to ``perfusion.group-drops`` keyed the same way, waits for the broker to acknowledge them,
-and only then confirms them in the table (a crash in between repeats an output under its key, never loses it).
+``sample_id`` and drops to ``perfusion.group-drops`` keyed the same way, and each sample's ``(sample_id,
+model_version)`` to the training trigger (:func:`streams.agents.training.by_version_topic`), waits for the broker to
+acknowledge them all, and only then confirms them in the table (a crash in between repeats an output under its key,
+never loses it; the trigger counts a repeated sample once).
 The attribution window comes from :meth:`streams.settings.StreamSettings.grouping`.
 """
 
@@ -16,9 +18,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from perfusion.contracts.records import GroupSample
+from streams.agents.training import by_version_topic
 from streams.grouping import GroupBuilder, GroupOutput, idle_watermark
 from streams.liveness import fail_worker_on_crash
-from streams.table_store import JsonTableStore, flush_changelogs, forget_on_rebalance, raw_table, send_and_wait
+from streams.table_store import JsonTableStore, Send, flush_changelogs, forget_on_rebalance, raw_table, send_and_wait
+from streams.training_trigger import routed_sample
 
 if TYPE_CHECKING:
     from streams.agents.events import AdmittedEvent
@@ -35,6 +39,7 @@ class GroupStage:
     def __init__(self, context: AgentContext) -> None:
         self._grouping = context.settings.group
         self._topics = context.topics
+        self._by_version = by_version_topic(context)
         self._metrics = context.metrics
         self._lock = context.event_state_lock
         self._table = raw_table(context.app, TABLE_NAME, context.settings.partitions)
@@ -103,17 +108,18 @@ class GroupStage:
         self._touched, self._emitted, self._progress = {}, [], {}
 
     async def _deliver(self, emitted: list[tuple[GroupBuilder, list[GroupOutput]]]) -> None:
-        """Send the batch's samples and drops, wait for the broker, then confirm them in the builders' state."""
+        """Send the batch's samples (each to the trainer and to the training trigger) and drops, wait for the broker,
+        then confirm them in the builders' state."""
         topics = self._topics
-        await send_and_wait(
-            [
-                (topics.group_samples, output.sample_id.encode(), output.to_bytes())
-                if isinstance(output, GroupSample)
-                else (topics.group_drops, output.key(), output.to_bytes())
-                for _, outputs in emitted
-                for output in outputs
-            ]
-        )
+        sends: list[Send] = []
+        for _, outputs in emitted:
+            for output in outputs:
+                if isinstance(output, GroupSample):
+                    sends.append((topics.group_samples, output.sample_id.encode(), output.to_bytes()))
+                    sends.append((self._by_version, output.model_version.encode(), routed_sample(output)))
+                else:
+                    sends.append((topics.group_drops, output.key(), output.to_bytes()))
+        await send_and_wait(sends)
         for builder, outputs in emitted:
             builder.confirm(outputs)
             for output in outputs:

@@ -1,10 +1,15 @@
-"""The training trigger's agents (the logic is :mod:`streams.training_trigger`).
+"""The training trigger's agent (the logic is :mod:`streams.training_trigger`).
 
-``train-trigger-route`` validates each record of ``perfusion.group-samples`` (keyed by sample_id;
-anything that is not a group sample goes to the dead-letter topic) and forwards only ``(sample_id, model_version)``
-to the internal topic ``<app id>-train-trigger-by-version``, keyed by model_version, so that one partition owns
-each version; ``train-trigger`` counts them in micro-batches, logging its state to the changelog once per batch.
-A timer ticks every active partition of that topic.
+The group builder's stage (:mod:`streams.agents.groups`) sends ``(sample_id, model_version)`` of every sample it
+delivers to the internal topic ``<app id>-train-trigger-by-version`` (:func:`by_version_topic`), keyed by
+model_version so that one partition owns each version, in the same acknowledged send as the sample itself: a sample
+the broker took is counted, and a repeated one is counted once. ``train-trigger`` counts them in micro-batches,
+logging its state to the changelog once per batch; a record it cannot read goes to the dead-letter topic. A timer
+ticks every active partition of that topic.
+
+The worker does not read ``perfusion.group-samples`` back. It did, once: an agent that validated every sample (a few
+kilobytes of JSON, K candidates with their descriptors) only to forward its two fields cost more CPU per sample
+than building it, for a topic only this worker writes; the trainer reads it.
 """
 
 from __future__ import annotations
@@ -13,9 +18,7 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 
-from pydantic import ValidationError
-
-from perfusion.contracts.records import GroupSample, TrainRequest, validation_reason
+from perfusion.contracts.records import TrainRequest
 from streams.continuity import OffsetContinuity
 from streams.dead_letters import MessagePosition, dead_letter, failure_reason
 from streams.liveness import fail_worker_on_crash
@@ -27,13 +30,7 @@ from streams.table_store import (
     raw_table,
     send_and_wait,
 )
-from streams.training_trigger import (
-    BY_VERSION_SUFFIX,
-    TABLE_NAME,
-    TrainingTrigger,
-    read_routed_sample,
-    routed_sample,
-)
+from streams.training_trigger import TABLE_NAME, TrainingTrigger, by_version_topic_name, read_routed_sample
 
 if TYPE_CHECKING:
     from faust.streams import Stream
@@ -43,22 +40,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-
-def by_version_topic_name(group_id: str) -> str:
-    return group_id + BY_VERSION_SUFFIX
-
+__all__ = ["by_version_topic", "by_version_topic_name", "register"]
 
 BATCH_MAX = 1000
 BATCH_WITHIN_S = 0.1
 
 
+def by_version_topic(context: AgentContext) -> TopicT:
+    """The app's topic of ``(sample_id, model_version)`` records, one object for the stage that writes it and the
+    agent that reads it."""
+    return internal_topic(context.app, by_version_topic_name(context.settings.group_id), context.settings.partitions)
+
+
 def register(context: AgentContext) -> AgentT:
-    """Declare the training trigger's route and counting agents, its table, internal topic and timer on
-    ``context.app``; returns the counting agent."""
-    app, settings, topics = context.app, context.settings, context.topics
-    trigger_settings = settings.train
-    by_version = internal_topic(app, by_version_topic_name(settings.group_id), settings.partitions)
-    table = raw_table(app, TABLE_NAME, settings.partitions)
+    """Declare the training trigger's counting agent, its table, internal topic and timer on ``context.app``;
+    returns the agent."""
+    app, topics = context.app, context.topics
+    trigger_settings = context.settings.train
+    by_version = by_version_topic(context)
+    table = raw_table(app, TABLE_NAME, context.settings.partitions)
     triggers: dict[int, tuple[TrainingTrigger, JsonTableStore]] = {}
     forget_on_rebalance(app, triggers)
 
@@ -81,33 +81,6 @@ def register(context: AgentContext) -> AgentT:
                 log.info("train request %s (%s, %d samples)", request.request_id, request.reason, request.new_samples)
                 context.metrics.train_requests.labels(reason=request.reason).inc()
         await flush_changelogs(stores)
-
-    samples_continuity = OffsetContinuity.for_app(app)
-
-    async def route(stream: StreamT[bytes]) -> None:
-        """Validate each group sample (dead-letter what is not one) and forward (sample_id, model_version) keyed by
-        model version, so that one partition counts each version."""
-        async for batch in cast("Stream[bytes]", stream).take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            samples_continuity.check(batch, context.on_skipped_records)
-            forwards: list[tuple[TopicT, bytes, bytes]] = []
-            for event in batch:
-                message = event.message
-                try:
-                    sample = GroupSample.model_validate_json(event.value or b"")
-                    reason = None
-                except ValidationError as exc:
-                    reason = "not a group sample: " + validation_reason(exc, whole="record")
-                except Exception as exc:  # anything else about this one record: it is dead-lettered the same way
-                    reason = failure_reason("the training route", exc)
-                if reason is not None:
-                    position = MessagePosition(message.topic, message.partition, message.offset)
-                    log.warning("dead-lettering an unreadable group sample at %s: %s", position, reason)
-                    letter = dead_letter(event.value, reason, position, key=message.key, headers=message.headers)
-                    await context.dead_letter_sink(position.dead_letter_key(), letter)
-                    continue
-                forwards.append((by_version, sample.model_version.encode(), routed_sample(sample)))
-            if forwards:
-                await send_and_wait(forwards)
 
     by_version_continuity = OffsetContinuity.for_app(app)
 
@@ -147,9 +120,6 @@ def register(context: AgentContext) -> AgentT:
 
     app.timer(interval=trigger_settings.tick_s)(
         fail_worker_on_crash("the training trigger's timer", tick, context.on_crash)
-    )
-    app.agent(topics.group_samples, name="train-trigger-route")(
-        fail_worker_on_crash("the training route", route, context.on_crash)
     )
     return app.agent(by_version, name="train-trigger")(
         fail_worker_on_crash("the training trigger", count, context.on_crash)

@@ -163,6 +163,15 @@ def test_a_pusher_merges_pending_parts_itself_once_in_a_while(applied_store: Fea
     eager.push(USER_PROFILE_PUSH, [{"user_id": "m1", "age_group": 1, "region": 2, "event_timestamp": stamp}])
     assert not list(pending_parts_folder(history_file).glob("part-*.parquet"))
     assert "m1" in set(pd.read_parquet(history_file)["user_id"])
+    # The worker's Feast writer merges after it has answered the push: the push leaves the part, the merge takes it.
+    eager.push(
+        USER_PROFILE_PUSH, [{"user_id": "m2", "age_group": 1, "region": 2, "event_timestamp": stamp}],
+        merge_due_history=False,
+    )  # fmt: skip
+    assert len(list(pending_parts_folder(history_file).glob("part-*.parquet"))) == 1
+    assert eager.merge_due_history() == 1 and eager.merge_due_history() == 0  # nothing left to merge
+    assert not list(pending_parts_folder(history_file).glob("part-*.parquet"))
+    assert "m2" in set(pd.read_parquet(history_file)["user_id"])
 
 
 def test_descriptor_length_matches_the_vocabulary() -> None:

@@ -2,9 +2,9 @@
 real tables and topics and every send answered as the broker would (the events agent and its stages have theirs in
 test_preferences_agent.py and test_error_policy.py).
 
-- The training route forwards each group sample's (sample_id, model_version) keyed by version and dead-letters what
-  is not a sample; the counter makes one TrainRequest per N samples of a version, counts a repeated sample once, and
-  logs its table to the changelog.
+- The training trigger's counter makes one TrainRequest per N samples of a version (as the group builder's stage
+  routes them), counts a repeated sample once, dead-letters a record it cannot read, and logs its table to the
+  changelog.
 - The demand agent applies routed orders once its sources' progress has passed them by the lateness, fires a design
   once (a repeated order counted once), and dead-letters a progress marker it cannot read."""
 
@@ -17,10 +17,8 @@ from typing import Any, NoReturn
 
 from perfusion.attributes import DESCRIPTOR_DIM
 from perfusion.contracts.records import DeadLetter, GradedCandidate, GroupSample, TrainRequest
-from streams.agents.training import by_version_topic_name
 from streams.settings import StreamSettings
-from streams.table_store import internal_topic
-from streams.training_trigger import TrainingTriggerSettings, read_routed_sample
+from streams.training_trigger import TrainingTriggerSettings, routed_sample
 
 SAMPLES_PER_REQUEST = 3
 
@@ -56,7 +54,9 @@ def sample(sample_id: str, model_version: str) -> GroupSample:
     )
 
 
-def test_route_and_counter_in_process_make_one_request_per_n_samples_and_dead_letter_the_rest(tmp_path: Path) -> None:
+def test_the_counter_in_process_makes_one_request_per_n_samples_and_dead_letters_what_it_cannot_read(
+    tmp_path: Path,
+) -> None:
     from streams.app import create_app
 
     settings = StreamSettings(
@@ -71,34 +71,26 @@ def test_route_and_counter_in_process_make_one_request_per_n_samples_and_dead_le
     )
     app = stream_app.app
     app_agents = {agent.name.rsplit(".", 1)[-1]: agent for agent in app.agents.values()}
-    routed, requests, changelog, dead_letters = Sent(), Sent(), Sent(), Sent()
+    assert set(app_agents) == {"train-trigger"}  # nothing reads perfusion.group-samples back
+    requests, changelog, dead_letters = Sent(), Sent(), Sent()
     stream_app.topics.dead_letters.send = dead_letters.send  # type: ignore[method-assign]
-    by_version = internal_topic(app, by_version_topic_name(settings.group_id), settings.partitions)  # the agents' own
-    by_version.send = routed.send  # type: ignore[method-assign]
     stream_app.topics.train_requests.send = requests.send  # type: ignore[method-assign]
     table = app.tables["train-trigger"]
     table.changelog_topic.send = changelog.send  # type: ignore[method-assign]
     samples = [sample(f"s{n}", "v1") for n in range(7)] + [sample("s0", "v1")]  # s0 again: counted once
+    routed = [(b"v1", routed_sample(group_sample)) for group_sample in samples]  # what the group stage sends
 
     async def drive() -> None:
-        route = app_agents["train-trigger-route"]
-        async with route.test_context() as context:
-            for group_sample in samples:
-                await context.put(group_sample.to_bytes(), key=group_sample.sample_id.encode())
-            await context.put(b'{"kind": "not a sample"}', key=b"junk")
-            await asyncio.sleep(0.3)
         counter = app_agents["train-trigger"]
         async with counter.test_context() as context:
-            for key, value, _ in routed:
+            for key, value in [*routed, (b"v1", b'{"kind": "not a routed sample"}')]:
                 await context.put(value, key=key, partition=0)
             await asyncio.sleep(0.3)
 
     asyncio.run(drive())
 
-    assert [read_routed_sample(value or b"") for _, value, _ in routed] == [(s.sample_id, "v1") for s in samples]
-    assert {key for key, _, _ in routed} == {b"v1"}  # keyed by model version: one partition counts each version
     letters = [DeadLetter.model_validate_json(value or b"") for _, value, _ in dead_letters]
-    assert len(letters) == 1 and "not a group sample" in letters[0].reason
+    assert len(letters) == 1 and "the training trigger" in letters[0].reason
     made = [TrainRequest.model_validate_json(value or b"") for _, value, _ in requests]
     # 7 distinct samples (s0 twice): two requests of 3, one sample still pending.
     assert [(r.request_id, r.reason, r.new_samples) for r in made] == [

@@ -106,9 +106,10 @@ def events_agent(tmp_path: Path, extra_stages: Sequence[tuple[str, EventStage]] 
     )  # fmt: skip
     stages = [(name.rsplit(".", 1)[-1], importlib.import_module(name).stage(context)) for name in EVENT_STAGE_MODULES]
     from streams.agents.demand import _by_design_topic
+    from streams.agents.training import by_version_topic
 
     named = [getattr(topics, name) for name in ("events", "group_samples", "group_drops", "production_orders")]
-    for topic in (*named, _by_design_topic(context)):
+    for topic in (*named, _by_design_topic(context), by_version_topic(context)):
         record_sends(topic, topic.get_topic_name(), effects)
     for table in app.tables.values():
         record_sends(table.changelog_topic, table.changelog_topic.get_topic_name(), effects)

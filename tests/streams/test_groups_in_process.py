@@ -23,6 +23,7 @@ from perfusion.contracts.records import (
 from perfusion.user_features import USER_VECTOR_SLICES, user_vector
 from streams.agents.events import ReadMessage
 from streams.dead_letters import MessagePosition
+from streams.training_trigger import read_routed_sample
 from tests.streams.test_error_policy import EVENTS_TOPIC, NOW, events_agent
 
 RED = Attributes("dress", "red", "plain", "short-sleeve", "slim").descriptor()
@@ -80,6 +81,10 @@ def test_a_merchants_selection_reaches_their_preference_and_their_own_graded_sam
     assert [candidate.grade for candidate in review.candidates] == [GRADE_NONE, GRADE_CLICK]
     assert samples["shop"].user_id == "shopper-1"
     assert [candidate.grade for candidate in samples["shop"].candidates] == [GRADE_CLICK, GRADE_NONE]
+    # Each sample also went to the training trigger, keyed by its model version, in the same acknowledged send.
+    routed = effects.on("inproc.perfusion-worker-train-trigger-by-version")
+    assert sorted(read_routed_sample(value or b"") for _, value in routed) == [("review", "v1"), ("shop", "v1")]
+    assert {key for key, _ in routed} == {b"v1"}
 
     # The trainer's u for the merchant's sample: the merchant's pushed features and store profile.
     u = user_vector({**merchant, "store_region": 1}, as_of=review.impression_ts)
