@@ -19,6 +19,14 @@ acknowledged. Committing raises only for what is not about the events (the broke
 until they succeed (:mod:`streams.liveness`), and anything else that escapes ends the worker rather than let Faust
 skip the batch.
 
+The batch's last effect may run on while the next batch is folded. The preference stage's Feast push takes most of
+a live batch's time (the writer process turns each row into protobuf values and one SQLite upsert per feature), and
+nothing of the next batch depends on it, so a stage's commit may hand back a *tail*: what is left of its effects, in
+order behind the tail of the batch before. A batch's messages are acknowledged only once its tails are done too:
+each message is held (one more reference to it, so that Faust's acknowledgement when the agent asks for the next
+batch is not the last) and released by the agent after the tails. At most one batch's tail runs while the next batch
+is folded.
+
 An event whose Kafka key is not its ``user_id`` (no key, or a wrong one) would put a user's events on two
 partitions; it is not folded but sent again to ``perfusion.events`` under the right key, and folded when it comes
 round on its user's partition.
@@ -34,7 +42,7 @@ import importlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -78,8 +86,9 @@ class EventStage(Protocol):
         """Fold ``batch`` (in partition order as read) into state that :meth:`discard` can still take back; no
         effect outside this process."""
 
-    async def commit(self) -> None:
-        """Finish every effect of what was folded since the last commit before returning."""
+    async def commit(self) -> Awaitable[None] | None:
+        """Finish every effect of what was folded since the last commit, or all but a tail: an awaitable that
+        finishes the rest, in order behind the previous commit's tail (the batch is acknowledged after it)."""
 
     def discard(self) -> None:
         """Take back everything folded since the last commit, as if it had never been folded."""
@@ -106,6 +115,13 @@ class EventsAgent:
 
     async def process(self, messages: Sequence[ReadMessage]) -> None:
         """Admit, fold and commit one micro-batch; returns once every message ended in state or in the DLQ."""
+        tail = await self.begin(messages)
+        if tail is not None:
+            await tail
+
+    async def begin(self, messages: Sequence[ReadMessage]) -> Awaitable[None] | None:
+        """:meth:`process` but for the tail of the stages' effects, returned (None when there is none): every
+        message has ended in state or in the DLQ once it is done."""
         admitted: list[tuple[AdmittedEvent, ReadMessage]] = []
         rekeyed: list[tuple[TopicT, bytes, bytes]] = []
         for message in messages:
@@ -134,18 +150,23 @@ class EventsAgent:
                 )  # fmt: skip
                 self._discard()
                 await self._one_at_a_time(admitted)
-                return
-            await self._commit()
-            self._count("folded", len(admitted))
+                return None
+            tail = await self._commit()
+        self._count("folded", len(admitted))
+        return tail
 
     async def _fold(self, batch: Sequence[AdmittedEvent]) -> None:
         for _, event_stage in self._stages:
             await event_stage.fold(batch)
 
-    async def _commit(self) -> None:
+    async def _commit(self) -> Awaitable[None] | None:
         # The stages' effects are independent of one another (their own tables, topics and Feast rows), so they are
         # finished at once: one wait for the broker's acknowledgements and the Feast push, not one per stage.
-        await asyncio.gather(*(event_stage.commit() for _, event_stage in self._stages))
+        results = await asyncio.gather(*(event_stage.commit() for _, event_stage in self._stages))
+        tails = [tail for tail in results if tail is not None]
+        if not tails:
+            return None
+        return tails[0] if len(tails) == 1 else asyncio.ensure_future(_all_of(tails))
 
     def _discard(self) -> None:
         for _, event_stage in self._stages:
@@ -165,12 +186,18 @@ class EventsAgent:
                 await self._context.dead_letter_sink(message.position.dead_letter_key(), letter)
                 self._count("dead_letter")
                 continue
-            await self._commit()
+            tail = await self._commit()
+            if tail is not None:  # one event at a time is the rare path: each one finished before the next
+                await tail
             self._count("folded")
 
     def _count(self, outcome: str, events: int = 1) -> None:
         self.counts[outcome] += events
         self._context.metrics.events.labels(outcome=outcome).inc(events)
+
+
+async def _all_of(tails: Sequence[Awaitable[None]]) -> None:
+    await asyncio.gather(*tails)
 
 
 def register(context: AgentContext) -> AgentT:
@@ -185,17 +212,40 @@ def register(context: AgentContext) -> AgentT:
     finished_offsets: dict[int, int] = {}
     forget_on_rebalance(app, finished_offsets)
 
+    async def finish(batch: Sequence[EventT], tail: Awaitable[None] | None) -> None:
+        """Wait for the batch's tail, then release its messages: only now may their offsets be committed."""
+        if tail is not None:
+            await tail
+        stamps = [event.message.timestamp for event in batch if event.message.timestamp]
+        context.metrics.observe_batch(len(batch), min(stamps, default=None), time.time())
+        for event in batch:
+            event.message.ack(app.consumer)  # the reference held in events(); Faust's own is released by then
+            partition, offset = event.message.partition, event.message.offset
+            finished_offsets[partition] = max(finished_offsets.get(partition, 0), offset + 1)
+
+    def crash_on_failure(finished: asyncio.Future[None]) -> None:
+        if not finished.cancelled() and finished.exception() is not None:
+            context.on_crash("the events agent", cast(BaseException, finished.exception()))
+
     async def events(stream: StreamT[bytes]) -> None:
-        async for batch in cast("Stream[bytes]", stream).take_events(
-            settings.push_batch_max, within=settings.push_batch_within_s
-        ):
-            continuity.check(batch, context.on_skipped_records)
-            await agent.process([read_message(event) for event in batch])
-            stamps = [event.message.timestamp for event in batch if event.message.timestamp]
-            context.metrics.observe_batch(len(batch), min(stamps, default=None), time.time())
-            for event in batch:
-                partition, offset = event.message.partition, event.message.offset
-                finished_offsets[partition] = max(finished_offsets.get(partition, 0), offset + 1)
+        finishing: asyncio.Future[None] | None = None  # the previous batch's finish(), at most one in flight
+        try:
+            async for batch in cast("Stream[bytes]", stream).take_events(
+                settings.push_batch_max, within=settings.push_batch_within_s
+            ):
+                continuity.check(batch, context.on_skipped_records)
+                for event in batch:
+                    # One more reference: Faust's acknowledgement, when this loop asks for the next batch, is then not
+                    # the last one, and the offset is not committed before finish() releases it.
+                    event.message.incref()
+                tail = await agent.begin([read_message(event) for event in batch])
+                if finishing is not None:
+                    await finishing
+                finishing = asyncio.ensure_future(finish(batch, tail))
+                finishing.add_done_callback(crash_on_failure)  # a tail that fails while no batch comes in
+        finally:
+            if finishing is not None and not finishing.done():
+                finishing.cancel()  # its messages stay unacknowledged: read again by the partition's next owner
 
     async def refresh_consumer_lag() -> None:
         try:

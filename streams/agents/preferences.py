@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydantic import TypeAdapter
 
@@ -95,6 +95,7 @@ class PreferenceStage:
         self._decoded: OrderedDict[str, UserPreferenceState] = OrderedDict()
         forget_on_rebalance(app, self._decoded)
         self._touched: dict[str, tuple[UserPreferenceState, int]] = {}  # folded, not yet committed
+        self._tail: asyncio.Future[None] | None = None  # the latest commit's push and changelog
 
     async def fold(self, batch: Sequence[AdmittedEvent]) -> None:
         touched = self._touched
@@ -107,13 +108,29 @@ class PreferenceStage:
             if index % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # let the consumer and producer run during a long batch
 
-    async def commit(self) -> None:
+    async def commit(self) -> Awaitable[None]:
+        """Write the batch's states to the tables and return the tail: the Feast push of the touched users' rows,
+        then the tables' changelog, behind the previous batch's tail. The next batch may be folded meanwhile: the
+        rows and the changelog records are taken now, so its changes to the same states are not in them."""
         touched, self._touched = self._touched, {}
         changelog = self._memory.commit()
         rows = [
             feature_row(user_id, self._updater.features(state), self._updater.push_stamp(state))
             for user_id, (state, _) in touched.items()
         ]
+        states = self._user_states
+        for user_id, (state, partition) in touched.items():
+            key, value = user_id.encode(), state.to_bytes()
+            states.data[key] = value
+            changelog.append((states.changelog_topic, key, value, partition))
+        self._tail = asyncio.ensure_future(self._push_then_log(self._tail, rows, changelog))
+        return self._tail
+
+    async def _push_then_log(
+        self, previous: Awaitable[None] | None, rows: list[dict[str, Any]], changelog: list[Send]
+    ) -> None:
+        if previous is not None:
+            await previous  # pushes (Feast keeps the newest stamp) and changelogs in batch order
         # Feast first, then the states' changelog, both before the batch is acknowledged. The other order has a
         # hole: a worker killed after the changelog and before the push would restore states that hold the batch's
         # events, read those events again as duplicates, and never push their features.
@@ -121,11 +138,6 @@ class PreferenceStage:
             with self._metrics.feast_push_seconds.time():
                 await self._push_features(rows)
             self._metrics.feast_push_rows.inc(len(rows))
-        states = self._user_states
-        for user_id, (state, partition) in touched.items():
-            key, value = user_id.encode(), state.to_bytes()
-            states.data[key] = value
-            changelog.append((states.changelog_topic, key, value, partition))
         await send_and_wait(changelog)
 
     def discard(self) -> None:

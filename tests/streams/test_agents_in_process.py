@@ -1,4 +1,4 @@
-"""The demand agent and the training trigger's two agents in process (faust's ``test_context()``), with the app's
+"""The demand agent and the training trigger's counting agent in process (faust's ``test_context()``), with the app's
 real tables and topics and every send answered as the broker would (the events agent and its stages have theirs in
 test_preferences_agent.py and test_error_policy.py).
 
