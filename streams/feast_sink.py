@@ -22,7 +22,10 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Literal
+
+from streams.liveness import retry_until_done
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -199,25 +202,17 @@ class FeastSink:
         """Push, retrying with backoff until Feast takes the rows: the batch's events are acknowledged only after
         this returns, so a Feast outage (or a writer process that died) delays features but neither loses them nor
         crashes the agent."""
-        attempt = 0
-        while True:
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, self._push_blocking, rows)
-                return
-            except Exception as exc:
-                if self._metrics is not None:
-                    self._metrics.feast_push_failures.inc()
-                attempt += 1
-                delay_s = min(30.0, 0.5 * 2**attempt)
-                log.warning(
-                    "Feast push of %d rows failed (%s: %s); retry %d in %.1f s",
-                    len(rows),
-                    type(exc).__name__,
-                    exc,
-                    attempt,
-                    delay_s,
-                )
-                await asyncio.sleep(delay_s)
+
+        def push() -> Awaitable[None]:
+            return asyncio.get_running_loop().run_in_executor(None, self._push_blocking, rows)
+
+        await retry_until_done(
+            f"Feast push of {len(rows)} rows", push, first_delay_s=1.0, errors=(Exception,), on_failure=self._failed
+        )
+
+    def _failed(self, exc: BaseException) -> None:
+        if self._metrics is not None:
+            self._metrics.feast_push_failures.inc()
 
     def close(self) -> None:
         """End the writer process, if any, once it has answered the push in hand."""

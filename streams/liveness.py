@@ -63,15 +63,22 @@ def fail_worker_on_crash(
 
 
 async def retry_until_done(
-    what: str, attempt: Callable[[], Awaitable[_Result]], first_delay_s: float = 0.5, max_delay_s: float = 30.0
+    what: str,
+    attempt: Callable[[], Awaitable[_Result]],
+    first_delay_s: float = 0.5,
+    max_delay_s: float = 30.0,
+    errors: tuple[type[BaseException], ...] = RETRIED_ERRORS,
+    on_failure: Callable[[BaseException], object] | None = None,
 ) -> _Result:
-    """``await attempt()`` until it returns, waiting longer after each failure with one of :data:`RETRIED_ERRORS`;
-    any other error is raised."""
+    """``await attempt()`` until it returns, waiting longer after each failure with one of ``errors`` (by default
+    :data:`RETRIED_ERRORS`), which ``on_failure`` is told of first; any other error is raised."""
     failures = 0
     while True:
         try:
             return await attempt()
-        except RETRIED_ERRORS as exc:
+        except errors as exc:
+            if on_failure is not None:
+                on_failure(exc)
             failures += 1
             delay_s = min(max_delay_s, first_delay_s * 2 ** (failures - 1))
             log.warning("%s failed (%s: %s); retry %d in %.1f s", what, type(exc).__name__, exc, failures, delay_s)

@@ -151,7 +151,6 @@ def summary(report: dict[str, Any]) -> str:
             "bare_faust_process", "worker_process", "worker_main_process", "worker_feast_writer",
             "worker_beyond_bare_faust",
         )
-        if name in cpu
     )  # fmt: skip
     lines.append(f"CPU per event (us): {processes}")
     lines.append(

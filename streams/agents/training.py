@@ -40,8 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["by_version_topic", "by_version_topic_name", "register"]
-
 BATCH_MAX = 1000
 BATCH_WITHIN_S = 0.1
 

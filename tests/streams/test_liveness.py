@@ -74,6 +74,32 @@ def test_broker_errors_are_retried_until_the_effect_is_done_and_other_errors_are
         asyncio.run(retry_until_done("a send", buggy, first_delay_s=0.001))
 
 
+def test_the_errors_retried_are_the_callers_and_each_failure_is_reported_before_the_retry() -> None:
+    failures: list[str] = []
+
+    async def flaky_push() -> str:
+        if len(failures) < 2:
+            raise ValueError(f"writer gone {len(failures)}")
+        return "pushed"
+
+    result = asyncio.run(
+        retry_until_done(
+            "a push",
+            flaky_push,
+            first_delay_s=0.001,
+            errors=(ValueError,),
+            on_failure=lambda exc: failures.append(str(exc)),
+        )
+    )
+    assert result == "pushed" and failures == ["writer gone 0", "writer gone 1"]
+    with pytest.raises(KafkaConnectionError):  # not among the caller's errors: raised, though retried by default
+
+        async def broker_down() -> None:
+            raise KafkaConnectionError("down")
+
+        asyncio.run(retry_until_done("a push", broker_down, first_delay_s=0.001, errors=(ValueError,)))
+
+
 def test_the_worker_process_exits_with_status_70_and_says_why() -> None:
     code = (
         "import asyncio, logging; logging.basicConfig();"
